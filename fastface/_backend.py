@@ -1,0 +1,97 @@
+"""Dispatch between numpy (CPU, Numba kernels) and cupy (GPU, CUDA C kernels).
+
+An op finds the array module of its inputs once with `array_module(...)`; it never
+copies between host and device behind the caller's back, and mixing numpy with cupy
+in one call is an error. `import fastface` works without cupy or without a GPU: cupy
+is imported lazily, the first time a function needs to know about it.
+"""
+import functools
+import importlib.resources
+
+import numpy as np
+
+__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "grid_1d", "gpu_available"]
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_or_none():
+    """The cupy module if it imports, else None (cached: the import is tried once)."""
+    try:
+        import cupy  # noqa: PLC0415 - optional dependency
+    except Exception:  # ImportError, or a broken CUDA install raising on import
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available():
+    """True when cupy imports and sees at least one CUDA device."""
+    cupy = cupy_or_none()
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def is_cupy_array(a):
+    # Checked by the class's module name so that numpy-only machines never import cupy.
+    return type(a).__module__.startswith("cupy")
+
+
+def array_module(*named_arrays):
+    """Returns numpy or cupy, whichever holds all the given arrays.
+
+    Args:
+        named_arrays: (name, array) pairs; None arrays are skipped.
+
+    Raises:
+        TypeError: when some arrays are numpy and others cupy, naming both.
+    """
+    on_gpu, on_cpu = None, None
+    for name, a in named_arrays:
+        if a is None:
+            continue
+        if is_cupy_array(a):
+            on_gpu = on_gpu or name
+        else:
+            on_cpu = on_cpu or name
+    if on_gpu and on_cpu:
+        raise TypeError(
+            f"{on_cpu} is a numpy array but {on_gpu} is a cupy array; pass all arrays on one device "
+            f"(fastface never copies between host and device behind your back)"
+        )
+    return cupy_or_none() if on_gpu else np
+
+
+def _read_kernel_source(filename):
+    return importlib.resources.files("fastface.kernels").joinpath(filename).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_module(filename, name_expressions, options, device_id):
+    cupy = cupy_or_none()
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(
+            code=_read_kernel_source(filename),
+            options=("-std=c++17",) + tuple(options),
+            name_expressions=tuple(name_expressions) if name_expressions else None,
+        )
+        module.compile()
+    return module
+
+
+def cuda_module(filename, name_expressions=(), options=()):
+    """The compiled `kernels/<filename>` for the current device, compiled once per process.
+
+    Kernels are fetched with `module.get_function(name)`; templates are named in
+    `name_expressions` (for example "rasterize_fwd<true>") so one source serves every variant.
+    """
+    cupy = cupy_or_none()
+    return _compiled_module(filename, tuple(name_expressions), tuple(options), cupy.cuda.Device().id)
+
+
+def grid_1d(n, block=256):
+    """(grid, block) tuples covering n threads with blocks of `block`."""
+    return ((int(n) + block - 1) // block,), (block,)

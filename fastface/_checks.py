@@ -1,0 +1,114 @@
+"""Input checks shared by every public op. They raise ValueError/TypeError naming the argument.
+
+Shape checks and dtype checks are free (they read metadata). Value checks (finite values,
+index ranges) must read the data: on a cupy array that is a device-to-host synchronisation,
+which costs more than a small op itself. They run by default; a hot loop that has validated
+its inputs once can turn them off with `with fastface.value_checks(False): ...`. The kernels
+never rely on these checks for memory safety: out-of-range indices are skipped inside them.
+"""
+import contextlib
+import threading
+
+import numpy as np
+
+__all__ = [
+    "check_array", "check_finite", "check_indices", "check_resolution", "check_same_batch",
+    "value_checks", "value_checks_enabled", "describe",
+]
+
+_state = threading.local()
+
+
+def value_checks_enabled():
+    return getattr(_state, "enabled", True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled=True):
+    """Turns the data-reading checks (NaN/Inf, index range) on or off inside the block."""
+    previous = value_checks_enabled()
+    _state.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def describe(a):
+    """'float64 (10, 3)' for an array, the type name for anything else."""
+    if hasattr(a, "dtype") and hasattr(a, "shape"):
+        return f"{a.dtype} {tuple(a.shape)}"
+    return type(a).__name__
+
+
+def _shape_text(pattern):
+    return "(" + ", ".join(str(d) for d in pattern) + ")"
+
+
+def _matches(shape, pattern):
+    if len(shape) != len(pattern):
+        return False
+    return all(isinstance(p, str) or p is None or p == s for s, p in zip(shape, pattern))
+
+
+def check_array(name, a, dtypes, *patterns):
+    """Checks that `a` is an array of one of `dtypes` whose shape fits one of `patterns`.
+
+    A pattern is a tuple of ints (fixed sizes) and strings or None (any size; a string names the
+    dimension in messages, such as "B" or "V"). Returns the index of the matching pattern.
+
+        check_array("pos", pos, np.float32, ("B", "V", 4), ("V", 4))
+    """
+    dtypes = tuple(np.dtype(d) for d in (dtypes if isinstance(dtypes, (tuple, list)) else (dtypes,)))
+    expected = " or ".join(_shape_text(p) for p in patterns)
+    dtype_text = " or ".join(str(d) for d in dtypes)
+    if not (hasattr(a, "dtype") and hasattr(a, "shape")):
+        raise TypeError(f"{name} must be a numpy or cupy array of {dtype_text} with shape {expected}; "
+                        f"got {type(a).__name__}")
+    if a.dtype not in dtypes:
+        raise TypeError(f"{name} must be {dtype_text} with shape {expected}; got {describe(a)}")
+    for i, pattern in enumerate(patterns):
+        if _matches(a.shape, pattern):
+            if any(s == 0 for s, p in zip(a.shape, pattern) if not isinstance(p, int)):
+                raise ValueError(f"{name} must not be empty; got shape {tuple(a.shape)}")
+            return i
+    raise ValueError(f"{name} must have shape {expected}; got {describe(a)}")
+
+
+def check_finite(name, a):
+    """Raises ValueError when `a` holds NaN or Inf (skipped inside `value_checks(False)`)."""
+    if not value_checks_enabled():
+        return
+    xp = np if isinstance(a, np.ndarray) else __import__("cupy")
+    if not bool(xp.isfinite(a).all()):
+        n_bad = int((~xp.isfinite(a)).sum())
+        raise ValueError(f"{name} holds {n_bad} NaN or infinite values")
+
+
+def check_indices(name, idx, n, what="vertex"):
+    """Raises ValueError when an index in `idx` is outside [0, n)."""
+    if not value_checks_enabled() or idx.size == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{name} holds {what} indices in [{lo}, {hi}], outside the valid range [0, {n - 1}]")
+
+
+def check_resolution(name, resolution, max_size=16384):
+    """Returns (H, W) as Python ints after checking they are positive integers."""
+    try:
+        h, w = resolution
+        h_int, w_int = int(h), int(w)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (H, W) of positive integers; got {resolution!r}") from None
+    if h_int != h or w_int != w or not (0 < h_int <= max_size and 0 < w_int <= max_size):
+        raise ValueError(f"{name} must be a pair (H, W) of integers in [1, {max_size}]; got {resolution!r}")
+    return h_int, w_int
+
+
+def check_same_batch(names, arrays):
+    """Raises ValueError unless the arrays' leading (batch) sizes agree."""
+    sizes = {n: a.shape[0] for n, a in zip(names, arrays)}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{n} has {s}" for n, s in sizes.items())
+        raise ValueError(f"batch sizes differ: {listed}")
