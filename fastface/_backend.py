@@ -7,6 +7,7 @@ is imported lazily, the first time a function needs to know about it.
 """
 import functools
 import importlib.resources
+import pathlib
 
 import numpy as np
 
@@ -66,7 +67,12 @@ def array_module(*named_arrays):
 
 
 def _read_kernel_source(filename):
-    return importlib.resources.files("fastface.kernels").joinpath(filename).read_text()
+    try:
+        return importlib.resources.files("fastface.kernels").joinpath(filename).read_text()
+    except ModuleNotFoundError:
+        # Running from a source checkout that shadows the installed package: the top-level
+        # kernels/ folder is installed as fastface.kernels, so look for it beside fastface/.
+        return (pathlib.Path(__file__).resolve().parent.parent / "kernels" / filename).read_text()
 
 
 @functools.lru_cache(maxsize=None)
