@@ -1,0 +1,85 @@
+"""The forward rendering chain of one face batch: model -> pose -> camera -> shading -> raster.
+
+The pipeline layer of DESIGN.md: it chains the ops and owns nothing numeric of its own.
+Works on numpy (CPU) or cupy (GPU) inputs alike; the model must live on the same device
+(`model.to("gpu")`).
+"""
+from dataclasses import dataclass
+
+from fastface._backend import array_module
+from fastface.ops.camera import euler_rotation, perspective_projection, rigid_transform
+from fastface.ops.interpolate import interpolate
+from fastface.ops.normals import vertex_normals
+from fastface.ops.rasterize import Raster, rasterize
+from fastface.ops.shading import sh_shade
+
+__all__ = ["FaceParameters", "Rendering", "render_faces", "uniform_light"]
+
+
+@dataclass(frozen=True)
+class FaceParameters:
+    """The per-image parameters of the base level of the face model.
+
+    Attributes:
+        shape: (B, n_shape) identity coefficients in standard deviations.
+        expression: (B, n_expression) expression coefficients in standard deviations.
+        albedo: (B, n_albedo) reflectance coefficients in standard deviations.
+        sh: (B, 9, 3) spherical-harmonics illumination (DESIGN.md's layout).
+        angles: (B, 3) Euler angles (pitch, yaw, roll) in radians.
+        translation: (B, 3) camera-space translation in the model's units (mm); z < 0 is in front.
+    """
+    shape: object
+    expression: object
+    albedo: object
+    sh: object
+    angles: object
+    translation: object
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """What `render_faces` produced: the image and every intermediate a loss or a backward needs."""
+    image: object          # (B, H, W, 3) float32, black where no face
+    mask: object           # (B, H, W) bool, True where a triangle covers the pixel
+    raster: Raster
+    vertices: object       # (B, V, 3) model-space vertices
+    camera_vertices: object  # (B, V, 3) camera-space vertices
+    clip: object           # (B, V, 4) clip-space positions
+    normals: object        # (B, V, 3) camera-space unit normals
+    albedo: object         # (B, V, 3) per-vertex reflectance
+    colors: object         # (B, V, 3) shaded per-vertex colours
+
+
+def uniform_light(batch, xp=None, dtype="float32"):
+    """(B, 9, 3) SH coefficients under which a surface's colour equals its albedo."""
+    import numpy as np
+    xp = xp or np
+    sh = xp.zeros((batch, 9, 3), dtype=dtype)
+    sh[:, 0, :] = 1.0 / (np.pi * 0.28209479177387814)
+    return sh
+
+
+def render_faces(model, params, resolution, focal):
+    """Renders a batch of faces of `model` under `params`.
+
+    Args:
+        model: a `fastface.FaceModel` on the same device as the parameters.
+        params: `FaceParameters`, float32 arrays with a common batch size B.
+        resolution: (H, W) of the images.
+        focal: focal length in pixels (float).
+
+    Returns:
+        `Rendering`.
+    """
+    array_module(("params.shape", params.shape), ("model.triangles", model.triangles))
+    vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
+    rotation = euler_rotation(params.angles)
+    camera_vertices = rigid_transform(vertices, rotation, params.translation)
+    clip = perspective_projection(camera_vertices, focal, resolution)
+    normals = vertex_normals(camera_vertices, model.triangles)
+    colors = sh_shade(normals, albedo, params.sh)
+    raster = rasterize(clip, model.triangles, resolution)
+    image = interpolate(colors, raster, model.triangles)
+    return Rendering(image=image, mask=raster.tri_id >= 0, raster=raster, vertices=vertices,
+                     camera_vertices=camera_vertices, clip=clip, normals=normals, albedo=albedo,
+                     colors=colors)
