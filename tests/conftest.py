@@ -43,3 +43,13 @@ def cupy():
         pytest.skip("needs cupy and a CUDA GPU")
     import cupy as cp
     return cp
+
+
+def pytest_collection_modifyitems(config, items):
+    # Marks every test that needs the GPU (through the `cupy` fixture or `requires_gpu`) with
+    # `gpu`, so that the device run can select them with `-m gpu`.
+    for item in items:
+        needs_gpu = "cupy" in getattr(item, "fixturenames", ()) or any(
+            m.name == "skipif" and "cupy" in str(m.kwargs.get("reason", "")) for m in item.iter_markers())
+        if needs_gpu:
+            item.add_marker(pytest.mark.gpu)
