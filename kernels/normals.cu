@@ -1,0 +1,128 @@
+// Area-weighted unit vertex normals over a CSR vertex->triangle adjacency; the Numba twins are in
+// fastface/ops/normals.py (same names, same argument order, plus B and V here).
+//
+// Layout: vertices, normals and gradients are (B, V, 3) V32, C-contiguous. offsets is (V + 1)
+// int32, corners is (E, 2) int32: for each (vertex, triangle) entry the triangle's next and previous
+// vertex counter-clockwise from the vertex. The face normal seen from corner c with next a and
+// previous b is (p_a - p_c) x (p_b - p_c), the same vector from each corner of the triangle.
+//
+// Why one thread per vertex gathering its faces rather than one thread per face scattering with
+// atomicAdd: each vertex's sum is made by one thread in a fixed order (deterministic, no atomics),
+// the forward is a single kernel (the scatter needs a zeroed buffer, the scatter and a normalise
+// pass), and the gathered positions are neighbours in the mesh, so they hit L1/L2. Each face normal
+// is recomputed at its three corners: a few FMAs more per vertex, which this memory-bound op hides.
+//
+// Memory safety: corner indices outside [0, V) are skipped, whatever the host-side checks did.
+
+// A plain struct rather than CUDA's float3, so that nothing depends on the vector-type headers
+// (NVRTC, which CuPy uses, and nvcc provide them differently).
+struct V3 {
+    float x, y, z;
+};
+
+__device__ __forceinline__ V3 v3(float x, float y, float z) {
+    V3 r;
+    r.x = x;
+    r.y = y;
+    r.z = z;
+    return r;
+}
+
+__device__ __forceinline__ V3 load_point(const float* __restrict__ p, int i) {
+    return v3(p[3 * i], p[3 * i + 1], p[3 * i + 2]);
+}
+
+__device__ __forceinline__ V3 cross3(V3 a, V3 b) {
+    return v3(a.y * b.z - a.z * b.y, a.z * b.x - a.x * b.z, a.x * b.y - a.y * b.x);
+}
+
+__device__ __forceinline__ V3 sub3(V3 a, V3 b) {
+    return v3(a.x - b.x, a.y - b.y, a.z - b.z);
+}
+
+// The sum of the face normals around vertex v of one batch element (vb points at its (V, 3) block).
+__device__ __forceinline__ V3 summed_normal(const float* __restrict__ vb, const int* __restrict__ offsets,
+                                                const int* __restrict__ corners, int v, int V) {
+    const V3 p = load_point(vb, v);
+    V3 s = v3(0.f, 0.f, 0.f);
+    const int end = offsets[v + 1];
+    for (int e = offsets[v]; e < end; ++e) {
+        const int a = corners[2 * e], c = corners[2 * e + 1];
+        if ((unsigned)a >= (unsigned)V || (unsigned)c >= (unsigned)V) continue;
+        const V3 n = cross3(sub3(load_point(vb, a), p), sub3(load_point(vb, c), p));
+        s.x += n.x;
+        s.y += n.y;
+        s.z += n.z;
+    }
+    return s;
+}
+
+// One thread per (batch, vertex), flat index b * V + v, so that consecutive threads read
+// consecutive vertices (coalesced own reads and writes). Writes the unit normal, or zero where the
+// summed face normal is zero.
+extern "C" __global__ void vertex_normals_fwd(const float* __restrict__ vertices, const int* __restrict__ offsets,
+                                              const int* __restrict__ corners, float* __restrict__ normals,
+                                              int B, int V) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * V) return;
+    const long long b = i / V;
+    const int v = (int)(i - b * V);
+    const V3 s = summed_normal(vertices + b * V * 3, offsets, corners, v, V);
+    const float len2 = s.x * s.x + s.y * s.y + s.z * s.z;
+    const float inv = len2 > 0.f ? 1.f / sqrtf(len2) : 0.f;
+    normals[3 * i] = s.x * inv;
+    normals[3 * i + 1] = s.y * inv;
+    normals[3 * i + 2] = s.z * inv;
+}
+
+// Backward pass 1, one thread per (batch, vertex): recomputes the summed normal s and writes the
+// gradient with respect to it, (g - n (n.g)) / |s| (zero where s is zero).
+extern "C" __global__ void vertex_normals_bwd_sum(const float* __restrict__ vertices,
+                                                  const int* __restrict__ offsets,
+                                                  const int* __restrict__ corners,
+                                                  const float* __restrict__ grad_out,
+                                                  float* __restrict__ grad_sum, int B, int V) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * V) return;
+    const long long b = i / V;
+    const int v = (int)(i - b * V);
+    const V3 s = summed_normal(vertices + b * V * 3, offsets, corners, v, V);
+    const float len2 = s.x * s.x + s.y * s.y + s.z * s.z;
+    const float inv = len2 > 0.f ? 1.f / sqrtf(len2) : 0.f;
+    const V3 n = v3(s.x * inv, s.y * inv, s.z * inv);
+    const float gx = grad_out[3 * i], gy = grad_out[3 * i + 1], gz = grad_out[3 * i + 2];
+    const float ndotg = n.x * gx + n.y * gy + n.z * gz;
+    grad_sum[3 * i] = (gx - n.x * ndotg) * inv;
+    grad_sum[3 * i + 1] = (gy - n.y * ndotg) * inv;
+    grad_sum[3 * i + 2] = (gz - n.z * ndotg) * inv;
+}
+
+// Backward pass 2, one thread per (batch, vertex): for each triangle around the vertex, with G the
+// sum of the pass-1 gradients at its three corners, adds (p_a - p_b) x G. Every vertex's gradient
+// is made by one thread, in triangle order: deterministic, no atomics.
+extern "C" __global__ void vertex_normals_bwd(const float* __restrict__ vertices, const int* __restrict__ offsets,
+                                              const int* __restrict__ corners, const float* __restrict__ grad_sum,
+                                              float* __restrict__ grad_vertices, int B, int V) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * V) return;
+    const long long b = i / V;
+    const int v = (int)(i - b * V);
+    const float* vb = vertices + b * V * 3;
+    const float* gb = grad_sum + b * V * 3;
+    const V3 h = load_point(gb, v);
+    V3 r = v3(0.f, 0.f, 0.f);
+    const int end = offsets[v + 1];
+    for (int e = offsets[v]; e < end; ++e) {
+        const int a = corners[2 * e], c = corners[2 * e + 1];
+        if ((unsigned)a >= (unsigned)V || (unsigned)c >= (unsigned)V) continue;
+        const V3 ga = load_point(gb, a), gc = load_point(gb, c);
+        const V3 G = v3(h.x + ga.x + gc.x, h.y + ga.y + gc.y, h.z + ga.z + gc.z);
+        const V3 d = cross3(sub3(load_point(vb, a), load_point(vb, c)), G);
+        r.x += d.x;
+        r.y += d.y;
+        r.z += d.z;
+    }
+    grad_vertices[3 * i] = r.x;
+    grad_vertices[3 * i + 1] = r.y;
+    grad_vertices[3 * i + 2] = r.z;
+}
