@@ -1,0 +1,162 @@
+"""sh_shade: reference, gradients, CPU/GPU parity, bad input."""
+import math
+
+import numpy as np
+import pytest
+
+from fastface.ops.shading import sh_shade, sh_shade_backward
+from tests.gradcheck import assert_gradient_matches
+
+
+def reference_shade(normals, albedo, sh):
+    """DESIGN.md's formula written out term by term in float64, one vertex at a time."""
+    normals, albedo, sh = (np.asarray(a, dtype=np.float64) for a in (normals, albedo, sh))
+    pi = math.pi
+    c0, c1 = 1 / (2 * math.sqrt(pi)), math.sqrt(3) / (2 * math.sqrt(pi))
+    c2, c3, c4 = math.sqrt(15) / (2 * math.sqrt(pi)), math.sqrt(5) / (4 * math.sqrt(pi)), math.sqrt(15) / (4 * math.sqrt(pi))
+    a0, a1, a2 = pi, 2 * pi / 3, pi / 4
+    B, V = normals.shape[:2]
+    albedo = np.broadcast_to(albedo, (B, V, 3))
+    out = np.zeros((B, V, 3))
+    for b in range(B):
+        for v in range(V):
+            x, y, z = normals[b, v]
+            Y = [c0, c1 * y, c1 * z, c1 * x, c2 * x * y, c2 * y * z, c3 * (3 * z * z - 1), c2 * x * z,
+                 c4 * (x * x - y * y)]
+            A = [a0, a1, a1, a1, a2, a2, a2, a2, a2]
+            for c in range(3):
+                out[b, v, c] = albedo[b, v, c] * sum(sh[b, k, c] * A[k] * Y[k] for k in range(9))
+    return out
+
+
+def make_inputs(rng, batch=2, n_vertices=17, dtype=np.float64, shared_albedo=False):
+    normals = rng.normal(size=(batch, n_vertices, 3))
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    albedo = rng.uniform(0.1, 1.0, size=(n_vertices, 3) if shared_albedo else (batch, n_vertices, 3))
+    sh = rng.normal(scale=0.3, size=(batch, 9, 3))
+    return normals.astype(dtype), albedo.astype(dtype), sh.astype(dtype)
+
+
+@pytest.mark.parametrize("shared_albedo", [False, True])
+def test_colours_match_the_design_formula(rng, shared_albedo):
+    normals, albedo, sh = make_inputs(rng, shared_albedo=shared_albedo)
+    np.testing.assert_allclose(sh_shade(normals, albedo, sh), reference_shade(normals, albedo, sh),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_float32_colours_match_reference(rng):
+    normals, albedo, sh = make_inputs(rng, dtype=np.float32)
+    colours = sh_shade(normals, albedo, sh)
+    assert colours.dtype == np.float32
+    np.testing.assert_allclose(colours, reference_shade(normals, albedo, sh), rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_light_gives_the_albedo(rng):
+    normals, albedo, _ = make_inputs(rng)
+    sh = np.zeros((2, 9, 3))
+    sh[:, 0, :] = 1.0 / (math.pi * 0.28209479177387814)
+    np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, rtol=1e-14)
+    sh[:, 0, :] = 1.0 / (math.pi * 0.282095)  # DESIGN.md's rounded constant: equal to 1e-6
+    np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, rtol=1e-6)
+
+
+def test_directional_band1_light_follows_the_normal(rng):
+    # Only the coefficient of Y_2 = c1 z is lit: colour = albedo * A_1 * c1 * n_z.
+    normals, albedo, _ = make_inputs(rng)
+    sh = np.zeros((2, 9, 3))
+    sh[:, 2, :] = 1.0
+    expected = albedo * (2 * math.pi / 3) * (math.sqrt(3) / (2 * math.sqrt(math.pi))) * normals[..., 2:3]
+    np.testing.assert_allclose(sh_shade(normals, albedo, sh), expected, rtol=1e-12)
+
+
+def test_unbatched_input_gives_unbatched_output(rng):
+    normals, albedo, sh = make_inputs(rng)
+    np.testing.assert_array_equal(sh_shade(normals[1], albedo[1], sh[1]), sh_shade(normals, albedo, sh)[1])
+    grad_out = rng.normal(size=normals.shape)
+    for single, batch in zip(sh_shade_backward(normals[1], albedo[1], sh[1], grad_out[1]),
+                             sh_shade_backward(normals, albedo, sh, grad_out)):
+        np.testing.assert_allclose(single, batch[1], rtol=1e-14, atol=1e-15)
+
+
+def test_shared_albedo_gradient_is_the_batch_sum(rng):
+    normals, albedo, sh = make_inputs(rng, batch=3, shared_albedo=True)
+    grad_out = rng.normal(size=normals.shape)
+    _, grad_shared, _ = sh_shade_backward(normals, albedo, sh, grad_out)
+    _, grad_batched, _ = sh_shade_backward(normals, np.broadcast_to(albedo, normals.shape).copy(), sh, grad_out)
+    assert grad_shared.shape == albedo.shape
+    np.testing.assert_allclose(grad_shared, grad_batched.sum(0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("shared_albedo", [False, True])
+@pytest.mark.parametrize("wrt", [0, 1, 2])
+def test_backward_matches_finite_differences(rng, tol, wrt, shared_albedo):
+    inputs = list(make_inputs(rng, shared_albedo=shared_albedo))
+    grad_out = rng.normal(size=inputs[0].shape)
+    analytic = sh_shade_backward(*inputs, grad_out)[wrt]
+
+    def f(x):
+        args = list(inputs)
+        args[wrt] = x
+        return sh_shade(*args)
+
+    assert_gradient_matches(f, inputs[wrt], grad_out, analytic, tol)
+
+
+def test_grad_sh_sums_over_more_vertices_than_one_chunk(rng, tol):
+    # 2500 vertices span three CPU chunks of 1024: the chunk partials must all reach grad_sh.
+    normals, albedo, sh = make_inputs(rng, batch=1, n_vertices=2500)
+    grad_out = rng.normal(size=normals.shape)
+    grad_sh = sh_shade_backward(normals, albedo, sh, grad_out)[2]
+    assert_gradient_matches(lambda s: sh_shade(normals, albedo, s), sh, grad_out, grad_sh, tol)
+
+
+@pytest.mark.parametrize("shared_albedo", [False, True])
+def test_gpu_matches_cpu(rng, tol, cupy, shared_albedo):
+    # 3000 vertices: several blocks per batch element in the backward's reduction.
+    normals, albedo, sh = make_inputs(rng, batch=3, n_vertices=3000, dtype=np.float32, shared_albedo=shared_albedo)
+    grad_out = rng.normal(size=normals.shape).astype(np.float32)
+    gpu = [cupy.asarray(a) for a in (normals, albedo, sh, grad_out)]
+    np.testing.assert_allclose(sh_shade(*gpu[:3]).get(), sh_shade(normals, albedo, sh),
+                               rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    cpu_grads = sh_shade_backward(normals, albedo, sh, grad_out)
+    for name, g_gpu, g_cpu in zip(("normals", "albedo", "sh"), sh_shade_backward(*gpu), cpu_grads):
+        assert g_gpu.shape == g_cpu.shape and g_gpu.dtype == cupy.float32, name
+        # grad_sh sums 3000 float32 terms: compare relative to its size.
+        np.testing.assert_allclose(g_gpu.get(), g_cpu, rtol=tol["gpu_cpu_rtol"],
+                                   atol=tol["gpu_cpu_rtol"] * np.abs(g_cpu).max(), err_msg=name)
+
+
+def test_gpu_unbatched(rng, tol, cupy):
+    normals, albedo, sh = make_inputs(rng, dtype=np.float32)
+    out = sh_shade(cupy.asarray(normals[0]), cupy.asarray(albedo[0]), cupy.asarray(sh[0]))
+    np.testing.assert_allclose(out.get(), sh_shade(normals[0], albedo[0], sh[0]), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+
+
+def test_gpu_rejects_float64(rng, cupy):
+    normals, albedo, sh = make_inputs(rng)
+    with pytest.raises(TypeError, match="normals.*GPU path is float32"):
+        sh_shade(cupy.asarray(normals), cupy.asarray(albedo), cupy.asarray(sh))
+
+
+@pytest.mark.parametrize("make_bad, exc, pattern", [
+    (lambda n, a, s: (n[..., :2], a, s), ValueError, "normals"),
+    (lambda n, a, s: (n.astype(np.int64), a, s), TypeError, "normals"),
+    (lambda n, a, s: (n, a.astype(np.float32), s), TypeError, "albedo"),
+    (lambda n, a, s: (n, a[:, :5], s), ValueError, "albedo"),
+    (lambda n, a, s: (n, a[:1], s), ValueError, "albedo"),
+    (lambda n, a, s: (n, a, s[:, :4]), ValueError, "sh"),
+    (lambda n, a, s: (n, a, s[:1]), ValueError, "batch sizes differ: normals has 2, sh has 1"),
+    (lambda n, a, s: (n[0], a[0], s), ValueError, "sh"),
+    (lambda n, a, s: (n, a, np.full_like(s, np.inf)), ValueError, "sh holds"),
+    (lambda n, a, s: (n, np.where(a > 0.5, np.nan, a), s), ValueError, "albedo holds"),
+])
+def test_bad_input_raises_naming_the_argument(rng, make_bad, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        sh_shade(*make_bad(*make_inputs(rng)))
+
+
+def test_bad_grad_out_raises(rng):
+    normals, albedo, sh = make_inputs(rng)
+    with pytest.raises(ValueError, match="grad_out"):
+        sh_shade_backward(normals, albedo, sh, np.zeros((2, 17, 4)))
