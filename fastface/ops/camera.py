@@ -1,0 +1,430 @@
+"""Pose and camera: Euler rotations, rigid transforms, perspective projection, pixel projection.
+
+Conventions (DESIGN.md and the lead's brief): camera space is OpenGL's, x right, y up, the camera
+looking down -z, so points in front of it have z < 0. Euler angles (B, 3) are (pitch about x,
+yaw about y, roll about z) in radians with R = Rz(roll) @ Ry(yaw) @ Rx(pitch), i.e. scipy's
+`Rotation.from_euler("xyz", angles)` (extrinsic x, then y, then z). The focal length f is in
+pixels, the principal point at the image centre. Pixel coordinates are (x = column, y = row) with
+pixel (i, j)'s centre at (x = j, y = i), matching DESIGN.md's NDC x = 2 (x_pix + 0.5) / W - 1,
+y = 1 - 2 (y_pix + 0.5) / H.
+
+The focal length is not differentiated: the backward functions return gradients of the points
+(and of rotation and translation), not of the focal length, which fastface keeps fixed.
+
+`euler_rotation` is a handful of (B, 3, 3) array operations (numpy or cupy, no kernel: B x 9
+numbers). The per-vertex ops have Numba kernels here and CUDA twins in kernels/camera.cu.
+"""
+import numba
+import numpy as np
+
+from fastface._backend import array_module, cuda_module, grid_1d
+from fastface._checks import check_array, check_finite, check_resolution, check_same_batch, value_checks_enabled
+
+__all__ = [
+    "euler_rotation", "euler_rotation_backward",
+    "rigid_transform", "rigid_transform_backward",
+    "perspective_projection", "perspective_projection_backward",
+    "project_to_pixels", "project_to_pixels_backward",
+]
+
+_BLOCK = 256
+_VERTICES_PER_THREAD = 8   # rigid_transform backward: amortises each block's 12-value reduction
+_CHUNK = 1024              # CPU backward: vertices per chunk; partials summed in chunk order
+
+
+def _float_dtypes(xp):
+    return (np.float32, np.float64) if xp is np else (np.float32,)
+
+
+def _check_float(xp, name, a, *patterns):
+    """check_array with the dtypes of the backend; returns the index of the matching pattern."""
+    try:
+        return check_array(name, a, _float_dtypes(xp), *patterns)
+    except TypeError as e:
+        raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
+
+
+def _module():
+    return cuda_module("camera.cu", name_expressions=(
+        "rigid_transform_fwd<false>", "rigid_transform_fwd<true>",
+        "rigid_transform_bwd<false>", "rigid_transform_bwd<true>"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Euler rotation (array math on either backend)
+
+def _axis_rotations(angles, xp):
+    """Rx(pitch), Ry(yaw), Rz(roll) and their derivatives, each (B, 3, 3)."""
+    c, s = xp.cos(angles), xp.sin(angles)
+    zero, one = xp.zeros_like(c[:, 0]), xp.ones_like(c[:, 0])
+
+    def mat(rows):
+        return xp.stack([xp.stack(r, axis=-1) for r in rows], axis=-2)
+
+    cp, sp, cy, sy, cr, sr = c[:, 0], s[:, 0], c[:, 1], s[:, 1], c[:, 2], s[:, 2]
+    rx = mat([[one, zero, zero], [zero, cp, -sp], [zero, sp, cp]])
+    ry = mat([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+    rz = mat([[cr, -sr, zero], [sr, cr, zero], [zero, zero, one]])
+    drx = mat([[zero, zero, zero], [zero, -sp, -cp], [zero, cp, -sp]])
+    dry = mat([[-sy, zero, cy], [zero, zero, zero], [-cy, zero, -sy]])
+    drz = mat([[-sr, -cr, zero], [cr, -sr, zero], [zero, zero, zero]])
+    return rx, ry, rz, drx, dry, drz
+
+
+def _check_angles(angles):
+    xp = array_module(("angles", angles))
+    batched = check_array("angles", angles, (np.float32, np.float64), ("B", 3), (3,)) == 0
+    check_finite("angles", angles)
+    return xp, batched, (angles if batched else angles[None])
+
+
+def euler_rotation(angles):
+    """Rotation matrices from Euler angles, R = Rz(roll) @ Ry(yaw) @ Rx(pitch).
+
+    Args:
+        angles: (B, 3) or (3,) float32 or float64 (pitch, yaw, roll) in radians, numpy or cupy.
+
+    Returns:
+        (B, 3, 3) (or (3, 3)) rotation matrices, the dtype of angles.
+    """
+    xp, batched, a = _check_angles(angles)
+    rx, ry, rz, _, _, _ = _axis_rotations(a, xp)
+    r = rz @ ry @ rx
+    return r if batched else r[0]
+
+
+def euler_rotation_backward(angles, grad_out):
+    """Gradient of `euler_rotation`.
+
+    Args:
+        angles: as for `euler_rotation`.
+        grad_out: (B, 3, 3) (or (3, 3)) gradient of the rotation matrices.
+
+    Returns:
+        grad_angles shaped like angles.
+    """
+    xp, batched, a = _check_angles(angles)
+    array_module(("angles", angles), ("grad_out", grad_out))
+    check_array("grad_out", grad_out, angles.dtype, tuple(angles.shape[:-1]) + (3, 3))
+    check_finite("grad_out", grad_out)
+    g = grad_out if batched else grad_out[None]
+    rx, ry, rz, drx, dry, drz = _axis_rotations(a, xp)
+    grad = xp.stack([(g * (rz @ ry @ drx)).sum(axis=(1, 2)),
+                     (g * (rz @ dry @ rx)).sum(axis=(1, 2)),
+                     (g * (drz @ ry @ rx)).sum(axis=(1, 2))], axis=-1)
+    return grad if batched else grad[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernels (Numba twins of kernels/camera.cu, same argument order)
+
+@numba.njit(cache=True, parallel=True)
+def rigid_transform_fwd(points, rotation, translation, out):
+    """One iteration per (batch, vertex). points is (B, V, 3), or (1, V, 3) shared by the batch."""
+    B, V = out.shape[0], out.shape[1]
+    shared = points.shape[0] != B
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        pb = 0 if shared else b
+        x, y, z = points[pb, v, 0], points[pb, v, 1], points[pb, v, 2]
+        for r in range(3):
+            out[b, v, r] = rotation[b, r, 0] * x + rotation[b, r, 1] * y + rotation[b, r, 2] * z + translation[b, r]
+
+
+@numba.njit(cache=True, parallel=True)
+def rigid_transform_bwd(points, rotation, translation, grad_out, grad_points, grad_rotation, grad_translation):
+    """Chunks of vertices in parallel, batch sequential inside: a chunk owns its vertices' grad_points
+    (also when the points are shared by the batch) and its own grad_rotation/grad_translation partial."""
+    B, V = grad_out.shape[0], grad_out.shape[1]
+    shared = points.shape[0] != B
+    n_chunks = (V + _CHUNK - 1) // _CHUNK
+    partial = np.zeros((n_chunks, B, 3, 4))  # [..., :3] rotation, [..., 3] translation
+    if shared:
+        grad_points[:] = 0.0
+    for chunk in numba.prange(n_chunks):
+        for b in range(B):
+            pb = 0 if shared else b
+            for v in range(chunk * _CHUNK, min(V, (chunk + 1) * _CHUNK)):
+                g0, g1, g2 = grad_out[b, v, 0], grad_out[b, v, 1], grad_out[b, v, 2]
+                for j in range(3):
+                    gp = rotation[b, 0, j] * g0 + rotation[b, 1, j] * g1 + rotation[b, 2, j] * g2
+                    if shared:
+                        grad_points[0, v, j] += gp
+                    else:
+                        grad_points[b, v, j] = gp
+                for r in range(3):
+                    g = grad_out[b, v, r]
+                    for j in range(3):
+                        partial[chunk, b, r, j] += g * points[pb, v, j]
+                    partial[chunk, b, r, 3] += g
+    for b in range(B):
+        for r in range(3):
+            for j in range(4):
+                s = 0.0
+                for chunk in range(n_chunks):
+                    s += partial[chunk, b, r, j]
+                if j < 3:
+                    grad_rotation[b, r, j] = s
+                else:
+                    grad_translation[b, r] = s
+
+
+@numba.njit(cache=True, parallel=True)
+def perspective_projection_fwd(points, focal, out, height, width, near, far):
+    """One iteration per (batch, vertex): OpenGL clip coordinates."""
+    B, V = points.shape[0], points.shape[1]
+    za, zb = (far + near) / (near - far), 2.0 * far * near / (near - far)
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        f = focal[b]
+        z = points[b, v, 2]
+        out[b, v, 0] = (2.0 * f / width) * points[b, v, 0]
+        out[b, v, 1] = (2.0 * f / height) * points[b, v, 1]
+        out[b, v, 2] = za * z + zb
+        out[b, v, 3] = -z
+
+
+@numba.njit(cache=True, parallel=True)
+def perspective_projection_bwd(points, focal, grad_out, grad_points, height, width, near, far):
+    B, V = points.shape[0], points.shape[1]
+    za = (far + near) / (near - far)
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        f = focal[b]
+        grad_points[b, v, 0] = (2.0 * f / width) * grad_out[b, v, 0]
+        grad_points[b, v, 1] = (2.0 * f / height) * grad_out[b, v, 1]
+        grad_points[b, v, 2] = za * grad_out[b, v, 2] - grad_out[b, v, 3]
+
+
+@numba.njit(cache=True, parallel=True)
+def project_to_pixels_fwd(points, focal, out, height, width):
+    """One iteration per (batch, vertex): x_pix = f x / -z + W/2 - 0.5, y_pix = -f y / -z + H/2 - 0.5."""
+    B, V = points.shape[0], points.shape[1]
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        s = focal[b] / -points[b, v, 2]
+        out[b, v, 0] = s * points[b, v, 0] + 0.5 * width - 0.5
+        out[b, v, 1] = -s * points[b, v, 1] + 0.5 * height - 0.5
+
+
+@numba.njit(cache=True, parallel=True)
+def project_to_pixels_bwd(points, focal, grad_out, grad_points, height, width):
+    """With s = f / -z: d x_pix = s dx + s x / -z dz, d y_pix = -s dy - s y / -z dz."""
+    B, V = points.shape[0], points.shape[1]
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        inv_w = 1.0 / -points[b, v, 2]
+        s = focal[b] * inv_w
+        gx, gy = grad_out[b, v, 0], grad_out[b, v, 1]
+        grad_points[b, v, 0] = s * gx
+        grad_points[b, v, 1] = -s * gy
+        grad_points[b, v, 2] = s * inv_w * (points[b, v, 0] * gx - points[b, v, 1] * gy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+def rigid_transform(points, rotation, translation):
+    """R p + t for every point.
+
+    Args:
+        points: (B, V, 3), or (V, 3) shared by the batch; float32 (float64 also on the CPU).
+        rotation: (B, 3, 3), the dtype of points.
+        translation: (B, 3), the dtype of points.
+
+    Returns:
+        (B, V, 3) transformed points.
+    """
+    xp, p3, r, t, _ = _prepare_rigid(points, rotation, translation)
+    B, V = r.shape[0], p3.shape[1]
+    out = xp.empty((B, V, 3), dtype=p3.dtype)
+    if xp is np:
+        rigid_transform_fwd(p3, r, t, out)
+    else:
+        shared = "true" if p3.shape[0] != B else "false"
+        _module().get_function(f"rigid_transform_fwd<{shared}>")(
+            ((V + _BLOCK - 1) // _BLOCK, B), (_BLOCK,), (p3, r, t, out, np.int32(B), np.int32(V)))
+    return out
+
+
+def rigid_transform_backward(points, rotation, translation, grad_out):
+    """Gradients of `rigid_transform`.
+
+    Args:
+        points, rotation, translation: as for `rigid_transform`.
+        grad_out: (B, V, 3) gradient of the transformed points.
+
+    Returns:
+        (grad_points, grad_rotation, grad_translation) shaped like the inputs (grad_points summed
+        over the batch when the points are shared). On the GPU the sums over vertices are made per
+        block and added with one atomicAdd per block and entry: their last bits depend on the
+        order the blocks finish in.
+    """
+    xp, p3, r, t, g = _prepare_rigid(points, rotation, translation, grad_out)
+    B, V = r.shape[0], p3.shape[1]
+    shared = p3.shape[0] != B
+    if xp is np:
+        grad_points, grad_rotation, grad_translation = np.empty_like(p3), np.empty_like(r), np.empty_like(t)
+        rigid_transform_bwd(p3, r, t, g, grad_points, grad_rotation, grad_translation)
+    else:
+        grad_points = xp.zeros_like(p3) if shared else xp.empty_like(p3)
+        grad_rotation, grad_translation = xp.zeros_like(r), xp.zeros_like(t)
+        blocks = max(1, (V + _BLOCK * _VERTICES_PER_THREAD - 1) // (_BLOCK * _VERTICES_PER_THREAD))
+        _module().get_function(f"rigid_transform_bwd<{'true' if shared else 'false'}>")(
+            (blocks, B), (_BLOCK,),
+            (p3, r, t, g, grad_points, grad_rotation, grad_translation, np.int32(B), np.int32(V)))
+    return (grad_points[0] if points.ndim == 2 else grad_points), grad_rotation, grad_translation
+
+
+def _prepare_rigid(points, rotation, translation, grad_out=None):
+    xp = array_module(("points", points), ("rotation", rotation), ("translation", translation),
+                      ("grad_out", grad_out))
+    points_batched = _check_float(xp, "points", points, ("B", "V", 3), ("V", 3)) == 0
+    dtype = points.dtype
+    check_array("rotation", rotation, dtype, ("B", 3, 3))
+    check_array("translation", translation, dtype, ("B", 3))
+    check_same_batch(("rotation", "translation") + (("points",) if points_batched else ()),
+                     (rotation, translation) + ((points,) if points_batched else ()))
+    if grad_out is not None:
+        check_array("grad_out", grad_out, dtype, (rotation.shape[0], points.shape[-2], 3))
+        check_finite("grad_out", grad_out)
+    for name, a in (("points", points), ("rotation", rotation), ("translation", translation)):
+        check_finite(name, a)
+    c = xp.ascontiguousarray
+    p3 = c(points if points_batched else points[None])
+    return xp, p3, c(rotation), c(translation), (None if grad_out is None else c(grad_out))
+
+
+def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, near=None, far=None):
+    """Checks the inputs of the projections; returns (xp, batched, points (B,V,3), focal (B,), H, W, grad)."""
+    focal_is_array = not isinstance(focal, (int, float, np.generic))
+    xp = array_module(("points", points), ("focal", focal if focal_is_array else None), ("grad_out", grad_out))
+    batched = _check_float(xp, "points", points, ("B", "V", 3), ("V", 3)) == 0
+    dtype = points.dtype
+    p3 = xp.ascontiguousarray(points if batched else points[None])
+    B = p3.shape[0]
+    height, width = check_resolution("resolution", resolution)
+    if focal_is_array:
+        check_array("focal", focal, dtype, (B,))
+        if value_checks_enabled():
+            check_finite("focal", focal)
+            if not bool((focal > 0).all()):
+                raise ValueError("focal must be positive (pixels)")
+        f = xp.ascontiguousarray(focal)
+    else:
+        f_value = float(focal)
+        if not (np.isfinite(f_value) and f_value > 0):
+            raise ValueError(f"focal must be a positive finite number of pixels; got {focal!r}")
+        f = xp.full((B,), f_value, dtype=dtype)
+    if near is not None:
+        near, far = float(near), float(far)
+        if not (0 < near < far < np.inf):
+            raise ValueError(f"near and far must satisfy 0 < near < far < inf; got near={near}, far={far}")
+    g = None
+    if grad_out is not None:
+        check_array("grad_out", grad_out, dtype, tuple(points.shape[:-1]) + (grad_width,))
+        check_finite("grad_out", grad_out)
+        g = xp.ascontiguousarray(grad_out if batched else grad_out[None])
+    check_finite("points", points)
+    if value_checks_enabled():
+        n_behind = int((p3[..., 2] >= 0).sum())
+        if n_behind:
+            raise ValueError(f"points holds {n_behind} vertices behind the camera (z >= 0); the camera "
+                             f"looks down -z, so visible points need z < 0")
+    return xp, batched, p3, f, height, width, g, near, far
+
+
+def perspective_projection(points, focal, resolution, near=10.0, far=10000.0):
+    """OpenGL clip coordinates of camera-space points.
+
+    x_c = (2f/W) x, y_c = (2f/H) y, z_c = ((far + near) z + 2 far near) / (near - far), w = -z.
+
+    Args:
+        points: (B, V, 3) or (V, 3) camera-space points, float32 (float64 also on the CPU); all
+            in front of the camera (z < 0), else ValueError (a value check).
+        focal: focal length in pixels: a float, or a (B,) array of the dtype of points.
+        resolution: (H, W) of the image.
+        near, far: the depth range mapped to NDC z in [-1, 1], in the units of the points.
+
+    Returns:
+        (B, V, 4) (or (V, 4)) clip-space positions.
+    """
+    xp, batched, p3, f, height, width, _, near, far = _prepare_camera(points, focal, resolution, near=near, far=far)
+    B, V = p3.shape[0], p3.shape[1]
+    out = xp.empty((B, V, 4), dtype=p3.dtype)
+    if xp is np:
+        perspective_projection_fwd(p3, f, out, height, width, near, far)
+    else:
+        _module().get_function("perspective_projection_fwd")(
+            *grid_1d(B * V), (p3, f, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width),
+                              np.float32(near), np.float32(far)))
+    return out if batched else out[0]
+
+
+def perspective_projection_backward(points, focal, resolution, grad_out, near=10.0, far=10000.0):
+    """Gradient of `perspective_projection` with respect to the points (focal is not differentiated).
+
+    Args:
+        points, focal, resolution, near, far: as for `perspective_projection`.
+        grad_out: (B, V, 4) (or (V, 4)) gradient of the clip positions.
+
+    Returns:
+        grad_points shaped like points.
+    """
+    xp, batched, p3, f, height, width, g, near, far = _prepare_camera(
+        points, focal, resolution, grad_out, 4, near=near, far=far)
+    B, V = p3.shape[0], p3.shape[1]
+    grad_points = xp.empty_like(p3)
+    if xp is np:
+        perspective_projection_bwd(p3, f, g, grad_points, height, width, near, far)
+    else:
+        _module().get_function("perspective_projection_bwd")(
+            *grid_1d(B * V), (p3, f, g, grad_points, np.int32(B), np.int32(V), np.int32(height),
+                              np.int32(width), np.float32(near), np.float32(far)))
+    return grad_points if batched else grad_points[0]
+
+
+def project_to_pixels(points, focal, resolution):
+    """Pixel coordinates (x = column, y = row) of camera-space points; pixel (i, j)'s centre is (j, i).
+
+    x_pix = f x / -z + W/2 - 0.5, y_pix = -f y / -z + H/2 - 0.5: the pixel-centre convention of
+    DESIGN.md applied to `perspective_projection`'s NDC.
+
+    Args:
+        points: (B, V, 3) or (V, 3) camera-space points, float32 (float64 also on the CPU), z < 0.
+        focal: focal length in pixels: a float, or a (B,) array of the dtype of points.
+        resolution: (H, W) of the image.
+
+    Returns:
+        (B, V, 2) (or (V, 2)) pixel coordinates.
+    """
+    xp, batched, p3, f, height, width, _, _, _ = _prepare_camera(points, focal, resolution)
+    B, V = p3.shape[0], p3.shape[1]
+    out = xp.empty((B, V, 2), dtype=p3.dtype)
+    if xp is np:
+        project_to_pixels_fwd(p3, f, out, height, width)
+    else:
+        _module().get_function("project_to_pixels_fwd")(
+            *grid_1d(B * V), (p3, f, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width)))
+    return out if batched else out[0]
+
+
+def project_to_pixels_backward(points, focal, resolution, grad_out):
+    """Gradient of `project_to_pixels` with respect to the points (focal is not differentiated).
+
+    Args:
+        points, focal, resolution: as for `project_to_pixels`.
+        grad_out: (B, V, 2) (or (V, 2)) gradient of the pixel coordinates.
+
+    Returns:
+        grad_points shaped like points.
+    """
+    xp, batched, p3, f, height, width, g, _, _ = _prepare_camera(points, focal, resolution, grad_out, 2)
+    B, V = p3.shape[0], p3.shape[1]
+    grad_points = xp.empty_like(p3)
+    if xp is np:
+        project_to_pixels_bwd(p3, f, g, grad_points, height, width)
+    else:
+        _module().get_function("project_to_pixels_bwd")(
+            *grid_1d(B * V), (p3, f, g, grad_points, np.int32(B), np.int32(V), np.int32(height), np.int32(width)))
+    return grad_points if batched else grad_points[0]

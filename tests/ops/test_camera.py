@@ -1,0 +1,234 @@
+"""Camera ops: references, gradients, CPU/GPU parity, bad input."""
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+import fastface
+from fastface.ops.camera import (
+    euler_rotation, euler_rotation_backward, perspective_projection, perspective_projection_backward,
+    project_to_pixels, project_to_pixels_backward, rigid_transform, rigid_transform_backward,
+)
+from tests.gradcheck import assert_gradient_matches
+
+RES = (48, 64)  # (H, W), not square so that a swapped H and W shows
+
+
+def camera_points(rng, batch=2, n=11, dtype=np.float64):
+    """Points in front of the camera (z in [-60, -20]) within a moderate field of view."""
+    xy = rng.uniform(-10, 10, size=(batch, n, 2))
+    z = rng.uniform(-60, -20, size=(batch, n, 1))
+    return np.concatenate([xy, z], axis=-1).astype(dtype)
+
+
+def pose(rng, batch=2, dtype=np.float64):
+    rotation = Rotation.from_euler("xyz", rng.uniform(-0.5, 0.5, size=(batch, 3))).as_matrix()
+    return rotation.astype(dtype), rng.normal(size=(batch, 3)).astype(dtype)
+
+
+# --- euler_rotation ----------------------------------------------------------------------------
+
+def test_rotation_matches_scipy_extrinsic_xyz(rng):
+    angles = rng.uniform(-np.pi, np.pi, size=(5, 3))
+    np.testing.assert_allclose(euler_rotation(angles), Rotation.from_euler("xyz", angles).as_matrix(), atol=1e-14)
+
+
+def test_rotation_is_rz_ry_rx_of_pitch_yaw_roll():
+    pitch, yaw, roll = 0.3, -0.7, 1.1
+    rx = Rotation.from_rotvec([pitch, 0, 0]).as_matrix()
+    ry = Rotation.from_rotvec([0, yaw, 0]).as_matrix()
+    rz = Rotation.from_rotvec([0, 0, roll]).as_matrix()
+    np.testing.assert_allclose(euler_rotation(np.array([pitch, yaw, roll])), rz @ ry @ rx, atol=1e-14)
+
+
+def test_rotation_is_orthonormal_with_determinant_one(rng):
+    r = euler_rotation(rng.uniform(-np.pi, np.pi, size=(6, 3)).astype(np.float32))
+    assert r.dtype == np.float32 and r.shape == (6, 3, 3)
+    np.testing.assert_allclose(r @ r.transpose(0, 2, 1), np.broadcast_to(np.eye(3), r.shape), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.det(r), 1.0, atol=1e-6)
+
+
+def test_rotation_backward_matches_finite_differences(rng, tol):
+    angles = rng.uniform(-np.pi, np.pi, size=(3, 3))
+    grad_out = rng.normal(size=(3, 3, 3))
+    assert_gradient_matches(euler_rotation, angles, grad_out, euler_rotation_backward(angles, grad_out), tol)
+    assert euler_rotation_backward(angles[0], grad_out[0]).shape == (3,)
+
+
+# --- rigid_transform ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_rigid_transform_is_r_p_plus_t(rng, shared):
+    points = camera_points(rng)[0] if shared else camera_points(rng)
+    rotation, translation = pose(rng)
+    expected = np.einsum("brj,bvj->bvr", rotation, np.broadcast_to(points, (2,) + points.shape[-2:])) + translation[:, None]
+    np.testing.assert_allclose(rigid_transform(points, rotation, translation), expected, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("wrt", [0, 1, 2])
+def test_rigid_transform_backward_matches_finite_differences(rng, tol, wrt, shared):
+    points = camera_points(rng)
+    inputs = [points[0] if shared else points, *pose(rng)]
+    grad_out = rng.normal(size=(2, points.shape[1], 3))
+    analytic = rigid_transform_backward(*inputs, grad_out)[wrt]
+
+    def f(x):
+        args = list(inputs)
+        args[wrt] = x
+        return rigid_transform(*args)
+
+    assert_gradient_matches(f, inputs[wrt], grad_out, analytic, tol)
+
+
+def test_rigid_transform_backward_sums_over_more_than_one_chunk(rng, tol):
+    points = rng.normal(size=(1, 2100, 3))
+    rotation, translation = pose(rng, batch=1)
+    grad_out = rng.normal(size=points.shape)
+    grad_rotation = rigid_transform_backward(points, rotation, translation, grad_out)[1]
+    assert_gradient_matches(lambda r: rigid_transform(points, r, translation), rotation, grad_out, grad_rotation, tol)
+
+
+# --- perspective_projection and project_to_pixels ------------------------------------------------
+
+def test_clip_coordinates_follow_the_opengl_formula(rng):
+    points = camera_points(rng)
+    f, near, far, (h, w) = 70.0, 5.0, 500.0, RES
+    clip = perspective_projection(points, f, RES, near=near, far=far)
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    expected = np.stack([2 * f / w * x, 2 * f / h * y, ((far + near) * z + 2 * far * near) / (near - far), -z], -1)
+    np.testing.assert_allclose(clip, expected, rtol=1e-14)
+
+
+def test_near_and_far_planes_map_to_ndc_minus_one_and_one():
+    clip = perspective_projection(np.array([[0.0, 0.0, -5.0], [0.0, 0.0, -500.0]]), 70.0, RES, near=5.0, far=500.0)
+    np.testing.assert_allclose(clip[:, 2] / clip[:, 3], [-1.0, 1.0], atol=1e-12)
+
+
+def test_pixels_agree_with_clip_space_under_the_pixel_centre_convention(rng):
+    points = camera_points(rng)
+    h, w = RES
+    clip = perspective_projection(points, 70.0, RES)
+    pix = project_to_pixels(points, 70.0, RES)
+    ndc_x = 2 * (pix[..., 0] + 0.5) / w - 1
+    ndc_y = 1 - 2 * (pix[..., 1] + 0.5) / h
+    np.testing.assert_allclose(ndc_x, clip[..., 0] / clip[..., 3], atol=1e-12)
+    np.testing.assert_allclose(ndc_y, clip[..., 1] / clip[..., 3], atol=1e-12)
+
+
+def test_optical_axis_hits_the_image_centre_and_up_is_a_smaller_row():
+    pix = project_to_pixels(np.array([[0.0, 0.0, -10.0], [0.0, 1.0, -10.0], [1.0, 0.0, -10.0]]), 50.0, RES)
+    np.testing.assert_allclose(pix[0], [RES[1] / 2 - 0.5, RES[0] / 2 - 0.5])
+    assert pix[1, 1] < pix[0, 1] and pix[2, 0] > pix[0, 0]
+
+
+def test_per_image_focal_equals_scalar_focal_per_image(rng):
+    points = camera_points(rng)
+    focal = np.array([50.0, 80.0])
+    for op in (perspective_projection, project_to_pixels):
+        both = op(points, focal, RES)
+        for b in range(2):
+            np.testing.assert_allclose(both[b], op(points[b], float(focal[b]), RES), rtol=1e-15)
+
+
+def test_projection_backwards_match_finite_differences(rng, tol):
+    points = camera_points(rng)
+    focal = np.array([50.0, 80.0])
+    grad_clip = rng.normal(size=(2, 11, 4))
+    assert_gradient_matches(lambda p: perspective_projection(p, focal, RES, near=5.0, far=500.0), points, grad_clip,
+                            perspective_projection_backward(points, focal, RES, grad_clip, near=5.0, far=500.0), tol)
+    grad_pix = rng.normal(size=(2, 11, 2))
+    assert_gradient_matches(lambda p: project_to_pixels(p, focal, RES), points, grad_pix,
+                            project_to_pixels_backward(points, focal, RES, grad_pix), tol)
+
+
+def test_unbatched_projection_shapes(rng):
+    points = camera_points(rng)[0]
+    assert perspective_projection(points, 60.0, RES).shape == (11, 4)
+    assert project_to_pixels(points, 60.0, RES).shape == (11, 2)
+    assert project_to_pixels_backward(points, 60.0, RES, np.ones((11, 2))).shape == (11, 3)
+    assert perspective_projection_backward(points, 60.0, RES, np.ones((11, 4))).shape == (11, 3)
+
+
+def test_points_behind_the_camera_raise_unless_value_checks_are_off(rng):
+    points = camera_points(rng)
+    points[1, 3, 2] = 0.0
+    for op in (perspective_projection, project_to_pixels):
+        with pytest.raises(ValueError, match="points holds 1 vertices behind the camera"):
+            op(points, 60.0, RES)
+    with fastface.value_checks(False):
+        assert perspective_projection(points, 60.0, RES)[1, 3, 3] == 0.0
+
+
+# --- GPU against CPU ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_rigid_transform_matches_cpu(rng, tol, cupy, shared):
+    points = camera_points(rng, batch=3, n=3000, dtype=np.float32)
+    points = points[0] if shared else points
+    rotation, translation = pose(rng, batch=3, dtype=np.float32)
+    grad_out = rng.normal(size=(3, 3000, 3)).astype(np.float32)
+    gpu = [cupy.asarray(a) for a in (points, rotation, translation, grad_out)]
+    np.testing.assert_allclose(rigid_transform(*gpu[:3]).get(), rigid_transform(points, rotation, translation),
+                               rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_rtol"] * 60)
+    for name, g_gpu, g_cpu in zip(("points", "rotation", "translation"), rigid_transform_backward(*gpu),
+                                  rigid_transform_backward(points, rotation, translation, grad_out)):
+        assert g_gpu.shape == g_cpu.shape, name
+        # the rotation and translation gradients sum 3000 float32 terms: relative to their size
+        np.testing.assert_allclose(g_gpu.get(), g_cpu, rtol=tol["gpu_cpu_rtol"],
+                                   atol=tol["gpu_cpu_rtol"] * np.abs(g_cpu).max(), err_msg=name)
+
+
+def test_gpu_projections_match_cpu(rng, tol, cupy):
+    points = camera_points(rng, batch=3, n=500, dtype=np.float32)
+    focal = np.array([50, 60, 70], dtype=np.float32)
+    grad_clip = rng.normal(size=(3, 500, 4)).astype(np.float32)
+    grad_pix = rng.normal(size=(3, 500, 2)).astype(np.float32)
+    p_gpu, f_gpu = cupy.asarray(points), cupy.asarray(focal)
+    pairs = [
+        (perspective_projection(p_gpu, f_gpu, RES), perspective_projection(points, focal, RES)),
+        (perspective_projection(p_gpu, 60.0, RES), perspective_projection(points, 60.0, RES)),
+        (perspective_projection_backward(p_gpu, f_gpu, RES, cupy.asarray(grad_clip)),
+         perspective_projection_backward(points, focal, RES, grad_clip)),
+        (project_to_pixels(p_gpu, f_gpu, RES), project_to_pixels(points, focal, RES)),
+        (project_to_pixels_backward(p_gpu, f_gpu, RES, cupy.asarray(grad_pix)),
+         project_to_pixels_backward(points, focal, RES, grad_pix)),
+    ]
+    for k, (g, c) in enumerate(pairs):
+        np.testing.assert_allclose(g.get(), c, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_rtol"] * np.abs(c).max(),
+                                   err_msg=str(k))
+
+
+def test_gpu_euler_rotation_matches_cpu(rng, tol, cupy):
+    angles = rng.uniform(-3, 3, size=(4, 3)).astype(np.float32)
+    grad_out = rng.normal(size=(4, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(euler_rotation(cupy.asarray(angles)).get(), euler_rotation(angles),
+                               rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(euler_rotation_backward(cupy.asarray(angles), cupy.asarray(grad_out)).get(),
+                               euler_rotation_backward(angles, grad_out), rtol=tol["gpu_cpu_rtol"], atol=1e-5)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda p, r, t: euler_rotation(np.zeros((2, 4))), ValueError, "angles"),
+    (lambda p, r, t: euler_rotation(np.zeros((2, 3), dtype=np.int32)), TypeError, "angles"),
+    (lambda p, r, t: euler_rotation(np.full((2, 3), np.nan)), ValueError, "angles"),
+    (lambda p, r, t: euler_rotation_backward(np.zeros((2, 3)), np.zeros((2, 3))), ValueError, "grad_out"),
+    (lambda p, r, t: rigid_transform(p[..., :2], r, t), ValueError, "points"),
+    (lambda p, r, t: rigid_transform(p, r[:, :2], t), ValueError, "rotation"),
+    (lambda p, r, t: rigid_transform(p, r.astype(np.float32), t), TypeError, "rotation"),
+    (lambda p, r, t: rigid_transform(p, r, t[:1]), ValueError, "batch sizes differ"),
+    (lambda p, r, t: rigid_transform(p, r, t * np.inf), ValueError, "translation"),
+    (lambda p, r, t: rigid_transform_backward(p, r, t, np.zeros((2, 11, 4))), ValueError, "grad_out"),
+    (lambda p, r, t: perspective_projection(p, 60.0, (48,)), TypeError, "resolution"),
+    (lambda p, r, t: perspective_projection(p, 60.0, (0, 64)), ValueError, "resolution"),
+    (lambda p, r, t: perspective_projection(p, -1.0, RES), ValueError, "focal"),
+    (lambda p, r, t: perspective_projection(p, np.ones(3), RES), ValueError, "focal"),
+    (lambda p, r, t: perspective_projection(p, np.ones(2, dtype=np.float32), RES), TypeError, "focal"),
+    (lambda p, r, t: perspective_projection(p, 60.0, RES, near=10.0, far=5.0), ValueError, "near and far"),
+    (lambda p, r, t: project_to_pixels(p.astype(np.int64), 60.0, RES), TypeError, "points"),
+    (lambda p, r, t: project_to_pixels_backward(p, 60.0, RES, np.zeros((2, 11, 3))), ValueError, "grad_out"),
+])
+def test_bad_input_raises_naming_the_argument(rng, call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(camera_points(rng), *pose(rng))
