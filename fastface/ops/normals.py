@@ -85,79 +85,99 @@ def vertex_adjacency(tri, n_vertices):
 
 # ---------------------------------------------------------------------------------------------
 # CPU kernels (Numba twins of kernels/normals.cu, same argument order)
+#
+# The parallel loop runs over (batch, block of _BLOCK vertices) pairs, so a single mesh uses every
+# core too; arithmetic stays in the input's dtype (float32 on the hot path, like the GPU), and an
+# index is range-checked as unsigned (one compare catches negatives too).
+
+_BLOCK = 4096
+
 
 @numba.njit(cache=True, inline="always")
-def _summed_normal(vertices, offsets, corners, b, v):
-    V = vertices.shape[1]
-    px, py, pz = vertices[b, v, 0], vertices[b, v, 1], vertices[b, v, 2]
-    sx, sy, sz = 0.0, 0.0, 0.0
+def _summed_normal(vb, offsets, corners, v):
+    """The sum of the face normals around vertex v of one batch element's (V, 3) vertices."""
+    V = vb.shape[0]
+    px, py, pz = vb[v, 0], vb[v, 1], vb[v, 2]
+    sx = sy = sz = vb.dtype.type(0)
     for e in range(offsets[v], offsets[v + 1]):
-        a, c = corners[e, 0], corners[e, 1]
-        if a < 0 or a >= V or c < 0 or c >= V:
+        a, c = np.uint32(corners[e, 0]), np.uint32(corners[e, 1])
+        if a >= V or c >= V:
             continue
-        ax, ay, az = vertices[b, a, 0] - px, vertices[b, a, 1] - py, vertices[b, a, 2] - pz
-        cx, cy, cz = vertices[b, c, 0] - px, vertices[b, c, 1] - py, vertices[b, c, 2] - pz
+        ax, ay, az = vb[a, 0] - px, vb[a, 1] - py, vb[a, 2] - pz
+        cx, cy, cz = vb[c, 0] - px, vb[c, 1] - py, vb[c, 2] - pz
         sx += ay * cz - az * cy
         sy += az * cx - ax * cz
         sz += ax * cy - ay * cx
     return sx, sy, sz
 
 
+@numba.njit(cache=True, inline="always")
+def _inverse_length(sx, sy, sz, one):
+    """1 / |s|, or 0 where s is zero; `one` carries the dtype to compute in."""
+    len2 = sx * sx + sy * sy + sz * sz
+    return one / np.sqrt(len2) if len2 > 0 else one - one
+
+
 @numba.njit(cache=True, parallel=True)
 def vertex_normals_fwd(vertices, offsets, corners, normals):
-    """One iteration per (batch, vertex): sum the face normals around it, normalise."""
+    """Per (batch, vertex): sum the face normals around it, normalise."""
     B, V = vertices.shape[0], vertices.shape[1]
-    for i in numba.prange(B * V):
-        b, v = i // V, i % V
-        sx, sy, sz = _summed_normal(vertices, offsets, corners, b, v)
-        len2 = sx * sx + sy * sy + sz * sz
-        inv = 1.0 / np.sqrt(len2) if len2 > 0.0 else 0.0
-        normals[b, v, 0] = sx * inv
-        normals[b, v, 1] = sy * inv
-        normals[b, v, 2] = sz * inv
+    n_blocks = (V + _BLOCK - 1) // _BLOCK
+    for job in numba.prange(B * n_blocks):
+        b, block = job // n_blocks, job % n_blocks
+        vb, nb = vertices[b], normals[b]
+        for v in range(block * _BLOCK, min(V, (block + 1) * _BLOCK)):
+            sx, sy, sz = _summed_normal(vb, offsets, corners, v)
+            inv = _inverse_length(sx, sy, sz, vb.dtype.type(1))
+            nb[v, 0] = sx * inv
+            nb[v, 1] = sy * inv
+            nb[v, 2] = sz * inv
 
 
 @numba.njit(cache=True, parallel=True)
 def vertex_normals_bwd_sum(vertices, offsets, corners, grad_out, grad_sum):
     """Pass 1, per (batch, vertex): the gradient of the summed normal s, (g - n (n.g)) / |s|."""
     B, V = vertices.shape[0], vertices.shape[1]
-    for i in numba.prange(B * V):
-        b, v = i // V, i % V
-        sx, sy, sz = _summed_normal(vertices, offsets, corners, b, v)
-        len2 = sx * sx + sy * sy + sz * sz
-        inv = 1.0 / np.sqrt(len2) if len2 > 0.0 else 0.0
-        nx, ny, nz = sx * inv, sy * inv, sz * inv
-        gx, gy, gz = grad_out[b, v, 0], grad_out[b, v, 1], grad_out[b, v, 2]
-        ndotg = nx * gx + ny * gy + nz * gz
-        grad_sum[b, v, 0] = (gx - nx * ndotg) * inv
-        grad_sum[b, v, 1] = (gy - ny * ndotg) * inv
-        grad_sum[b, v, 2] = (gz - nz * ndotg) * inv
+    n_blocks = (V + _BLOCK - 1) // _BLOCK
+    for job in numba.prange(B * n_blocks):
+        b, block = job // n_blocks, job % n_blocks
+        vb, gb, hb = vertices[b], grad_out[b], grad_sum[b]
+        for v in range(block * _BLOCK, min(V, (block + 1) * _BLOCK)):
+            sx, sy, sz = _summed_normal(vb, offsets, corners, v)
+            inv = _inverse_length(sx, sy, sz, vb.dtype.type(1))
+            nx, ny, nz = sx * inv, sy * inv, sz * inv
+            gx, gy, gz = gb[v, 0], gb[v, 1], gb[v, 2]
+            ndotg = nx * gx + ny * gy + nz * gz
+            hb[v, 0] = (gx - nx * ndotg) * inv
+            hb[v, 1] = (gy - ny * ndotg) * inv
+            hb[v, 2] = (gz - nz * ndotg) * inv
 
 
 @numba.njit(cache=True, parallel=True)
 def vertex_normals_bwd(vertices, offsets, corners, grad_sum, grad_vertices):
     """Pass 2, per (batch, vertex): sum (p_a - p_b) x G over the triangles around the vertex."""
     B, V = vertices.shape[0], vertices.shape[1]
-    for i in numba.prange(B * V):
-        b, v = i // V, i % V
-        hx, hy, hz = grad_sum[b, v, 0], grad_sum[b, v, 1], grad_sum[b, v, 2]
-        rx, ry, rz = 0.0, 0.0, 0.0
-        for e in range(offsets[v], offsets[v + 1]):
-            a, c = corners[e, 0], corners[e, 1]
-            if a < 0 or a >= V or c < 0 or c >= V:
-                continue
-            gx = hx + grad_sum[b, a, 0] + grad_sum[b, c, 0]
-            gy = hy + grad_sum[b, a, 1] + grad_sum[b, c, 1]
-            gz = hz + grad_sum[b, a, 2] + grad_sum[b, c, 2]
-            dx = vertices[b, a, 0] - vertices[b, c, 0]
-            dy = vertices[b, a, 1] - vertices[b, c, 1]
-            dz = vertices[b, a, 2] - vertices[b, c, 2]
-            rx += dy * gz - dz * gy
-            ry += dz * gx - dx * gz
-            rz += dx * gy - dy * gx
-        grad_vertices[b, v, 0] = rx
-        grad_vertices[b, v, 1] = ry
-        grad_vertices[b, v, 2] = rz
+    n_blocks = (V + _BLOCK - 1) // _BLOCK
+    for job in numba.prange(B * n_blocks):
+        b, block = job // n_blocks, job % n_blocks
+        vb, hb, rb = vertices[b], grad_sum[b], grad_vertices[b]
+        for v in range(block * _BLOCK, min(V, (block + 1) * _BLOCK)):
+            hx, hy, hz = hb[v, 0], hb[v, 1], hb[v, 2]
+            rx = ry = rz = vb.dtype.type(0)
+            for e in range(offsets[v], offsets[v + 1]):
+                a, c = np.uint32(corners[e, 0]), np.uint32(corners[e, 1])
+                if a >= V or c >= V:
+                    continue
+                gx = hx + hb[a, 0] + hb[c, 0]
+                gy = hy + hb[a, 1] + hb[c, 1]
+                gz = hz + hb[a, 2] + hb[c, 2]
+                dx, dy, dz = vb[a, 0] - vb[c, 0], vb[a, 1] - vb[c, 1], vb[a, 2] - vb[c, 2]
+                rx += dy * gz - dz * gy
+                ry += dz * gx - dx * gz
+                rz += dx * gy - dy * gx
+            rb[v, 0] = rx
+            rb[v, 1] = ry
+            rb[v, 2] = rz
 
 
 # ---------------------------------------------------------------------------------------------

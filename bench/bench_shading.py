@@ -1,0 +1,215 @@
+"""Vertex normals + SH shading, forward and backward, on the spherical-cap workload (issue 3).
+
+Workload: 64 poses of the 189 x 189 spherical-cap grid (35,721 vertices, 70,688 triangles) in
+camera space, per-image albedo (B, V, 3) and SH lighting (B, 9, 3), float32.
+
+Figures: images_per_s from the wall time of one synchronised call (Python overhead included), and
+achieved GB/s = minimal bytes / time, where minimal bytes count each input read once and each
+output written once (intermediates such as the normals inside the chain are not counted). On the
+GPU the GB/s are also measured from CUDA events around a queue of back-to-back calls
+(`device_gb_s`: the kernels' throughput whenever the GPU, not Python, is the bottleneck) and set
+against the device-to-device copy bandwidth measured in this file (read + write bytes of a
+cupy copy), the issue's yardstick: aim for at least half of it.
+
+    python -m pytest bench/bench_shading.py --benchmark-only
+"""
+import functools
+
+import numpy as np
+import pytest
+
+import fastface
+from fastface._backend import gpu_available
+from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
+from fastface.ops.shading import sh_shade, sh_shade_backward
+
+GPU_BATCH = 64
+CPU_BATCH = 4
+GRID = 189
+HALF_FOV_DEG = 12.0  # spherical_cap's default: clip x = x / tan(fov/2), so the camera points come back
+
+
+def cap_workload(batch, n=GRID):
+    """(vertices (B, V, 3) camera space, tri (T, 3)) float32 / int32 of the spherical cap."""
+    try:
+        from bench.workloads import spherical_cap
+    except ImportError:
+        spherical_cap = None
+    if spherical_cap is not None:
+        pos, tri, _ = spherical_cap(n=n, batch=batch)
+        f = 1.0 / np.tan(np.radians(HALF_FOV_DEG))
+        vertices = np.stack([pos[..., 0] / f, pos[..., 1] / f, -pos[..., 3]], axis=-1)
+        return vertices.astype(np.float32), tri
+    # The same grid built here (bench/workloads.py absent): the cap at 0.5 m, random small rotations.
+    rng = np.random.default_rng(0)
+    g = np.linspace(-1.0, 1.0, n)
+    gx, gy = np.meshgrid(g, g)
+    verts = np.stack([gx, gy, np.sqrt(4.0 - gx**2 - gy**2) - 2.0], -1).reshape(-1, 3) * 0.1
+    r, c = np.meshgrid(np.arange(n - 1), np.arange(n - 1), indexing="ij")
+    v00 = (r * n + c).reshape(-1)
+    tri = np.stack([np.stack([v00, v00 + 1, v00 + n + 1], -1), np.stack([v00, v00 + n + 1, v00 + n], -1)], 1)
+    from scipy.spatial.transform import Rotation
+    rot = Rotation.from_euler("xyz", rng.uniform(-0.2, 0.2, (batch, 3))).as_matrix()
+    vertices = verts[None] @ rot.transpose(0, 2, 1)
+    vertices[..., 2] -= 0.5
+    return vertices.astype(np.float32), tri.reshape(-1, 3).astype(np.int32)
+
+
+def make_inputs(batch, xp=np):
+    vertices, tri = cap_workload(batch)
+    rng = np.random.default_rng(1)
+    B, V = vertices.shape[:2]
+    albedo = rng.uniform(0.2, 0.9, size=(B, V, 3)).astype(np.float32)
+    sh = (0.1 * rng.normal(size=(B, 9, 3))).astype(np.float32)
+    sh[:, 0] += 1.0 / (np.pi * 0.28209479177387814)
+    grad = rng.normal(size=(B, V, 3)).astype(np.float32)
+    arrays = {k: xp.asarray(a) for k, a in dict(vertices=vertices, tri=tri, albedo=albedo, sh=sh, grad=grad).items()}
+    arrays["adjacency"] = vertex_adjacency(arrays["tri"], V)
+    arrays["normals"] = vertex_normals(arrays["vertices"], arrays["tri"], arrays["adjacency"])
+    return arrays
+
+
+def minimal_bytes(name, a):
+    """Each input read once, each output written once, in bytes."""
+    bv3 = a["vertices"].nbytes            # one (B, V, 3) float32 array
+    tri, sh = a["tri"].nbytes, a["sh"].nbytes
+    return {
+        "normals_fwd": bv3 + tri + bv3,                   # vertices, tri -> normals
+        "normals_bwd": 2 * bv3 + tri + bv3,               # vertices, tri, grad -> grad_vertices
+        "sh_fwd": 2 * bv3 + sh + bv3,                     # normals, albedo, sh -> colours
+        "sh_bwd": 3 * bv3 + sh + 2 * bv3 + sh,            # normals, albedo, sh, grad -> grads
+        "chain": 3 * bv3 + tri + sh + 3 * bv3 + sh,       # vertices, tri, albedo, sh, grad -> colours, grads
+    }[name]
+
+
+def step(name, a):
+    """The timed work of each benchmark, value checks off (they synchronise on the GPU)."""
+    v, t, adj, n, al, sh, g = (a[k] for k in ("vertices", "tri", "adjacency", "normals", "albedo", "sh", "grad"))
+    if name == "normals_fwd":
+        return lambda: vertex_normals(v, t, adj)
+    if name == "normals_bwd":
+        return lambda: vertex_normals_backward(v, t, g, adj)
+    if name == "sh_fwd":
+        return lambda: sh_shade(n, al, sh)
+    if name == "sh_bwd":
+        return lambda: sh_shade_backward(n, al, sh, g)
+
+    def chain():
+        normals = vertex_normals(v, t, adj)
+        colours = sh_shade(normals, al, sh)
+        grad_normals, grad_albedo, grad_sh = sh_shade_backward(normals, al, sh, g)
+        return colours, vertex_normals_backward(v, t, grad_normals, adj), grad_albedo, grad_sh
+    return chain
+
+
+NAMES = ["normals_fwd", "normals_bwd", "sh_fwd", "sh_bwd", "chain"]
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs cupy and a CUDA GPU")
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_copy_bandwidth(nbytes=1 << 30, repeats=20):
+    """Device-to-device copy bandwidth in GB/s, counting the bytes read plus the bytes written."""
+    import cupy
+    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    dst[...] = src
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        dst[...] = src
+    stop.record()
+    stop.synchronize()
+    seconds = cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
+    return 2 * nbytes / seconds / 1e9
+
+
+def device_seconds(fn, repeats=50):
+    """Seconds per call from CUDA events around `repeats` back-to-back calls."""
+    import cupy
+    fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
+
+
+@pytest.fixture(scope="module")
+def gpu_arrays():
+    import cupy
+    arrays = make_inputs(GPU_BATCH, cupy)
+    cupy.cuda.Device().synchronize()
+    return arrays
+
+
+@needs_gpu
+def test_gpu_copy_bandwidth(benchmark):
+    import cupy
+    a = cupy.ones(1 << 28, dtype=cupy.float32)
+    b = cupy.empty_like(a)
+
+    def copy():
+        b[...] = a
+        cupy.cuda.Device().synchronize()
+
+    benchmark.group = "device copy (1 GiB d2d)"
+    benchmark(copy)
+    benchmark.extra_info["copy_gb_s_events"] = round(gpu_copy_bandwidth(), 1)
+    benchmark.extra_info["copy_gb_s_wall"] = round(2 * a.nbytes / benchmark.stats.stats.median / 1e9, 1)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_normals_and_sh(benchmark, gpu_arrays, name):
+    import cupy
+    fn = step(name, gpu_arrays)
+
+    def timed():
+        fn()
+        cupy.cuda.Device().synchronize()
+
+    benchmark.group = f"spherical cap {GPU_BATCH}x35721 normals+SH (GPU)"
+    with fastface.value_checks(False):
+        benchmark(timed)
+        device_s = device_seconds(fn)
+    nbytes = minimal_bytes(name, gpu_arrays)
+    copy = gpu_copy_bandwidth()
+    benchmark.extra_info["images_per_s"] = round(GPU_BATCH / benchmark.stats.stats.median, 1)
+    benchmark.extra_info["gb_s_wall"] = round(nbytes / benchmark.stats.stats.median / 1e9, 1)
+    benchmark.extra_info["device_us"] = round(device_s * 1e6, 1)
+    benchmark.extra_info["device_gb_s"] = round(nbytes / device_s / 1e9, 1)
+    benchmark.extra_info["copy_gb_s"] = round(copy, 1)
+    benchmark.extra_info["fraction_of_copy"] = round(nbytes / device_s / 1e9 / copy, 3)
+
+
+# --- CPU ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpu_arrays():
+    return make_inputs(CPU_BATCH)
+
+
+def test_cpu_copy_bandwidth(benchmark, cpu_arrays):
+    a = np.ones(1 << 26, dtype=np.float32)
+    b = np.empty_like(a)
+    benchmark.group = "host copy (256 MiB)"
+    benchmark(np.copyto, b, a)
+    benchmark.extra_info["copy_gb_s"] = round(2 * a.nbytes / benchmark.stats.stats.median / 1e9, 2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_normals_and_sh(benchmark, cpu_arrays, name):
+    fn = step(name, cpu_arrays)
+    benchmark.group = f"spherical cap {CPU_BATCH}x35721 normals+SH (CPU)"
+    with fastface.value_checks(False):
+        fn()  # compile / load the Numba cache outside the timing
+        benchmark(fn)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info["images_per_s"] = round(CPU_BATCH / seconds, 1)
+    benchmark.extra_info["gb_s"] = round(minimal_bytes(name, cpu_arrays) / seconds / 1e9, 2)
