@@ -1,0 +1,82 @@
+"""Shared benchmark workloads: functions that build inputs, importable by every bench file.
+
+    from bench.workloads import spherical_cap
+    pos, tri, colors = spherical_cap(n=189, batch=64)
+"""
+import numpy as np
+
+__all__ = ["spherical_cap", "euler_to_matrix", "perspective_clip"]
+
+
+def euler_to_matrix(angles):
+    """(B, 3) Euler angles (pitch about x, yaw about y, roll about z), radians -> (B, 3, 3) float64.
+
+    R = Rz(roll) @ Ry(yaw) @ Rx(pitch), the project's convention.
+    """
+    angles = np.asarray(angles, dtype=np.float64)
+    cx, cy, cz = np.cos(angles).T
+    sx, sy, sz = np.sin(angles).T
+    one, zero = np.ones_like(cx), np.zeros_like(cx)
+    rx = np.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).reshape(-1, 3, 3)
+    ry = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
+    rz = np.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def perspective_clip(points, half_fov_deg, near, far):
+    """OpenGL perspective projection of camera-space points (B, V, 3) -> clip (B, V, 4) float64.
+
+    Square image, principal point at the centre, the given half-angle field of view.
+    """
+    f = 1.0 / np.tan(np.radians(half_fov_deg))
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    zc = ((far + near) * z + 2.0 * far * near) / (near - far)
+    return np.stack([f * x, f * y, zc, -z], axis=-1)
+
+
+def spherical_cap(n=189, batch=64, seed=0, xp=np, half_fov_deg=12.0, distance=0.5, max_angle=0.2):
+    """A face-sized spherical cap seen under random head poses: the rasterizer's standard workload.
+
+    An n x n vertex grid over X, Y in [-1, 1] lifted onto a sphere of radius 2,
+    v = (X, Y, sqrt(4 - X^2 - Y^2) - 2) * 0.1 (metres), rotated by Euler angles drawn uniformly
+    in +-max_angle rad, placed `distance` in front of an OpenGL camera (camera space z = -distance,
+    looking down -z) with a `half_fov_deg` half-angle field of view. At n=189 that is 35,721
+    vertices and 70,688 triangles; at 224x224 about 76% of the pixels are covered. Triangles are
+    counter-clockwise seen from the camera (front-facing).
+
+    Args:
+        n: vertices per grid side (2 (n-1)^2 triangles).
+        batch: number of poses B.
+        seed: seed of the pose draw.
+        xp: numpy or cupy; the arrays are built with numpy and moved once at the end.
+
+    Returns:
+        pos: (B, V, 4) float32 clip-space positions.
+        tri: (T, 3) int32 triangle vertex indices.
+        colors: (V, 3) float32 smooth per-vertex colours in [0, 1].
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.linspace(-1.0, 1.0, n)
+    gx, gy = np.meshgrid(grid, grid)  # row r has Y = grid[r], column c has X = grid[c]
+    gz = np.sqrt(4.0 - gx**2 - gy**2) - 2.0
+    verts = np.stack([gx, gy, gz], axis=-1).reshape(-1, 3) * 0.1
+
+    r, c = np.meshgrid(np.arange(n - 1), np.arange(n - 1), indexing="ij")
+    v00 = (r * n + c).reshape(-1)
+    v01, v10, v11 = v00 + 1, v00 + n, v00 + n + 1
+    # (X, Y) -> (X+dx, Y) -> (X+dx, Y+dy) turns left in the x-right, y-up plane: CCW seen from +z,
+    # where the camera sits.
+    tri = np.stack([np.stack([v00, v01, v11], -1), np.stack([v00, v11, v10], -1)], axis=1)
+    tri = tri.reshape(-1, 3).astype(np.int32)
+
+    angles = rng.uniform(-max_angle, max_angle, size=(batch, 3))
+    rot = euler_to_matrix(angles)
+    cam = verts[None] @ rot.transpose(0, 2, 1)
+    cam[..., 2] -= distance
+    pos = perspective_clip(cam, half_fov_deg, near=0.1, far=10.0).astype(np.float32)
+
+    colors = np.stack([(gx + 1) / 2, (gy + 1) / 2, 0.25 + 0.5 * (gx * gy + 1) / 2], -1).reshape(-1, 3)
+    colors = colors.astype(np.float32)
+    if xp is not np:
+        return xp.asarray(pos), xp.asarray(tri), xp.asarray(colors)
+    return pos, tri, colors

@@ -1,0 +1,676 @@
+"""Rasterization: which triangle covers each pixel centre, with perspective-correct barycentrics.
+
+Conventions (DESIGN.md): pixel (i, j) has its centre at NDC x = 2(j+0.5)/W - 1, y = 1 - 2(i+0.5)/H;
+positions are OpenGL clip space (x, y, z, w); counter-clockwise seen from the camera is front-facing;
+`bary[..., 0:2]` are the perspective-correct weights of a triangle's vertices 0 and 1.
+
+The algorithm, the same on both backends:
+
+1. Setup of one vertex, in the working float type (float32 on the hot path), always with the same
+   operations in the same order:  rw = 1/w;  sx = (x*rw + 1)*(W/2) - 1/2;  sy = (1 - y*rw)*(H/2) - 1/2;
+   zn = z*rw. (sx, sy) are pixel coordinates with y pointing down and pixel centres at integers, so
+   the centres are exact. A vertex with w <= 0 or a non-finite result is invalid, and a triangle with
+   an invalid vertex is dropped: there is no clipping, so a triangle crossing the camera plane is
+   not drawn at all.
+2. One pass per triangle (a thread per triangle and image on the GPU): the bounding box over pixel
+   centres, edge tests at each centre inside it, the NDC depth there, and a 64-bit min into a
+   per-image buffer of keys  (depth key << 32) | triangle id,  initialised to all ones. The depth key
+   is the float32 bit pattern of z made order-preserving as an unsigned integer, so the min picks the
+   nearest fragment, and among equal depths the lower triangle id: the result does not depend on the
+   order in which triangles or threads run. Fragments with NDC z outside [-1, 1] (in front of the
+   near plane or behind the far plane) are dropped.
+3. One pass per pixel: unpack the winning triangle id, compute perspective-correct barycentrics from
+   the clip positions and decode the depth from the key.
+
+Coverage and the tie rule (why it is watertight). The edge function of the directed edge a->b at a
+point p is E_ab(p) = (b.x - a.x)(p.y - a.y) - (b.y - a.y)(p.x - a.x). In floating point E_ab(p) is not
+exactly -E_ba(p), so every edge is evaluated in a canonical direction: from its lexicographically
+smaller endpoint (by sx, then sy) to the larger one, and negated when the triangle walks the edge the
+other way. Two triangles sharing an edge compute the same rounded number for it, one with the opposite
+sign, so a centre cannot be inside both by rounding, nor outside both. Each triangle's edge values are
+multiplied by the sign of its area (exact) so that its interior is where all three are positive. A
+centre is covered when every edge value is > 0, or == 0 on an edge that owns its centres: the edge
+whose normalised direction d satisfies d.y < 0, or d.y == 0 and d.x > 0 (in the y-down pixel frame,
+the triangle's left edges and horizontal top edges: the usual top-left rule). For an edge shared by
+two triangles the normalised directions are opposite, and exactly one of d and -d owns, so a centre
+exactly on the shared edge goes to exactly one of them. A centre exactly on a vertex gets an exact 0
+from both incident edges (the two products are the same numbers in swapped order), and going around a
+closed fan of triangles the owning directions form a half-open half-plane, so exactly one triangle of
+the fan takes it. Edge values, depths and barycentrics are computed without fused multiply-adds on
+both backends (the CUDA module is compiled with --fmad=false; Numba does not contract without
+fastmath), which also makes the GPU results match the CPU bit for bit up to summation order.
+
+Empty pixels have tri_id -1, bary 0 and depth +inf.
+"""
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import prange
+
+from fastface import _checks
+from fastface._backend import array_module, cuda_module, grid_1d
+
+__all__ = [
+    "Raster", "rasterize", "rasterize_backward", "rasterize_interpolate", "rasterize_interpolate_backward",
+]
+
+EMPTY_DEPTH = np.inf
+_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SIGN32 = np.uint64(0x80000000)
+_SHIFT32 = np.uint64(32)
+
+
+@dataclass(frozen=True)
+class Raster:
+    """The result of `rasterize`.
+
+    Attributes:
+        tri_id: (B, H, W) int32, the index of the triangle covering each pixel centre; -1 if none.
+        bary: (B, H, W, 2) float32 (float64 for float64 positions on the CPU), perspective-correct
+            weights of the triangle's vertices 0 and 1 (vertex 2 gets 1 - u - v); 0 where empty.
+        depth: (B, H, W) float32 (float64 likewise, holding a float32-rounded value), NDC z of the
+            visible surface in [-1, 1]; +inf where empty.
+    """
+    tri_id: object
+    bary: object
+    depth: object
+
+
+# --------------------------------------------------------------------------------------------------
+# Numba twins of kernels/rasterize.cu. Every float expression below is written in the same order as
+# in the CUDA source; constants are made in the working float type (a bare Python float would
+# promote float32 arithmetic to float64 in Numba and break bit-for-bit agreement with the GPU).
+# --------------------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, error_model="numpy")
+def _screen_vertices(pos_b, H, W, scr):
+    """Per-vertex setup of step 1: scr[v] = (sx, sy, zn, valid) for one image."""
+    one = pos_b.dtype.type(1)
+    half = pos_b.dtype.type(0.5)
+    half_w = pos_b.dtype.type(W) * half
+    half_h = pos_b.dtype.type(H) * half
+    for v in range(pos_b.shape[0]):
+        x, y, z, w = pos_b[v, 0], pos_b[v, 1], pos_b[v, 2], pos_b[v, 3]
+        rw = one / w
+        sx = (x * rw + one) * half_w - half
+        sy = (one - y * rw) * half_h - half
+        zn = z * rw
+        valid = w > 0 and np.isfinite(sx) and np.isfinite(sy) and np.isfinite(zn)
+        scr[v, 0] = sx
+        scr[v, 1] = sy
+        scr[v, 2] = zn
+        scr[v, 3] = one if valid else one - one
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _canonical_edge(ax, ay, bx, by, one):
+    """Origin, direction and sign of the edge a->b evaluated from its smaller endpoint."""
+    if ax < bx or (ax == bx and ay < by):
+        return ax, ay, bx - ax, by - ay, one
+    return bx, by, ax - bx, ay - by, -one
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _owns(s, dx, dy):
+    """Top-left rule on the normalised direction s*(dx, dy)."""
+    ny = s * dy
+    return ny < 0 or (ny == 0 and s * dx > 0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _depth_key(z):
+    """Order-preserving unsigned 32-bit key of float32(z) (as uint64); -0 is folded onto +0."""
+    bits = np.uint64(np.float32(np.float32(z) + np.float32(0)).view(np.uint32))  # -0 + 0 = +0
+    if bits >= _SIGN32:
+        return _LOW32 - bits
+    return bits + _SIGN32
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _key_depth(key32):
+    """Inverse of _depth_key: the float32 depth of a key."""
+    if key32 >= _SIGN32:
+        bits = key32 - _SIGN32
+    else:
+        bits = _LOW32 - key32
+    return np.uint32(bits).view(np.float32)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _raster_triangles(scr, tri, H, W, r0, r1, cull, zbuf):
+    """Step 2 for one image and the rows [r0, r1): zbuf[(i - r0) * W + j] = min(key)."""
+    V = scr.shape[0]
+    one = scr.dtype.type(1)
+    zero = one - one
+    col_max = scr.dtype.type(W - 1)
+    row_lo = scr.dtype.type(r0)
+    row_hi = scr.dtype.type(r1 - 1)
+    for t in range(tri.shape[0]):
+        i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
+        if i0 < 0 or i0 >= V or i1 < 0 or i1 >= V or i2 < 0 or i2 >= V:
+            continue
+        if scr[i0, 3] == zero or scr[i1, 3] == zero or scr[i2, 3] == zero:
+            continue
+        x0, y0, z0 = scr[i0, 0], scr[i0, 1], scr[i0, 2]
+        x1, y1, z1 = scr[i1, 0], scr[i1, 1], scr[i1, 2]
+        x2, y2, z2 = scr[i2, 0], scr[i2, 1], scr[i2, 2]
+        # Bounding box over pixel centres, clamped in float before any conversion to int.
+        ilo = max(np.ceil(min(y0, y1, y2)), row_lo)
+        ihi = min(np.floor(max(y0, y1, y2)), row_hi)
+        jlo = max(np.ceil(min(x0, x1, x2)), zero)
+        jhi = min(np.floor(max(x0, x1, x2)), col_max)
+        if ilo > ihi or jlo > jhi:
+            continue
+        ox0, oy0, dx0, dy0, s0 = _canonical_edge(x1, y1, x2, y2, one)  # edge 0: v1->v2, opposite v0
+        ox1, oy1, dx1, dy1, s1 = _canonical_edge(x2, y2, x0, y0, one)  # edge 1: v2->v0
+        ox2, oy2, dx2, dy2, s2 = _canonical_edge(x0, y0, x1, y1, one)  # edge 2: v0->v1
+        area = s2 * (dx2 * (y2 - oy2) - dy2 * (x2 - ox2))
+        if area == 0:
+            continue
+        if cull and area > 0:  # y-down pixel frame: counter-clockwise on screen has area < 0
+            continue
+        o = one if area > 0 else -one
+        s0, s1, s2 = s0 * o, s1 * o, s2 * o
+        own0, own1, own2 = _owns(s0, dx0, dy0), _owns(s1, dx1, dy1), _owns(s2, dx2, dy2)
+        tid = np.uint64(t)
+        py = scr.dtype.type(int(ilo))
+        for i in range(int(ilo), int(ihi) + 1):
+            row = (i - r0) * W
+            px = scr.dtype.type(int(jlo))
+            for j in range(int(jlo), int(jhi) + 1):
+                e0 = s0 * (dx0 * (py - oy0) - dy0 * (px - ox0))
+                e1 = s1 * (dx1 * (py - oy1) - dy1 * (px - ox1))
+                e2 = s2 * (dx2 * (py - oy2) - dy2 * (px - ox2))
+                px += one
+                if not ((e0 > 0 or (e0 == 0 and own0)) and (e1 > 0 or (e1 == 0 and own1))
+                        and (e2 > 0 or (e2 == 0 and own2))):
+                    continue
+                z = (e0 * z0 + e1 * z1 + e2 * z2) / (e0 + e1 + e2)
+                if not (z >= -one and z <= one):
+                    continue
+                key = (_depth_key(z) << _SHIFT32) | tid
+                if key < zbuf[row + j]:
+                    zbuf[row + j] = key
+            py += one
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pixel_bary(pos_b, v0, v1, v2, X, Y):
+    """Perspective-correct (u, v) of pixel NDC (X, Y) and the terms the backward pass reuses.
+
+    With a_k = (x_k - X w_k, y_k - Y w_k), the clip-space point sum b_k p_k projects onto (X, Y)
+    exactly when sum b_k a_k = 0, whose solution is b_k proportional to c_0 = a_1 x a_2,
+    c_1 = a_2 x a_0, c_2 = a_0 x a_1 (2-D cross products).
+    """
+    a0x = pos_b[v0, 0] - X * pos_b[v0, 3]
+    a0y = pos_b[v0, 1] - Y * pos_b[v0, 3]
+    a1x = pos_b[v1, 0] - X * pos_b[v1, 3]
+    a1y = pos_b[v1, 1] - Y * pos_b[v1, 3]
+    a2x = pos_b[v2, 0] - X * pos_b[v2, 3]
+    a2y = pos_b[v2, 1] - Y * pos_b[v2, 3]
+    c0 = a1x * a2y - a1y * a2x
+    c1 = a2x * a0y - a2y * a0x
+    c2 = a0x * a1y - a0y * a1x
+    s = c0 + c1 + c2
+    return a0x, a0y, a1x, a1y, a2x, a2y, c0, c1, s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, depth_b, out_b):
+    """Step 3 for one image and rows [r0, r1), interpolating attr_b (V, C) into out_b when C > 0."""
+    V = pos_b.shape[0]
+    C = attr_b.shape[1]
+    zero = pos_b.dtype.type(0)
+    one = pos_b.dtype.type(1)
+    fw = pos_b.dtype.type(W)
+    fh = pos_b.dtype.type(H)
+    for i in range(r0, r1):
+        Y = pos_b.dtype.type(H - 2 * i - 1) / fh
+        for j in range(W):
+            key = zbuf[(i - r0) * W + j]
+            t = np.int64(key & _LOW32)
+            ok = key != _ALL_ONES and t < tri.shape[0]
+            if ok:
+                v0, v1, v2 = tri[t, 0], tri[t, 1], tri[t, 2]
+                ok = v0 >= 0 and v0 < V and v1 >= 0 and v1 < V and v2 >= 0 and v2 < V
+            if not ok:
+                tri_id_b[i, j] = -1
+                bary_b[i, j, 0] = zero
+                bary_b[i, j, 1] = zero
+                depth_b[i, j] = np.inf
+                for c in range(C):
+                    out_b[i, j, c] = 0
+                continue
+            X = pos_b.dtype.type(2 * j + 1 - W) / fw
+            _, _, _, _, _, _, c0, c1, s = _pixel_bary(pos_b, v0, v1, v2, X, Y)
+            u = c0 / s if s != 0 else zero
+            v = c1 / s if s != 0 else zero
+            tri_id_b[i, j] = t
+            bary_b[i, j, 0] = u
+            bary_b[i, j, 1] = v
+            depth_b[i, j] = _key_depth(key >> _SHIFT32)
+            w2 = (one - u) - v
+            for c in range(C):
+                out_b[i, j, c] = (u * attr_b[v0, c] + v * attr_b[v1, c]) + w2 * attr_b[v2, c]
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def rasterize_fwd(pos, tri, H, W, cull, n_bands, attr, tri_id, bary, depth, out):
+    """CPU twin of the CUDA kernels rasterize_fwd + rasterize_resolve (fused per image band).
+
+    pos (B, V, 4); tri (T, 3) int32; attr (1 or B, V, C), C may be 0; outputs tri_id (B, H, W),
+    bary (B, H, W, 2), depth (B, H, W), out (B, H, W, C). Work splits over (image, band of rows);
+    each unit owns a z-buffer of its rows, so it stays in cache and needs no atomics.
+    """
+    B, V = pos.shape[0], pos.shape[1]
+    for unit in prange(B * n_bands):
+        b = unit // n_bands
+        band = unit % n_bands
+        r0 = band * H // n_bands
+        r1 = (band + 1) * H // n_bands
+        scr = np.empty((V, 4), pos.dtype)
+        _screen_vertices(pos[b], H, W, scr)
+        zbuf = np.empty((r1 - r0) * W, np.uint64)
+        zbuf[:] = _ALL_ONES
+        _raster_triangles(scr, tri, H, W, r0, r1, cull, zbuf)
+        ab = attr[b] if attr.shape[0] > 1 else attr[0]
+        _resolve_rows(pos[b], tri, zbuf, H, W, r0, r1, ab, tri_id[b], bary[b], depth[b], out[b])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _bary_grad_rows(pos_b, tri, tri_id_b, grad_bary_b, attr_b, grad_out_b, H, W, r0, r1,
+                    grad_pos_b, grad_attr_b):
+    """Backward of barycentrics (and, when attr_b has channels, of interpolation) over rows [r0, r1).
+
+    When C = attr_b.shape[1] > 0 the incoming gradient is grad_out_b (H, W, C) and grad_bary is
+    formed from it; otherwise it is grad_bary_b (H, W, 2). Accumulates into grad_pos_b (V, 4) and
+    grad_attr_b (V, C).
+    """
+    V = pos_b.shape[0]
+    C = attr_b.shape[1]
+    zero = pos_b.dtype.type(0)
+    one = pos_b.dtype.type(1)
+    fw = pos_b.dtype.type(W)
+    fh = pos_b.dtype.type(H)
+    for i in range(r0, r1):
+        Y = pos_b.dtype.type(H - 2 * i - 1) / fh
+        for j in range(W):
+            t = tri_id_b[i, j]
+            if t < 0 or t >= tri.shape[0]:
+                continue
+            v0, v1, v2 = tri[t, 0], tri[t, 1], tri[t, 2]
+            if v0 < 0 or v0 >= V or v1 < 0 or v1 >= V or v2 < 0 or v2 >= V:
+                continue
+            X = pos_b.dtype.type(2 * j + 1 - W) / fw
+            a0x, a0y, a1x, a1y, a2x, a2y, c0, c1, s = _pixel_bary(pos_b, v0, v1, v2, X, Y)
+            if s == 0:
+                continue
+            if C > 0:
+                # Interpolation backward: out = u a0 + v a1 + (1-u-v) a2.
+                u, v = c0 / s, c1 / s
+                w2 = (one - u) - v
+                gu = zero
+                gv = zero
+                for c in range(C):
+                    g = grad_out_b[i, j, c]
+                    gu += g * (attr_b[v0, c] - attr_b[v2, c])
+                    gv += g * (attr_b[v1, c] - attr_b[v2, c])
+                    grad_attr_b[v0, c] += u * g
+                    grad_attr_b[v1, c] += v * g
+                    grad_attr_b[v2, c] += w2 * g
+            else:
+                gu = grad_bary_b[i, j, 0]
+                gv = grad_bary_b[i, j, 1]
+            if gu == 0 and gv == 0:
+                continue
+            # b_k = c_k / s: dL/dc_k = (g_k - G) / s with G = gu u + gv v and g_2 = 0.
+            G = (gu * c0 + gv * c1) / s
+            d0 = (gu - G) / s
+            d1 = (gv - G) / s
+            d2 = -G / s
+            # c0 = a1 x a2, c1 = a2 x a0, c2 = a0 x a1  ->  gradients of the a_k.
+            g0x = d2 * a1y - d1 * a2y
+            g0y = d1 * a2x - d2 * a1x
+            g1x = d0 * a2y - d2 * a0y
+            g1y = d2 * a0x - d0 * a2x
+            g2x = d1 * a0y - d0 * a1y
+            g2y = d0 * a1x - d1 * a0x
+            # a_k = (x_k - X w_k, y_k - Y w_k); z does not enter the barycentrics.
+            grad_pos_b[v0, 0] += g0x
+            grad_pos_b[v0, 1] += g0y
+            grad_pos_b[v0, 3] -= X * g0x + Y * g0y
+            grad_pos_b[v1, 0] += g1x
+            grad_pos_b[v1, 1] += g1y
+            grad_pos_b[v1, 3] -= X * g1x + Y * g1y
+            grad_pos_b[v2, 0] += g2x
+            grad_pos_b[v2, 1] += g2y
+            grad_pos_b[v2, 3] -= X * g2x + Y * g2y
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def rasterize_bwd(pos, tri, tri_id, grad_bary, attr, grad_out, n_bands, grad_pos_part, grad_attr_part):
+    """CPU twin of the CUDA kernels rasterize_bwd and rasterize_interpolate_bwd.
+
+    Work splits over (image, band of rows) units u = b * n_bands + band; each unit accumulates into
+    its own slices grad_pos_part[u] (V, 4) and grad_attr_part[u] (V, C), summed by the caller, so
+    no two threads write the same memory. attr (1 or B, V, C) with C = 0 selects plain
+    rasterize_bwd (grad_bary given), C > 0 the fused interpolation backward (grad_out given).
+    """
+    B = pos.shape[0]
+    for unit in prange(B * n_bands):
+        b = unit // n_bands
+        band = unit % n_bands
+        H, W = tri_id.shape[1], tri_id.shape[2]
+        r0 = band * H // n_bands
+        r1 = (band + 1) * H // n_bands
+        ab = attr[b] if attr.shape[0] > 1 else attr[0]
+        _bary_grad_rows(pos[b], tri, tri_id[b], grad_bary[b], ab, grad_out[b], H, W, r0, r1,
+                        grad_pos_part[unit], grad_attr_part[unit])
+
+
+def _n_bands(B, H):
+    """Row bands per image so that small batches still use every CPU thread."""
+    n_threads = numba.get_num_threads()
+    return 1 if B >= n_threads else max(1, min(H, -(-n_threads // B)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks and dispatch.
+# --------------------------------------------------------------------------------------------------
+
+def _check_pos_tri(pos, tri, xp):
+    on_gpu = xp is not np
+    dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
+    try:
+        batched = _checks.check_array("pos", pos, dtypes, ("B", "V", 4), ("V", 4)) == 0
+    except TypeError as err:
+        if on_gpu and getattr(pos, "dtype", None) == np.float64:
+            raise TypeError(f"{err} (the GPU path takes float32 only; float64 is for CPU gradient checks)") from None
+        raise
+    _checks.check_array("tri", tri, np.int32, ("T", 3))
+    _checks.check_finite("pos", pos)
+    _checks.check_indices("tri", tri, pos.shape[-2])
+    return batched
+
+
+def _check_raster(raster, B, dtype, name="raster"):
+    """Checks a Raster's arrays (their module was checked by the caller's array_module); returns (H, W)."""
+    if not isinstance(raster, Raster):
+        raise TypeError(f"{name} must be a Raster (the result of rasterize); got {type(raster).__name__}")
+    _checks.check_array(f"{name}.tri_id", raster.tri_id, np.int32, ("B", "H", "W"))
+    H, W = raster.tri_id.shape[1:]
+    n = raster.tri_id.shape[0]
+    _checks.check_array(f"{name}.bary", raster.bary, dtype, (n, H, W, 2))
+    if B is not None and n != B:
+        raise ValueError(f"batch sizes differ: {name} has {n} images, pos has {B}")
+    return H, W
+
+
+def _check_tri_id_range(raster, n_tri, name="raster"):
+    if not _checks.value_checks_enabled():
+        return
+    lo, hi = int(raster.tri_id.min()), int(raster.tri_id.max())
+    if lo < -1 or hi >= n_tri:
+        raise ValueError(f"{name}.tri_id holds triangle ids in [{lo}, {hi}], outside [-1, {n_tri - 1}] "
+                         f"for the {n_tri} triangles of tri")
+
+
+def _check_attr(attr, B, V, dtype_of, xp):
+    on_gpu = xp is not np
+    dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
+    batched = _checks.check_array("attr", attr, dtypes, ("B", "V", "C"), ("V", "C")) == 0
+    if attr.dtype != dtype_of:
+        raise TypeError(f"attr must have the dtype of the positions/barycentrics ({dtype_of}); got {_checks.describe(attr)}")
+    if attr.shape[-2] != V:
+        raise ValueError(f"attr must have one row per vertex ({V}); got {_checks.describe(attr)}")
+    if batched and attr.shape[0] != B:
+        raise ValueError(f"batch sizes differ: attr has {attr.shape[0]}, the raster has {B}")
+    _checks.check_finite("attr", attr)
+    return batched
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU path: kernels/rasterize.cu through cupy. Kernel handles are cached per device so that a call
+# costs a handful of microseconds of Python.
+# --------------------------------------------------------------------------------------------------
+
+_GPU_CHANNELS = (1, 2, 3, 4)
+_GPU_NAMES = (
+    ["rasterize_fwd", "rasterize_bwd"]
+    + [f"rasterize_resolve<{c}>" for c in (0, -1) + _GPU_CHANNELS]
+    + [f"rasterize_interpolate_bwd<{c}>" for c in (-1,) + _GPU_CHANNELS]
+)
+_gpu_kernels = {}
+
+
+def _gpu_kernel(name):
+    import cupy  # noqa: PLC0415 - only on the GPU path
+
+    dev = cupy.cuda.runtime.getDevice()
+    table = _gpu_kernels.get(dev)
+    if table is None:
+        module = cuda_module("rasterize.cu", name_expressions=_GPU_NAMES, options=("--fmad=false",))
+        table = {n: module.get_function(n) for n in _GPU_NAMES}
+        _gpu_kernels[dev] = table
+    return table[name]
+
+
+def _template_channels(C):
+    return C if C in _GPU_CHANNELS else -1
+
+
+def _rasterize_gpu(pos, tri, H, W, cull, attr):
+    import cupy  # noqa: PLC0415
+
+    B, V = pos.shape[0], pos.shape[1]
+    T = tri.shape[0]
+    zbuf = cupy.empty((B, H, W), dtype=cupy.uint64)
+    cupy.cuda.runtime.memsetAsync(zbuf.data.ptr, 0xFF, zbuf.nbytes, cupy.cuda.get_current_stream().ptr)
+    n = B * T
+    grid, block = grid_1d(n, 256)
+    _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, np.int32(B), np.int32(V), np.int32(T), np.int32(H),
+                                                np.int32(W), np.int32(bool(cull)), zbuf))
+    tri_id = cupy.empty((B, H, W), dtype=cupy.int32)
+    bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
+    depth = cupy.empty((B, H, W), dtype=cupy.float32)
+    if attr is None:
+        C, attr_batched, out, name = 0, 0, None, "rasterize_resolve<0>"
+        attr_arg = zbuf  # never read when C == 0
+    else:
+        C = attr.shape[-1]
+        attr_batched = int(attr.ndim == 3)
+        out = cupy.empty((B, H, W, C), dtype=cupy.float32)
+        name = f"rasterize_resolve<{_template_channels(C)}>"
+        attr_arg = attr
+    grid, block = grid_1d(B * H * W, 256)
+    _gpu_kernel(name)(grid, block, (pos, tri, zbuf, np.int32(B), np.int32(V), np.int32(T), np.int32(H),
+                                    np.int32(W), attr_arg, np.int32(C), np.int32(attr_batched),
+                                    tri_id, bary, depth, out if out is not None else depth))
+    return Raster(tri_id, bary, depth), out
+
+
+def _as_gpu_input(a, xp):
+    """a itself when C-contiguous and 16-byte aligned (float4 loads need it), else an aligned copy."""
+    if not a.flags.c_contiguous:
+        return xp.ascontiguousarray(a)  # a fresh allocation: cupy's pool aligns to 256 bytes
+    return a if a.data.ptr % 16 == 0 else a.copy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Public ops.
+# --------------------------------------------------------------------------------------------------
+
+def rasterize(pos, tri, resolution, cull_backfaces=False):
+    """Finds the nearest triangle at every pixel centre, with perspective-correct barycentrics.
+
+    Args:
+        pos: (B, V, 4) or (V, 4) float32 clip-space positions, numpy or cupy (float64 accepted on
+            the CPU, for gradient checks; then bary and depth are float64).
+        tri: (T, 3) int32 vertex indices; counter-clockwise seen from the camera is front-facing.
+        resolution: (H, W).
+        cull_backfaces: drop triangles that are clockwise on screen.
+
+    Returns:
+        Raster with tri_id (B, H, W) int32 (-1 empty), bary (B, H, W, 2), depth (B, H, W) NDC z
+        (+inf empty); B = 1 for (V, 4) positions. Triangles with a vertex at w <= 0 are dropped
+        (no clipping), and so are fragments whose NDC z lies outside [-1, 1]. Ties: the smaller
+        depth wins, then the lower triangle id; see the module docstring for shared edges.
+    """
+    raster, _ = _rasterize(pos, tri, resolution, cull_backfaces, None)
+    return raster
+
+
+def rasterize_interpolate(pos, tri, resolution, attr, cull_backfaces=False):
+    """`rasterize` followed by `interpolate(attr, raster, tri)`, fused into one pass per pixel.
+
+    Args:
+        pos, tri, resolution, cull_backfaces: as for `rasterize`.
+        attr: (V, C) or (B, V, C) per-vertex attributes, the dtype of pos.
+
+    Returns:
+        (raster, out): the Raster and the (B, H, W, C) interpolated attributes, zeros where empty;
+        the same numbers as the two calls.
+    """
+    return _rasterize(pos, tri, resolution, cull_backfaces, attr)
+
+
+def _rasterize(pos, tri, resolution, cull_backfaces, attr):
+    xp = array_module(("pos", pos), ("tri", tri), ("attr", attr))
+    H, W = _checks.check_resolution("resolution", resolution)
+    batched = _check_pos_tri(pos, tri, xp)
+    pos3 = pos if batched else pos[None]
+    B, V = pos3.shape[0], pos3.shape[1]
+    if attr is not None:
+        _check_attr(attr, B, V, pos.dtype, xp)
+    if xp is not np:
+        attr_g = None if attr is None else _as_gpu_input(attr, xp)
+        return _rasterize_gpu(_as_gpu_input(pos3, xp), _as_gpu_input(tri, xp), H, W, cull_backfaces, attr_g)
+    pos3 = np.ascontiguousarray(pos3)
+    tri = np.ascontiguousarray(tri)
+    if attr is None:
+        attr3 = np.zeros((1, V, 0), pos.dtype)
+    else:
+        attr3 = np.ascontiguousarray(attr if attr.ndim == 3 else attr[None])
+    C = attr3.shape[2]
+    tri_id = np.empty((B, H, W), np.int32)
+    bary = np.empty((B, H, W, 2), pos.dtype)
+    depth = np.empty((B, H, W), pos.dtype)
+    out = np.empty((B, H, W, C), pos.dtype)
+    rasterize_fwd(pos3, tri, H, W, bool(cull_backfaces), _n_bands(B, H), attr3, tri_id, bary, depth, out)
+    return Raster(tri_id, bary, depth), (out if attr is not None else None)
+
+
+def rasterize_backward(pos, tri, raster, grad_bary):
+    """Gradient of the barycentrics with respect to the clip positions, the triangles held fixed.
+
+    Args:
+        pos: (B, V, 4) or (V, 4), as given to `rasterize`.
+        tri: (T, 3) int32, as given to `rasterize`.
+        raster: the Raster that `rasterize(pos, tri, ...)` returned (only tri_id is read: the
+            barycentrics are recomputed from pos in the same arithmetic).
+        grad_bary: (B, H, W, 2), the gradient of a loss with respect to raster.bary.
+
+    Returns:
+        grad_pos shaped like pos: sum over covered pixels of d(u, v)/d(x, y, w) of the pixel's
+        three vertices times grad_bary; the z column is zero (barycentrics do not depend on z).
+    """
+    xp = array_module(("pos", pos), ("tri", tri), ("grad_bary", grad_bary),
+                      ("raster.tri_id", getattr(raster, "tri_id", None)), ("raster.bary", getattr(raster, "bary", None)))
+    batched = _check_pos_tri(pos, tri, xp)
+    pos3 = pos if batched else pos[None]
+    B, V = pos3.shape[0], pos3.shape[1]
+    H, W = _check_raster(raster, B, pos.dtype)
+    _checks.check_array("grad_bary", grad_bary, pos.dtype, (B, H, W, 2))
+    _checks.check_finite("grad_bary", grad_bary)
+    _check_tri_id_range(raster, tri.shape[0])
+    if xp is not np:
+        grad_pos = _rasterize_backward_gpu(pos3, tri, raster, grad_bary, None, None)[0]
+    else:
+        grad_pos, _ = _rasterize_backward_cpu(pos3, tri, raster, grad_bary, None, None)
+    return grad_pos if batched else grad_pos[0]
+
+
+def rasterize_interpolate_backward(pos, tri, attr, raster, grad_out):
+    """Backward of `rasterize_interpolate`: gradients of the interpolated image to pos and attr.
+
+    Args:
+        pos, tri, attr: as given to `rasterize_interpolate`.
+        raster: the Raster it returned.
+        grad_out: (B, H, W, C), the gradient of a loss with respect to the interpolated image.
+
+    Returns:
+        (grad_pos, grad_attr) shaped like pos and attr (grad_attr summed over the batch when attr
+        is (V, C)); equal to interpolate_backward followed by rasterize_backward.
+    """
+    xp = array_module(("pos", pos), ("tri", tri), ("attr", attr), ("grad_out", grad_out),
+                      ("raster.tri_id", getattr(raster, "tri_id", None)), ("raster.bary", getattr(raster, "bary", None)))
+    batched = _check_pos_tri(pos, tri, xp)
+    pos3 = pos if batched else pos[None]
+    B, V = pos3.shape[0], pos3.shape[1]
+    H, W = _check_raster(raster, B, pos.dtype)
+    _check_attr(attr, B, V, pos.dtype, xp)
+    C = attr.shape[-1]
+    _checks.check_array("grad_out", grad_out, pos.dtype, (B, H, W, C))
+    _checks.check_finite("grad_out", grad_out)
+    _check_tri_id_range(raster, tri.shape[0])
+    if xp is not np:
+        grad_pos, grad_attr = _rasterize_backward_gpu(pos3, tri, raster, None, attr, grad_out)
+    else:
+        grad_pos, grad_attr = _rasterize_backward_cpu(pos3, tri, raster, None, attr, grad_out)
+    return (grad_pos if batched else grad_pos[0]), grad_attr
+
+
+def _rasterize_backward_cpu(pos3, tri, raster, grad_bary, attr, grad_out):
+    B, V = pos3.shape[0], pos3.shape[1]
+    H, W = raster.tri_id.shape[1:]
+    dtype = pos3.dtype
+    n_bands = _n_bands(B, H)
+    if attr is None:
+        attr3 = np.zeros((1, V, 0), dtype)
+        grad_out = np.zeros((B, 1, 1, 0), dtype)
+        grad_bary = np.ascontiguousarray(grad_bary)
+    else:
+        attr3 = np.ascontiguousarray(attr if attr.ndim == 3 else attr[None])
+        grad_bary = np.zeros((B, 1, 1, 2), dtype)
+        grad_out = np.ascontiguousarray(grad_out)
+    C = attr3.shape[2]
+    grad_pos_part = np.zeros((B * n_bands, V, 4), dtype)
+    grad_attr_part = np.zeros((B * n_bands, V, C), dtype)
+    rasterize_bwd(np.ascontiguousarray(pos3), np.ascontiguousarray(tri), np.ascontiguousarray(raster.tri_id),
+                  grad_bary, attr3, grad_out, n_bands, grad_pos_part, grad_attr_part)
+    grad_pos = grad_pos_part.reshape(B, n_bands, V, 4).sum(1) if n_bands > 1 else grad_pos_part
+    if attr is None:
+        return grad_pos, None
+    if attr.ndim == 3:
+        grad_attr = grad_attr_part.reshape(B, n_bands, V, C).sum(1) if n_bands > 1 else grad_attr_part
+    else:
+        grad_attr = grad_attr_part.sum(0)
+    return grad_pos, grad_attr
+
+
+def _rasterize_backward_gpu(pos3, tri, raster, grad_bary, attr, grad_out):
+    import cupy  # noqa: PLC0415
+
+    pos3 = _as_gpu_input(pos3, cupy)
+    tri = _as_gpu_input(tri, cupy)
+    B, V = pos3.shape[0], pos3.shape[1]
+    T = tri.shape[0]
+    H, W = raster.tri_id.shape[1:]
+    tri_id = cupy.ascontiguousarray(raster.tri_id)
+    grad_pos = cupy.zeros((B, V, 4), dtype=cupy.float32)
+    grid, block = grid_1d(B * H * W, 256)
+    dims = (np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W))
+    if attr is None:
+        grad_bary = _as_gpu_input(grad_bary, cupy)
+        _gpu_kernel("rasterize_bwd")(grid, block, (pos3, tri, tri_id, grad_bary) + dims + (grad_pos,))
+        return grad_pos, None
+    attr = _as_gpu_input(attr, cupy)
+    grad_out = _as_gpu_input(grad_out, cupy)
+    C = attr.shape[-1]
+    grad_attr = cupy.zeros(attr.shape, dtype=cupy.float32)
+    name = f"rasterize_interpolate_bwd<{_template_channels(C)}>"
+    _gpu_kernel(name)(grid, block, (pos3, tri, attr, tri_id, grad_out) + dims
+                      + (np.int32(C), np.int32(attr.ndim == 3), grad_pos, grad_attr))
+    return grad_pos, grad_attr

@@ -1,0 +1,96 @@
+// Interpolation kernels: interpolate_fwd<C> and interpolate_bwd<C>. The Numba twins live in
+// fastface/ops/interpolate.py. C > 0: that many channels, known at compile time so the channel
+// loop unrolls and the attribute loads are independent; C == -1: n_ch channels at run time.
+// Compiled with --fmad=false so that the weighted sums round like the Numba code.
+// Triangle and vertex indices are tested before any load (the Python checks can be turned off).
+
+template <int C>
+__device__ __forceinline__ int channels(int n_ch) {
+    return C > 0 ? C : n_ch;
+}
+
+// One thread per pixel (flat index over B*H*W: a warp reads 32 consecutive tri_id and bary
+// entries and writes 32 consecutive output pixels): out = u a0 + v a1 + (1-u-v) a2.
+template <int C>
+__global__ void interpolate_fwd(const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                const float2* __restrict__ bary, const int* __restrict__ tri, int B, int V, int T,
+                                int H, int W, int n_ch, int attr_batched, float* __restrict__ out) {
+    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long hw = (long long)H * W;
+    if (p >= (long long)B * hw) return;
+    int nc = channels<C>(n_ch);
+    float* o = out + p * nc;
+    int t = tri_id[p];
+    int i0 = -1, i1 = -1, i2 = -1;
+    bool ok = t >= 0 && t < T;
+    if (ok) {
+        i0 = tri[3LL * t];
+        i1 = tri[3LL * t + 1];
+        i2 = tri[3LL * t + 2];
+        ok = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
+    }
+    if (!ok) {
+        for (int c = 0; c < nc; ++c) o[c] = 0.0f;
+        return;
+    }
+    int b = (int)(p / hw);
+    float2 uv = bary[p];
+    float w2 = (1.0f - uv.x) - uv.y;
+    const float* ab = attr + (attr_batched ? (long long)b * V * nc : 0LL);
+    const float* a0 = ab + (long long)i0 * nc;
+    const float* a1 = ab + (long long)i1 * nc;
+    const float* a2 = ab + (long long)i2 * nc;
+#pragma unroll
+    for (int c = 0; c < nc; ++c) o[c] = (uv.x * a0[c] + uv.y * a1[c]) + w2 * a2[c];
+}
+
+// One thread per pixel: grad_bary = (sum_c g_c (a0_c - a2_c), sum_c g_c (a1_c - a2_c)) is written
+// per pixel; grad_attr (a cupy.zeros buffer) receives u g, v g, (1-u-v) g by atomicAdd, since
+// neighbouring pixels, and with unbatched attributes every image, share vertices.
+template <int C>
+__global__ void interpolate_bwd(const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                const float2* __restrict__ bary, const int* __restrict__ tri,
+                                const float* __restrict__ grad_out, int B, int V, int T, int H, int W, int n_ch,
+                                int attr_batched, float* __restrict__ grad_attr, float2* __restrict__ grad_bary) {
+    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long hw = (long long)H * W;
+    if (p >= (long long)B * hw) return;
+    int nc = channels<C>(n_ch);
+    int t = tri_id[p];
+    int i0 = -1, i1 = -1, i2 = -1;
+    bool ok = t >= 0 && t < T;
+    if (ok) {
+        i0 = tri[3LL * t];
+        i1 = tri[3LL * t + 1];
+        i2 = tri[3LL * t + 2];
+        ok = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
+    }
+    if (!ok) {
+        grad_bary[p] = make_float2(0.0f, 0.0f);
+        return;
+    }
+    int b = (int)(p / hw);
+    float2 uv = bary[p];
+    float w2 = (1.0f - uv.x) - uv.y;
+    long long abase = attr_batched ? (long long)b * V * nc : 0LL;
+    const float* a0 = attr + abase + (long long)i0 * nc;
+    const float* a1 = attr + abase + (long long)i1 * nc;
+    const float* a2 = attr + abase + (long long)i2 * nc;
+    float* ga0 = grad_attr + abase + (long long)i0 * nc;
+    float* ga1 = grad_attr + abase + (long long)i1 * nc;
+    float* ga2 = grad_attr + abase + (long long)i2 * nc;
+    const float* go = grad_out + p * nc;
+    float gu = 0.0f, gv = 0.0f;
+#pragma unroll
+    for (int c = 0; c < nc; ++c) {
+        float g = go[c];
+        gu += g * (a0[c] - a2[c]);
+        gv += g * (a1[c] - a2[c]);
+        if (g != 0.0f) {
+            atomicAdd(ga0 + c, uv.x * g);
+            atomicAdd(ga1 + c, uv.y * g);
+            atomicAdd(ga2 + c, w2 * g);
+        }
+    }
+    grad_bary[p] = make_float2(gu, gv);
+}

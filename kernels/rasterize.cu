@@ -1,0 +1,331 @@
+// Rasterizer kernels: rasterize_fwd (triangles -> 64-bit depth/id keys), rasterize_resolve<C>
+// (keys -> tri_id, perspective-correct barycentrics, depth, and optionally interpolated
+// attributes), rasterize_bwd and rasterize_interpolate_bwd<C> (barycentric gradients -> clip
+// positions, optionally fused with the interpolation backward).
+//
+// The Numba twins live in fastface/ops/rasterize.py; the module docstring there explains the tie
+// rule and why it is watertight. This file is compiled with --fmad=false: the edge functions,
+// depths and barycentrics then round exactly like the Numba code (which does not contract a*b+c
+// either), every expression below being written in the same order as its twin.
+//
+// Memory safety does not rely on the Python checks (they can be turned off): vertex and triangle
+// indices are tested against V and T before any load.
+
+#define EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
+
+struct ScreenVertex {
+    float x, y, z;  // pixel coordinates (y down, centres at integers) and NDC depth
+    bool valid;     // w > 0 and everything finite
+};
+
+__device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, float half_h) {
+    ScreenVertex s;
+    float rw = 1.0f / p.w;
+    s.x = (p.x * rw + 1.0f) * half_w - 0.5f;
+    s.y = (1.0f - p.y * rw) * half_h - 0.5f;
+    s.z = p.z * rw;
+    s.valid = p.w > 0.0f && isfinite(s.x) && isfinite(s.y) && isfinite(s.z);
+    return s;
+}
+
+// An edge evaluated from its lexicographically smaller endpoint, so that two triangles sharing it
+// compute the same rounded value (one of them negated): E(p) = s * (dx * (py - oy) - dy * (px - ox)).
+struct Edge {
+    float ox, oy, dx, dy, s;
+    bool own;  // top-left rule: the normalised direction s*(dx, dy) has y < 0, or y == 0 and x > 0
+};
+
+__device__ __forceinline__ Edge canonical_edge(float ax, float ay, float bx, float by) {
+    Edge e;
+    if (ax < bx || (ax == bx && ay < by)) {
+        e.ox = ax; e.oy = ay; e.dx = bx - ax; e.dy = by - ay; e.s = 1.0f;
+    } else {
+        e.ox = bx; e.oy = by; e.dx = ax - bx; e.dy = ay - by; e.s = -1.0f;
+    }
+    e.own = false;
+    return e;
+}
+
+__device__ __forceinline__ void orient_edge(Edge& e, float o) {
+    e.s = e.s * o;
+    float ny = e.s * e.dy;
+    e.own = ny < 0.0f || (ny == 0.0f && e.s * e.dx > 0.0f);
+}
+
+__device__ __forceinline__ float edge_value(const Edge& e, float px, float py) {
+    return e.s * (e.dx * (py - e.oy) - e.dy * (px - e.ox));
+}
+
+__device__ __forceinline__ bool edge_inside(const Edge& e, float v) {
+    return v > 0.0f || (v == 0.0f && e.own);
+}
+
+// Order-preserving unsigned key of a float (-0 folded onto +0 by adding +0).
+__device__ __forceinline__ unsigned int depth_key(float z) {
+    unsigned int u = __float_as_uint(z + 0.0f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_depth(unsigned int k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
+// One thread per (image, triangle): vertex setup, bounding box over pixel centres, edge tests and
+// a 64-bit atomicMin of (depth key << 32 | triangle id) into the image's key buffer, which the
+// caller initialises to all ones. Triangles of the test meshes cover about one pixel each, so a
+// thread per triangle keeps every lane busy; consecutive threads take consecutive triangles of one
+// image, which are neighbours in a mesh, so their atomics land in nearby cache lines. The min makes
+// the result independent of thread order: nearest depth first, then the lower triangle id.
+extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V,
+                                         int T, int H, int W, int cull, unsigned long long* __restrict__ zbuf) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)B * T) return;
+    int b = (int)(idx / T);
+    int t = (int)(idx - (long long)b * T);
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    const float4* pb = pos + (long long)b * V;
+    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
+    ScreenVertex v0 = screen_vertex(pb[i0], half_w, half_h);
+    ScreenVertex v1 = screen_vertex(pb[i1], half_w, half_h);
+    ScreenVertex v2 = screen_vertex(pb[i2], half_w, half_h);
+    if (!(v0.valid && v1.valid && v2.valid)) return;
+
+    // Bounding box over pixel centres, clamped in float before any conversion to int.
+    float ilo = fmaxf(ceilf(fminf(fminf(v0.y, v1.y), v2.y)), 0.0f);
+    float ihi = fminf(floorf(fmaxf(fmaxf(v0.y, v1.y), v2.y)), (float)(H - 1));
+    float jlo = fmaxf(ceilf(fminf(fminf(v0.x, v1.x), v2.x)), 0.0f);
+    float jhi = fminf(floorf(fmaxf(fmaxf(v0.x, v1.x), v2.x)), (float)(W - 1));
+    if (ilo > ihi || jlo > jhi) return;
+
+    Edge e0 = canonical_edge(v1.x, v1.y, v2.x, v2.y);  // edge 0: v1->v2, opposite v0
+    Edge e1 = canonical_edge(v2.x, v2.y, v0.x, v0.y);  // edge 1: v2->v0
+    Edge e2 = canonical_edge(v0.x, v0.y, v1.x, v1.y);  // edge 2: v0->v1
+    float area = e2.s * (e2.dx * (v2.y - e2.oy) - e2.dy * (v2.x - e2.ox));
+    if (area == 0.0f) return;
+    if (cull && area > 0.0f) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
+    float o = area > 0.0f ? 1.0f : -1.0f;
+    orient_edge(e0, o);
+    orient_edge(e1, o);
+    orient_edge(e2, o);
+
+    unsigned long long* zb = zbuf + (long long)b * H * W;
+    int i_end = (int)ihi, j_begin = (int)jlo, j_end = (int)jhi;
+    for (int i = (int)ilo; i <= i_end; ++i) {
+        float py = (float)i;
+        for (int j = j_begin; j <= j_end; ++j) {
+            float px = (float)j;
+            float w0 = edge_value(e0, px, py);
+            float w1 = edge_value(e1, px, py);
+            float w2 = edge_value(e2, px, py);
+            if (!(edge_inside(e0, w0) && edge_inside(e1, w1) && edge_inside(e2, w2))) continue;
+            float z = (w0 * v0.z + w1 * v1.z + w2 * v2.z) / (w0 + w1 + w2);
+            if (!(z >= -1.0f && z <= 1.0f)) continue;
+            unsigned long long key = ((unsigned long long)depth_key(z) << 32) | (unsigned int)t;
+            atomicMin(zb + (long long)i * W + j, key);
+        }
+    }
+}
+
+// Perspective-correct barycentrics of pixel NDC (X, Y): with a_k = (x_k - X w_k, y_k - Y w_k),
+// the clip-space point sum b_k p_k projects onto (X, Y) exactly when sum b_k a_k = 0, solved by
+// b_k proportional to c0 = a1 x a2, c1 = a2 x a0, c2 = a0 x a1 (2-D cross products).
+struct PixelBary {
+    float a0x, a0y, a1x, a1y, a2x, a2y, c0, c1, s;
+};
+
+__device__ __forceinline__ PixelBary pixel_bary(float4 p0, float4 p1, float4 p2, float X, float Y) {
+    PixelBary r;
+    r.a0x = p0.x - X * p0.w;
+    r.a0y = p0.y - Y * p0.w;
+    r.a1x = p1.x - X * p1.w;
+    r.a1y = p1.y - Y * p1.w;
+    r.a2x = p2.x - X * p2.w;
+    r.a2y = p2.y - Y * p2.w;
+    r.c0 = r.a1x * r.a2y - r.a1y * r.a2x;
+    r.c1 = r.a2x * r.a0y - r.a2y * r.a0x;
+    float c2 = r.a0x * r.a1y - r.a0y * r.a1x;
+    r.s = r.c0 + r.c1 + c2;
+    return r;
+}
+
+template <int C>
+__device__ __forceinline__ int channels(int n_ch) {
+    return C > 0 ? C : n_ch;
+}
+
+// One thread per pixel (flat index over B*H*W, so a warp reads 32 consecutive keys): unpack the
+// winning triangle, recompute its perspective-correct barycentrics from the clip positions, decode
+// the depth from the key, and (C != 0) interpolate the attributes in the same pass, which saves a
+// launch and a round trip of tri_id and bary through memory. C > 0: that many channels, known at
+// compile time; C == -1: n_ch channels; C == 0: no attributes (attr and out are not touched).
+template <int C>
+__global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                  const unsigned long long* __restrict__ zbuf, int B, int V, int T, int H, int W,
+                                  const float* __restrict__ attr, int n_ch, int attr_batched,
+                                  int* __restrict__ tri_id, float2* __restrict__ bary, float* __restrict__ depth,
+                                  float* __restrict__ out) {
+    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long hw = (long long)H * W;
+    if (p >= (long long)B * hw) return;
+    int b = (int)(p / hw);
+    int rem = (int)(p - (long long)b * hw);
+    int i = rem / W;
+    int j = rem - i * W;
+    int nc = channels<C>(n_ch);
+
+    unsigned long long key = zbuf[p];
+    unsigned int t = (unsigned int)(key & 0xFFFFFFFFull);
+    int i0 = -1, i1 = -1, i2 = -1;
+    bool ok = key != EMPTY_KEY && t < (unsigned int)T;
+    if (ok) {
+        i0 = tri[3LL * t];
+        i1 = tri[3LL * t + 1];
+        i2 = tri[3LL * t + 2];
+        ok = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
+    }
+    if (!ok) {
+        tri_id[p] = -1;
+        bary[p] = make_float2(0.0f, 0.0f);
+        depth[p] = __int_as_float(0x7F800000);  // +inf
+        if (C != 0) {
+            for (int c = 0; c < nc; ++c) out[p * nc + c] = 0.0f;
+        }
+        return;
+    }
+    const float4* pb = pos + (long long)b * V;
+    float X = (float)(2 * j + 1 - W) / (float)W;
+    float Y = (float)(H - 2 * i - 1) / (float)H;
+    PixelBary r = pixel_bary(pb[i0], pb[i1], pb[i2], X, Y);
+    float u = r.s != 0.0f ? r.c0 / r.s : 0.0f;
+    float v = r.s != 0.0f ? r.c1 / r.s : 0.0f;
+    tri_id[p] = (int)t;
+    bary[p] = make_float2(u, v);
+    depth[p] = key_depth((unsigned int)(key >> 32));
+    if (C != 0) {
+        float w2 = (1.0f - u) - v;
+        const float* ab = attr + (attr_batched ? (long long)b * V * nc : 0LL);
+        const float* a0 = ab + (long long)i0 * nc;
+        const float* a1 = ab + (long long)i1 * nc;
+        const float* a2 = ab + (long long)i2 * nc;
+#pragma unroll
+        for (int c = 0; c < nc; ++c) out[p * nc + c] = (u * a0[c] + v * a1[c]) + w2 * a2[c];
+    }
+}
+
+// Adds (gx, gy, 0, gw) to a vertex's float4 gradient: one vector atomic on sm_90 and later
+// (one L2 operation instead of three), three scalar ones before.
+__device__ __forceinline__ void add_pos_grad(float4* g, float gx, float gy, float gw) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(g, make_float4(gx, gy, 0.0f, gw));
+#else
+    atomicAdd(&g->x, gx);
+    atomicAdd(&g->y, gy);
+    atomicAdd(&g->w, gw);
+#endif
+}
+
+// Chain rule from (gu, gv) on the barycentrics of one pixel to its triangle's clip positions.
+__device__ __forceinline__ void bary_grad_to_pos(const PixelBary& r, float gu, float gv, float X, float Y,
+                                                 float4* gp0, float4* gp1, float4* gp2) {
+    // b_k = c_k / s: dL/dc_k = (g_k - G) / s with G = gu u + gv v and g_2 = 0.
+    float G = (gu * r.c0 + gv * r.c1) / r.s;
+    float d0 = (gu - G) / r.s;
+    float d1 = (gv - G) / r.s;
+    float d2 = -G / r.s;
+    // c0 = a1 x a2, c1 = a2 x a0, c2 = a0 x a1  ->  gradients of the a_k.
+    float g0x = d2 * r.a1y - d1 * r.a2y;
+    float g0y = d1 * r.a2x - d2 * r.a1x;
+    float g1x = d0 * r.a2y - d2 * r.a0y;
+    float g1y = d2 * r.a0x - d0 * r.a2x;
+    float g2x = d1 * r.a0y - d0 * r.a1y;
+    float g2y = d0 * r.a1x - d1 * r.a0x;
+    // a_k = (x_k - X w_k, y_k - Y w_k); z does not enter the barycentrics.
+    add_pos_grad(gp0, g0x, g0y, -(X * g0x + Y * g0y));
+    add_pos_grad(gp1, g1x, g1y, -(X * g1x + Y * g1y));
+    add_pos_grad(gp2, g2x, g2y, -(X * g2x + Y * g2y));
+}
+
+// One thread per pixel: recompute the pixel's (c0, c1, s) from the clip positions and scatter
+// d(u, v)/d(x, y, w) times grad_bary into grad_pos (a cupy.zeros buffer) with atomics, since
+// neighbouring pixels share vertices. Empty pixels and zero gradients cost no atomics.
+extern "C" __global__ void rasterize_bwd(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                         const int* __restrict__ tri_id, const float2* __restrict__ grad_bary,
+                                         int B, int V, int T, int H, int W, float4* __restrict__ grad_pos) {
+    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long hw = (long long)H * W;
+    if (p >= (long long)B * hw) return;
+    int t = tri_id[p];
+    if (t < 0 || t >= T) return;
+    float2 g = grad_bary[p];
+    if (g.x == 0.0f && g.y == 0.0f) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    int b = (int)(p / hw);
+    int rem = (int)(p - (long long)b * hw);
+    int i = rem / W;
+    int j = rem - i * W;
+    float X = (float)(2 * j + 1 - W) / (float)W;
+    float Y = (float)(H - 2 * i - 1) / (float)H;
+    const float4* pb = pos + (long long)b * V;
+    PixelBary r = pixel_bary(pb[i0], pb[i1], pb[i2], X, Y);
+    if (r.s == 0.0f) return;
+    float4* gb = grad_pos + (long long)b * V;
+    bary_grad_to_pos(r, g.x, g.y, X, Y, gb + i0, gb + i1, gb + i2);
+}
+
+// The fused backward of rasterize_resolve<C>: one thread per pixel forms grad_bary from grad_out
+// and the attributes in registers (never storing it), scatters u, v, 1-u-v times grad_out into
+// grad_attr, then the barycentric gradient into grad_pos, both with atomics into cupy.zeros
+// buffers. Saves a launch and a write and read of grad_bary against interpolate_bwd +
+// rasterize_bwd. C as in rasterize_resolve (here C != 0).
+template <int C>
+__global__ void rasterize_interpolate_bwd(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                          const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                          const float* __restrict__ grad_out, int B, int V, int T, int H, int W,
+                                          int n_ch, int attr_batched, float4* __restrict__ grad_pos,
+                                          float* __restrict__ grad_attr) {
+    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long hw = (long long)H * W;
+    if (p >= (long long)B * hw) return;
+    int t = tri_id[p];
+    if (t < 0 || t >= T) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    int nc = channels<C>(n_ch);
+    int b = (int)(p / hw);
+    int rem = (int)(p - (long long)b * hw);
+    int i = rem / W;
+    int j = rem - i * W;
+    float X = (float)(2 * j + 1 - W) / (float)W;
+    float Y = (float)(H - 2 * i - 1) / (float)H;
+    const float4* pb = pos + (long long)b * V;
+    PixelBary r = pixel_bary(pb[i0], pb[i1], pb[i2], X, Y);
+    if (r.s == 0.0f) return;
+    float u = r.c0 / r.s;
+    float v = r.c1 / r.s;
+    float w2 = (1.0f - u) - v;
+    long long abase = attr_batched ? (long long)b * V * nc : 0LL;
+    const float* a0 = attr + abase + (long long)i0 * nc;
+    const float* a1 = attr + abase + (long long)i1 * nc;
+    const float* a2 = attr + abase + (long long)i2 * nc;
+    float* ga0 = grad_attr + abase + (long long)i0 * nc;
+    float* ga1 = grad_attr + abase + (long long)i1 * nc;
+    float* ga2 = grad_attr + abase + (long long)i2 * nc;
+    const float* go = grad_out + p * nc;
+    float gu = 0.0f, gv = 0.0f;
+#pragma unroll
+    for (int c = 0; c < nc; ++c) {
+        float g = go[c];
+        gu += g * (a0[c] - a2[c]);
+        gv += g * (a1[c] - a2[c]);
+        if (g != 0.0f) {
+            atomicAdd(ga0 + c, u * g);
+            atomicAdd(ga1 + c, v * g);
+            atomicAdd(ga2 + c, w2 * g);
+        }
+    }
+    if (gu == 0.0f && gv == 0.0f) return;
+    float4* gb = grad_pos + (long long)b * V;
+    bary_grad_to_pos(r, gu, gv, X, Y, gb + i0, gb + i1, gb + i2);
+}

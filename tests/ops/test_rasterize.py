@@ -1,0 +1,505 @@
+"""Tests of fastface.ops.rasterize: reference, tie rules, gradients, GPU parity, bad input."""
+import numpy as np
+import pytest
+
+import fastface
+from fastface.ops.interpolate import interpolate, interpolate_backward
+from fastface.ops.rasterize import (
+    Raster, rasterize, rasterize_backward, rasterize_interpolate, rasterize_interpolate_backward,
+)
+from tests.gradcheck import assert_gradient_matches
+
+from bench.workloads import spherical_cap
+
+
+# ------------------------------------------------------------------------------------------------
+# A slow, obvious float64 reference: every pixel against every triangle, in NDC.
+# ------------------------------------------------------------------------------------------------
+
+def cross2(a, b):
+    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+
+
+def reference_rasterize(pos, tri, resolution, cull_backfaces=False):
+    """(tri_id, bary, depth) by brute force in float64; pos (B, V, 4)."""
+    H, W = resolution
+    pos = np.asarray(pos, np.float64)
+    B = pos.shape[0]
+    X = (2 * (np.arange(W) + 0.5) / W - 1)[None, :].repeat(H, 0)
+    Y = (1 - 2 * (np.arange(H) + 0.5) / H)[:, None].repeat(W, 1)
+    tri_id = np.full((B, H, W), -1, np.int64)
+    bary = np.zeros((B, H, W, 2))
+    depth = np.full((B, H, W), np.inf)
+    for b in range(B):
+        for t, (i0, i1, i2) in enumerate(tri):
+            p = pos[b, [i0, i1, i2]]
+            if (p[:, 3] <= 0).any():
+                continue
+            ndc = p[:, :2] / p[:, 3:]
+            area = cross2(ndc[1] - ndc[0], ndc[2] - ndc[0])
+            if area == 0 or (cull_backfaces and area < 0):
+                continue
+            # Screen-space barycentrics, then the perspective correction l_k / w_k.
+            lam = np.stack([
+                cross2(ndc[2] - ndc[1], np.stack([X, Y], -1) - ndc[1]),
+                cross2(ndc[0] - ndc[2], np.stack([X, Y], -1) - ndc[2]),
+                cross2(ndc[1] - ndc[0], np.stack([X, Y], -1) - ndc[0]),
+            ]) / area
+            inside = (lam >= 0).all(0)
+            z = (lam * (p[:, 2] / p[:, 3])[:, None, None]).sum(0)
+            persp = lam / p[:, 3][:, None, None]
+            persp = persp / persp.sum(0)
+            take = inside & (z >= -1) & (z <= 1) & (z < depth[b])
+            tri_id[b][take] = t
+            depth[b][take] = z[take]
+            bary[b][take] = np.moveaxis(persp[:2], 0, -1)[take]
+    return tri_id, bary, depth
+
+
+def reference_interpolate(attr, tri_id, bary, tri):
+    attr = np.asarray(attr, np.float64)
+    B = tri_id.shape[0]
+    attr3 = attr if attr.ndim == 3 else np.broadcast_to(attr, (B,) + attr.shape)
+    out = np.zeros(tri_id.shape + (attr.shape[-1],))
+    for b in range(B):
+        m = tri_id[b] >= 0
+        v = tri[tri_id[b][m]]
+        u, w = bary[b][m][:, 0:1], bary[b][m][:, 1:2]
+        out[b][m] = u * attr3[b][v[:, 0]] + w * attr3[b][v[:, 1]] + (1 - u - w) * attr3[b][v[:, 2]]
+    return out
+
+
+def bary_fixed(pos, tri, tri_id, resolution):
+    """Perspective-correct barycentrics for a fixed tri_id map, float64 (the function that
+    rasterize_backward differentiates), by the screen-space formula the reference uses."""
+    H, W = resolution
+    pos = np.asarray(pos, np.float64)
+    X = (2 * (np.arange(W) + 0.5) / W - 1)[None, :].repeat(H, 0)
+    Y = (1 - 2 * (np.arange(H) + 0.5) / H)[:, None].repeat(W, 1)
+    out = np.zeros(tri_id.shape + (2,))
+    for b in range(tri_id.shape[0]):
+        m = tri_id[b] >= 0
+        p = pos[b][tri[tri_id[b][m]]]  # (n, 3, 4)
+        ndc = p[..., :2] / p[..., 3:]
+        q = np.stack([X[m], Y[m]], -1)
+        lam = np.stack([cross2(ndc[:, 2] - ndc[:, 1], q - ndc[:, 1]),
+                        cross2(ndc[:, 0] - ndc[:, 2], q - ndc[:, 2]),
+                        cross2(ndc[:, 1] - ndc[:, 0], q - ndc[:, 0])], -1)
+        persp = lam / p[..., 3]
+        out[b][m] = (persp / persp.sum(-1, keepdims=True))[:, :2]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs.
+# ------------------------------------------------------------------------------------------------
+
+def triangle_soup(rng, B=2, T=24, dtype=np.float32):
+    """Random overlapping triangles in clip space with w in [0.5, 2] and NDC z in (-0.9, 0.9)."""
+    V = 3 * T
+    ndc = rng.uniform(-1.2, 1.2, size=(B, V, 2))
+    # Keep triangles compact so that they overlap but are not slivers.
+    centre = rng.uniform(-0.9, 0.9, size=(B, T, 1, 2))
+    ndc = (centre + 0.5 * (ndc.reshape(B, T, 3, 2) - centre)).reshape(B, V, 2)
+    z = rng.uniform(-0.9, 0.9, size=(B, V, 1))
+    w = rng.uniform(0.5, 2.0, size=(B, V, 1))
+    pos = np.concatenate([ndc * w, z * w, w], -1).astype(dtype)
+    tri = np.arange(V, dtype=np.int32).reshape(T, 3)
+    return pos, tri
+
+
+def pixel_clip(sx, sy, H, W, z=0.0, w=1.0):
+    """Clip position of pixel coordinates (sx, sy) (centres at integers, y down)."""
+    x = (np.asarray(sx, np.float64) + 0.5) * 2 / W - 1
+    y = 1 - (np.asarray(sy, np.float64) + 0.5) * 2 / H
+    z = np.broadcast_to(z, x.shape)
+    w = np.broadcast_to(w, x.shape)
+    return np.stack([x * w, y * w, z * w, w], -1)
+
+
+def coverage_count(pos, tri, resolution, **kw):
+    """How many triangles cover each pixel, each triangle rasterized alone."""
+    count = 0
+    for t in range(tri.shape[0]):
+        count = count + (rasterize(pos, tri[t:t + 1], resolution, **kw).tri_id >= 0)
+    return count
+
+
+def agreement(tri_id, ref_id):
+    covered = (tri_id >= 0) | (ref_id >= 0)
+    return (tri_id[covered] == ref_id[covered]).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Forward against the reference.
+# ------------------------------------------------------------------------------------------------
+
+def test_triangle_soup_matches_reference(rng, tol):
+    pos, tri = triangle_soup(rng)
+    res = (40, 48)
+    raster = rasterize(pos, tri, res)
+    ref_id, ref_bary, ref_depth = reference_rasterize(pos, tri, res)
+    assert agreement(raster.tri_id, ref_id) >= tol["reference_pixel_agreement"]
+    same = (raster.tri_id == ref_id) & (ref_id >= 0)
+    assert same.sum() > 0.3 * raster.tri_id.size
+    np.testing.assert_allclose(raster.bary[same], ref_bary[same], atol=1e-4)
+    np.testing.assert_allclose(raster.depth[same], ref_depth[same], atol=1e-5)
+    assert raster.tri_id.dtype == np.int32 and raster.bary.dtype == np.float32
+    assert raster.depth.dtype == np.float32
+
+
+def test_spherical_cap_matches_reference_and_interpolates_within_tolerance(tol):
+    pos, tri, colors = spherical_cap(n=13, batch=3, seed=5)
+    res = (36, 36)
+    raster = rasterize(pos, tri, res)
+    ref_id, ref_bary, _ = reference_rasterize(pos, tri, res)
+    assert agreement(raster.tri_id, ref_id) >= tol["reference_pixel_agreement"]
+    assert 0.5 < (raster.tri_id >= 0).mean() < 0.95
+    both = (raster.tri_id >= 0) & (ref_id >= 0)
+    img = interpolate(colors, raster, tri)
+    ref_img = reference_interpolate(colors, np.where(ref_id >= 0, ref_id, -1), ref_bary, tri)
+    assert np.abs(img[both] - ref_img[both]).max() <= tol["reference_attr_atol"]
+    assert (img[raster.tri_id < 0] == 0).all()
+
+
+def test_empty_pixels_hold_documented_values():
+    pos, tri, _ = spherical_cap(n=5, batch=1)
+    raster = rasterize(pos, tri, (16, 16))
+    empty = raster.tri_id < 0
+    assert empty.any() and (~empty).any()
+    assert (raster.bary[empty] == 0).all()
+    assert np.isposinf(raster.depth[empty]).all()
+    assert np.isfinite(raster.depth[~empty]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tie rules: shared edges and vertices, depth order, equal depths.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("diagonal", ["main", "anti"])
+@pytest.mark.parametrize("winding", ["ccw", "cw"])
+def test_shared_edge_pixel_covered_exactly_once(diagonal, winding):
+    H = W = 8
+    corners = pixel_clip([-0.5, 7.5, 7.5, -0.5], [7.5, 7.5, -0.5, -0.5], H, W).astype(np.float32)
+    # Both diagonals pass exactly through pixel centres (x + y = 7, and x = y).
+    tri = np.array([[0, 1, 2], [0, 2, 3]] if diagonal == "main" else [[0, 1, 3], [1, 2, 3]], np.int32)
+    if winding == "cw":
+        tri = tri[:, ::-1].copy()
+    count = coverage_count(corners, tri, (H, W))
+    assert (count == 1).all()
+    raster = rasterize(corners, tri, (H, W))
+    assert (raster.tri_id >= 0).all()
+
+
+def test_fan_around_a_pixel_centre_covers_every_pixel_once():
+    H = W = 9
+    # Spokes from the centre pixel (4, 4) through pixel centres in 8 directions, far off screen.
+    dirs = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]
+    sx = [4] + [4 + 64 * dx for dx, _ in dirs]
+    sy = [4] + [4 + 64 * dy for _, dy in dirs]
+    pos = pixel_clip(sx, sy, H, W).astype(np.float32)
+    tri = np.array([[0, 1 + k, 1 + (k + 1) % 8] for k in range(8)], np.int32)
+    for t in (tri, tri[:, ::-1].copy()):
+        assert (coverage_count(pos, t, (H, W)) == 1).all()
+
+
+@pytest.mark.parametrize("perspective", [False, True])
+def test_grid_mesh_covering_the_screen_has_no_holes_and_no_double_cover(rng, perspective):
+    H, W = 14, 13
+    # Vertices at integer pixel coordinates (on pixel centres), spacing 4, jittered by an integer,
+    # extending past the screen; each cell split along a random diagonal.
+    gx, gy = np.meshgrid(np.arange(-4, W + 5, 4), np.arange(-4, H + 5, 4))
+    n_r, n_c = gx.shape
+    sx = gx + rng.integers(-1, 2, gx.shape) * (gx > -4) * (gx < gx.max())
+    sy = gy + rng.integers(-1, 2, gy.shape) * (gy > -4) * (gy < gy.max())
+    w = rng.uniform(0.5, 2.0, sx.shape) if perspective else 1.0
+    pos = pixel_clip(sx, sy, H, W, z=rng.uniform(-0.5, 0.5, sx.shape), w=w).reshape(-1, 4).astype(np.float32)
+    tris = []
+    for r in range(n_r - 1):
+        for c in range(n_c - 1):
+            a, b, d, e = r * n_c + c, r * n_c + c + 1, (r + 1) * n_c + c, (r + 1) * n_c + c + 1
+            tris += [[a, b, e], [a, e, d]] if rng.random() < 0.5 else [[a, b, d], [b, e, d]]
+    tri = np.array(tris, np.int32)
+    count = coverage_count(pos, tri, (H, W))
+    assert (count == 1).all(), f"{(count == 0).sum()} holes, {(count > 1).sum()} pixels covered twice"
+
+
+def test_nearer_triangle_wins_whatever_the_order():
+    H = W = 6
+    far = pixel_clip([-10, 40, -10], [-10, -10, 40], H, W, z=0.5)
+    near = pixel_clip([-10, 40, -10], [-10, -10, 40], H, W, z=-0.2, w=2.0)
+    pos = np.concatenate([far, near]).astype(np.float32)
+    for tri in (np.array([[0, 1, 2], [3, 4, 5]], np.int32), np.array([[3, 4, 5], [0, 1, 2]], np.int32)):
+        raster = rasterize(pos, tri, (H, W))
+        near_id = int(np.nonzero(tri[:, 0] == 3)[0][0])
+        assert (raster.tri_id == near_id).all()
+        np.testing.assert_allclose(raster.depth, -0.2, atol=1e-6)
+
+
+def test_equal_depths_go_to_the_lower_triangle_id():
+    H = W = 6
+    pos = pixel_clip([-10, 40, -10], [-10, -10, 40], H, W, z=0.3).astype(np.float32)
+    tri = np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]], np.int32)
+    assert (rasterize(pos, tri, (H, W)).tri_id == 0).all()
+    assert (rasterize(pos, tri[::-1].copy(), (H, W)).tri_id == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropped triangles and fragments, culling.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("w_bad", [0.0, -1.0])
+def test_triangle_with_a_vertex_at_w_not_positive_is_dropped(w_bad):
+    H = W = 8
+    pos = pixel_clip([-10, 40, -10], [-10, -10, 40], H, W).astype(np.float32)
+    assert (rasterize(pos, np.array([[0, 1, 2]], np.int32), (H, W)).tri_id == 0).all()
+    pos[1, 3] = w_bad
+    if w_bad == 0.0:
+        pos[1, :3] = 0.0
+    assert (rasterize(pos, np.array([[0, 1, 2]], np.int32), (H, W)).tri_id == -1).all()
+
+
+def test_fragments_outside_the_depth_range_are_dropped():
+    H = W = 8
+    # NDC z goes from -1.5 at the left to 1.5 at the right: only the middle columns survive.
+    pos = pixel_clip([-0.5, 7.5, 7.5, -0.5], [7.5, 7.5, -0.5, -0.5], H, W,
+                     z=np.array([-1.5, 1.5, 1.5, -1.5])).astype(np.float32)
+    tri = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+    raster = rasterize(pos, tri, (H, W))
+    z_centre = -1.5 + 3.0 * (np.arange(W) + 0.5) / W
+    expected = np.abs(z_centre) <= 1
+    assert ((raster.tri_id[0] >= 0) == expected[None, :]).all()
+
+
+def test_backface_culling_drops_clockwise_triangles():
+    H = W = 8
+    pos = pixel_clip([-10, 40, -10], [30, 30, -20], H, W).astype(np.float32)
+    ccw = np.array([[0, 1, 2]], np.int32)  # y-up screen: bottom-left, bottom-right, top-left
+    cw = ccw[:, ::-1].copy()
+    assert (rasterize(pos, ccw, (H, W), cull_backfaces=True).tri_id == 0).all()
+    assert (rasterize(pos, cw, (H, W), cull_backfaces=True).tri_id == -1).all()
+    assert (rasterize(pos, cw, (H, W)).tri_id == 0).all()
+
+
+def test_spherical_cap_is_front_facing():
+    pos, tri, _ = spherical_cap(n=9, batch=2)
+    full = rasterize(pos, tri, (24, 24))
+    culled = rasterize(pos, tri, (24, 24), cull_backfaces=True)
+    np.testing.assert_array_equal(full.tri_id, culled.tri_id)
+
+
+def test_cull_matches_reference(rng, tol):
+    pos, tri = triangle_soup(rng, B=1, T=16)
+    ref_id, _, _ = reference_rasterize(pos, tri, (32, 32), cull_backfaces=True)
+    raster = rasterize(pos, tri, (32, 32), cull_backfaces=True)
+    assert agreement(raster.tri_id, ref_id) >= tol["reference_pixel_agreement"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch of one, float64, fused path.
+# ------------------------------------------------------------------------------------------------
+
+def test_unbatched_positions_give_a_batch_of_one():
+    pos, tri, _ = spherical_cap(n=7, batch=1)
+    r1 = rasterize(pos[0], tri, (16, 20))
+    r2 = rasterize(pos, tri, (16, 20))
+    assert r1.tri_id.shape == (1, 16, 20) and r1.bary.shape == (1, 16, 20, 2)
+    np.testing.assert_array_equal(r1.tri_id, r2.tri_id)
+    np.testing.assert_array_equal(r1.bary, r2.bary)
+    g = rasterize_backward(pos[0], tri, r1, np.ones((1, 16, 20, 2), np.float32))
+    assert g.shape == pos[0].shape
+
+
+def test_float64_positions_give_float64_barycentrics_close_to_float32():
+    pos, tri, _ = spherical_cap(n=9, batch=2)
+    r32 = rasterize(pos, tri, (24, 24))
+    r64 = rasterize(pos.astype(np.float64), tri, (24, 24))
+    assert r64.bary.dtype == np.float64 and r64.depth.dtype == np.float64
+    same = (r32.tri_id == r64.tri_id) & (r32.tri_id >= 0)
+    assert same.mean() > 0.99 * (r32.tri_id >= 0).mean()
+    np.testing.assert_allclose(r64.bary[same], r32.bary[same], atol=1e-5)
+
+
+def test_fused_rasterize_interpolate_equals_the_two_calls(rng):
+    pos, tri, colors = spherical_cap(n=9, batch=2)
+    for attr in (colors, rng.uniform(size=(2,) + colors.shape).astype(np.float32), colors[:, :1].copy()):
+        raster, img = rasterize_interpolate(pos, tri, (20, 24), attr)
+        ref = rasterize(pos, tri, (20, 24))
+        np.testing.assert_array_equal(raster.tri_id, ref.tri_id)
+        np.testing.assert_array_equal(raster.bary, ref.bary)
+        np.testing.assert_array_equal(raster.depth, ref.depth)
+        np.testing.assert_array_equal(img, interpolate(attr, ref, tri))
+
+
+def test_band_split_gives_the_same_result_as_whole_images():
+    # One image is split into row bands over the CPU threads; two images are not (with 2 threads).
+    pos, tri, colors = spherical_cap(n=11, batch=2, seed=3)
+    both = rasterize(pos, tri, (23, 19))
+    for b in range(2):
+        one = rasterize(pos[b], tri, (23, 19))
+        np.testing.assert_array_equal(one.tri_id[0], both.tri_id[b])
+        np.testing.assert_array_equal(one.bary[0], both.bary[b])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Backward against central differences (float64).
+# ------------------------------------------------------------------------------------------------
+
+def _perturbed_cap(rng, n=7, batch=2):
+    pos, tri, colors = spherical_cap(n=n, batch=batch, seed=11)
+    pos = pos.astype(np.float64)
+    pos[..., 3] *= rng.uniform(0.9, 1.1, size=pos.shape[:2])  # vary w so all its terms matter
+    return pos, tri, colors.astype(np.float64)
+
+
+def test_rasterize_backward_matches_finite_differences(rng, tol):
+    pos, tri, _ = _perturbed_cap(rng)
+    res = (14, 16)
+    raster = rasterize(pos, tri, res)
+    grad_bary = rng.standard_normal(raster.bary.shape)
+    grad_pos = rasterize_backward(pos, tri, raster, grad_bary)
+    assert grad_pos.shape == pos.shape and grad_pos.dtype == np.float64
+    assert (grad_pos[..., 2] == 0).all()
+    tri_id = raster.tri_id
+    assert_gradient_matches(lambda p: bary_fixed(p, tri, tri_id, res), pos, grad_bary, grad_pos, tol,
+                            n_samples=60, rng=rng)
+
+
+def test_fused_backward_matches_finite_differences_and_the_two_backward_calls(rng, tol):
+    pos, tri, colors = _perturbed_cap(rng)
+    res = (12, 14)
+    for attr in (colors, rng.uniform(size=(2,) + colors.shape)):
+        raster, img = rasterize_interpolate(pos, tri, res, attr)
+        grad_out = rng.standard_normal(img.shape)
+        grad_pos, grad_attr = rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)
+        ga2, grad_bary = interpolate_backward(attr, raster, tri, grad_out)
+        np.testing.assert_allclose(grad_attr, ga2, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(grad_pos, rasterize_backward(pos, tri, raster, grad_bary), rtol=1e-10,
+                                   atol=1e-12)
+        tri_id = raster.tri_id
+
+        def image_of_pos(p):
+            r = Raster(tri_id, bary_fixed(p, tri, tri_id, res), raster.depth)
+            return interpolate(attr, r, tri)
+
+        assert_gradient_matches(image_of_pos, pos, grad_out, grad_pos, tol, n_samples=40, rng=rng)
+        assert_gradient_matches(lambda a: interpolate(a, raster, tri), attr, grad_out, grad_attr, tol,
+                                n_samples=40, rng=rng)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. GPU against CPU.
+# ------------------------------------------------------------------------------------------------
+
+def _assert_rasters_match(gpu, cpu, tol):
+    tri_id = gpu.tri_id.get()
+    covered = (tri_id >= 0) | (cpu.tri_id >= 0)
+    mismatch = (tri_id != cpu.tri_id)[covered].mean()
+    assert mismatch <= tol["gpu_cpu_tri_id_mismatch"], f"{mismatch:.2e} of covered pixels differ"
+    same = tri_id == cpu.tri_id
+    np.testing.assert_allclose(gpu.bary.get()[same], cpu.bary[same], rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(gpu.depth.get()[same], cpu.depth[same], rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    return same
+
+
+@pytest.mark.parametrize("cull", [False, True])
+def test_gpu_rasterize_matches_cpu(cupy, rng, tol, cull):
+    for pos, tri in (spherical_cap(n=41, batch=4, seed=2)[:2], triangle_soup(rng, B=3, T=60)):
+        cpu = rasterize(pos, tri, (64, 72), cull_backfaces=cull)
+        gpu = rasterize(cupy.asarray(pos), cupy.asarray(tri), (64, 72), cull_backfaces=cull)
+        assert isinstance(gpu.tri_id, cupy.ndarray) and gpu.bary.dtype == np.float32
+        _assert_rasters_match(gpu, cpu, tol)
+
+
+def test_gpu_rasterize_interpolate_and_batch_of_one_match_cpu(cupy, tol):
+    pos, tri, colors = spherical_cap(n=41, batch=3, seed=4)
+    for p in (pos, pos[0]):
+        for attr in (colors, colors[:, :2].copy(), np.repeat(colors, 3, axis=1)):  # C = 3, 2 and 9 (runtime)
+            cpu_r, cpu_img = rasterize_interpolate(p, tri, (48, 40), attr)
+            with fastface.value_checks(False):
+                gpu_r, gpu_img = rasterize_interpolate(cupy.asarray(p), cupy.asarray(tri), (48, 40), cupy.asarray(attr))
+            same = _assert_rasters_match(gpu_r, cpu_r, tol)
+            np.testing.assert_allclose(gpu_img.get()[same], cpu_img[same], rtol=tol["gpu_cpu_rtol"],
+                                       atol=tol["gpu_cpu_atol"])
+
+
+def test_gpu_rasterize_backward_matches_cpu(cupy, rng, tol):
+    pos, tri, colors = spherical_cap(n=41, batch=2, seed=6)
+    raster = rasterize(pos, tri, (56, 56))
+    grad_bary = rng.standard_normal(raster.bary.shape).astype(np.float32)
+    cpu = rasterize_backward(pos, tri, raster, grad_bary)
+    graster = Raster(*(cupy.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
+    gpu = rasterize_backward(cupy.asarray(pos), cupy.asarray(tri), graster, cupy.asarray(grad_bary))
+    scale = np.abs(cpu).max()
+    np.testing.assert_allclose(gpu.get(), cpu, rtol=1e-4, atol=1e-5 * scale)  # atomics reorder sums
+    gpu1 = rasterize_backward(cupy.asarray(pos[0]), cupy.asarray(tri), Raster(*(a[:1] for a in (
+        graster.tri_id, graster.bary, graster.depth))), cupy.asarray(grad_bary[:1]))
+    assert gpu1.shape == pos[0].shape
+    np.testing.assert_allclose(gpu1.get(), cpu[0], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_gpu_fused_backward_matches_cpu(cupy, rng, tol):
+    pos, tri, colors = spherical_cap(n=41, batch=2, seed=7)
+    for attr in (colors, rng.uniform(size=(2,) + colors.shape).astype(np.float32), np.repeat(colors, 2, axis=1)):
+        raster, img = rasterize_interpolate(pos, tri, (40, 40), attr)
+        grad_out = rng.standard_normal(img.shape).astype(np.float32)
+        cpu_pos, cpu_attr = rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)
+        graster = Raster(*(cupy.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
+        gpu_pos, gpu_attr = rasterize_interpolate_backward(cupy.asarray(pos), cupy.asarray(tri), cupy.asarray(attr),
+                                                           graster, cupy.asarray(grad_out))
+        np.testing.assert_allclose(gpu_pos.get(), cpu_pos, rtol=1e-4, atol=1e-5 * np.abs(cpu_pos).max())
+        np.testing.assert_allclose(gpu_attr.get(), cpu_attr, rtol=1e-4, atol=1e-5 * np.abs(cpu_attr).max())
+
+
+def test_gpu_rejects_float64_and_mixed_devices(cupy):
+    pos, tri, _ = spherical_cap(n=5, batch=1)
+    with pytest.raises(TypeError, match="pos.*float32 only"):
+        rasterize(cupy.asarray(pos, dtype=cupy.float64), cupy.asarray(tri), (8, 8))
+    with pytest.raises(TypeError, match="tri is a numpy array but pos is a cupy array"):
+        rasterize(cupy.asarray(pos), tri, (8, 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Bad input.
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_naming_the_argument():
+    pos, tri, colors = spherical_cap(n=5, batch=2)
+    res = (8, 8)
+    with pytest.raises(ValueError, match="pos must have shape"):
+        rasterize(pos[..., :3], tri, res)
+    with pytest.raises(TypeError, match="pos must be"):
+        rasterize(pos.astype(np.int32), tri, res)
+    with pytest.raises(TypeError, match="pos must be"):
+        rasterize(pos.tolist(), tri, res)
+    with pytest.raises(TypeError, match="tri must be int32"):
+        rasterize(pos, tri.astype(np.int64), res)
+    with pytest.raises(ValueError, match="tri holds vertex indices"):
+        rasterize(pos, tri + 1, res)
+    bad = pos.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="pos holds 1 NaN"):
+        rasterize(bad, tri, res)
+    with fastface.value_checks(False):  # memory safe without the checks
+        rasterize(bad, tri + 1, res)
+    with pytest.raises(ValueError, match="resolution"):
+        rasterize(pos, tri, (0, 8))
+    with pytest.raises(TypeError, match="resolution"):
+        rasterize(pos, tri, 8)
+    raster = rasterize(pos, tri, res)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        rasterize_backward(pos[:1], tri, raster, np.zeros_like(raster.bary[:1]))
+    with pytest.raises(ValueError, match="grad_bary must have shape"):
+        rasterize_backward(pos, tri, raster, np.zeros((2, 8, 9, 2), np.float32))
+    with pytest.raises(TypeError, match="raster must be a Raster"):
+        rasterize_backward(pos, tri, (raster.tri_id, raster.bary), np.zeros_like(raster.bary))
+    with pytest.raises(ValueError, match="raster.tri_id holds triangle ids"):
+        rasterize_backward(pos, tri[:3], raster, np.zeros_like(raster.bary))
+    with pytest.raises(ValueError, match="attr must have one row per vertex"):
+        rasterize_interpolate(pos, tri, res, colors[:-1])
+    with pytest.raises(TypeError, match="attr must have the dtype"):
+        rasterize_interpolate(pos, tri, res, colors.astype(np.float64))
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        rasterize_interpolate_backward(pos, tri, colors, raster, np.zeros((2, 8, 8, 2), np.float32))
