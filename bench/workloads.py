@@ -5,7 +5,7 @@
 """
 import numpy as np
 
-__all__ = ["spherical_cap", "euler_to_matrix", "perspective_clip"]
+__all__ = ["spherical_cap", "face_model_poses", "euler_to_matrix", "perspective_clip", "OpenGLRasterizer"]
 
 
 def euler_to_matrix(angles):
@@ -80,3 +80,93 @@ def spherical_cap(n=189, batch=64, seed=0, xp=np, half_fov_deg=12.0, distance=0.
     if xp is not np:
         return xp.asarray(pos), xp.asarray(tri), xp.asarray(colors)
     return pos, tri, colors
+
+
+def face_model_poses(model, batch=8, seed=0, half_fov_deg=12.0, distance_mm=550.0, max_angle=0.2):
+    """The mean face of a `fastface.FaceModel` under random head poses, like `spherical_cap`.
+
+    Returns:
+        pos: (B, V, 4) float32 clip positions (the face model is in millimetres; near 10, far 10000).
+        tri: (T, 3) int32.
+        colors: (V, 3) float32, the mean albedo.
+    """
+    rng = np.random.default_rng(seed)
+    verts = np.asarray(_host(model.mean_shape), np.float64).reshape(-1, 3)
+    rot = euler_to_matrix(rng.uniform(-max_angle, max_angle, size=(batch, 3)))
+    cam = verts[None] @ rot.transpose(0, 2, 1)
+    cam[..., 2] -= distance_mm
+    pos = perspective_clip(cam, half_fov_deg, near=10.0, far=10000.0).astype(np.float32)
+    tri = np.asarray(_host(model.triangles), np.int32)
+    colors = np.asarray(_host(model.mean_albedo), np.float32).reshape(-1, 3)
+    return pos, tri, colors
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
+class OpenGLRasterizer:
+    """An independent rasterizer for comparisons: OpenGL through moderngl on a headless EGL context
+    (Mesa llvmpipe on a machine without a GPU driver). Renders triangle ids and perspective-correct
+    interpolated attributes (up to 3 channels) with a depth test, read back to host memory.
+
+    Raises whatever moderngl raises when it or EGL is unavailable: callers skip on any exception.
+    """
+
+    def __init__(self, tri, n_vertices, resolution, channels=3):
+        import moderngl  # noqa: PLC0415 - optional, bench and tests only
+
+        H, W = resolution
+        self.resolution = (H, W)
+        self.channels = channels
+        self.ctx = moderngl.create_standalone_context(backend="egl")
+        self.renderer = self.ctx.info.get("GL_RENDERER", "?")
+        self.prog = self.ctx.program(
+            vertex_shader="""
+                #version 330
+                in vec4 in_pos;
+                in vec3 in_attr;
+                out vec3 v_attr;
+                void main() { gl_Position = in_pos; v_attr = in_attr; }
+            """,
+            fragment_shader="""
+                #version 330
+                in vec3 v_attr;
+                out vec4 f_out;
+                // The id + 1 as a float is exact up to 2^24 triangles; 0 is the cleared background.
+                void main() { f_out = vec4(v_attr, float(gl_PrimitiveID + 1)); }
+            """,
+        )
+        self.color = self.ctx.texture((W, H), 4, dtype="f4")
+        self.depth = self.ctx.depth_renderbuffer((W, H))
+        self.fbo = self.ctx.framebuffer(color_attachments=[self.color], depth_attachment=self.depth)
+        self.vbo_pos = self.ctx.buffer(reserve=n_vertices * 16)
+        self.vbo_attr = self.ctx.buffer(reserve=n_vertices * 12)
+        self.ibo = self.ctx.buffer(np.ascontiguousarray(tri, dtype=np.int32).tobytes())
+        self.vao = self.ctx.vertex_array(
+            self.prog, [(self.vbo_pos, "4f", "in_pos"), (self.vbo_attr, "3f", "in_attr")], self.ibo, index_element_size=4)
+        self.ctx.enable(moderngl.DEPTH_TEST)  # GL_LESS: equal depths keep the earlier (lower id) triangle
+
+    def render(self, pos, attr):
+        """pos (B, V, 4) float32, attr (V, C<=3) -> (tri_id (B, H, W) int32, image (B, H, W, C) float32)."""
+        H, W = self.resolution
+        C = attr.shape[-1]
+        padded = np.zeros((attr.shape[0], 3), np.float32)
+        padded[:, :C] = attr
+        self.vbo_attr.write(padded.tobytes())
+        B = pos.shape[0]
+        tri_id = np.empty((B, H, W), np.int32)
+        image = np.empty((B, H, W, C), np.float32)
+        for b in range(B):
+            self.vbo_pos.write(np.ascontiguousarray(pos[b], dtype=np.float32).tobytes())
+            self.fbo.use()
+            self.fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0)
+            self.vao.render()
+            data = np.frombuffer(self.fbo.read(components=4, dtype="f4"), np.float32).reshape(H, W, 4)
+            data = data[::-1]  # OpenGL's row 0 is the bottom one
+            tri_id[b] = data[..., 3].astype(np.int32) - 1
+            image[b] = data[..., :C]
+        return tri_id, image
+
+    def release(self):
+        self.ctx.release()
