@@ -4,8 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from fastface.ops.shading import sh_shade, sh_shade_backward
+from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
+from fastface.ops.shading import sh_shade, sh_shade_backward, shade_vertices, shade_vertices_backward
 from tests.gradcheck import assert_gradient_matches
+from tests.ops.test_normals import grid_mesh
 
 
 def reference_shade(normals, albedo, sh):
@@ -137,6 +139,85 @@ def test_gpu_rejects_float64(rng, cupy):
     normals, albedo, sh = make_inputs(rng)
     with pytest.raises(TypeError, match="normals.*GPU path is float32"):
         sh_shade(cupy.asarray(normals), cupy.asarray(albedo), cupy.asarray(sh))
+
+
+# --- shade_vertices: the fused normals + shading ---------------------------------------------------
+
+def make_mesh_inputs(rng, batch=2, dtype=np.float64, shared_albedo=False):
+    flat, tri = grid_mesh(5, 6)
+    vertices = flat + 0.3 * rng.normal(size=(batch,) + flat.shape)
+    V = len(flat)
+    albedo = rng.uniform(0.1, 1.0, size=(V, 3) if shared_albedo else (batch, V, 3))
+    sh = rng.normal(scale=0.3, size=(batch, 9, 3))
+    return vertices.astype(dtype), tri, albedo.astype(dtype), sh.astype(dtype)
+
+
+@pytest.mark.parametrize("shared_albedo", [False, True])
+def test_fused_shading_equals_normals_then_sh_shade(rng, shared_albedo):
+    vertices, tri, albedo, sh = make_mesh_inputs(rng, shared_albedo=shared_albedo)
+    grad_out = rng.normal(size=vertices.shape)
+    normals = vertex_normals(vertices, tri)
+    np.testing.assert_allclose(shade_vertices(vertices, tri, albedo, sh), sh_shade(normals, albedo, sh), rtol=1e-13)
+    grad_normals, grad_albedo, grad_sh = sh_shade_backward(normals, albedo, sh, grad_out)
+    expected = (vertex_normals_backward(vertices, tri, grad_normals), grad_albedo, grad_sh)
+    for got, want in zip(shade_vertices_backward(vertices, tri, albedo, sh, grad_out), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("wrt", [0, 2, 3])
+def test_fused_backward_matches_finite_differences(rng, tol, wrt):
+    inputs = list(make_mesh_inputs(rng))
+    grad_out = rng.normal(size=inputs[0].shape)
+    analytic = shade_vertices_backward(*inputs, grad_out)[{0: 0, 2: 1, 3: 2}[wrt]]
+
+    def f(x):
+        args = list(inputs)
+        args[wrt] = x
+        return shade_vertices(*args)
+
+    assert_gradient_matches(f, inputs[wrt], grad_out, analytic, tol)
+
+
+def test_fused_unbatched_and_prebuilt_adjacency(rng):
+    vertices, tri, albedo, sh = make_mesh_inputs(rng)
+    adjacency = vertex_adjacency(tri, vertices.shape[1])
+    np.testing.assert_array_equal(shade_vertices(vertices[1], tri, albedo[1], sh[1], adjacency),
+                                  shade_vertices(vertices, tri, albedo, sh)[1])
+    grad_out = rng.normal(size=vertices.shape)
+    for single, batch in zip(shade_vertices_backward(vertices[1], tri, albedo[1], sh[1], grad_out[1], adjacency),
+                             shade_vertices_backward(vertices, tri, albedo, sh, grad_out)):
+        np.testing.assert_allclose(single, batch[1], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("shared_albedo", [False, True])
+def test_gpu_fused_matches_cpu(rng, tol, cupy, shared_albedo):
+    flat, tri = grid_mesh(40, 60)  # 2400 vertices: several blocks per batch element
+    vertices = (flat + 0.2 * rng.normal(size=(3,) + flat.shape)).astype(np.float32)
+    V = len(flat)
+    albedo = rng.uniform(0.1, 1.0, size=(V, 3) if shared_albedo else (3, V, 3)).astype(np.float32)
+    sh = rng.normal(scale=0.3, size=(3, 9, 3)).astype(np.float32)
+    grad_out = rng.normal(size=vertices.shape).astype(np.float32)
+    gpu = [cupy.asarray(a) for a in (vertices, tri, albedo, sh, grad_out)]
+    adjacency = vertex_adjacency(gpu[1], V)
+    np.testing.assert_allclose(shade_vertices(*gpu[:4], adjacency).get(), shade_vertices(vertices, tri, albedo, sh),
+                               rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    cpu_grads = shade_vertices_backward(vertices, tri, albedo, sh, grad_out)
+    for name, g_gpu, g_cpu in zip(("vertices", "albedo", "sh"), shade_vertices_backward(*gpu, adjacency), cpu_grads):
+        assert g_gpu.shape == g_cpu.shape and g_gpu.dtype == cupy.float32, name
+        np.testing.assert_allclose(g_gpu.get(), g_cpu, rtol=tol["gpu_cpu_rtol"],
+                                   atol=tol["gpu_cpu_rtol"] * np.abs(g_cpu).max(), err_msg=name)
+
+
+def test_fused_bad_input_raises_naming_the_argument(rng):
+    vertices, tri, albedo, sh = make_mesh_inputs(rng)
+    with pytest.raises(ValueError, match="albedo"):
+        shade_vertices(vertices, tri, albedo[:, :3], sh)
+    with pytest.raises(ValueError, match="sh"):
+        shade_vertices(vertices, tri, albedo, sh[:1])
+    with pytest.raises(ValueError, match="tri"):
+        shade_vertices(vertices, tri + 100, albedo, sh)
+    with pytest.raises(TypeError, match="vertices"):
+        shade_vertices(vertices.astype(np.int32), tri, albedo, sh)
 
 
 @pytest.mark.parametrize("make_bad, exc, pattern", [
