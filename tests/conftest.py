@@ -26,6 +26,9 @@ TOLERANCES = {
     # not with the result, which may cancel. 1e-5 of that sum is far above float32 rounding of
     # a blocked sum and far below any indexing or scaling bug.
     "gemm_l1_rtol": 1e-5,
+    # Model files store float32; converting units (micrometres, decimetres, 0..255, variances)
+    # rounds once more in float32 or float64: a few float32 ulps (6e-8 each) at most.
+    "unit_conversion_rtol": 1e-6,
     # The encoder on the GPU against the CPU, as a norm-wise relative error ||a - b|| / ||b|| of
     # outputs and gradients. float32: ten chained GEMMs (K up to 4608) and weight gradients summed
     # over up to B*H*W rows, in cuBLAS's order against OpenBLAS's, expect ~1e-5; 1e-4 is far below
