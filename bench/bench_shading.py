@@ -1,5 +1,8 @@
 """Vertex normals + SH shading, forward and backward, on the spherical-cap workload (issue 3).
 
+Each op alone (normals_fwd, normals_bwd, sh_fwd, sh_bwd), the four chained (chain), and the
+fused shade_vertices forward + backward doing the same work (fused_chain).
+
 Workload: 64 poses of the 189 x 189 spherical-cap grid (35,721 vertices, 70,688 triangles) in
 camera space, per-image albedo (B, V, 3) and SH lighting (B, 9, 3), float32.
 
@@ -21,7 +24,7 @@ import pytest
 import fastface
 from fastface._backend import gpu_available
 from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
-from fastface.ops.shading import sh_shade, sh_shade_backward
+from fastface.ops.shading import sh_shade, sh_shade_backward, shade_vertices, shade_vertices_backward
 
 GPU_BATCH = 64
 CPU_BATCH = 4
@@ -79,6 +82,7 @@ def minimal_bytes(name, a):
         "sh_fwd": 2 * bv3 + sh + bv3,                     # normals, albedo, sh -> colours
         "sh_bwd": 3 * bv3 + sh + 2 * bv3 + sh,            # normals, albedo, sh, grad -> grads
         "chain": 3 * bv3 + tri + sh + 3 * bv3 + sh,       # vertices, tri, albedo, sh, grad -> colours, grads
+        "fused_chain": 3 * bv3 + tri + sh + 3 * bv3 + sh,  # the same work through shade_vertices
     }[name]
 
 
@@ -94,6 +98,9 @@ def step(name, a):
     if name == "sh_bwd":
         return lambda: sh_shade_backward(n, al, sh, g)
 
+    if name == "fused_chain":
+        return lambda: (shade_vertices(v, t, al, sh, adj), shade_vertices_backward(v, t, al, sh, g, adj))
+
     def chain():
         normals = vertex_normals(v, t, adj)
         colours = sh_shade(normals, al, sh)
@@ -102,7 +109,9 @@ def step(name, a):
     return chain
 
 
-NAMES = ["normals_fwd", "normals_bwd", "sh_fwd", "sh_bwd", "chain"]
+# chain: the four ops one after the other (16 (B, V, 3) arrays through memory); fused_chain:
+# shade_vertices + its backward (11 arrays; the minimal traffic is 6).
+NAMES = ["normals_fwd", "normals_bwd", "sh_fwd", "sh_bwd", "chain", "fused_chain"]
 
 
 # --- GPU ----------------------------------------------------------------------------------------
