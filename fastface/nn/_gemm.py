@@ -1,0 +1,115 @@
+"""Row-major GEMM on numpy (BLAS through np.matmul) and cupy (cuBLAS gemmEx, called directly).
+
+    gemm(a, b, out, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, compute="float32")
+    out = alpha * op(a) @ op(b) + beta * out
+
+Why call cuBLAS directly instead of cupy.matmul: it writes into a caller's buffer (no
+allocation, so a step can be captured in a CUDA graph), it multiplies float16 operands into a
+float32 result with float32 accumulation (cupy.matmul would cast the operands to float32 first),
+transposes are free (an operation flag, never a copy), alpha folds a scale into the product (the
+fp16 loss scale), beta accumulates, and the compute type selects TF32 tensor cores or not.
+
+Row-major to cuBLAS's column-major: a row-major (R, C) matrix with row stride ld is the
+column-major (C, R) matrix with leading dimension ld, so out = A B is computed as the
+column-major out^T = B^T A^T with the operands swapped and no data moved.
+"""
+import numpy as np
+
+from fastface._backend import cupy_or_none, is_cupy_array
+
+__all__ = ["gemm", "COMPUTE_MODES"]
+
+# cudaDataType_t (library_types.h) and cublasComputeType_t / cublasOperation_t (cublas_api.h).
+_CUDA_R_32F, _CUDA_R_64F, _CUDA_R_16F = 0, 1, 2
+_CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_64F, _CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 70, 77
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_CUBLAS_GEMM_DEFAULT = -1
+_DATA_TYPES = {np.dtype(np.float16): _CUDA_R_16F, np.dtype(np.float32): _CUDA_R_32F,
+               np.dtype(np.float64): _CUDA_R_64F}
+
+COMPUTE_MODES = ("float32", "tf32")
+
+
+def _leading(name, m):
+    """Row stride in elements of a 2-D matrix whose rows are contiguous."""
+    if m.ndim != 2:
+        raise ValueError(f"{name} must be 2-D; got shape {tuple(m.shape)}")
+    item = m.dtype.itemsize
+    if m.shape[1] > 1 and m.strides[1] != item:
+        raise ValueError(f"{name} must have contiguous rows; got strides {m.strides}")
+    if m.shape[0] > 1 and (m.strides[0] % item or m.strides[0] // item < m.shape[1]):
+        raise ValueError(f"{name} has a row stride that is not a whole number of rows; got {m.strides}")
+    return max(m.strides[0] // item if m.shape[0] > 1 else m.shape[1], 1)
+
+
+def _shapes(a, b, out, trans_a, trans_b):
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != kb or tuple(out.shape) != (m, n):
+        raise ValueError(f"gemm shapes do not agree: op(a) is {(m, k)}, op(b) is {(kb, n)}, "
+                         f"out is {tuple(out.shape)}")
+    return m, n, k
+
+
+def gemm(a, b, out, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, compute="float32"):
+    """out = alpha * op(a) @ op(b) + beta * out, in place; op is a transpose when asked.
+
+    Args:
+        a, b: 2-D arrays with contiguous rows (row slices and transposed reads are fine), both
+            numpy or both cupy, of one dtype: float16 (cupy only), float32 or float64.
+        out: 2-D array with contiguous rows, the dtype of a or float32 when a is float16.
+        alpha, beta: Python floats.
+        compute: "float32" (exact float32 products), or "tf32" (TF32 tensor cores for float32
+            operands on the GPU; ignored elsewhere). float16 operands always accumulate in
+            float32, float64 in float64.
+
+    Returns:
+        out.
+    """
+    m, n, k = _shapes(a, b, out, trans_a, trans_b)
+    if not is_cupy_array(a):
+        op_a = a.T if trans_a else a
+        op_b = b.T if trans_b else b
+        if alpha == 1.0 and beta == 0.0 and out.dtype == np.result_type(op_a, op_b):
+            np.matmul(op_a, op_b, out=out)
+        else:
+            product = np.matmul(op_a, op_b)
+            if beta == 0.0:
+                np.multiply(product, alpha, out=out, casting="unsafe")
+            else:
+                out *= beta
+                out += alpha * product
+        return out
+    return _gemm_cublas(a, b, out, m, n, k, trans_a, trans_b, alpha, beta, compute)
+
+
+def _gemm_cublas(a, b, out, m, n, k, trans_a, trans_b, alpha, beta, compute):
+    cupy = cupy_or_none()
+    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415 - needs the CUDA libraries
+
+    if a.dtype != b.dtype or a.dtype not in _DATA_TYPES:
+        raise TypeError(f"gemm operands must share one of float16, float32, float64; got {a.dtype} and {b.dtype}")
+    if out.dtype != a.dtype and not (a.dtype == np.float16 and out.dtype == np.float32):
+        raise TypeError(f"gemm output must be {a.dtype} (or float32 for float16 operands); got {out.dtype}")
+    if a.dtype == np.float64:
+        compute_type, scalar = _CUBLAS_COMPUTE_64F, np.float64
+    elif a.dtype == np.float32 and compute == "tf32":
+        compute_type, scalar = _CUBLAS_COMPUTE_32F_FAST_TF32, np.float32
+    else:
+        compute_type, scalar = _CUBLAS_COMPUTE_32F, np.float32
+    lda, ldb, ldc = _leading("a", a), _leading("b", b), _leading("out", out)
+    # Host scalars (pointer mode host): cuBLAS reads them during the call, and a graph capture
+    # records their values.
+    alpha_h = np.array(alpha, dtype=scalar)
+    beta_h = np.array(beta, dtype=scalar)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    # Column-major: out^T (n x m) = op(b)^T (n x k) @ op(a)^T (k x m).
+    cublas.gemmEx(
+        handle, _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N, _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
+        n, m, k,
+        alpha_h.ctypes.data, b.data.ptr, _DATA_TYPES[b.dtype], ldb,
+        a.data.ptr, _DATA_TYPES[a.dtype], lda,
+        beta_h.ctypes.data, out.data.ptr, _DATA_TYPES[out.dtype], ldc,
+        compute_type, _CUBLAS_GEMM_DEFAULT)
+    return out

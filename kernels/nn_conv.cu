@@ -1,0 +1,121 @@
+// Convolution gather kernels of fastface.nn (NHWC): im2col_fwd builds the GEMM operand of a
+// convolution, im2col_bwd is its adjoint (col2im). The Numba twins with the same argument order
+// are in fastface/nn/conv.py.
+//
+// cols has one row per output pixel (b, oh, ow) and one column per (kh, kw, c), c fastest, so
+// that the row-major (KH, KW, C, Cout) weight is the (K, Cout) right operand of the GEMM and the
+// product is the NHWC output itself. Both kernels apply an optional prologue to the input,
+// a = relu?(x + in_bias[c]): the previous layer's bias and ReLU are fused into the gather
+// instead of costing a pass of their own, and im2col_bwd multiplies by that ReLU's derivative.
+// Zero padding is in the space of `a` (after the prologue).
+//
+// Flat indices are int: the host checks that B*Ho*Wo*KH*KW*C < 2^31 (64-bit divisions would
+// cost more than the memory traffic of these kernels).
+#include <cuda_fp16.h>
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// V consecutive channels moved as one aligned vector (16 bytes for V = 8 halves or 4 floats).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+    T v[V];
+};
+
+// One thread writes V consecutive channels of one (output pixel, kh, kw) entry of cols: the
+// flat thread index times V *is* the flat cols index, so stores are contiguous across a warp
+// (the widest possible), while the reads of neighbouring threads hit the same input pixel's
+// channels (contiguous in NHWC) and overlap between kh, kw in L2. 1-D grid of 256 threads.
+template <typename TIn, typename TOut, int V>
+__global__ void im2col_fwd(const TIn* __restrict__ x, const float* __restrict__ in_bias, int in_relu,
+                           int B, int H, int W, int C, int KH, int KW, int stride, int pad,
+                           int Ho, int Wo, TOut* __restrict__ cols)
+{
+    const int groups = C / V;
+    const int total = B * Ho * Wo * KH * KW * groups;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= total) return;
+    int r = t / groups;
+    const int c0 = (t - r * groups) * V;
+    const int kw = r % KW; r /= KW;
+    const int kh = r % KH; r /= KH;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const int b = r / Ho;
+    const int ih = oh * stride - pad + kh;
+    const int iw = ow * stride - pad + kw;
+    Pack<TOut, V> out;
+    if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) out.v[v] = from_float<TOut>(0.0f);
+    } else {
+        const Pack<TIn, V> in = *reinterpret_cast<const Pack<TIn, V>*>(x + ((b * H + ih) * W + iw) * C + c0);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            float a = to_float(in.v[v]);
+            if (in_bias != nullptr) a += in_bias[c0 + v];
+            if (in_relu) a = fmaxf(a, 0.0f);
+            out.v[v] = from_float<TOut>(a);
+        }
+    }
+    *reinterpret_cast<Pack<TOut, V>*>(cols + (long long)t * V) = out;
+}
+
+// The adjoint of im2col_fwd, as a gather (no atomics, deterministic): one thread owns V
+// consecutive channels of one input pixel (b, ih, iw) and sums the cols gradients of every
+// (output pixel, kh, kw) that read it, then applies the prologue's ReLU derivative
+// (x + in_bias > 0) and `scale`. The reads of a warp are contiguous channels of one cols row.
+template <typename TIn, typename TG, typename TOut, int V>
+__global__ void im2col_bwd(const TIn* __restrict__ x, const float* __restrict__ in_bias, int in_relu,
+                           const TG* __restrict__ grad_cols,
+                           int B, int H, int W, int C, int KH, int KW, int stride, int pad,
+                           int Ho, int Wo, float scale, TOut* __restrict__ grad_x)
+{
+    const int groups = C / V;
+    const int total = B * H * W * groups;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= total) return;
+    int r = t / groups;
+    const int c0 = (t - r * groups) * V;
+    const int iw = r % W; r /= W;
+    const int ih = r % H;
+    const int b = r / H;
+    float acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+    for (int kh = 0; kh < KH; ++kh) {
+        const int th = ih + pad - kh;
+        if (th < 0 || th % stride != 0) continue;
+        const int oh = th / stride;
+        if (oh >= Ho) continue;
+        for (int kw = 0; kw < KW; ++kw) {
+            const int tw = iw + pad - kw;
+            if (tw < 0 || tw % stride != 0) continue;
+            const int ow = tw / stride;
+            if (ow >= Wo) continue;
+            const long long idx = ((((long long)(b * Ho + oh) * Wo + ow) * KH + kh) * KW + kw) * C + c0;
+            const Pack<TG, V> g = *reinterpret_cast<const Pack<TG, V>*>(grad_cols + idx);
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[v] += to_float(g.v[v]);
+        }
+    }
+    const long long pix = (long long)t * V;  // == ((b * H + ih) * W + iw) * C + c0
+    Pack<TOut, V> out;
+    if (in_relu) {
+        const Pack<TIn, V> in = *reinterpret_cast<const Pack<TIn, V>*>(x + pix);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            float a = to_float(in.v[v]);
+            if (in_bias != nullptr) a += in_bias[c0 + v];
+            out.v[v] = from_float<TOut>(a > 0.0f ? acc[v] * scale : 0.0f);
+        }
+    } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v) out.v[v] = from_float<TOut>(acc[v] * scale);
+    }
+    *reinterpret_cast<Pack<TOut, V>*>(grad_x + pix) = out;
+}
