@@ -460,15 +460,17 @@ def _cosine_modes(x, y, n):
 
 
 def _random_smooth_fields(rng, modes, n_modes, count, k0, symmetry, xyz_scale):
-    """`count` smooth random displacement fields (count, V, 3), finer detail as k grows.
+    """`count` smooth random fields (count, V, 3), finer detail as k grows; `xyz_scale` (3, 3)
+    mixes three independent random fields into the x, y, z (or R, G, B) channels.
 
     Most are made mirror-symmetric (faces are mostly symmetric); every fourth stays asymmetric.
     """
     p, q = np.meshgrid(np.arange(n_modes), np.arange(n_modes), indexing="ij")
     freq2 = (p * p + q * q).ravel()
-    s = 1.5 + 5.0 * (k0 + np.arange(count)) / 80.0
+    s = 1.0 + 3.0 * (k0 + np.arange(count)) / 80.0
     spectrum = np.exp(-0.5 * freq2[:, None] / s[None, :] ** 2)  # (modes, count)
-    coef = rng.standard_normal((n_modes * n_modes, count, 3)) * spectrum[:, :, None] * xyz_scale
+    coef = rng.standard_normal((n_modes * n_modes, count, 3)) * spectrum[:, :, None]
+    coef = coef @ xyz_scale  # row i of xyz_scale: the direction (or colour) random field i moves along
     fields = (modes @ coef.reshape(n_modes * n_modes, count * 3)).reshape(-1, count, 3)  # (V, count, 3)
     mirrored = fields[symmetry] * np.array([-1.0, 1.0, 1.0])
     sym = (np.arange(count) % 4 != 3)[None, :, None]
@@ -666,11 +668,11 @@ def _stack(fields):
 
 # RMS displacement per vertex (mm, or albedo units) of one standard deviation of component k.
 def _identity_rms(k):
-    return 3.5 * (k + 1.0) ** -0.6
+    return 3.5 * (k + 1.0) ** -0.7
 
 
 def _albedo_rms(k):
-    return 0.09 * (k + 1.0) ** -0.65
+    return 0.08 * (k + 1.0) ** -0.8
 
 
 @functools.lru_cache(maxsize=None)
@@ -697,7 +699,7 @@ def generate(level="default"):
     modes = _cosine_modes(x, y, 8)
     identity = _identity_design(pos, parts)
     identity += list(_random_smooth_fields(rng, modes, 8, 80 - len(identity), len(identity), symmetry,
-                                           np.array([0.7, 0.7, 1.0])))
+                                           np.diag([0.7, 0.7, 1.0])))
     shape_basis = _orthonormalize(_stack(identity))
     shape_std = np.array([_identity_rms(k) for k in range(80)]) * scale
 
@@ -707,9 +709,11 @@ def generate(level="default"):
     expression_std = np.linalg.norm(expression_design, axis=1)
 
     colour = _albedo_design(pos, albedo)
-    colour_fields = _random_smooth_fields(rng, modes, 8, 80 - len(colour), len(colour), symmetry,
-                                          np.array([1.0, 0.8, 0.7]))
-    colour += list(colour_fields)
+    # Colour fields vary along skin-like directions: lightness, redness, yellowness (the rows).
+    skin_colours = np.array([[0.80, 0.60, 0.50], [0.45, -0.20, -0.25], [0.06, 0.06, -0.15]])
+    colour_fields = _random_smooth_fields(rng, modes, 8, 80 - len(colour), len(colour), symmetry, skin_colours)
+    skin = 1.0 - _eye_inside(np.abs(x), y)
+    colour += list(colour_fields * skin[None, :, None])
     albedo_basis = _orthonormalize(_stack(colour))
     albedo_std = np.array([_albedo_rms(k) for k in range(80)]) * scale
 
