@@ -9,16 +9,21 @@ __device__ __forceinline__ int channels(int n_ch) {
     return C > 0 ? C : n_ch;
 }
 
-// One thread per pixel (flat index over B*H*W: a warp reads 32 consecutive tri_id and bary
-// entries and writes 32 consecutive output pixels): out = u a0 + v a1 + (1-u-v) a2.
+// Per-pixel kernels run on a 2-D grid: x over the H*W pixels of an image (blocks of 256, so a warp
+// reads 32 consecutive tri_id and bary entries and writes 32 consecutive output pixels), y over
+// images (a strided loop past 65535 images), so no thread divides a 64-bit index.
+#define PIXEL_LOOP                                                 \
+    int q = blockIdx.x * blockDim.x + threadIdx.x;                 \
+    int hw = H * W;                                                \
+    if (q >= hw) return;                                           \
+    for (int b = blockIdx.y; b < B; b += gridDim.y)
+
+// out = u a0 + v a1 + (1-u-v) a2 at one pixel; zeros where the pixel is empty.
 template <int C>
-__global__ void interpolate_fwd(const float* __restrict__ attr, const int* __restrict__ tri_id,
-                                const float2* __restrict__ bary, const int* __restrict__ tri, int B, int V, int T,
-                                int H, int W, int n_ch, int attr_batched, float* __restrict__ out) {
-    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long hw = (long long)H * W;
-    if (p >= (long long)B * hw) return;
-    int nc = channels<C>(n_ch);
+__device__ __forceinline__ void interp_pixel(const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                             const float2* __restrict__ bary, const int* __restrict__ tri, int V,
+                                             int T, int nc, int attr_batched, float* __restrict__ out, int b,
+                                             long long p) {
     float* o = out + p * nc;
     int t = tri_id[p];
     int i0 = -1, i1 = -1, i2 = -1;
@@ -33,7 +38,6 @@ __global__ void interpolate_fwd(const float* __restrict__ attr, const int* __res
         for (int c = 0; c < nc; ++c) o[c] = 0.0f;
         return;
     }
-    int b = (int)(p / hw);
     float2 uv = bary[p];
     float w2 = (1.0f - uv.x) - uv.y;
     const float* ab = attr + (attr_batched ? (long long)b * V * nc : 0LL);
@@ -44,18 +48,25 @@ __global__ void interpolate_fwd(const float* __restrict__ attr, const int* __res
     for (int c = 0; c < nc; ++c) o[c] = (uv.x * a0[c] + uv.y * a1[c]) + w2 * a2[c];
 }
 
-// One thread per pixel: grad_bary = (sum_c g_c (a0_c - a2_c), sum_c g_c (a1_c - a2_c)) is written
-// per pixel; grad_attr (a cupy.zeros buffer) receives u g, v g, (1-u-v) g by atomicAdd, since
-// neighbouring pixels, and with unbatched attributes every image, share vertices.
+// One thread per pixel (see PIXEL_LOOP).
 template <int C>
-__global__ void interpolate_bwd(const float* __restrict__ attr, const int* __restrict__ tri_id,
-                                const float2* __restrict__ bary, const int* __restrict__ tri,
-                                const float* __restrict__ grad_out, int B, int V, int T, int H, int W, int n_ch,
-                                int attr_batched, float* __restrict__ grad_attr, float2* __restrict__ grad_bary) {
-    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long hw = (long long)H * W;
-    if (p >= (long long)B * hw) return;
+__global__ void interpolate_fwd(const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                const float2* __restrict__ bary, const int* __restrict__ tri, int B, int V, int T,
+                                int H, int W, int n_ch, int attr_batched, float* __restrict__ out) {
     int nc = channels<C>(n_ch);
+    PIXEL_LOOP {
+        interp_pixel<C>(attr, tri_id, bary, tri, V, T, nc, attr_batched, out, b, (long long)b * hw + q);
+    }
+}
+
+// grad_bary = (sum_c g_c (a0_c - a2_c), sum_c g_c (a1_c - a2_c)) is written per pixel; grad_attr
+// receives u g, v g, (1-u-v) g by atomicAdd.
+template <int C>
+__device__ __forceinline__ void interp_bwd_pixel(const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                                 const float2* __restrict__ bary, const int* __restrict__ tri,
+                                                 const float* __restrict__ grad_out, int V, int T, int nc,
+                                                 int attr_batched, float* __restrict__ grad_attr,
+                                                 float2* __restrict__ grad_bary, int b, long long p) {
     int t = tri_id[p];
     int i0 = -1, i1 = -1, i2 = -1;
     bool ok = t >= 0 && t < T;
@@ -69,7 +80,6 @@ __global__ void interpolate_bwd(const float* __restrict__ attr, const int* __res
         grad_bary[p] = make_float2(0.0f, 0.0f);
         return;
     }
-    int b = (int)(p / hw);
     float2 uv = bary[p];
     float w2 = (1.0f - uv.x) - uv.y;
     long long abase = attr_batched ? (long long)b * V * nc : 0LL;
@@ -93,4 +103,18 @@ __global__ void interpolate_bwd(const float* __restrict__ attr, const int* __res
         }
     }
     grad_bary[p] = make_float2(gu, gv);
+}
+
+// One thread per pixel (see PIXEL_LOOP); grad_attr is a cupy.zeros buffer that receives atomics,
+// since neighbouring pixels, and with unbatched attributes every image, share vertices.
+template <int C>
+__global__ void interpolate_bwd(const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                const float2* __restrict__ bary, const int* __restrict__ tri,
+                                const float* __restrict__ grad_out, int B, int V, int T, int H, int W, int n_ch,
+                                int attr_batched, float* __restrict__ grad_attr, float2* __restrict__ grad_bary) {
+    int nc = channels<C>(n_ch);
+    PIXEL_LOOP {
+        interp_bwd_pixel<C>(attr, tri_id, bary, tri, grad_out, V, T, nc, attr_batched, grad_attr, grad_bary, b,
+                            (long long)b * hw + q);
+    }
 }

@@ -70,21 +70,12 @@ __device__ __forceinline__ float key_depth(unsigned int k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
-// One thread per (image, triangle): vertex setup, bounding box over pixel centres, edge tests and
-// a 64-bit atomicMin of (depth key << 32 | triangle id) into the image's key buffer, which the
-// caller initialises to all ones. Triangles of the test meshes cover about one pixel each, so a
-// thread per triangle keeps every lane busy; consecutive threads take consecutive triangles of one
-// image, which are neighbours in a mesh, so their atomics land in nearby cache lines. The min makes
-// the result independent of thread order: nearest depth first, then the lower triangle id.
-extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V,
-                                         int T, int H, int W, int cull, unsigned long long* __restrict__ zbuf) {
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)B * T) return;
-    int b = (int)(idx / T);
-    int t = (int)(idx - (long long)b * T);
-    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
-    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    const float4* pb = pos + (long long)b * V;
+// The work of one triangle in one image (pb: that image's positions, zb: its key buffer): vertex
+// setup, bounding box over pixel centres, edge tests and a 64-bit atomicMin of
+// (depth key << 32 | triangle id) per covered centre. The min makes the result independent of
+// thread order: nearest depth first, then the lower triangle id.
+__device__ __forceinline__ void rasterize_triangle(const float4* __restrict__ pb, int i0, int i1, int i2, int t,
+                                                   int H, int W, int cull, unsigned long long* __restrict__ zb) {
     float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
     ScreenVertex v0 = screen_vertex(pb[i0], half_w, half_h);
     ScreenVertex v1 = screen_vertex(pb[i1], half_w, half_h);
@@ -109,7 +100,6 @@ extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const i
     orient_edge(e1, o);
     orient_edge(e2, o);
 
-    unsigned long long* zb = zbuf + (long long)b * H * W;
     int i_end = (int)ihi, j_begin = (int)jlo, j_end = (int)jhi;
     for (int i = (int)ilo; i <= i_end; ++i) {
         float py = (float)i;
@@ -125,6 +115,22 @@ extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const i
             atomicMin(zb + (long long)i * W + j, key);
         }
     }
+}
+
+// One thread per (image, triangle), launched as a 2-D grid: x over triangles (blocks of 256),
+// y over images (a strided loop past 65535 images), so no thread divides a 64-bit index.
+// Triangles of face meshes cover about one pixel each, so a thread per triangle keeps every lane
+// busy; consecutive threads take consecutive triangles of one image, which are neighbours in a
+// mesh, so their loads and atomics land in nearby cache lines. zbuf (B, H, W) is initialised to
+// all ones by the caller.
+extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V,
+                                         int T, int H, int W, int cull, unsigned long long* __restrict__ zbuf) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) rasterize_triangle(pos + (long long)b * V, i0, i1, i2, t, H, W,
+                                                                       cull, zbuf + (long long)b * H * W);
 }
 
 // Perspective-correct barycentrics of pixel NDC (X, Y): with a_k = (x_k - X w_k, y_k - Y w_k),
@@ -154,26 +160,29 @@ __device__ __forceinline__ int channels(int n_ch) {
     return C > 0 ? C : n_ch;
 }
 
-// One thread per pixel (flat index over B*H*W, so a warp reads 32 consecutive keys): unpack the
-// winning triangle, recompute its perspective-correct barycentrics from the clip positions, decode
-// the depth from the key, and (C != 0) interpolate the attributes in the same pass, which saves a
-// launch and a round trip of tri_id and bary through memory. C > 0: that many channels, known at
-// compile time; C == -1: n_ch channels; C == 0: no attributes (attr and out are not touched).
-template <int C>
-__global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __restrict__ tri,
-                                  const unsigned long long* __restrict__ zbuf, int B, int V, int T, int H, int W,
-                                  const float* __restrict__ attr, int n_ch, int attr_batched,
-                                  int* __restrict__ tri_id, float2* __restrict__ bary, float* __restrict__ depth,
-                                  float* __restrict__ out) {
-    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long hw = (long long)H * W;
-    if (p >= (long long)B * hw) return;
-    int b = (int)(p / hw);
-    int rem = (int)(p - (long long)b * hw);
-    int i = rem / W;
-    int j = rem - i * W;
-    int nc = channels<C>(n_ch);
+// Per-pixel kernels run on a 2-D grid: x over the H*W pixels of an image (blocks of 256, so a warp
+// reads 32 consecutive pixels of one row), y over images (a strided loop past 65535 images), so no
+// thread divides a 64-bit index. PIXEL_LOOP opens that loop and names p (flat pixel index), b, i, j.
+#define PIXEL_LOOP                                                 \
+    int q = blockIdx.x * blockDim.x + threadIdx.x;                 \
+    int hw = H * W;                                                \
+    if (q >= hw) return;                                           \
+    int i = q / W;                                                 \
+    int j = q - i * W;                                             \
+    for (int b = blockIdx.y; b < B; b += gridDim.y)
 
+// The resolve of one pixel: unpack the winning triangle, recompute its perspective-correct
+// barycentrics from the clip positions, decode the depth from the key, and (C != 0) interpolate
+// the attributes in the same pass, which saves a launch and a round trip of tri_id and bary
+// through memory. C > 0: that many channels, known at compile time; C == -1: n_ch channels;
+// C == 0: no attributes (attr and out are not touched).
+template <int C>
+__device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                              const unsigned long long* __restrict__ zbuf, int V, int T, int H,
+                                              int W, const float* __restrict__ attr, int nc, int attr_batched,
+                                              int* __restrict__ tri_id, float2* __restrict__ bary,
+                                              float* __restrict__ depth, float* __restrict__ out, int b, int i,
+                                              int j, long long p) {
     unsigned long long key = zbuf[p];
     unsigned int t = (unsigned int)(key & 0xFFFFFFFFull);
     int i0 = -1, i1 = -1, i2 = -1;
@@ -213,6 +222,20 @@ __global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __r
     }
 }
 
+// One thread per pixel (see PIXEL_LOOP for the launch shape): keys -> Raster arrays (+ attributes).
+template <int C>
+__global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                  const unsigned long long* __restrict__ zbuf, int B, int V, int T, int H, int W,
+                                  const float* __restrict__ attr, int n_ch, int attr_batched,
+                                  int* __restrict__ tri_id, float2* __restrict__ bary, float* __restrict__ depth,
+                                  float* __restrict__ out) {
+    int nc = channels<C>(n_ch);
+    PIXEL_LOOP {
+        resolve_pixel<C>(pos, tri, zbuf, V, T, H, W, attr, nc, attr_batched, tri_id, bary, depth, out, b, i, j,
+                         (long long)b * hw + q);
+    }
+}
+
 // Adds (gx, gy, 0, gw) to a vertex's float4 gradient: one vector atomic on sm_90 and later
 // (one L2 operation instead of three), three scalar ones before.
 __device__ __forceinline__ void add_pos_grad(float4* g, float gx, float gy, float gw) {
@@ -246,25 +269,18 @@ __device__ __forceinline__ void bary_grad_to_pos(const PixelBary& r, float gu, f
     add_pos_grad(gp2, g2x, g2y, -(X * g2x + Y * g2y));
 }
 
-// One thread per pixel: recompute the pixel's (c0, c1, s) from the clip positions and scatter
-// d(u, v)/d(x, y, w) times grad_bary into grad_pos (a cupy.zeros buffer) with atomics, since
-// neighbouring pixels share vertices. Empty pixels and zero gradients cost no atomics.
-extern "C" __global__ void rasterize_bwd(const float4* __restrict__ pos, const int* __restrict__ tri,
-                                         const int* __restrict__ tri_id, const float2* __restrict__ grad_bary,
-                                         int B, int V, int T, int H, int W, float4* __restrict__ grad_pos) {
-    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long hw = (long long)H * W;
-    if (p >= (long long)B * hw) return;
+// The backward of one pixel's barycentrics: recompute (c0, c1, s) from the clip positions and
+// scatter d(u, v)/d(x, y, w) times grad_bary into grad_pos.
+__device__ __forceinline__ void bary_bwd_pixel(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                               const int* __restrict__ tri_id, const float2* __restrict__ grad_bary,
+                                               int V, int T, int H, int W, float4* __restrict__ grad_pos, int b,
+                                               int i, int j, long long p) {
     int t = tri_id[p];
     if (t < 0 || t >= T) return;
     float2 g = grad_bary[p];
     if (g.x == 0.0f && g.y == 0.0f) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
     if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    int b = (int)(p / hw);
-    int rem = (int)(p - (long long)b * hw);
-    int i = rem / W;
-    int j = rem - i * W;
     float X = (float)(2 * j + 1 - W) / (float)W;
     float Y = (float)(H - 2 * i - 1) / (float)H;
     const float4* pb = pos + (long long)b * V;
@@ -274,29 +290,29 @@ extern "C" __global__ void rasterize_bwd(const float4* __restrict__ pos, const i
     bary_grad_to_pos(r, g.x, g.y, X, Y, gb + i0, gb + i1, gb + i2);
 }
 
-// The fused backward of rasterize_resolve<C>: one thread per pixel forms grad_bary from grad_out
-// and the attributes in registers (never storing it), scatters u, v, 1-u-v times grad_out into
-// grad_attr, then the barycentric gradient into grad_pos, both with atomics into cupy.zeros
-// buffers. Saves a launch and a write and read of grad_bary against interpolate_bwd +
-// rasterize_bwd. C as in rasterize_resolve (here C != 0).
+// One thread per pixel (see PIXEL_LOOP): grad_bary -> grad_pos (a cupy.zeros buffer), with
+// atomics since neighbouring pixels share vertices. Empty pixels and zero gradients cost none.
+extern "C" __global__ void rasterize_bwd(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                         const int* __restrict__ tri_id, const float2* __restrict__ grad_bary,
+                                         int B, int V, int T, int H, int W, float4* __restrict__ grad_pos) {
+    PIXEL_LOOP {
+        bary_bwd_pixel(pos, tri, tri_id, grad_bary, V, T, H, W, grad_pos, b, i, j, (long long)b * hw + q);
+    }
+}
+
+// The fused backward of one pixel of rasterize_resolve<C>: form grad_bary from grad_out and the
+// attributes in registers (never storing it), scatter u, v, 1-u-v times grad_out into grad_attr,
+// then the barycentric gradient into grad_pos.
 template <int C>
-__global__ void rasterize_interpolate_bwd(const float4* __restrict__ pos, const int* __restrict__ tri,
-                                          const float* __restrict__ attr, const int* __restrict__ tri_id,
-                                          const float* __restrict__ grad_out, int B, int V, int T, int H, int W,
-                                          int n_ch, int attr_batched, float4* __restrict__ grad_pos,
-                                          float* __restrict__ grad_attr) {
-    long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long hw = (long long)H * W;
-    if (p >= (long long)B * hw) return;
+__device__ __forceinline__ void interp_bwd_pixel(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                                 const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                                 const float* __restrict__ grad_out, int V, int T, int H, int W,
+                                                 int nc, int attr_batched, float4* __restrict__ grad_pos,
+                                                 float* __restrict__ grad_attr, int b, int i, int j, long long p) {
     int t = tri_id[p];
     if (t < 0 || t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
     if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    int nc = channels<C>(n_ch);
-    int b = (int)(p / hw);
-    int rem = (int)(p - (long long)b * hw);
-    int i = rem / W;
-    int j = rem - i * W;
     float X = (float)(2 * j + 1 - W) / (float)W;
     float Y = (float)(H - 2 * i - 1) / (float)H;
     const float4* pb = pos + (long long)b * V;
@@ -328,4 +344,20 @@ __global__ void rasterize_interpolate_bwd(const float4* __restrict__ pos, const 
     if (gu == 0.0f && gv == 0.0f) return;
     float4* gb = grad_pos + (long long)b * V;
     bary_grad_to_pos(r, gu, gv, X, Y, gb + i0, gb + i1, gb + i2);
+}
+
+// One thread per pixel (see PIXEL_LOOP): the backward of rasterize_resolve<C> (C != 0) to positions
+// and attributes, both by atomics into cupy.zeros buffers. Saves a launch and a write and read of
+// grad_bary against interpolate_bwd + rasterize_bwd.
+template <int C>
+__global__ void rasterize_interpolate_bwd(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                          const float* __restrict__ attr, const int* __restrict__ tri_id,
+                                          const float* __restrict__ grad_out, int B, int V, int T, int H, int W,
+                                          int n_ch, int attr_batched, float4* __restrict__ grad_pos,
+                                          float* __restrict__ grad_attr) {
+    int nc = channels<C>(n_ch);
+    PIXEL_LOOP {
+        interp_bwd_pixel<C>(pos, tri, attr, tri_id, grad_out, V, T, H, W, nc, attr_batched, grad_pos, grad_attr, b, i,
+                            j, (long long)b * hw + q);
+    }
 }

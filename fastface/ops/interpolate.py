@@ -10,8 +10,8 @@ import numpy as np
 from numba import prange
 
 from fastface import _checks
-from fastface._backend import array_module, cuda_module, grid_1d
-from fastface.ops.rasterize import _as_gpu_input, _check_attr, _check_raster, _check_tri_id_range
+from fastface._backend import array_module, cuda_module
+from fastface.ops.rasterize import _as_gpu_input, _check_attr, _check_raster, _check_tri_id_range, _grid_2d
 
 __all__ = ["interpolate", "interpolate_backward"]
 
@@ -165,7 +165,7 @@ def interpolate(attr, raster, tri):
         tri_id = cupy.ascontiguousarray(raster.tri_id)
         bary = _as_gpu_input(raster.bary, cupy)
         out = cupy.empty((B, H, W, C), dtype=cupy.float32)
-        grid, block = grid_1d(B * H * W, 256)
+        grid, block = _grid_2d(H * W, B)
         _gpu_kernel(_channels_name("interpolate_fwd", C))(
             grid, block, (attr, tri_id, bary, tri, np.int32(B), np.int32(attr.shape[-2]), np.int32(tri.shape[0]),
                           np.int32(H), np.int32(W), np.int32(C), np.int32(attr.ndim == 3), out))
@@ -203,7 +203,7 @@ def interpolate_backward(attr, raster, tri, grad_out):
         grad_out = _as_gpu_input(grad_out, cupy)
         grad_attr = cupy.zeros(attr.shape, dtype=cupy.float32)
         grad_bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
-        grid, block = grid_1d(B * H * W, 256)
+        grid, block = _grid_2d(H * W, B)
         _gpu_kernel(_channels_name("interpolate_bwd", C))(
             grid, block, (attr, tri_id, bary, tri, grad_out, np.int32(B), np.int32(V), np.int32(tri.shape[0]),
                           np.int32(H), np.int32(W), np.int32(C), np.int32(attr.ndim == 3), grad_attr, grad_bary))

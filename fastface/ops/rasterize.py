@@ -49,7 +49,7 @@ import numpy as np
 from numba import prange
 
 from fastface import _checks
-from fastface._backend import array_module, cuda_module, grid_1d
+from fastface._backend import array_module, cuda_module
 
 __all__ = [
     "Raster", "rasterize", "rasterize_backward", "rasterize_interpolate", "rasterize_interpolate_backward",
@@ -461,33 +461,35 @@ def _template_channels(C):
     return C if C in _GPU_CHANNELS else -1
 
 
-def _rasterize_gpu(pos, tri, H, W, cull, attr):
+def _grid_2d(n, B, block=256):
+    """(grid, block) of the kernels' 2-D launch: x covers n items of one image, y the images
+    (at most 65535; the kernels loop past it)."""
+    return ((n + block - 1) // block, min(B, 65535)), (block,)
+
+
+def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
     import cupy  # noqa: PLC0415
 
-    B, V = pos.shape[0], pos.shape[1]
     T = tri.shape[0]
     zbuf = cupy.empty((B, H, W), dtype=cupy.uint64)
     cupy.cuda.runtime.memsetAsync(zbuf.data.ptr, 0xFF, zbuf.nbytes, cupy.cuda.get_current_stream().ptr)
-    n = B * T
-    grid, block = grid_1d(n, 256)
-    _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, np.int32(B), np.int32(V), np.int32(T), np.int32(H),
-                                                np.int32(W), np.int32(bool(cull)), zbuf))
+    b, v, t, h, w = np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W)
+    grid, block = _grid_2d(T, B)
+    _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
     tri_id = cupy.empty((B, H, W), dtype=cupy.int32)
     bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
     depth = cupy.empty((B, H, W), dtype=cupy.float32)
     if attr is None:
         C, attr_batched, out, name = 0, 0, None, "rasterize_resolve<0>"
-        attr_arg = zbuf  # never read when C == 0
     else:
         C = attr.shape[-1]
         attr_batched = int(attr.ndim == 3)
         out = cupy.empty((B, H, W, C), dtype=cupy.float32)
         name = f"rasterize_resolve<{_template_channels(C)}>"
-        attr_arg = attr
-    grid, block = grid_1d(B * H * W, 256)
-    _gpu_kernel(name)(grid, block, (pos, tri, zbuf, np.int32(B), np.int32(V), np.int32(T), np.int32(H),
-                                    np.int32(W), attr_arg, np.int32(C), np.int32(attr_batched),
-                                    tri_id, bary, depth, out if out is not None else depth))
+    grid, block = _grid_2d(H * W, B)
+    # With C == 0 the kernel touches neither attr nor out: any pointer will do.
+    _gpu_kernel(name)(grid, block, (pos, tri, zbuf, b, v, t, h, w, zbuf if attr is None else attr, np.int32(C),
+                                    np.int32(attr_batched), tri_id, bary, depth, depth if out is None else out))
     return Raster(tri_id, bary, depth), out
 
 
@@ -540,14 +542,16 @@ def _rasterize(pos, tri, resolution, cull_backfaces, attr):
     xp = array_module(("pos", pos), ("tri", tri), ("attr", attr))
     H, W = _checks.check_resolution("resolution", resolution)
     batched = _check_pos_tri(pos, tri, xp)
-    pos3 = pos if batched else pos[None]
-    B, V = pos3.shape[0], pos3.shape[1]
+    B = pos.shape[0] if batched else 1
+    V = pos.shape[-2]
     if attr is not None:
         _check_attr(attr, B, V, pos.dtype, xp)
     if xp is not np:
+        # No (1, V, 4) view for unbatched positions: the kernels only need B, and a cupy view
+        # costs microseconds on the batch-of-one path.
         attr_g = None if attr is None else _as_gpu_input(attr, xp)
-        return _rasterize_gpu(_as_gpu_input(pos3, xp), _as_gpu_input(tri, xp), H, W, cull_backfaces, attr_g)
-    pos3 = np.ascontiguousarray(pos3)
+        return _rasterize_gpu(_as_gpu_input(pos, xp), _as_gpu_input(tri, xp), B, V, H, W, cull_backfaces, attr_g)
+    pos3 = np.ascontiguousarray(pos if batched else pos[None])
     tri = np.ascontiguousarray(tri)
     if attr is None:
         attr3 = np.zeros((1, V, 0), pos.dtype)
@@ -660,7 +664,7 @@ def _rasterize_backward_gpu(pos3, tri, raster, grad_bary, attr, grad_out):
     H, W = raster.tri_id.shape[1:]
     tri_id = cupy.ascontiguousarray(raster.tri_id)
     grad_pos = cupy.zeros((B, V, 4), dtype=cupy.float32)
-    grid, block = grid_1d(B * H * W, 256)
+    grid, block = _grid_2d(H * W, B)
     dims = (np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W))
     if attr is None:
         grad_bary = _as_gpu_input(grad_bary, cupy)
