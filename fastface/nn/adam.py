@@ -1,0 +1,211 @@
+"""Adam with bias correction, decoupled weight decay and clipping by global norm.
+
+For every parameter p with gradient g, at step t (1, 2, ...):
+    g <- g * min(1, clip_norm / ||G||)       ||G|| the norm of all gradients together (optional)
+    m <- beta1 m + (1 - beta1) g
+    v <- beta2 v + (1 - beta2) g^2
+    p <- p (1 - lr weight_decay) - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+(Kingma & Ba 2015, Algorithm 1; the decay as in AdamW, Loshchilov & Hutter 2019.)
+A step whose gradient norm is not finite (an fp16 overflow) changes nothing but the step count.
+
+Speed: the parameters of a network live in one flat buffer with views (`Encoder.flat_params`),
+so a step is two launches whatever the number of tensors: `adam_prepare` (per-block partial sums
+of g^2, and the step counter) and `adam_update` (every block reduces the partials in the same
+order, then updates its share of p, m, v and the float16 shadow weights of the fp16 mode). The
+step count, learning rate and norm live on the device, so a whole training step can be captured
+in a CUDA graph (`Encoder.capture`).
+"""
+import numba
+import numpy as np
+
+from fastface._backend import array_module, cuda_module, is_cupy_array
+
+__all__ = ["Adam"]
+
+_N_PARTS = 256   # partial sums of g^2 in all; must be <= ADAM_THREADS
+_THREADS = 256   # ADAM_THREADS in kernels/nn_adam.cu
+_UPDATE_BLOCKS = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernels (Numba twins of kernels/nn_adam.cu, same argument order)
+
+@numba.njit(cache=True)
+def adam_prepare(grad, n, partial, step):
+    """partial[k] = sum of g^2 over the k-th of len(partial) interleaved shares; step += 1."""
+    n_parts = partial.shape[0]
+    for k in range(n_parts):
+        acc = 0.0
+        for i in range(k, n, n_parts):
+            acc += grad[i] * grad[i]
+        partial[k] = acc
+    step[0] += 1
+
+
+@numba.njit(cache=True)
+def adam_update(param, grad, m, v, shadow, n, partial, n_parts, step, hyper):
+    """The update of every element (shadow is unused on the CPU: there is no float16 mode)."""
+    norm = np.sqrt(partial[:n_parts].sum())
+    if not np.isfinite(norm):
+        return
+    lr, beta1, beta2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
+    weight_decay, clip_norm = hyper[4], hyper[5]
+    clip = clip_norm / norm if (clip_norm > 0.0 and norm > clip_norm) else 1.0
+    t = step[0]
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    decay = 1.0 - lr * weight_decay
+    for i in range(n):
+        g = grad[i] * clip
+        mi = beta1 * m[i] + (1.0 - beta1) * g
+        vi = beta2 * v[i] + (1.0 - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        param[i] = param[i] * decay - lr * (mi / bc1) / (np.sqrt(vi / bc2) + eps)
+    _ = shadow
+
+
+def _module():
+    return cuda_module("nn_adam.cu")
+
+
+class Adam:
+    """Adam over a model's parameters, updated in place.
+
+        opt = Adam(encoder, lr=1e-3, weight_decay=1e-4, clip_norm=1.0)
+        encoder.forward(x); encoder.backward(grad_y); opt.step()
+
+    Args:
+        params: an object with `flat_params` and `flat_grads` (one flat buffer each, such as
+            `Encoder`; one fused update), or a dict name -> array of parameters (updated in place;
+            one update per array) whose gradients are passed to `step`.
+        lr, betas, eps: Adam's hyperparameters.
+        weight_decay: decoupled decay rate (AdamW); 0 turns it off.
+        clip_norm: clip the gradients to this global L2 norm; None turns it off.
+
+    The state (m, v, step count) lives on the device of the parameters. Move the model first,
+    then make the optimizer.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_norm=None):
+        beta1, beta2 = (float(b) for b in betas)
+        for name, value, ok in (("lr", lr, lr > 0), ("betas", betas, 0 <= beta1 < 1 and 0 <= beta2 < 1),
+                                ("eps", eps, eps > 0), ("weight_decay", weight_decay, weight_decay >= 0),
+                                ("clip_norm", clip_norm, clip_norm is None or clip_norm > 0)):
+            if not ok:
+                raise ValueError(f"{name} is out of range; got {value!r}")
+        self._model = None
+        if hasattr(params, "flat_params") and hasattr(params, "flat_grads"):
+            self._model = params
+            self._names = None
+            groups = [params.flat_params]
+        elif isinstance(params, dict) and params:
+            self._names = list(params)
+            groups = [params[k] for k in self._names]
+        else:
+            raise TypeError("params must be a model with flat_params and flat_grads (an Encoder) or a "
+                            f"non-empty dict of arrays; got {type(params).__name__}")
+        xp = array_module(*[(f"params[{i}]", g) for i, g in enumerate(groups)])
+        for i, g in enumerate(groups):
+            if g.dtype not in (np.float32, np.float64) or (xp is not np and g.dtype != np.float32):
+                raise TypeError(f"parameter {i} must be float32 (or float64 on the CPU); got {g.dtype}")
+            if not g.flags.c_contiguous:
+                raise ValueError(f"parameter {i} must be C-contiguous (it is updated in place)")
+        self._xp = xp
+        self._params = groups
+        self.m = [xp.zeros_like(g) for g in groups]
+        self.v = [xp.zeros_like(g) for g in groups]
+        dtype = groups[0].dtype
+        if len(groups) > _N_PARTS:
+            raise ValueError(f"at most {_N_PARTS} parameter arrays; got {len(groups)}")
+        # The norm is reduced from at most _N_PARTS partial sums (one block of adam_update).
+        self._parts_per_group = _N_PARTS // len(groups)
+        self._partial = xp.zeros(_N_PARTS, dtype=dtype)
+        self._step = xp.zeros(1, dtype=np.int32)
+        self._hyper = np.array([lr, beta1, beta2, eps, weight_decay, clip_norm or 0.0], dtype=dtype)
+        self._hyper_dev = xp.asarray(self._hyper)
+        self._steps_host = 0
+
+    # -- hyperparameters -------------------------------------------------------------------
+    @property
+    def lr(self):
+        return float(self._hyper[0])
+
+    @lr.setter
+    def lr(self, value):
+        """Takes effect at the next step, also inside a captured CUDA graph (it is read on the device)."""
+        if not value > 0:
+            raise ValueError(f"lr must be positive; got {value!r}")
+        self._hyper[0] = value
+        self._hyper_dev[...] = self._xp.asarray(self._hyper)
+
+    @property
+    def steps(self):
+        """Steps taken through `step` (graph replays of a captured step are not counted here)."""
+        return self._steps_host
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self, grads=None):
+        """One update of every parameter.
+
+        Args:
+            grads: None when the optimizer was made from a model (its flat_grads are used),
+                else a dict with the same keys, shapes and dtypes as the params dict.
+        """
+        if self._model is not None:
+            if grads is not None:
+                raise ValueError("grads must be None for an optimizer made from a model (it reads "
+                                 "model.flat_grads)")
+            shadow = getattr(self._model, "_flat_half", None)
+            pairs = [(self._model.flat_params, self._model.flat_grads, shadow)]
+            if self._model.flat_params is not self._params[0]:
+                raise RuntimeError("the model's parameters moved (to() was called) after the optimizer "
+                                   "was made; make a new optimizer")
+        else:
+            if not isinstance(grads, dict) or set(grads) != set(self._names):
+                raise ValueError(f"grads must be a dict with the keys {sorted(self._names)}")
+            pairs = []
+            for name, p in zip(self._names, self._params):
+                g = grads[name]
+                array_module(("params", p), (f"grads[{name!r}]", g))
+                if tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
+                    raise ValueError(f"grads[{name!r}] must be {p.dtype} {tuple(p.shape)}; got "
+                                     f"{g.dtype} {tuple(g.shape)}")
+                pairs.append((p, self._xp.ascontiguousarray(g), None))
+        self._launch(pairs)
+        self._steps_host += 1
+        if self._model is not None and hasattr(self._model, "_adam_wrote_shadow"):
+            self._model._adam_wrote_shadow()
+
+    def _launch(self, pairs):
+        """prepare for every group (the partials of all groups make the global norm), then update."""
+        xp = self._xp
+        per = self._parts_per_group
+        n_parts = len(pairs) * per
+        if xp is np:
+            for i, (p, g, _) in enumerate(pairs):
+                step = self._step if i == 0 else self._scratch_step()
+                adam_prepare(g.reshape(-1), g.size, self._partial[i * per:(i + 1) * per], step)
+            for i, (p, g, _) in enumerate(pairs):
+                adam_update(p.reshape(-1), g.reshape(-1), self.m[i].reshape(-1), self.v[i].reshape(-1),
+                            p.reshape(-1), p.size, self._partial, n_parts, self._step, self._hyper)
+            return
+        mod = _module()
+        prepare, update = mod.get_function("adam_prepare"), mod.get_function("adam_update")
+        # Only the first group's prepare advances the real step counter.
+        for i, (p, g, _) in enumerate(pairs):
+            prepare((per,), (_THREADS,), (g, np.int64(g.size), self._partial[i * per:(i + 1) * per],
+                                          self._step if i == 0 else self._scratch_step()))
+        for i, (p, g, shadow) in enumerate(pairs):
+            blocks = int(min(_UPDATE_BLOCKS, max(1, (p.size + _THREADS - 1) // _THREADS)))
+            update((blocks,), (_THREADS,), (p, g, self.m[i], self.v[i], shadow, np.int64(p.size),
+                                            self._partial, np.int32(n_parts), self._step, self._hyper_dev))
+
+    def _scratch_step(self):
+        if not hasattr(self, "_scratch"):
+            self._scratch = self._xp.zeros(1, dtype=np.int32)
+        return self._scratch
+
+    def state_arrays(self):
+        """(m list, v list, step) for checkpoints; step is a (1,) int32 array on the device."""
+        return self.m, self.v, self._step

@@ -1,0 +1,124 @@
+"""Adam: against a plain numpy transcription of the formula, clipping, skipping, GPU parity."""
+import numpy as np
+import pytest
+
+from fastface.nn import Adam, Encoder
+
+
+def adam_reference(params, grads_per_step, lr, betas, eps, weight_decay, clip_norm):
+    """Kingma & Ba's Algorithm 1 with AdamW's decay and clipping by global norm, in float64."""
+    p = {k: np.array(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    b1, b2 = betas
+    for t, grads in enumerate(grads_per_step, start=1):
+        norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
+        c = min(1.0, clip_norm / norm) if clip_norm else 1.0
+        for k in p:
+            g = np.asarray(grads[k], np.float64) * c
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            mhat, vhat = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
+            p[k] = p[k] * (1 - lr * weight_decay) - lr * mhat / (np.sqrt(vhat) + eps)
+    return p
+
+
+@pytest.mark.parametrize("weight_decay,clip_norm", [(0.0, None), (0.1, 0.5)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adam_on_a_dict_matches_reference(rng, weight_decay, clip_norm, dtype):
+    params = {"a": rng.normal(size=(3, 4)).astype(dtype), "b": rng.normal(size=5).astype(dtype)}
+    start = {k: v.copy() for k, v in params.items()}
+    steps = [{k: rng.normal(size=v.shape).astype(dtype) for k, v in params.items()} for _ in range(5)]
+    opt = Adam(params, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay, clip_norm=clip_norm)
+    for grads in steps:
+        opt.step(grads)
+    ref = adam_reference(start, steps, 0.01, (0.8, 0.95), 1e-6, weight_decay, clip_norm)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for k in params:
+        np.testing.assert_allclose(params[k], ref[k], rtol=rtol, atol=rtol)
+    assert opt.steps == 5
+
+
+def test_adam_on_an_encoder_updates_the_flat_buffer_like_the_reference(rng):
+    enc = Encoder(3, resolution=8, widths=(4,), stem_width=4, precision="float64")
+    start = {k: v.copy() for k, v in enc.params.items()}
+    opt = Adam(enc, lr=0.003, weight_decay=0.01, clip_norm=1.0)
+    steps = []
+    for _ in range(3):
+        enc.flat_grads[...] = 0.0
+        for k, g in enc.grads.items():
+            g[...] = rng.normal(size=g.shape)
+        steps.append({k: g.copy() for k, g in enc.grads.items()})
+        opt.step()
+    ref = adam_reference(start, steps, 0.003, (0.9, 0.999), 1e-8, 0.01, 1.0)
+    for k in enc.params:
+        np.testing.assert_allclose(enc.params[k], ref[k], rtol=1e-12, atol=1e-14)
+
+
+def test_adam_skips_a_step_with_non_finite_gradients(rng):
+    params = {"a": rng.normal(size=4)}
+    before = params["a"].copy()
+    opt = Adam(params, lr=0.1)
+    opt.step({"a": np.array([1.0, np.inf, 0.0, 0.0])})
+    np.testing.assert_array_equal(params["a"], before)
+    np.testing.assert_array_equal(opt.m[0], 0.0)
+
+
+def test_adam_lr_can_change_between_steps(rng):
+    params = {"a": np.zeros(3)}
+    opt = Adam(params, lr=0.1)
+    opt.lr = 0.01
+    opt.step({"a": np.ones(3)})
+    np.testing.assert_allclose(params["a"], -0.01 * np.ones(3), rtol=1e-6)
+
+
+def test_adam_rejects_bad_arguments(rng):
+    params = {"a": np.zeros(3)}
+    with pytest.raises(ValueError, match="lr"):
+        Adam(params, lr=0.0)
+    with pytest.raises(ValueError, match="betas"):
+        Adam(params, betas=(1.0, 0.9))
+    with pytest.raises(TypeError, match="params must be"):
+        Adam([np.zeros(3)])
+    opt = Adam(params)
+    with pytest.raises(ValueError, match="grads must be a dict"):
+        opt.step({"b": np.zeros(3)})
+    with pytest.raises(ValueError, match="grads\\['a'\\] must be"):
+        opt.step({"a": np.zeros(4)})
+
+
+def test_gpu_adam_matches_cpu(cupy, rng, tol):
+    cpu = Encoder(3, resolution=16, widths=(8, 16), stem_width=8)
+    gpu = Encoder(3, resolution=16, widths=(8, 16), stem_width=8).to("gpu")
+    opt_cpu = Adam(cpu, lr=0.01, weight_decay=0.01, clip_norm=0.5)
+    opt_gpu = Adam(gpu, lr=0.01, weight_decay=0.01, clip_norm=0.5)
+    for _ in range(3):
+        g = rng.normal(size=cpu.flat_grads.shape).astype(np.float32)
+        cpu.flat_grads[...] = g
+        gpu.flat_grads[...] = cupy.asarray(g)
+        opt_cpu.step()
+        opt_gpu.step()
+    np.testing.assert_allclose(gpu.flat_params.get(), cpu.flat_params, rtol=tol["gpu_cpu_rtol"] * 10,
+                               atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(opt_gpu.m[0].get(), opt_cpu.m[0], rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+
+
+def test_gpu_adam_writes_the_float16_shadow_weights(cupy, rng):
+    enc = Encoder(3, resolution=16, widths=(8,), stem_width=8, precision="float16").to("gpu")
+    opt = Adam(enc, lr=0.01)
+    enc.flat_grads[...] = cupy.asarray(rng.normal(size=enc.flat_grads.shape).astype(np.float32))
+    opt.step()
+    np.testing.assert_array_equal(enc._flat_half.get(), enc.flat_params.get().astype(np.float16))
+
+
+def test_gpu_adam_on_a_dict_matches_reference(cupy, rng):
+    params = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    start = {k: v.copy() for k, v in params.items()}
+    steps = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(3)]
+    gpu_params = {k: cupy.asarray(v) for k, v in params.items()}
+    opt = Adam(gpu_params, lr=0.01, clip_norm=0.5)
+    for grads in steps:
+        opt.step({k: cupy.asarray(g) for k, g in grads.items()})
+    ref = adam_reference(start, steps, 0.01, (0.9, 0.999), 1e-8, 0.0, 0.5)
+    for k in params:
+        np.testing.assert_allclose(gpu_params[k].get(), ref[k], rtol=1e-5, atol=1e-6)
