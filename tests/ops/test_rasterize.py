@@ -503,3 +503,139 @@ def test_bad_inputs_raise_naming_the_argument():
         rasterize_interpolate(pos, tri, res, colors.astype(np.float64))
     with pytest.raises(ValueError, match="grad_out must have shape"):
         rasterize_interpolate_backward(pos, tri, colors, raster, np.zeros((2, 8, 8, 2), np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA sources, emulated on the host: compiled as C++ with a small shim (blockIdx & co. as
+# globals, sequential atomics) and run over the same grid the Python side launches, they must give
+# the Numba twins' numbers bit for bit in the forward pass (same float32 operations in the same
+# order, no contraction) and up to summation order in the backward. This catches a logic slip in a
+# kernel on machines without a GPU; the GPU tests above check the real thing.
+# ------------------------------------------------------------------------------------------------
+
+_EMU_SHIM = r"""
+#include <cmath>
+#include <math.h>
+#include <cstring>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct dim3 { int x, y, z; };
+static dim3 blockIdx, blockDim, threadIdx, gridDim;
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) { auto o = *p; if (v < o) *p = v; return o; }
+inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
+using std::isfinite;
+#include "rasterize.cu"
+namespace interp {
+#undef PIXEL_LOOP
+#include "interpolate.cu"
+}
+template <class F> void launch(int n, int gy, F f) {
+    blockDim = {256, 1, 1}; gridDim = {(n + 255) / 256, gy, 1};
+    for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gridDim.x; ++bx) for (int tx = 0; tx < 256; ++tx) {
+        blockIdx = {bx, by, 0}; threadIdx = {tx, 0, 0}; f();
+    }
+}
+extern "C" {
+void emu_rasterize(const float4* pos, const int* tri, int B, int V, int T, int H, int W, int cull,
+                   unsigned long long* zbuf, const float* attr, int C, int ab, int* tri_id, float2* bary,
+                   float* depth, float* out, int gy) {
+    for (long long k = 0; k < (long long)B * H * W; ++k) zbuf[k] = ~0ull;
+    launch(T, gy, [&] { rasterize_fwd(pos, tri, B, V, T, H, W, cull, zbuf); });
+    launch(H * W, gy, [&] {
+        if (C == 0) rasterize_resolve<0>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
+        else if (C == 3) rasterize_resolve<3>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
+        else rasterize_resolve<-1>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
+    });
+}
+void emu_backward(const float4* pos, const int* tri, const float* attr, const int* tri_id, const float2* bary,
+                  const float* grad_out, const float2* grad_bary, int B, int V, int T, int H, int W, int C, int ab,
+                  float4* grad_pos, float* grad_attr, float4* grad_pos_fused, float* grad_attr_fused,
+                  float* out, float2* grad_bary_out, int gy) {
+    launch(H * W, gy, [&] { rasterize_bwd(pos, tri, tri_id, grad_bary, B, V, T, H, W, grad_pos); });
+    launch(H * W, gy, [&] {
+        if (C == 3) rasterize_interpolate_bwd<3>(pos, tri, attr, tri_id, grad_out, B, V, T, H, W, C, ab, grad_pos_fused, grad_attr_fused);
+        else rasterize_interpolate_bwd<-1>(pos, tri, attr, tri_id, grad_out, B, V, T, H, W, C, ab, grad_pos_fused, grad_attr_fused);
+    });
+    launch(H * W, gy, [&] {
+        if (C == 3) interp::interpolate_fwd<3>(attr, tri_id, bary, tri, B, V, T, H, W, C, ab, out);
+        else interp::interpolate_fwd<-1>(attr, tri_id, bary, tri, B, V, T, H, W, C, ab, out);
+    });
+    launch(H * W, gy, [&] {
+        if (C == 3) interp::interpolate_bwd<3>(attr, tri_id, bary, tri, grad_out, B, V, T, H, W, C, ab, grad_attr, grad_bary_out);
+        else interp::interpolate_bwd<-1>(attr, tri_id, bary, tri, grad_out, B, V, T, H, W, C, ab, grad_attr, grad_bary_out);
+    });
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_emulated(tmp_path_factory):
+    import ctypes
+    import pathlib
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to emulate the CUDA sources")
+    build = tmp_path_factory.mktemp("cuda_emulated")
+    (build / "emu.cpp").write_text(_EMU_SHIM)
+    kernels = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+    lib = build / "libemu.so"
+    result = subprocess.run([cxx, "-O1", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+                             f"-I{kernels}", str(build / "emu.cpp"), "-o", str(lib)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def _ptr(a):
+    import ctypes
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+@pytest.mark.parametrize("gy", [1, 2])  # 2: fewer grid rows than images, the kernels' strided loop
+def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, rng, gy):
+    lib = cuda_emulated
+    H, W = 29, 35
+    cap = spherical_cap(n=31, batch=3, seed=2)
+    soup = triangle_soup(rng, B=3, T=50)
+    soup[0][1, 7, 3] = -1.0  # a dropped triangle
+    for (pos, tri), attr, cull in (((cap[0], cap[1]), cap[2], 0), (soup, rng.uniform(size=(3, 150, 5)), 1)):
+        attr = np.ascontiguousarray(attr, dtype=np.float32)
+        B, V = pos.shape[:2]
+        T, C, ab = tri.shape[0], attr.shape[-1], int(attr.ndim == 3)
+        zbuf = np.empty((B, H, W), np.uint64)
+        tri_id, depth = np.empty((B, H, W), np.int32), np.empty((B, H, W), np.float32)
+        bary, out = np.empty((B, H, W, 2), np.float32), np.empty((B, H, W, C), np.float32)
+        lib.emu_rasterize(_ptr(pos), _ptr(tri), B, V, T, H, W, cull, _ptr(zbuf), _ptr(attr), C, ab, _ptr(tri_id),
+                          _ptr(bary), _ptr(depth), _ptr(out), gy)
+        raster, img = rasterize_interpolate(pos, tri, (H, W), attr, cull_backfaces=bool(cull))
+        np.testing.assert_array_equal(tri_id, raster.tri_id)
+        np.testing.assert_array_equal(bary, raster.bary)
+        np.testing.assert_array_equal(depth, raster.depth)
+        np.testing.assert_array_equal(out, img)
+
+        grad_out = rng.standard_normal(img.shape).astype(np.float32)
+        grad_bary = rng.standard_normal(bary.shape).astype(np.float32)
+        gp, gpf = np.zeros((B, V, 4), np.float32), np.zeros((B, V, 4), np.float32)
+        ga, gaf = np.zeros(attr.shape, np.float32), np.zeros(attr.shape, np.float32)
+        out2, gb = np.empty_like(out), np.empty_like(bary)
+        lib.emu_backward(_ptr(pos), _ptr(tri), _ptr(attr), _ptr(tri_id), _ptr(bary), _ptr(grad_out), _ptr(grad_bary),
+                         B, V, T, H, W, C, ab, _ptr(gp), _ptr(ga), _ptr(gpf), _ptr(gaf), _ptr(out2), _ptr(gb), gy)
+        np.testing.assert_array_equal(out2, interpolate(attr, raster, tri))
+        ref_ga, ref_gb = interpolate_backward(attr, raster, tri, grad_out)
+        np.testing.assert_array_equal(gb, ref_gb)
+        ref_gp, ref_gaf = rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)
+        for got, ref in ((gp, rasterize_backward(pos, tri, raster, grad_bary)), (gpf, ref_gp), (ga, ref_ga),
+                         (gaf, ref_gaf)):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
