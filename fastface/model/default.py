@@ -459,23 +459,26 @@ def _cosine_modes(x, y, n):
     return (cu[:, :, None] * cv[:, None, :]).reshape(len(x), n * n)
 
 
-def _random_smooth_fields(rng, modes, n_modes, count, k0, symmetry, xyz_scale):
-    """`count` smooth random fields (count, V, 3), finer detail as k grows; `xyz_scale` (3, 3)
-    mixes three independent random fields into the x, y, z (or R, G, B) channels.
+def _random_smooth_fields(rng, modes, n_modes, count, k0, xyz_scale, mirror_sign):
+    """`count` smooth random fields (count, V, 3), finer detail as k grows.
 
-    Most are made mirror-symmetric (faces are mostly symmetric); every fourth stays asymmetric.
+    Row i of `xyz_scale` (3, 3) is the direction (or colour) along which random field i moves.
+    Faces are mostly symmetric, so three fields in four are made mirror-symmetric, in coefficient
+    space: the mirror x -> -x maps mode (p, q) to (-1)^p times itself, so a channel whose mirror
+    image has sign `mirror_sign[c]` (-1 for a displacement's x, +1 otherwise) keeps only the modes
+    with (-1)^p equal to that sign.
     """
     p, q = np.meshgrid(np.arange(n_modes), np.arange(n_modes), indexing="ij")
-    freq2 = (p * p + q * q).ravel()
+    p, freq2 = p.ravel(), (p * p + q * q).ravel()
     s = 1.0 + 3.0 * (k0 + np.arange(count)) / 80.0
     spectrum = np.exp(-0.5 * freq2[:, None] / s[None, :] ** 2)  # (modes, count)
     coef = rng.standard_normal((n_modes * n_modes, count, 3)) * spectrum[:, :, None]
-    coef = coef @ xyz_scale  # row i of xyz_scale: the direction (or colour) random field i moves along
-    fields = (modes @ coef.reshape(n_modes * n_modes, count * 3)).reshape(-1, count, 3)  # (V, count, 3)
-    mirrored = fields[symmetry] * np.array([-1.0, 1.0, 1.0])
-    sym = (np.arange(count) % 4 != 3)[None, :, None]
-    fields = np.where(sym, 0.5 * (fields + mirrored), fields)
-    return fields.transpose(1, 0, 2)
+    coef = coef @ xyz_scale
+    parity = np.where(p % 2 == 0, 1.0, -1.0)[:, None, None]
+    symmetric = (np.arange(count) % 4 != 3)[None, :, None]
+    coef = np.where(symmetric & (parity != np.asarray(mirror_sign)[None, None, :]), 0.0, coef)
+    fields = coef.reshape(n_modes * n_modes, count * 3).T @ modes.T  # (count * 3, V)
+    return fields.reshape(count, 3, -1).transpose(0, 2, 1)
 
 
 IDENTITY_NAMES = [
@@ -663,6 +666,9 @@ def _stack(fields):
     out = np.empty((len(fields), fields[0].size))
     for k, f in enumerate(fields):
         out[k] = f.reshape(-1)
+    # Far tails of Gaussians underflow to subnormal floats, which x86 multiplies in microcode
+    # (~100x slower): the products below took seconds until these were flushed to zero.
+    out[np.abs(out) < 1e-150] = 0.0
     return out
 
 
@@ -698,8 +704,8 @@ def generate(level="default"):
 
     modes = _cosine_modes(x, y, 8)
     identity = _identity_design(pos, parts)
-    identity += list(_random_smooth_fields(rng, modes, 8, 80 - len(identity), len(identity), symmetry,
-                                           np.diag([0.7, 0.7, 1.0])))
+    identity += list(_random_smooth_fields(rng, modes, 8, 80 - len(identity), len(identity),
+                                           np.diag([0.7, 0.7, 1.0]), (-1.0, 1.0, 1.0)))
     shape_basis = _orthonormalize(_stack(identity))
     shape_std = np.array([_identity_rms(k) for k in range(80)]) * scale
 
@@ -711,7 +717,8 @@ def generate(level="default"):
     colour = _albedo_design(pos, albedo)
     # Colour fields vary along skin-like directions: lightness, redness, yellowness (the rows).
     skin_colours = np.array([[0.80, 0.60, 0.50], [0.45, -0.20, -0.25], [0.06, 0.06, -0.15]])
-    colour_fields = _random_smooth_fields(rng, modes, 8, 80 - len(colour), len(colour), symmetry, skin_colours)
+    colour_fields = _random_smooth_fields(rng, modes, 8, 80 - len(colour), len(colour), skin_colours,
+                                          (1.0, 1.0, 1.0))
     skin = 1.0 - _eye_inside(np.abs(x), y)
     colour += list(colour_fields * skin[None, :, None])
     albedo_basis = _orthonormalize(_stack(colour))
