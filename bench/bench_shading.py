@@ -204,7 +204,7 @@ def cpu_arrays():
     return make_inputs(CPU_BATCH)
 
 
-def test_cpu_copy_bandwidth(benchmark, cpu_arrays):
+def test_cpu_copy_bandwidth(benchmark):
     a = np.ones(1 << 26, dtype=np.float32)
     b = np.empty_like(a)
     benchmark.group = "host copy (256 MiB)"

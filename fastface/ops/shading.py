@@ -27,8 +27,11 @@ import math
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module
+from fastface._backend import array_module, cuda_module, grid_1d
 from fastface._checks import check_array, check_finite, check_same_batch
+# The fused kernels call normals' Numba helpers and launch its gather kernel. Numba's cache does not
+# notice edits to another module: after changing normals.py's helpers, clear the cache (or touch
+# this file) before trusting the fused CPU kernels.
 from fastface.ops import normals as _normals
 
 __all__ = ["SH_BAND_FACTORS", "sh_shade", "sh_shade_backward", "shade_vertices", "shade_vertices_backward"]
@@ -380,7 +383,7 @@ def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None)
             *_launch_shape(V, B, True),
             (v3, offsets, corners, a3, s3, g3, grad_sum, grad_albedo, grad_sh, np.int32(B), np.int32(V)))
         _normals._module().get_function("vertex_normals_bwd")(
-            *_normals.grid_1d(B * V), (v3, offsets, corners, grad_sum, grad_vertices, np.int32(B), np.int32(V)))
+            *grid_1d(B * V), (v3, offsets, corners, grad_sum, grad_vertices, np.int32(B), np.int32(V)))
     if not batched:
         return grad_vertices[0], grad_albedo[0], grad_sh[0]
     return grad_vertices, (grad_albedo[0] if albedo.ndim == 2 else grad_albedo), grad_sh

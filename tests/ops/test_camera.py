@@ -60,7 +60,8 @@ def test_rotation_backward_matches_finite_differences(rng, tol):
 def test_rigid_transform_is_r_p_plus_t(rng, shared):
     points = camera_points(rng)[0] if shared else camera_points(rng)
     rotation, translation = pose(rng)
-    expected = np.einsum("brj,bvj->bvr", rotation, np.broadcast_to(points, (2,) + points.shape[-2:])) + translation[:, None]
+    batched_points = np.broadcast_to(points, (2,) + points.shape[-2:])
+    expected = np.einsum("brj,bvj->bvr", rotation, batched_points) + translation[:, None]
     np.testing.assert_allclose(rigid_transform(points, rotation, translation), expected, rtol=1e-13, atol=1e-12)
 
 

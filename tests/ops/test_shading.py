@@ -15,7 +15,8 @@ def reference_shade(normals, albedo, sh):
     normals, albedo, sh = (np.asarray(a, dtype=np.float64) for a in (normals, albedo, sh))
     pi = math.pi
     c0, c1 = 1 / (2 * math.sqrt(pi)), math.sqrt(3) / (2 * math.sqrt(pi))
-    c2, c3, c4 = math.sqrt(15) / (2 * math.sqrt(pi)), math.sqrt(5) / (4 * math.sqrt(pi)), math.sqrt(15) / (4 * math.sqrt(pi))
+    c2, c3 = math.sqrt(15) / (2 * math.sqrt(pi)), math.sqrt(5) / (4 * math.sqrt(pi))
+    c4 = math.sqrt(15) / (4 * math.sqrt(pi))
     a0, a1, a2 = pi, 2 * pi / 3, pi / 4
     B, V = normals.shape[:2]
     albedo = np.broadcast_to(albedo, (B, V, 3))
