@@ -40,6 +40,14 @@ TOLERANCES = {
     "nn_float16_rel": 2e-2,
     # One value rounded to float16 on one side and not, or differently, on the other: one ulp.
     "float16_rtol": 1e-3,
+    # A float64 op against a float64 reference of the same formula written out slowly (or the
+    # same op through another path: unbatched, fused): only the operation order differs, ~1e-15
+    # relative; 1e-12 leaves room for mildly ill-conditioned entries.
+    "float64_reference_rtol": 1e-12,
+    "float64_reference_atol": 1e-12,
+    # A float32 op against a float64 reference on O(1) values (unit normals, colours, samples,
+    # rotations): a few float32 ulps (6e-8 each) per term over ~10 terms.
+    "float32_reference_atol": 1e-5,
 }
 
 
