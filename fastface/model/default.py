@@ -503,27 +503,28 @@ def _identity_design(pos, parts):
     brow = _gauss(ax, y, 34.0, 42.0, 22.0, 7.0)
     mouth = _gauss(ax, y, 0.0, Y_MOUTH, 26.0, 10.0)
     chin = _gauss(ax, y, 0.0, -75.0, 22.0, 14.0)
+    # Each is one standard deviation in millimetres: a plausible difference between two people.
     d = {
-        "face_width": vec(dx=x),
-        "face_length": vec(dy=y),
-        "face_depth": vec(dz=zc),
-        "jaw_width": vec(dx=x * _smoothstep(-10.0, -60.0, y)),
-        "forehead_width": vec(dx=x * _smoothstep(30.0, 70.0, y)),
-        "face_taper": vec(dx=x * y / 100.0),
-        "nose_projection": vec(dz=parts["nose"]),
-        "nose_length": vec(dy=-nose * np.clip(NASION_Y - y, 0.0, 60.0) / 3.0, dz=zero),
-        "nose_width": vec(dx=x * _gauss(ax, y, 0.0, -12.0, 18.0, 9.0)),
-        "eye_spacing": vec(dx=sx * eye * 10.0),
-        "eye_size": vec(dx=(ax - EYE_X) * sx * eye, dy=(y - EYE_Y) * eye),
-        "brow_height": vec(dy=brow * 10.0),
-        "brow_ridge": vec(dz=parts["brow_ridge"]),
-        "cheek_fullness": vec(dz=parts["cheeks"]),
-        "lip_fullness": vec(dz=parts["lips"]),
-        "mouth_width": vec(dx=x * mouth),
-        "mouth_height": vec(dy=_gauss(ax, y, 0.0, Y_MOUTH, 30.0, 18.0) * 10.0),
-        "chin_projection": vec(dz=parts["chin"] + 5.0 * chin),
-        "chin_length": vec(dy=np.clip(-50.0 - y, 0.0, None) * _smoothstep(45.0, 15.0, ax)),
-        "forehead_slope": vec(dz=-np.clip(y - 40.0, 0.0, None) ** 2 / 200.0),
+        "face_width": vec(dx=0.04 * x),
+        "face_length": vec(dy=0.04 * y),
+        "face_depth": vec(dz=0.06 * zc),
+        "jaw_width": vec(dx=0.06 * x * _smoothstep(-10.0, -60.0, y)),
+        "forehead_width": vec(dx=0.04 * x * _smoothstep(30.0, 70.0, y)),
+        "face_taper": vec(dx=0.04 * x * y / 100.0),
+        "nose_projection": vec(dz=0.15 * parts["nose"]),
+        "nose_length": vec(dy=-0.05 * nose * np.clip(NASION_Y - y, 0.0, 60.0)),
+        "nose_width": vec(dx=0.1 * x * _gauss(ax, y, 0.0, -12.0, 18.0, 9.0)),
+        "eye_spacing": vec(dx=1.5 * sx * eye),
+        "eye_size": vec(dx=0.08 * (ax - EYE_X) * sx * eye, dy=0.08 * (y - EYE_Y) * eye),
+        "brow_height": vec(dy=2.0 * brow),
+        "brow_ridge": vec(dz=0.3 * parts["brow_ridge"]),
+        "cheek_fullness": vec(dz=0.3 * parts["cheeks"]),
+        "lip_fullness": vec(dz=0.2 * parts["lips"]),
+        "mouth_width": vec(dx=0.06 * x * mouth),
+        "mouth_height": vec(dy=2.0 * _gauss(ax, y, 0.0, Y_MOUTH, 30.0, 18.0)),
+        "chin_projection": vec(dz=0.25 * parts["chin"] + 1.5 * chin),
+        "chin_length": vec(dy=0.08 * np.clip(-50.0 - y, 0.0, None) * _smoothstep(45.0, 15.0, ax)),
+        "forehead_slope": vec(dz=-0.3 * np.clip(y - 40.0, 0.0, None) ** 2 / 200.0),
     }
     return [d[name] for name in IDENTITY_NAMES]
 
@@ -638,19 +639,20 @@ def _albedo_design(pos, albedo):
     def rgb(weight, colour):
         return weight[:, None] * np.asarray(colour)[None, :]
 
+    # Each is one standard deviation of linear RGB: a plausible difference between two people.
     d = {
-        "skin_brightness": albedo * skin[:, None],
-        "skin_redness": rgb(skin, (0.6, -0.25, -0.3)),
-        "skin_yellowness": rgb(skin, (0.2, 0.2, -0.5)),
-        "lip_colour": rgb(lips, (0.5, -0.3, -0.15)),
-        "lip_darkness": rgb(lips, (-0.5, -0.4, -0.4)),
-        "brow_darkness": rgb(brows, (-0.6, -0.5, -0.45)),
-        "cheek_blush": rgb(_gauss(ax, y, 40.0, -5.0, 14.0, 12.0), (0.5, -0.2, -0.2)),
-        "under_eye_darkness": rgb(_gauss(ax, y, 34.0, 16.0, 11.0, 4.0), (-0.4, -0.4, -0.3)),
-        "beard_shadow": rgb(_smoothstep(-25.0, -50.0, y) * (1.0 - lips), (-0.6, -0.5, -0.35)),
-        "nose_redness": rgb(_gauss(ax, y, 0.0, -8.0, 10.0, 12.0), (0.5, -0.2, -0.2)),
-        "forehead_tone": rgb(_smoothstep(40.0, 70.0, y), (0.3, 0.3, 0.25)),
-        "jaw_tone": rgb(_smoothstep(-20.0, -80.0, y) * _smoothstep(10.0, 50.0, ax), (-0.3, -0.3, -0.25)),
+        "skin_brightness": 0.15 * albedo * skin[:, None],
+        "skin_redness": rgb(skin, (0.035, -0.01, -0.015)),
+        "skin_yellowness": rgb(skin, (0.015, 0.015, -0.035)),
+        "lip_colour": rgb(lips, (0.05, -0.03, -0.015)),
+        "lip_darkness": rgb(lips, (-0.06, -0.045, -0.045)),
+        "brow_darkness": rgb(brows, (-0.08, -0.06, -0.05)),
+        "cheek_blush": rgb(_gauss(ax, y, 40.0, -5.0, 14.0, 12.0), (0.05, -0.02, -0.02)),
+        "under_eye_darkness": rgb(_gauss(ax, y, 34.0, 16.0, 11.0, 4.0), (-0.04, -0.04, -0.03)),
+        "beard_shadow": rgb(_smoothstep(-25.0, -50.0, y) * (1.0 - lips), (-0.05, -0.045, -0.03)),
+        "nose_redness": rgb(_gauss(ax, y, 0.0, -8.0, 10.0, 12.0), (0.04, -0.015, -0.015)),
+        "forehead_tone": rgb(_smoothstep(40.0, 70.0, y), (0.025, 0.025, 0.02)),
+        "jaw_tone": rgb(_smoothstep(-20.0, -80.0, y) * _smoothstep(10.0, 50.0, ax), (-0.025, -0.025, -0.02)),
     }
     return [d[name] for name in ALBEDO_NAMES]
 
@@ -672,13 +674,17 @@ def _stack(fields):
     return out
 
 
-# RMS displacement per vertex (mm, or albedo units) of one standard deviation of component k.
-def _identity_rms(k):
-    return 3.5 * (k + 1.0) ** -0.7
+def _pca_like(design, random_rms, n_vertices):
+    """(orthonormal basis (K, N), std (K,)) with std decreasing, as a PCA orders its components.
 
-
-def _albedo_rms(k):
-    return 0.08 * (k + 1.0) ** -0.8
+    The designed components carry their own size (one standard deviation each); random field j
+    gets RMS `random_rms[j]` per vertex. All are sorted by std, then orthonormalized in that order.
+    """
+    n_designed = design.shape[0] - len(random_rms)
+    std = np.linalg.norm(design, axis=1)
+    std[n_designed:] = random_rms * np.sqrt(n_vertices)  # a unit row spread over V vertices: RMS 1/sqrt(V)
+    order = np.argsort(-std, kind="stable")
+    return _orthonormalize(design[order]), std[order]
 
 
 @functools.lru_cache(maxsize=None)
@@ -700,14 +706,14 @@ def generate(level="default"):
     albedo = mean_albedo(x, y)
     landmarks = _landmarks(pos, symmetry, lower_lip)
     n_vertices = len(pos)
-    scale = np.sqrt(n_vertices)  # a unit basis vector spread over V vertices has RMS 1/sqrt(V)
 
     modes = _cosine_modes(x, y, 8)
     identity = _identity_design(pos, parts)
     identity += list(_random_smooth_fields(rng, modes, 8, 80 - len(identity), len(identity),
                                            np.diag([0.7, 0.7, 1.0]), (-1.0, 1.0, 1.0)))
-    shape_basis = _orthonormalize(_stack(identity))
-    shape_std = np.array([_identity_rms(k) for k in range(80)]) * scale
+    # Random identity fields: 0.8 mm RMS down to 0.1 mm, below the larger designed components.
+    random_rms = 0.8 * (np.arange(80 - len(IDENTITY_NAMES)) + 1.0) ** -0.5
+    shape_basis, shape_std = _pca_like(_stack(identity), random_rms, n_vertices)
 
     expression = _expression_design(pos, _vertex_normals_analytic(x, y), lower_lip, rng)
     expression_design = _stack(expression)
@@ -721,8 +727,8 @@ def generate(level="default"):
                                           (1.0, 1.0, 1.0))
     skin = 1.0 - _eye_inside(np.abs(x), y)
     colour += list(colour_fields * skin[None, :, None])
-    albedo_basis = _orthonormalize(_stack(colour))
-    albedo_std = np.array([_albedo_rms(k) for k in range(80)]) * scale
+    random_rms = 0.02 * (np.arange(80 - len(ALBEDO_NAMES)) + 1.0) ** -0.6
+    albedo_basis, albedo_std = _pca_like(_stack(colour), random_rms, n_vertices)
 
     centre = pos.mean(axis=0)
     centre[0] = 0.0  # keep the mirror plane at x = 0 exactly

@@ -133,11 +133,13 @@ class FaceModel:
             level: "default" (about 35,000 vertices, 69,000 triangles) or "small" (about 5,000).
 
         A metric (millimetre) front face mask, x to the viewer's right, y up, z toward the viewer,
-        the vertex centroid at the origin; 80 identity components (semantic ones first:
-        face width, length, depth, jaw width, nose, eyes, brows, cheeks, lips, chin; then smooth
-        random fields), 64 expression components (`expression_names`: jaw_open, smile, lip_pucker,
-        brows_up, eyes_closed, ...; then localized random deformations), 80 albedo components
-        (skin tone, regional colour). Arrays are cached per level and shared read-only.
+        the vertex centroid at the origin. 80 identity components in order of decreasing std,
+        designed ones (face width, length, depth, jaw width, nose, eyes, brows, cheeks, lips, chin)
+        among smooth random fields; 64 expression components (`expression_names`: jaw_open, smile,
+        lip_pucker, brows_up, brows_down, eyes_closed, ...; then localized random deformations);
+        80 albedo components in order of decreasing std (skin tone, lips, brows, cheeks, beard
+        shadow, ... and smooth skin-coloured fields). Arrays are cached per level and shared
+        read-only.
         """
         from fastface.model.default import EXPRESSION_NAMES, generate  # noqa: PLC0415
 
