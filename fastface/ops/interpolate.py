@@ -11,7 +11,9 @@ from numba import prange
 
 from fastface import _checks
 from fastface._backend import array_module, cuda_module
-from fastface.ops.rasterize import _as_gpu_input, _check_attr, _check_raster, _check_tri_id_range, _grid_2d
+from fastface.ops.rasterize import (
+    _as_gpu_input, _check_array, _check_attr, _check_raster, _check_tri_id_range, _grid_2d,
+)
 
 __all__ = ["interpolate", "interpolate_backward"]
 
@@ -136,7 +138,7 @@ def _check_inputs(attr, raster, tri):
     dtype = bary.dtype if getattr(bary, "dtype", None) in bary_dtypes else np.dtype(np.float32)
     H, W = _check_raster(raster, None, dtype)
     B = raster.tri_id.shape[0]
-    _checks.check_array("tri", tri, np.int32, ("T", 3))
+    _check_array("tri", tri, np.int32, ("T", 3))
     V = attr.shape[-2] if hasattr(attr, "shape") and len(attr.shape) >= 2 else 0
     _check_attr(attr, B, V, dtype, xp)
     _checks.check_indices("tri", tri, V)
@@ -190,7 +192,7 @@ def interpolate_backward(attr, raster, tri, grad_out):
     """
     xp, B, H, W = _check_inputs(attr, raster, tri)
     C = attr.shape[-1]
-    _checks.check_array("grad_out", grad_out, attr.dtype, (B, H, W, C))
+    _check_array("grad_out", grad_out, attr.dtype, (B, H, W, C))
     _checks.check_finite("grad_out", grad_out)
     V = attr.shape[-2]
     if xp is not np:

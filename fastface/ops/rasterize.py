@@ -42,6 +42,8 @@ fastmath), which also makes the GPU results match the CPU bit for bit up to summ
 
 Empty pixels have tri_id -1, bary 0 and depth +inf.
 """
+import collections
+import functools
 from dataclasses import dataclass
 
 import numba
@@ -380,16 +382,35 @@ def _n_bands(B, H):
 # Input checks and dispatch.
 # --------------------------------------------------------------------------------------------------
 
+_ArrayMeta = collections.namedtuple("_ArrayMeta", "dtype shape")
+
+
+@functools.lru_cache(maxsize=512)
+def _check_meta(name, dtype, shape, dtypes, patterns):
+    return _checks.check_array(name, _ArrayMeta(dtype, shape), dtypes, *patterns)
+
+
+def _check_array(name, a, dtypes, *patterns):
+    """`_checks.check_array`, memoised on (name, dtype, shape, patterns): its verdict depends on
+    nothing else, and formatting its messages costs microseconds that the batch-of-one GPU path
+    cannot spare. Failures are not cached (lru_cache does not keep exceptions)."""
+    dtype, shape = getattr(a, "dtype", None), getattr(a, "shape", None)
+    if dtype is None or shape is None:
+        return _checks.check_array(name, a, dtypes, *patterns)  # raises the TypeError
+    dtypes = tuple(dtypes) if isinstance(dtypes, (tuple, list)) else (dtypes,)
+    return _check_meta(name, dtype, tuple(shape), dtypes, patterns)
+
+
 def _check_pos_tri(pos, tri, xp):
     on_gpu = xp is not np
     dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
     try:
-        batched = _checks.check_array("pos", pos, dtypes, ("B", "V", 4), ("V", 4)) == 0
+        batched = _check_array("pos", pos, dtypes, ("B", "V", 4), ("V", 4)) == 0
     except TypeError as err:
         if on_gpu and getattr(pos, "dtype", None) == np.float64:
             raise TypeError(f"{err} (the GPU path takes float32 only; float64 is for CPU gradient checks)") from None
         raise
-    _checks.check_array("tri", tri, np.int32, ("T", 3))
+    _check_array("tri", tri, np.int32, ("T", 3))
     _checks.check_finite("pos", pos)
     _checks.check_indices("tri", tri, pos.shape[-2])
     return batched
@@ -399,10 +420,10 @@ def _check_raster(raster, B, dtype, name="raster"):
     """Checks a Raster's arrays (their module was checked by the caller's array_module); returns (H, W)."""
     if not isinstance(raster, Raster):
         raise TypeError(f"{name} must be a Raster (the result of rasterize); got {type(raster).__name__}")
-    _checks.check_array(f"{name}.tri_id", raster.tri_id, np.int32, ("B", "H", "W"))
+    _check_array(f"{name}.tri_id", raster.tri_id, np.int32, ("B", "H", "W"))
     H, W = raster.tri_id.shape[1:]
     n = raster.tri_id.shape[0]
-    _checks.check_array(f"{name}.bary", raster.bary, dtype, (n, H, W, 2))
+    _check_array(f"{name}.bary", raster.bary, dtype, (n, H, W, 2))
     if B is not None and n != B:
         raise ValueError(f"batch sizes differ: {name} has {n} images, pos has {B}")
     return H, W
@@ -420,7 +441,7 @@ def _check_tri_id_range(raster, n_tri, name="raster"):
 def _check_attr(attr, B, V, dtype_of, xp):
     on_gpu = xp is not np
     dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
-    batched = _checks.check_array("attr", attr, dtypes, ("B", "V", "C"), ("V", "C")) == 0
+    batched = _check_array("attr", attr, dtypes, ("B", "V", "C"), ("V", "C")) == 0
     if attr.dtype != dtype_of:
         raise TypeError(f"attr must have the dtype of the positions/barycentrics ({dtype_of}); got {_checks.describe(attr)}")
     if attr.shape[-2] != V:
@@ -586,7 +607,7 @@ def rasterize_backward(pos, tri, raster, grad_bary):
     pos3 = pos if batched else pos[None]
     B, V = pos3.shape[0], pos3.shape[1]
     H, W = _check_raster(raster, B, pos.dtype)
-    _checks.check_array("grad_bary", grad_bary, pos.dtype, (B, H, W, 2))
+    _check_array("grad_bary", grad_bary, pos.dtype, (B, H, W, 2))
     _checks.check_finite("grad_bary", grad_bary)
     _check_tri_id_range(raster, tri.shape[0])
     if xp is not np:
@@ -616,7 +637,7 @@ def rasterize_interpolate_backward(pos, tri, attr, raster, grad_out):
     H, W = _check_raster(raster, B, pos.dtype)
     _check_attr(attr, B, V, pos.dtype, xp)
     C = attr.shape[-1]
-    _checks.check_array("grad_out", grad_out, pos.dtype, (B, H, W, C))
+    _check_array("grad_out", grad_out, pos.dtype, (B, H, W, C))
     _checks.check_finite("grad_out", grad_out)
     _check_tri_id_range(raster, tri.shape[0])
     if xp is not np:
