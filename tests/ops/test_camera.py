@@ -8,7 +8,11 @@ from fastface.ops.camera import (
     euler_rotation, euler_rotation_backward, perspective_projection, perspective_projection_backward,
     project_to_pixels, project_to_pixels_backward, rigid_transform, rigid_transform_backward,
 )
+from tests.conftest import TOLERANCES
 from tests.gradcheck import assert_gradient_matches
+
+F64 = dict(rtol=TOLERANCES["float64_reference_rtol"], atol=TOLERANCES["float64_reference_atol"])
+F32 = dict(atol=TOLERANCES["float32_reference_atol"])
 
 RES = (48, 64)  # (H, W), not square so that a swapped H and W shows
 
@@ -29,7 +33,7 @@ def pose(rng, batch=2, dtype=np.float64):
 
 def test_rotation_matches_scipy_extrinsic_xyz(rng):
     angles = rng.uniform(-np.pi, np.pi, size=(5, 3))
-    np.testing.assert_allclose(euler_rotation(angles), Rotation.from_euler("xyz", angles).as_matrix(), atol=1e-14)
+    np.testing.assert_allclose(euler_rotation(angles), Rotation.from_euler("xyz", angles).as_matrix(), **F64)
 
 
 def test_rotation_is_rz_ry_rx_of_pitch_yaw_roll():
@@ -37,14 +41,14 @@ def test_rotation_is_rz_ry_rx_of_pitch_yaw_roll():
     rx = Rotation.from_rotvec([pitch, 0, 0]).as_matrix()
     ry = Rotation.from_rotvec([0, yaw, 0]).as_matrix()
     rz = Rotation.from_rotvec([0, 0, roll]).as_matrix()
-    np.testing.assert_allclose(euler_rotation(np.array([pitch, yaw, roll])), rz @ ry @ rx, atol=1e-14)
+    np.testing.assert_allclose(euler_rotation(np.array([pitch, yaw, roll])), rz @ ry @ rx, **F64)
 
 
 def test_rotation_is_orthonormal_with_determinant_one(rng):
     r = euler_rotation(rng.uniform(-np.pi, np.pi, size=(6, 3)).astype(np.float32))
     assert r.dtype == np.float32 and r.shape == (6, 3, 3)
-    np.testing.assert_allclose(r @ r.transpose(0, 2, 1), np.broadcast_to(np.eye(3), r.shape), atol=1e-6)
-    np.testing.assert_allclose(np.linalg.det(r), 1.0, atol=1e-6)
+    np.testing.assert_allclose(r @ r.transpose(0, 2, 1), np.broadcast_to(np.eye(3), r.shape), **F32)
+    np.testing.assert_allclose(np.linalg.det(r), 1.0, **F32)
 
 
 def test_rotation_backward_matches_finite_differences(rng, tol):
@@ -62,7 +66,7 @@ def test_rigid_transform_is_r_p_plus_t(rng, shared):
     rotation, translation = pose(rng)
     batched_points = np.broadcast_to(points, (2,) + points.shape[-2:])
     expected = np.einsum("brj,bvj->bvr", rotation, batched_points) + translation[:, None]
-    np.testing.assert_allclose(rigid_transform(points, rotation, translation), expected, rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(rigid_transform(points, rotation, translation), expected, **F64)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -97,12 +101,12 @@ def test_clip_coordinates_follow_the_opengl_formula(rng):
     clip = perspective_projection(points, f, RES, near=near, far=far)
     x, y, z = points[..., 0], points[..., 1], points[..., 2]
     expected = np.stack([2 * f / w * x, 2 * f / h * y, ((far + near) * z + 2 * far * near) / (near - far), -z], -1)
-    np.testing.assert_allclose(clip, expected, rtol=1e-14)
+    np.testing.assert_allclose(clip, expected, **F64)
 
 
 def test_near_and_far_planes_map_to_ndc_minus_one_and_one():
     clip = perspective_projection(np.array([[0.0, 0.0, -5.0], [0.0, 0.0, -500.0]]), 70.0, RES, near=5.0, far=500.0)
-    np.testing.assert_allclose(clip[:, 2] / clip[:, 3], [-1.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(clip[:, 2] / clip[:, 3], [-1.0, 1.0], **F64)
 
 
 def test_pixels_agree_with_clip_space_under_the_pixel_centre_convention(rng):
@@ -112,8 +116,8 @@ def test_pixels_agree_with_clip_space_under_the_pixel_centre_convention(rng):
     pix = project_to_pixels(points, 70.0, RES)
     ndc_x = 2 * (pix[..., 0] + 0.5) / w - 1
     ndc_y = 1 - 2 * (pix[..., 1] + 0.5) / h
-    np.testing.assert_allclose(ndc_x, clip[..., 0] / clip[..., 3], atol=1e-12)
-    np.testing.assert_allclose(ndc_y, clip[..., 1] / clip[..., 3], atol=1e-12)
+    np.testing.assert_allclose(ndc_x, clip[..., 0] / clip[..., 3], **F64)
+    np.testing.assert_allclose(ndc_y, clip[..., 1] / clip[..., 3], **F64)
 
 
 def test_optical_axis_hits_the_image_centre_and_up_is_a_smaller_row():
@@ -128,7 +132,7 @@ def test_per_image_focal_equals_scalar_focal_per_image(rng):
     for op in (perspective_projection, project_to_pixels):
         both = op(points, focal, RES)
         for b in range(2):
-            np.testing.assert_allclose(both[b], op(points[b], float(focal[b]), RES), rtol=1e-15)
+            np.testing.assert_allclose(both[b], op(points[b], float(focal[b]), RES), **F64)
 
 
 def test_projection_backwards_match_finite_differences(rng, tol):
@@ -205,7 +209,7 @@ def test_gpu_euler_rotation_matches_cpu(rng, tol, cupy):
     np.testing.assert_allclose(euler_rotation(cupy.asarray(angles)).get(), euler_rotation(angles),
                                rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
     np.testing.assert_allclose(euler_rotation_backward(cupy.asarray(angles), cupy.asarray(grad_out)).get(),
-                               euler_rotation_backward(angles, grad_out), rtol=tol["gpu_cpu_rtol"], atol=1e-5)
+                               euler_rotation_backward(angles, grad_out), rtol=tol["gpu_cpu_rtol"], **F32)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -4,7 +4,11 @@ import pytest
 
 import fastface
 from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
+from tests.conftest import TOLERANCES
 from tests.gradcheck import assert_gradient_matches
+
+F64 = dict(rtol=TOLERANCES["float64_reference_rtol"], atol=TOLERANCES["float64_reference_atol"])
+F32 = dict(atol=TOLERANCES["float32_reference_atol"])
 
 
 def grid_mesh(rows, cols, z=-5.0):
@@ -43,14 +47,14 @@ def reference_normals(vertices, tri):
 
 def test_normals_match_face_scatter_reference(rng):
     vertices, tri = random_mesh(rng)
-    np.testing.assert_allclose(vertex_normals(vertices, tri), reference_normals(vertices, tri), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(vertex_normals(vertices, tri), reference_normals(vertices, tri), **F64)
 
 
 def test_float32_normals_match_reference(rng, tol):
     vertices, tri = random_mesh(rng, dtype=np.float32)
     normals = vertex_normals(vertices, tri)
     assert normals.dtype == np.float32
-    np.testing.assert_allclose(normals, reference_normals(vertices, tri), atol=1e-5)
+    np.testing.assert_allclose(normals, reference_normals(vertices, tri), **F32)
 
 
 def test_unused_vertex_gets_zero_normal_and_zero_gradient(rng):
@@ -64,7 +68,7 @@ def test_unused_vertex_gets_zero_normal_and_zero_gradient(rng):
 def test_counter_clockwise_grid_normals_face_the_viewer():
     vertices, tri = grid_mesh(4, 5)
     normals = vertex_normals(vertices, tri)
-    np.testing.assert_allclose(normals, np.tile([0.0, 0.0, 1.0], (len(vertices), 1)), atol=1e-12)
+    np.testing.assert_allclose(normals, np.tile([0.0, 0.0, 1.0], (len(vertices), 1)), **F64)
 
 
 def test_sphere_normals_point_outward():

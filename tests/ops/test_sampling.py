@@ -5,7 +5,11 @@ from scipy.ndimage import map_coordinates
 
 import fastface
 from fastface.ops.sampling import sample_image, sample_image_backward, sample_image_mask
+from tests.conftest import TOLERANCES
 from tests.gradcheck import assert_gradient_matches
+
+F64 = dict(rtol=TOLERANCES["float64_reference_rtol"], atol=TOLERANCES["float64_reference_atol"])
+F32 = dict(atol=TOLERANCES["float32_reference_atol"])
 
 
 def reference_sample(image, points):
@@ -35,14 +39,14 @@ def test_integer_coordinates_hit_pixel_centres(rng):
 
 def test_samples_match_scipy_linear_interpolation(rng):
     image, points = make_inputs(rng, margin=3.0)
-    np.testing.assert_allclose(sample_image(image, points), reference_sample(image, points), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sample_image(image, points), reference_sample(image, points), **F64)
 
 
 def test_float32_samples_match_reference(rng):
     image, points = make_inputs(rng, dtype=np.float32, margin=2.0)
     out = sample_image(image, points)
     assert out.dtype == np.float32
-    np.testing.assert_allclose(out, reference_sample(image, points), atol=1e-6)
+    np.testing.assert_allclose(out, reference_sample(image, points), **F32)
 
 
 def test_points_outside_read_the_border(rng):

@@ -6,8 +6,12 @@ import pytest
 
 from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
 from fastface.ops.shading import sh_shade, sh_shade_backward, shade_vertices, shade_vertices_backward
+from tests.conftest import TOLERANCES
 from tests.gradcheck import assert_gradient_matches
 from tests.ops.test_normals import grid_mesh
+
+F64 = dict(rtol=TOLERANCES["float64_reference_rtol"], atol=TOLERANCES["float64_reference_atol"])
+F32 = dict(atol=TOLERANCES["float32_reference_atol"])
 
 
 def reference_shade(normals, albedo, sh):
@@ -44,23 +48,23 @@ def make_inputs(rng, batch=2, n_vertices=17, dtype=np.float64, shared_albedo=Fal
 def test_colours_match_the_design_formula(rng, shared_albedo):
     normals, albedo, sh = make_inputs(rng, shared_albedo=shared_albedo)
     np.testing.assert_allclose(sh_shade(normals, albedo, sh), reference_shade(normals, albedo, sh),
-                               rtol=1e-12, atol=1e-12)
+                               **F64)
 
 
 def test_float32_colours_match_reference(rng):
     normals, albedo, sh = make_inputs(rng, dtype=np.float32)
     colours = sh_shade(normals, albedo, sh)
     assert colours.dtype == np.float32
-    np.testing.assert_allclose(colours, reference_shade(normals, albedo, sh), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(colours, reference_shade(normals, albedo, sh), **F32)
 
 
 def test_uniform_light_gives_the_albedo(rng):
     normals, albedo, _ = make_inputs(rng)
     sh = np.zeros((2, 9, 3))
     sh[:, 0, :] = 1.0 / (math.pi * 0.28209479177387814)
-    np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, rtol=1e-14)
+    np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, **F64)
     sh[:, 0, :] = 1.0 / (math.pi * 0.282095)  # DESIGN.md's rounded constant: equal to 1e-6
-    np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, rtol=1e-6)
+    np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, **F32)
 
 
 def test_directional_band1_light_follows_the_normal(rng):
@@ -69,7 +73,7 @@ def test_directional_band1_light_follows_the_normal(rng):
     sh = np.zeros((2, 9, 3))
     sh[:, 2, :] = 1.0
     expected = albedo * (2 * math.pi / 3) * (math.sqrt(3) / (2 * math.sqrt(math.pi))) * normals[..., 2:3]
-    np.testing.assert_allclose(sh_shade(normals, albedo, sh), expected, rtol=1e-12)
+    np.testing.assert_allclose(sh_shade(normals, albedo, sh), expected, **F64)
 
 
 def test_unbatched_input_gives_unbatched_output(rng):
@@ -78,7 +82,7 @@ def test_unbatched_input_gives_unbatched_output(rng):
     grad_out = rng.normal(size=normals.shape)
     for single, batch in zip(sh_shade_backward(normals[1], albedo[1], sh[1], grad_out[1]),
                              sh_shade_backward(normals, albedo, sh, grad_out)):
-        np.testing.assert_allclose(single, batch[1], rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(single, batch[1], **F64)
 
 
 def test_shared_albedo_gradient_is_the_batch_sum(rng):
@@ -87,7 +91,7 @@ def test_shared_albedo_gradient_is_the_batch_sum(rng):
     _, grad_shared, _ = sh_shade_backward(normals, albedo, sh, grad_out)
     _, grad_batched, _ = sh_shade_backward(normals, np.broadcast_to(albedo, normals.shape).copy(), sh, grad_out)
     assert grad_shared.shape == albedo.shape
-    np.testing.assert_allclose(grad_shared, grad_batched.sum(0), rtol=1e-13)
+    np.testing.assert_allclose(grad_shared, grad_batched.sum(0), **F64)
 
 
 @pytest.mark.parametrize("shared_albedo", [False, True])
@@ -158,11 +162,11 @@ def test_fused_shading_equals_normals_then_sh_shade(rng, shared_albedo):
     vertices, tri, albedo, sh = make_mesh_inputs(rng, shared_albedo=shared_albedo)
     grad_out = rng.normal(size=vertices.shape)
     normals = vertex_normals(vertices, tri)
-    np.testing.assert_allclose(shade_vertices(vertices, tri, albedo, sh), sh_shade(normals, albedo, sh), rtol=1e-13)
+    np.testing.assert_allclose(shade_vertices(vertices, tri, albedo, sh), sh_shade(normals, albedo, sh), **F64)
     grad_normals, grad_albedo, grad_sh = sh_shade_backward(normals, albedo, sh, grad_out)
     expected = (vertex_normals_backward(vertices, tri, grad_normals), grad_albedo, grad_sh)
     for got, want in zip(shade_vertices_backward(vertices, tri, albedo, sh, grad_out), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got, want, **F64)
 
 
 @pytest.mark.parametrize("wrt", [0, 2, 3])
@@ -187,7 +191,7 @@ def test_fused_unbatched_and_prebuilt_adjacency(rng):
     grad_out = rng.normal(size=vertices.shape)
     for single, batch in zip(shade_vertices_backward(vertices[1], tri, albedo[1], sh[1], grad_out[1], adjacency),
                              shade_vertices_backward(vertices, tri, albedo, sh, grad_out)):
-        np.testing.assert_allclose(single, batch[1], rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(single, batch[1], **F64)
 
 
 @pytest.mark.parametrize("shared_albedo", [False, True])
