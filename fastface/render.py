@@ -4,12 +4,13 @@ The pipeline layer of DESIGN.md: it chains the ops and owns nothing numeric of i
 Works on numpy (CPU) or cupy (GPU) inputs alike; the model must live on the same device
 (`model.to("gpu")`).
 """
+import weakref
 from dataclasses import dataclass
 
 from fastface._backend import array_module
 from fastface.ops.camera import euler_rotation, perspective_projection, rigid_transform
 from fastface.ops.interpolate import interpolate
-from fastface.ops.normals import vertex_normals
+from fastface.ops.normals import vertex_adjacency, vertex_normals
 from fastface.ops.rasterize import Raster, rasterize
 from fastface.ops.shading import sh_shade
 
@@ -50,6 +51,18 @@ class Rendering:
     colors: object         # (B, V, 3) shaded per-vertex colours
 
 
+# The vertex -> triangle lists of each model's mesh, built once per model instead of per call.
+_adjacency_of_model = weakref.WeakKeyDictionary()
+
+
+def _adjacency(model):
+    adjacency = _adjacency_of_model.get(model)
+    if adjacency is None:
+        adjacency = vertex_adjacency(model.triangles, model.n_vertices)
+        _adjacency_of_model[model] = adjacency
+    return adjacency
+
+
 def uniform_light(batch, xp=None, dtype="float32"):
     """(B, 9, 3) SH coefficients under which a surface's colour equals its albedo."""
     import numpy as np
@@ -76,7 +89,7 @@ def render_faces(model, params, resolution, focal):
     rotation = euler_rotation(params.angles)
     camera_vertices = rigid_transform(vertices, rotation, params.translation)
     clip = perspective_projection(camera_vertices, focal, resolution)
-    normals = vertex_normals(camera_vertices, model.triangles)
+    normals = vertex_normals(camera_vertices, model.triangles, adjacency=_adjacency(model))
     colors = sh_shade(normals, albedo, params.sh)
     raster = rasterize(clip, model.triangles, resolution)
     image = interpolate(colors, raster, model.triangles)
