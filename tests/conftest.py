@@ -48,6 +48,16 @@ TOLERANCES = {
     # A float32 op against a float64 reference on O(1) values (unit normals, colours, samples,
     # rotations): a few float32 ulps (6e-8 each) per term over ~10 terms.
     "float32_reference_atol": 1e-5,
+    # Rasterizer depth against the float64 reference: interpolated from edge functions, products
+    # of pixel coordinates (10^2..10^4), whose float32 rounding relative to their sum reaches
+    # ~1e-5 on small triangles; 5e-5 of NDC depth is far below a depth-order bug (1e-3 or more).
+    "raster_depth_atol": 5e-5,
+    # Gradients scattered with atomics (GPU) against a sequential sum (CPU), float32: each vertex
+    # sums tens of pixels' terms of either sign in another order, so the difference scales with
+    # the largest terms, not with the (possibly cancelled) result: 1e-5 of the array's largest
+    # entry, and 1e-4 relative.
+    "gpu_cpu_scatter_rtol": 1e-4,
+    "gpu_cpu_scatter_atol_of_max": 1e-5,
 }
 
 
