@@ -1,5 +1,6 @@
 """The generated default face model: determinism, sizes, mesh quality, symmetry, landmarks, bases."""
 import hashlib
+import pathlib
 import subprocess
 import sys
 
@@ -38,7 +39,8 @@ def test_default_model_is_the_same_twice_and_in_another_process(small):
     assert model_hash(again) == model_hash(small)
     code = ("from fastface.model import FaceModel; from tests.model.test_default_model import model_hash; "
             "print(model_hash(FaceModel.default(level='small')))")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert other.stdout.strip() == model_hash(small)
 
 
