@@ -119,3 +119,4 @@ __global__ void im2col_bwd(const TIn* __restrict__ x, const float* __restrict__ 
     }
     *reinterpret_cast<Pack<TOut, V>*>(grad_x + pix) = out;
 }
+

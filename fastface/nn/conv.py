@@ -211,6 +211,35 @@ def _im2col_backward(xp, x, in_bias, in_relu, grad_out, KH, KW, stride, padding,
     return out
 
 
+def implicit_gemm_supported(x_dtype, C, N, on_gpu):
+    """Whether `_conv_implicit` takes this convolution (GPU, float16, C % 32 == 0, N % 8 == 0)."""
+    return bool(on_gpu) and np.dtype(x_dtype) == np.float16 and C % 32 == 0 and N % 8 == 0
+
+
+def _implicit_module():
+    return cuda_module("nn_conv_implicit.cu")
+
+
+def _conv_implicit(x, in_bias, in_relu, KH, KW, stride, padding, weight2d, out):
+    """out (M, N) float16 = im2col(relu?(x + in_bias)) @ weight2d without the cols buffer.
+
+    The float16 mode's forward on tensor cores (kernels/nn_conv_implicit.cu); the same result
+    as `_im2col` followed by `gemm` up to the order of the float32 accumulation. No checks
+    (the encoder's hot path; `implicit_gemm_supported` says which convolutions it takes).
+    """
+    B, H, W, C = x.shape
+    N = weight2d.shape[1]
+    Ho, Wo = conv_output_size(H, KH, stride, padding), conv_output_size(W, KW, stride, padding)
+    M = B * Ho * Wo
+    _check_int32(M * N, x.size, weight2d.size)
+    kern = _implicit_module().get_function("conv_implicit_fwd")
+    kern(((M + 127) // 128, (N + 63) // 64), (256,),
+         (x, in_bias, np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
+          np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),
+          np.int32(N), out))
+    return out
+
+
 def _check_gather(xp, x, in_bias, kernel, stride, padding):
     dtypes = (np.float32, np.float64) if xp is np else (np.float32, np.float16)
     check_array("x", x, dtypes, ("B", "H", "W", "C"))
@@ -251,6 +280,8 @@ def im2col(x, in_bias=None, kernel=(3, 3), stride=1, padding=0, in_relu=False, o
     if out is None:
         out = xp.empty(shape, dtype=out_dtype or x.dtype)
     check_array("out", out, (x.dtype,) if xp is np else (np.float32, np.float16), shape)
+    if xp is not np and _fwd_name(x.dtype, out.dtype, 1) not in _GPU_VARIANTS:
+        raise TypeError(f"on the GPU, im2col of {x.dtype} x writes float16 only; got out {out.dtype}")
     return _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out)
 
 
@@ -275,6 +306,10 @@ def im2col_backward(x, in_bias, grad_out, kernel=(3, 3), stride=1, padding=0, in
     if out is None:
         out = xp.empty((B, H, W, C), dtype=out_dtype or grad_out.dtype)
     check_array("out", out, (x.dtype,) if xp is np else (np.float32, np.float16), (B, H, W, C))
+    if xp is not np and _bwd_name(x.dtype, grad_out.dtype, out.dtype, 1) not in _GPU_VARIANTS:
+        raise TypeError(f"on the GPU, im2col_backward takes (x, grad_out, out) dtypes (float32, float32, "
+                        f"float32), (float32, float16, float32) or (float16, float16, float16); got "
+                        f"({x.dtype}, {grad_out.dtype}, {out.dtype})")
     return _im2col_backward(xp, x, in_bias, in_relu, grad_out, KH, KW, stride, padding, scale, out)
 
 

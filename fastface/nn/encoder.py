@@ -53,12 +53,15 @@ import numpy as np
 from fastface._backend import array_module, cupy_or_none, is_cupy_array
 from fastface._checks import check_array, check_finite, value_checks
 from fastface.nn._gemm import gemm
-from fastface.nn.conv import _im2col, _im2col_backward, conv_output_size
+from fastface.nn.conv import (
+    _conv_implicit, _im2col, _im2col_backward, conv_output_size, implicit_gemm_supported,
+)
 from fastface.nn.pool import _pool_bwd, _pool_fwd
 
 __all__ = ["Encoder", "EncoderGraph"]
 
 PRECISIONS = ("float32", "float64", "tf32", "float16")
+CONV_ALGORITHMS = ("im2col", "implicit")
 _ARCHITECTURE_KEYS = ("n_outputs", "resolution", "widths", "stem_width", "patch")
 _FILE_KIND = "fastface.nn.Encoder"
 _FILE_VERSION = 1
@@ -121,6 +124,10 @@ class Encoder:
         precision: "float32" (default), "float64" (CPU only; for gradient checks), "tf32" or
             "float16" (GPU modes; on the CPU they compute in float32).
         loss_scale: the float16 mode's static gradient scale (default 1024); 1 elsewhere.
+        conv_algorithm: "im2col" (gather + cuBLAS GEMM everywhere) or "implicit" (in the float16
+            mode on the GPU, the convolutions with C_in % 32 == 0 run as one implicit-GEMM
+            tensor-core kernel that never writes cols; a backward then rebuilds the cols it
+            needs). Settable on the instance at any time.
 
     Attributes:
         params: dict name -> array, views of `flat_params` ("stem.weight" (4, 4, 3, 32), ...);
@@ -130,7 +137,7 @@ class Encoder:
     """
 
     def __init__(self, n_outputs, resolution=224, seed=0, widths=(64, 128, 256, 512), stem_width=32,
-                 patch=4, fc_init_scale=1e-3, precision="float32", loss_scale=None):
+                 patch=4, fc_init_scale=1e-3, precision="float32", loss_scale=None, conv_algorithm="im2col"):
         if isinstance(n_outputs, bool) or not isinstance(n_outputs, (int, np.integer)) or n_outputs < 1:
             raise ValueError(f"n_outputs must be a positive integer; got {n_outputs!r}")
         if isinstance(resolution, (int, np.integer)):
@@ -144,6 +151,9 @@ class Encoder:
             raise ValueError(f"resolution must be a multiple of patch={patch}; got {resolution}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+        if conv_algorithm not in CONV_ALGORITHMS:
+            raise ValueError(f"conv_algorithm must be one of {CONV_ALGORITHMS}; got {conv_algorithm!r}")
+        self.conv_algorithm = conv_algorithm
         if not fc_init_scale >= 0:
             raise ValueError(f"fc_init_scale must be >= 0; got {fc_init_scale!r}")
         self.settings = {"n_outputs": int(n_outputs), "resolution": resolution, "widths": widths,
@@ -380,14 +390,28 @@ class Encoder:
         mode = self._gemm_compute()
         a, a_bias, a_relu = x.astype(compute, copy=False), self._stem_bias(
             compute if xp is np else np.float32), False
+        implicit = []
         for i, L in enumerate(self.layers):
-            _im2col(xp, a, a_bias, a_relu, L.kernel, L.kernel, L.stride, L.padding, ws.cols[i])
-            gemm(ws.cols[i], weights[i], ws.z[i], compute=mode)
+            use = self.conv_algorithm == "implicit" and implicit_gemm_supported(a.dtype, L.c_in, L.c_out, xp is not np)
+            if use:
+                _conv_implicit(a, a_bias, a_relu, L.kernel, L.kernel, L.stride, L.padding, weights[i], ws.z[i])
+            else:
+                _im2col(xp, a, a_bias, a_relu, L.kernel, L.kernel, L.stride, L.padding, ws.cols[i])
+                gemm(ws.cols[i], weights[i], ws.z[i], compute=mode)
+            implicit.append(use)
             a, a_bias, a_relu = ws.z[i].reshape(B, L.h_out, L.w_out, L.c_out), biases[i], True
         _pool_fwd(xp, a, a_bias, True, ws.feat)
         gemm(ws.feat, fc, out, compute=mode)
-        self._saved = (ws, x.astype(compute, copy=False), weights, fc, biases, compute)
+        self._saved = (ws, x.astype(compute, copy=False), weights, fc, biases, compute, implicit)
         return out
+
+    def _layer_input(self, i, ws, x, biases):
+        """(a, in_bias, in_relu) of layer i's gather: the image for the stem, else the previous
+        layer's stored output with its bias and ReLU."""
+        if i == 0:
+            return x, self._stem_bias(x.dtype if self._xp is np else np.float32), False
+        P = self.layers[i - 1]
+        return ws.z[i - 1].reshape(x.shape[0], P.h_out, P.w_out, P.c_out), biases[i - 1], True
 
     def backward(self, grad_y, need_grad_x=True, out=None):
         """Backpropagates the gradient of the output of the last `forward`.
@@ -405,7 +429,7 @@ class Encoder:
         """
         if self._saved is None:
             raise RuntimeError("backward needs a forward first")
-        ws, x, weights, fc, biases, compute = self._saved
+        ws, x, weights, fc, biases, compute, implicit = self._saved
         xp = self._xp
         B, n = x.shape[0], self.settings["n_outputs"]
         array_module(("grad_y", grad_y), ("params", self.flat_params))
@@ -416,7 +440,7 @@ class Encoder:
         if ws.gy.dtype == grad_y.dtype and scale == 1.0:
             ws.gy[...] = grad_y
         else:
-            xp.multiply(grad_y, grad_y.dtype.type(scale), out=ws.gy, casting="same_kind")
+            xp.multiply(grad_y, grad_y.dtype.type(scale), out=ws.gy)  # rounds to float16
         inv = 1.0 / scale
         c = self.layers[-1].c_out
         off, _ = self._layout["fc.weight"]
@@ -433,6 +457,9 @@ class Encoder:
             M = B * L.h_out * L.w_out
             woff, _ = self._layout[f"{L.name}.weight"]
             boff, _ = self._layout[f"{L.name}.bias"]
+            if implicit[i]:  # the forward never wrote this layer's cols
+                a, a_bias, a_relu = self._layer_input(i, ws, x, biases)
+                _im2col(xp, a, a_bias, a_relu, L.kernel, L.kernel, L.stride, L.padding, ws.cols[i])
             gemm(ws.cols[i], dz, self.flat_grads[woff:woff + L.k * L.c_out].reshape(L.k, L.c_out),
                  trans_a=True, alpha=inv, compute=mode)
             gemm(ws.ones[:, :M], dz, self.flat_grads[boff:boff + L.c_out].reshape(1, L.c_out),
@@ -441,19 +468,18 @@ class Encoder:
                 break
             gcols = ws.gcols[:M * L.k].reshape(M, L.k)
             gemm(dz, weights[i], gcols, trans_b=True, compute=mode)
+            a, a_bias, a_relu = self._layer_input(i, ws, x, biases)
             if i > 0:
-                P = self.layers[i - 1]
                 dz = ws.dz(i - 1)
-                _im2col_backward(xp, ws.z[i - 1].reshape(B, P.h_out, P.w_out, P.c_out), biases[i - 1], True,
-                                 gcols, L.kernel, L.kernel, L.stride, L.padding, 1.0,
-                                 dz.reshape(B, P.h_out, P.w_out, P.c_out))
+                _im2col_backward(xp, a, a_bias, a_relu, gcols, L.kernel, L.kernel, L.stride, L.padding, 1.0,
+                                 dz.reshape(a.shape))
             else:
                 if out is None:
                     out = xp.empty(x.shape, dtype=compute)
                 else:
                     check_array("out", out, compute, tuple(x.shape))
-                grad_x = _im2col_backward(xp, x, self._stem_bias(compute if xp is np else np.float32), False,
-                                          gcols, L.kernel, L.kernel, L.stride, L.padding, inv, out)
+                grad_x = _im2col_backward(xp, a, a_bias, a_relu, gcols, L.kernel, L.kernel, L.stride, L.padding,
+                                          inv, out)
         return grad_x
 
     __call__ = forward

@@ -250,9 +250,9 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-def _compare_gpu(cupy, rng, precision, settings, B, bound):
+def _compare_gpu(cupy, rng, precision, settings, B, bound, conv_algorithm="im2col"):
     cpu = Encoder(7, **settings, fc_init_scale=1.0)
-    gpu = Encoder(7, **settings, fc_init_scale=1.0).to("gpu", precision=precision)
+    gpu = Encoder(7, **settings, fc_init_scale=1.0, conv_algorithm=conv_algorithm).to("gpu", precision=precision)
     R = settings["resolution"]
     x = _images(rng, B, R)
     g = rng.normal(size=(B, 7)).astype(np.float32)
@@ -283,11 +283,17 @@ def test_gpu_tf32_and_float16_keep_the_accuracy(cupy, rng, tol, precision, key, 
     _compare_gpu(cupy, rng, precision, settings, 3, tol[key])
 
 
-@pytest.mark.parametrize("precision,key", [("float32", "nn_gpu_cpu_float32_rel"), ("tf32", "nn_tf32_rel"),
-                                           ("float16", "nn_float16_rel")])
-def test_gpu_default_architecture_at_224_matches_cpu(cupy, rng, tol, precision, key):
+@pytest.mark.parametrize("settings", [GPU_SETTINGS[0], dict(resolution=32, widths=(32, 64), stem_width=32)])
+def test_gpu_float16_implicit_gemm_keeps_the_accuracy(cupy, rng, tol, settings):
+    _compare_gpu(cupy, rng, "float16", settings, 3, tol["nn_float16_rel"], conv_algorithm="implicit")
+
+
+@pytest.mark.parametrize("precision,key,algorithm", [
+    ("float32", "nn_gpu_cpu_float32_rel", "im2col"), ("tf32", "nn_tf32_rel", "im2col"),
+    ("float16", "nn_float16_rel", "im2col"), ("float16", "nn_float16_rel", "implicit")])
+def test_gpu_default_architecture_at_224_matches_cpu(cupy, rng, tol, precision, key, algorithm):
     """The full-size net: the accuracy of the TF32 and float16 modes where it is used."""
-    _compare_gpu(cupy, rng, precision, dict(resolution=224), 2, tol[key])
+    _compare_gpu(cupy, rng, precision, dict(resolution=224), 2, tol[key], conv_algorithm=algorithm)
 
 
 def test_gpu_training_step_matches_cpu(cupy, rng, tol):
@@ -307,11 +313,12 @@ def test_gpu_training_step_matches_cpu(cupy, rng, tol):
     assert _rel(gpu.flat_params.get(), cpu.flat_params) <= tol["nn_gpu_cpu_float32_rel"]
 
 
-@pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_gpu_graph_replays_equal_eager_calls(cupy, rng, precision):
-    settings = GPU_SETTINGS[0]
-    eager = Encoder(7, **settings, fc_init_scale=1.0).to("gpu", precision=precision)
-    graphed = Encoder(7, **settings, fc_init_scale=1.0).to("gpu", precision=precision)
+@pytest.mark.parametrize("precision,algorithm", [("float32", "im2col"), ("float16", "im2col"),
+                                                 ("float16", "implicit")])
+def test_gpu_graph_replays_equal_eager_calls(cupy, rng, precision, algorithm):
+    settings = dict(resolution=32, widths=(32, 64), stem_width=16)
+    eager = Encoder(7, **settings, fc_init_scale=1.0, conv_algorithm=algorithm).to("gpu", precision=precision)
+    graphed = Encoder(7, **settings, fc_init_scale=1.0, conv_algorithm=algorithm).to("gpu", precision=precision)
     opt_eager, opt_graphed = Adam(eager, lr=1e-3), Adam(graphed, lr=1e-3)
     graph = graphed.capture(4, backward=True, optimizer=opt_graphed, need_grad_x=True)
     # the capture's warm-up ran a forward and backward but no optimizer step

@@ -1,0 +1,257 @@
+"""Encoder throughput (issue 4): forward, and forward + backward + Adam, on the GPU and the CPU.
+
+Workload: `fastface.nn.Encoder(513)` at 224x224, the issue's reference net (patchify 4x4/4 stem to
+32 channels, four stages of a 3x3/2 and a 3x3/1 convolution with 64, 128, 256, 512 channels, ReLU,
+global average pool, fc to 513): 4.97 M parameters, 0.3835 GFLOP per image forward.
+
+GPU rows: forward at batch 1, 64, 256 in the float32, tf32 and float16 modes, eager (one Python
+call per kernel) and replayed from a CUDA graph (`Encoder.capture`); forward + backward + Adam at
+batch 64. Targets (issue 4, H100): forward >= 300,000 images/s at batch 256, <= 0.25 ms at batch 1,
+forward + backward + Adam at batch 64 <= 2.5 ms. PyTorch reference on H100 (cuDNN, channels-last):
+fp16 forward batch 256 0.85 ms, fp32 1.12 ms, batch 1 0.45 ms, fp16 fwd+bwd+Adam batch 64 4.2 ms.
+When torch imports, the same architecture with the same weights runs side by side (channels_last,
+cudnn.benchmark, fp16 autocast; never a dependency).
+
+CPU row: forward + backward at 64x64, batch 8 (target: well under a second on 2 cores).
+
+Figures: `ms` and `images_per_s` from the median wall time of one synchronised call (Python
+overhead included); on the GPU also `device_us` from CUDA events around back-to-back calls, and
+`tflops` achieved (a backward counted as twice the forward's FLOPs).
+
+    python -m pytest bench/bench_encoder.py --benchmark-only
+"""
+import numpy as np
+import pytest
+
+import fastface
+from fastface._backend import gpu_available
+from fastface.nn import Adam, Encoder
+
+N_OUTPUTS = 513
+RES = 224
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs cupy and a CUDA GPU")
+GPU_MODES = ["float32", "tf32", "float16", "float16-implicit"]
+
+
+def _gpu_encoder(mode):
+    """mode: a precision, with "-implicit" for the implicit-GEMM convolutions."""
+    precision, _, algorithm = mode.partition("-")
+    return Encoder(N_OUTPUTS, resolution=RES, conv_algorithm=algorithm or "im2col").to("gpu", precision=precision)
+
+
+def _record(benchmark, batch, flops, device_s=None, **extra):
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info["ms"] = round(seconds * 1e3, 4)
+    benchmark.extra_info["images_per_s"] = round(batch / seconds, 1)
+    benchmark.extra_info["gflop_per_call"] = round(flops / 1e9, 3)
+    benchmark.extra_info["tflops"] = round(flops / seconds / 1e12, 2)
+    if device_s is not None:
+        benchmark.extra_info["device_us"] = round(device_s * 1e6, 1)
+        benchmark.extra_info["device_images_per_s"] = round(batch / device_s, 1)
+        benchmark.extra_info["device_tflops"] = round(flops / device_s / 1e12, 2)
+    benchmark.extra_info.update(extra)
+
+
+# --- CPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("work", ["forward", "forward_backward"])
+def test_cpu_encoder_64x64_batch_8(benchmark, work):
+    enc = Encoder(N_OUTPUTS, resolution=64)
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 64, 64, 3), dtype=np.float32)
+    g = rng.standard_normal((8, N_OUTPUTS)).astype(np.float32)
+
+    def fn():
+        enc.forward(x)
+        if work == "forward_backward":
+            enc.backward(g, need_grad_x=False)
+
+    benchmark.group = "encoder 64x64 B=8 (CPU)"
+    with fastface.value_checks(False):
+        fn()  # compile / load the Numba cache outside the timing
+        benchmark(fn)
+    flops = 8 * enc.flops_per_image() * (3 if work == "forward_backward" else 1)
+    _record(benchmark, 8, flops, target_ms=1000 if work == "forward_backward" else None)
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+def device_seconds(fn, repeats=30):
+    """Seconds per call from CUDA events around `repeats` back-to-back calls."""
+    import cupy
+    fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
+
+
+def _bench_gpu(benchmark, fn, batch, flops, group, **extra):
+    import cupy
+
+    def timed():
+        fn()
+        cupy.cuda.Device().synchronize()
+
+    benchmark.group = group
+    with fastface.value_checks(False):
+        timed()  # compile the kernels and fill the workspace outside the timing
+        benchmark(timed)
+        device_s = device_seconds(fn)
+    _record(benchmark, batch, flops, device_s, **extra)
+
+
+FORWARD_TARGET_MS = {1: 0.25, 64: None, 256: 256 / 300_000 * 1e3}
+
+
+@pytest.fixture(scope="module")
+def images():
+    import cupy
+    rng = np.random.default_rng(0)
+    return cupy.asarray(rng.random((256, RES, RES, 3), dtype=np.float32))
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch", [1, 64, 256])
+@pytest.mark.parametrize("precision", GPU_MODES)
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_gpu_encoder_forward(benchmark, images, batch, precision, mode):
+    enc = _gpu_encoder(precision)
+    x = images[:batch]
+    if mode == "graph":
+        graph = enc.capture(batch)
+        graph.x[...] = x
+        fn = graph.forward
+    else:
+        def fn():
+            enc.forward(x)
+    _bench_gpu(benchmark, fn, batch, batch * enc.flops_per_image(),
+               f"encoder forward 224x224 B={batch} (GPU)", precision=precision, mode=mode,
+               target_ms=FORWARD_TARGET_MS[batch])
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", GPU_MODES)
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_gpu_encoder_forward_backward_adam(benchmark, images, precision, mode):
+    import cupy
+    batch = 64
+    enc = _gpu_encoder(precision)
+    opt = Adam(enc, lr=1e-4)
+    x = images[:batch]
+    g = cupy.asarray(np.random.default_rng(1).standard_normal((batch, N_OUTPUTS)).astype(np.float32) / batch)
+    if mode == "graph":
+        graph = enc.capture(batch, backward=True, optimizer=opt)
+        graph.x[...] = x
+        graph.grad_y[...] = g
+        fn = graph.step
+    else:
+        def fn():
+            enc.forward(x)
+            enc.backward(g, need_grad_x=False)
+            opt.step()
+    _bench_gpu(benchmark, fn, batch, 3 * batch * enc.flops_per_image(),
+               f"encoder forward+backward+Adam 224x224 B={batch} (GPU)", precision=precision, mode=mode,
+               target_ms=2.5)
+
+
+# --- PyTorch side by side (optional) ---------------------------------------------------------------
+
+def _torch_or_skip():
+    try:
+        import torch  # noqa: PLC0415 - optional comparison, never a dependency
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+        return torch
+    except Exception as err:
+        pytest.skip(f"torch is unavailable: {type(err).__name__}: {err}")
+
+
+def torch_encoder(torch, enc):
+    """The same architecture in torch.nn, with the encoder's weights, channels-last."""
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(
+                nn.Conv2d(L.c_in, L.c_out, L.kernel, L.stride, L.padding) for L in enc.layers)
+            self.fc = nn.Linear(enc.layers[-1].c_out, enc.settings["n_outputs"])
+
+        def forward(self, x):  # x: (B, 3, H, W), channels-last memory
+            x = x - 0.5
+            for conv in self.convs:
+                x = torch.relu(conv(x))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    net = Net()
+    with torch.no_grad():
+        for conv, L in zip(net.convs, enc.layers):
+            w = np.asarray(enc.params[f"{L.name}.weight"].get())
+            conv.weight.copy_(torch.from_numpy(w.transpose(3, 2, 0, 1).copy()))
+            conv.bias.copy_(torch.from_numpy(np.asarray(enc.params[f"{L.name}.bias"].get())))
+        net.fc.weight.copy_(torch.from_numpy(np.asarray(enc.params["fc.weight"].get()).T.copy()))
+        net.fc.bias.copy_(torch.from_numpy(np.asarray(enc.params["fc.bias"].get())))
+    return net.cuda().to(memory_format=torch.channels_last)
+
+
+def _torch_setup(torch, precision):
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return (torch.autocast("cuda", dtype=torch.float16) if precision == "float16"
+            else torch.autocast("cuda", enabled=False))
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch", [1, 64, 256])
+@pytest.mark.parametrize("precision", ["float32", "tf32", "float16"])
+def test_gpu_torch_forward(benchmark, images, batch, precision):
+    import cupy
+    torch = _torch_or_skip()
+    enc = Encoder(N_OUTPUTS, resolution=RES).to("gpu")
+    net = torch_encoder(torch, enc)
+    x = torch.from_dlpack(images[:batch]).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+    autocast = _torch_setup(torch, precision)
+    with torch.no_grad():
+        with autocast:
+            y_torch = net(x).float()
+        diff = float((y_torch - torch.from_dlpack(enc.forward(images[:batch]))).abs().max())
+
+    def fn():
+        with torch.no_grad(), autocast:
+            net(x)
+
+    _bench_gpu(benchmark, fn, batch, batch * enc.flops_per_image(),
+               f"encoder forward 224x224 B={batch} (GPU)", precision=precision, mode="torch",
+               max_abs_diff_vs_fastface_float32=diff)
+    cupy.cuda.Device().synchronize()
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", ["float32", "tf32", "float16"])
+def test_gpu_torch_forward_backward_adam(benchmark, images, precision):
+    torch = _torch_or_skip()
+    batch = 64
+    enc = Encoder(N_OUTPUTS, resolution=RES).to("gpu")
+    net = torch_encoder(torch, enc)
+    try:
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
+    except (TypeError, RuntimeError):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.from_dlpack(images[:batch]).permute(0, 3, 1, 2)
+    g = torch.randn(batch, N_OUTPUTS, device="cuda") / batch
+    autocast = _torch_setup(torch, precision)
+
+    def fn():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            y = net(x)
+        y.float().backward(g)
+        opt.step()
+
+    _bench_gpu(benchmark, fn, batch, 3 * batch * enc.flops_per_image(),
+               f"encoder forward+backward+Adam 224x224 B={batch} (GPU)", precision=precision, mode="torch")
