@@ -439,7 +439,9 @@ def _orthonormalize(design):
     Two passes of Cholesky QR cost two (K, N) x (N, K) products, much less than Householder QR
     on (N, K), and are orthonormal to rounding for the well-conditioned designs built here.
     """
-    q = design
+    # Unit rows first: the result does not change (R absorbs the scaling), but the condition
+    # number drops to that of the directions alone, so one pass is nearly always enough.
+    q = design / np.linalg.norm(design, axis=1, keepdims=True)
     for _ in range(2):
         lower = np.linalg.cholesky(q @ q.T)  # gram = L L^T, positive diagonal
         q = np.linalg.inv(lower) @ q  # an 80 x 80 inverse and a product beat a triangular solve here
@@ -472,6 +474,7 @@ def _random_smooth_fields(rng, modes, n_modes, count, k0, xyz_scale, mirror_sign
     p, freq2 = p.ravel(), (p * p + q * q).ravel()
     s = 1.0 + 3.0 * (k0 + np.arange(count)) / 80.0
     spectrum = np.exp(-0.5 * freq2[:, None] / s[None, :] ** 2)  # (modes, count)
+    spectrum[0] = 0.0  # no constant field: a translation or a uniform tint is a designed component
     coef = rng.standard_normal((n_modes * n_modes, count, 3)) * spectrum[:, :, None]
     coef = coef @ xyz_scale
     parity = np.where(p % 2 == 0, 1.0, -1.0)[:, None, None]
