@@ -51,47 +51,51 @@ def interpolate_fwd(attr, tri_id, bary, tri, out):
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def interpolate_bwd(attr, tri_id, bary, tri, grad_out, n_bands, grad_attr_part, grad_bary):
+def interpolate_bwd(attr, tri_id, bary, tri, grad_out, n_bands, n_chunks, grad_attr_part, grad_bary):
     """CPU twin of interpolate_bwd.
 
     grad_bary (B, H, W, 2) is written per pixel. grad_attr is a scatter: work splits over
-    (image, band of rows) units u = b * n_bands + band, each accumulating into its own slice
-    grad_attr_part[u] (V, C) that the caller sums, so no two threads write the same memory.
+    (image, band of rows) units u = b * n_bands + band, handed out to n_chunks threads in
+    contiguous runs; instead of atomics every accumulator is private, grad_attr_part[u] (V, C) per
+    unit for per-image attributes (attr.shape[0] > 1), grad_attr_part[chunk] per thread for shared
+    ones, and the caller sums.
     """
     B, H, W = tri_id.shape
     V, C = attr.shape[1], attr.shape[2]
     zero = bary.dtype.type(0)
     one = bary.dtype.type(1)
-    for unit in prange(B * n_bands):
-        b = unit // n_bands
-        band = unit % n_bands
-        ab = attr[b] if attr.shape[0] > 1 else attr[0]
-        ga = grad_attr_part[unit]
-        for i in range(band * H // n_bands, (band + 1) * H // n_bands):
-            for j in range(W):
-                t = tri_id[b, i, j]
-                ok = t >= 0 and t < tri.shape[0]
-                if ok:
-                    v0, v1, v2 = tri[t, 0], tri[t, 1], tri[t, 2]
-                    ok = v0 >= 0 and v0 < V and v1 >= 0 and v1 < V and v2 >= 0 and v2 < V
-                if not ok:
-                    grad_bary[b, i, j, 0] = zero
-                    grad_bary[b, i, j, 1] = zero
-                    continue
-                u = bary[b, i, j, 0]
-                v = bary[b, i, j, 1]
-                w2 = (one - u) - v
-                gu = zero
-                gv = zero
-                for c in range(C):
-                    g = grad_out[b, i, j, c]
-                    gu += g * (ab[v0, c] - ab[v2, c])
-                    gv += g * (ab[v1, c] - ab[v2, c])
-                    ga[v0, c] += u * g
-                    ga[v1, c] += v * g
-                    ga[v2, c] += w2 * g
-                grad_bary[b, i, j, 0] = gu
-                grad_bary[b, i, j, 1] = gv
+    n_units = B * n_bands
+    for chunk in prange(n_chunks):
+        for unit in range(chunk * n_units // n_chunks, (chunk + 1) * n_units // n_chunks):
+            b = unit // n_bands
+            band = unit % n_bands
+            ab = attr[b] if attr.shape[0] > 1 else attr[0]
+            ga = grad_attr_part[unit] if attr.shape[0] > 1 else grad_attr_part[chunk]
+            for i in range(band * H // n_bands, (band + 1) * H // n_bands):
+                for j in range(W):
+                    t = tri_id[b, i, j]
+                    ok = t >= 0 and t < tri.shape[0]
+                    if ok:
+                        v0, v1, v2 = tri[t, 0], tri[t, 1], tri[t, 2]
+                        ok = v0 >= 0 and v0 < V and v1 >= 0 and v1 < V and v2 >= 0 and v2 < V
+                    if not ok:
+                        grad_bary[b, i, j, 0] = zero
+                        grad_bary[b, i, j, 1] = zero
+                        continue
+                    u = bary[b, i, j, 0]
+                    v = bary[b, i, j, 1]
+                    w2 = (one - u) - v
+                    gu = zero
+                    gv = zero
+                    for c in range(C):
+                        g = grad_out[b, i, j, c]
+                        gu += g * (ab[v0, c] - ab[v2, c])
+                        gv += g * (ab[v1, c] - ab[v2, c])
+                        ga[v0, c] += u * g
+                        ga[v1, c] += v * g
+                        ga[v2, c] += w2 * g
+                    grad_bary[b, i, j, 0] = gu
+                    grad_bary[b, i, j, 1] = gv
 
 
 def _n_bands(B, H):
@@ -212,12 +216,16 @@ def interpolate_backward(attr, raster, tri, grad_out):
         return grad_attr, grad_bary
     attr3 = np.ascontiguousarray(attr if attr.ndim == 3 else attr[None])
     n_bands = _n_bands(B, H)
-    grad_attr_part = np.zeros((B * n_bands, V, C), attr.dtype)
+    n_units = B * n_bands
+    n_chunks = min(numba.get_num_threads(), n_units)
+    per_image_attr = attr3.shape[0] > 1
+    grad_attr_part = np.zeros((n_units if per_image_attr else n_chunks, V, C), attr.dtype)
     grad_bary = np.empty((B, H, W, 2), attr.dtype)
     interpolate_bwd(attr3, np.ascontiguousarray(raster.tri_id), np.ascontiguousarray(raster.bary),
-                    np.ascontiguousarray(tri), np.ascontiguousarray(grad_out), n_bands, grad_attr_part, grad_bary)
-    if attr.ndim == 3:
+                    np.ascontiguousarray(tri), np.ascontiguousarray(grad_out), n_bands, n_chunks, grad_attr_part,
+                    grad_bary)
+    if per_image_attr:
         grad_attr = grad_attr_part.reshape(B, n_bands, V, C).sum(1) if n_bands > 1 else grad_attr_part
     else:
-        grad_attr = grad_attr_part.sum(0)
+        grad_attr = grad_attr_part.sum(0).reshape(attr.shape)
     return grad_attr, grad_bary

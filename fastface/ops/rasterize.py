@@ -352,24 +352,29 @@ def _bary_grad_rows(pos_b, tri, tri_id_b, grad_bary_b, attr_b, grad_out_b, H, W,
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def rasterize_bwd(pos, tri, tri_id, grad_bary, attr, grad_out, n_bands, grad_pos_part, grad_attr_part):
+def rasterize_bwd(pos, tri, tri_id, grad_bary, attr, grad_out, n_bands, n_chunks, grad_pos_part, grad_attr_part):
     """CPU twin of the CUDA kernels rasterize_bwd and rasterize_interpolate_bwd.
 
-    Work splits over (image, band of rows) units u = b * n_bands + band; each unit accumulates into
-    its own slices grad_pos_part[u] (V, 4) and grad_attr_part[u] (V, C), summed by the caller, so
-    no two threads write the same memory. attr (1 or B, V, C) with C = 0 selects plain
-    rasterize_bwd (grad_bary given), C > 0 the fused interpolation backward (grad_out given).
+    attr (1 or B, V, C) with C = 0 selects plain rasterize_bwd (grad_bary given), C > 0 the fused
+    interpolation backward (grad_out given). Work splits over (image, band of rows) units
+    u = b * n_bands + band, handed out to n_chunks threads in contiguous runs. Instead of atomics,
+    every accumulator is private: grad_pos_part[u] (V, 4) per unit, and grad_attr_part[u] per unit
+    for per-image attributes (attr.shape[0] > 1) or grad_attr_part[chunk] per thread for shared
+    ones (a (B, V, C) buffer would cost more to zero and sum than the scatter); the caller sums.
     """
     B = pos.shape[0]
-    for unit in prange(B * n_bands):
-        b = unit // n_bands
-        band = unit % n_bands
-        H, W = tri_id.shape[1], tri_id.shape[2]
-        r0 = band * H // n_bands
-        r1 = (band + 1) * H // n_bands
-        ab = attr[b] if attr.shape[0] > 1 else attr[0]
-        _bary_grad_rows(pos[b], tri, tri_id[b], grad_bary[b], ab, grad_out[b], H, W, r0, r1,
-                        grad_pos_part[unit], grad_attr_part[unit])
+    H, W = tri_id.shape[1], tri_id.shape[2]
+    n_units = B * n_bands
+    for chunk in prange(n_chunks):
+        for unit in range(chunk * n_units // n_chunks, (chunk + 1) * n_units // n_chunks):
+            b = unit // n_bands
+            band = unit % n_bands
+            r0 = band * H // n_bands
+            r1 = (band + 1) * H // n_bands
+            ab = attr[b] if attr.shape[0] > 1 else attr[0]
+            ga = grad_attr_part[unit] if attr.shape[0] > 1 else grad_attr_part[chunk]
+            _bary_grad_rows(pos[b], tri, tri_id[b], grad_bary[b], ab, grad_out[b], H, W, r0, r1,
+                            grad_pos_part[unit], ga)
 
 
 def _n_bands(B, H):
@@ -661,17 +666,20 @@ def _rasterize_backward_cpu(pos3, tri, raster, grad_bary, attr, grad_out):
         grad_bary = np.zeros((B, 1, 1, 2), dtype)
         grad_out = np.ascontiguousarray(grad_out)
     C = attr3.shape[2]
-    grad_pos_part = np.zeros((B * n_bands, V, 4), dtype)
-    grad_attr_part = np.zeros((B * n_bands, V, C), dtype)
+    n_units = B * n_bands
+    n_chunks = min(numba.get_num_threads(), n_units)
+    per_image_attr = attr3.shape[0] > 1
+    grad_pos_part = np.zeros((n_units, V, 4), dtype)
+    grad_attr_part = np.zeros((n_units if per_image_attr else n_chunks, V, C), dtype)
     rasterize_bwd(np.ascontiguousarray(pos3), np.ascontiguousarray(tri), np.ascontiguousarray(raster.tri_id),
-                  grad_bary, attr3, grad_out, n_bands, grad_pos_part, grad_attr_part)
+                  grad_bary, attr3, grad_out, n_bands, n_chunks, grad_pos_part, grad_attr_part)
     grad_pos = grad_pos_part.reshape(B, n_bands, V, 4).sum(1) if n_bands > 1 else grad_pos_part
     if attr is None:
         return grad_pos, None
-    if attr.ndim == 3:
+    if per_image_attr:
         grad_attr = grad_attr_part.reshape(B, n_bands, V, C).sum(1) if n_bands > 1 else grad_attr_part
     else:
-        grad_attr = grad_attr_part.sum(0)
+        grad_attr = grad_attr_part.sum(0).reshape(attr.shape)
     return grad_pos, grad_attr
 
 
