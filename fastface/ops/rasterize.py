@@ -41,6 +41,13 @@ both backends (the CUDA module is compiled with --fmad=false; Numba does not con
 fastmath), which also makes the GPU results match the CPU bit for bit up to summation order.
 
 Empty pixels have tri_id -1, bary 0 and depth +inf.
+
+Backends. The CPU (Numba) runs steps 1-3 per (image, band of rows) with a private z-buffer, so it
+needs no atomics and the buffer stays in cache; step 1 runs once per vertex there and once per
+triangle corner on the GPU, with the same arithmetic. The GPU (kernels/rasterize.cu) runs step 2
+as a thread per (triangle, image) with a 64-bit atomicMin, and step 3 as a thread per pixel.
+`rasterize_interpolate` fuses `interpolate` into step 3 (and its backward into one pass), saving
+a launch and a round trip of tri_id and bary through memory: the fast path of the render chain.
 """
 import collections
 import functools
