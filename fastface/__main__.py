@@ -62,7 +62,7 @@ def demo(out_dir, n_faces=6, size=512, level="default", seed=0, supersample=2):
     model = FaceModel.default(level=level)
     params = _demo_parameters(model, n_faces, seed)
     render_size = size * supersample
-    focal = 2.3 * render_size  # a portrait lens: the face fills most of the frame at 65 cm
+    focal = 2.9 * render_size  # a portrait lens: the face fills most of the frame at 65 cm
     rendering = render_faces(model, params, (render_size, render_size), focal)
     background = np.linspace(0.35, 0.15, render_size, dtype=np.float32)[None, :, None, None]
     images = np.where(rendering.mask[..., None], rendering.image, background)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU: the GPU tests, then the GPU benchmarks, logs under $OUT.
+#   bash bench/run_device.sh [tests|bench|all] [extra pytest args...]
+# Run from the repository root; nothing is installed (the checkout is on PYTHONPATH).
+set -uo pipefail
+what=${1:-all}; shift || true
+OUT=${OUT:-/tmp/fastface_device}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NUMBA_CACHE_DIR=/tmp/fastface_numba_cache
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import sys, numpy, numba, cupy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'numba', numba.__version__, 'cupy', cupy.__version__, cupy.cuda.runtime.getDeviceProperties(0)['name'].decode())"
+} 2>&1 | tee "$OUT/env.txt"
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -x --tb=short \
+      --junitxml="$OUT/tests.xml" "$@" > "$OUT/tests.log" 2>&1 || status=1
+  grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m pytest bench -k gpu -q -p no:cacheprovider --tb=short \
+      --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,mean,stddev,rounds \
+      --benchmark-sort=fullname --benchmark-max-time=0.3 --benchmark-warmup=on "$@" > "$OUT/bench.log" 2>&1 || status=1
+  python3 bench/summarize.py "$OUT/bench.json" | tee "$OUT/bench_summary.txt"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/bench.log" | tail -20
+fi
+exit $status
