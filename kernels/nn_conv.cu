@@ -65,6 +65,43 @@ __global__ void im2col_fwd(const TIn* __restrict__ x, const float* __restrict__ 
     *reinterpret_cast<Pack<TOut, V>*>(cols + (long long)t * V) = out;
 }
 
+// The same gather for channel counts that allow no vector (the 3-channel stem): one thread
+// copies the KW*C entries of one (output pixel, kh), which are contiguous in cols and, tap by
+// tap, in x. One index decode per KW*C entries instead of one per entry: with C = 3 the decode,
+// not the memory, would otherwise bound the stem's gather. 1-D grid of 256 threads.
+template <typename TIn, typename TOut>
+__global__ void im2col_fwd_run(const TIn* __restrict__ x, const float* __restrict__ in_bias, int in_relu,
+                               int B, int H, int W, int C, int KH, int KW, int stride, int pad,
+                               int Ho, int Wo, TOut* __restrict__ cols)
+{
+    const int total = B * Ho * Wo * KH;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= total) return;
+    const int kh = t % KH;
+    int r = t / KH;  // the output pixel (b, oh, ow), the cols row
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const int b = r / Ho;
+    const int ih = oh * stride - pad + kh;
+    const int run = KW * C;
+    TOut* out = cols + (long long)t * run;  // == ((row * KH + kh) * KW + 0) * C
+    const bool row_ok = ih >= 0 && ih < H;
+    for (int kw = 0; kw < KW; ++kw) {
+        const int iw = ow * stride - pad + kw;
+        if (!row_ok || iw < 0 || iw >= W) {
+            for (int c = 0; c < C; ++c) out[kw * C + c] = from_float<TOut>(0.0f);
+            continue;
+        }
+        const TIn* in = x + ((b * H + ih) * W + iw) * C;
+        for (int c = 0; c < C; ++c) {
+            float a = to_float(in[c]);
+            if (in_bias != nullptr) a += in_bias[c];
+            if (in_relu) a = fmaxf(a, 0.0f);
+            out[kw * C + c] = from_float<TOut>(a);
+        }
+    }
+}
+
 // The adjoint of im2col_fwd, as a gather (no atomics, deterministic): one thread owns V
 // consecutive channels of one input pixel (b, ih, iw) and sums the cols gradients of every
 // (output pixel, kh, kw) that read it, then applies the prologue's ReLU derivative

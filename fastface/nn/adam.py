@@ -18,7 +18,8 @@ in a CUDA graph (`Encoder.capture`).
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module, is_cupy_array
+from fastface._backend import array_module
+from fastface.nn._kernels import function
 
 __all__ = ["Adam"]
 
@@ -65,8 +66,8 @@ def adam_update(param, grad, m, v, shadow, n, partial, n_parts, step, hyper):
     _ = shadow
 
 
-def _module():
-    return cuda_module("nn_adam.cu")
+def _function(name):
+    return function("nn_adam.cu", name)
 
 
 class Adam:
@@ -190,8 +191,7 @@ class Adam:
                 adam_update(p.reshape(-1), g.reshape(-1), self.m[i].reshape(-1), self.v[i].reshape(-1),
                             p.reshape(-1), p.size, self._partial, n_parts, self._step, self._hyper)
             return
-        mod = _module()
-        prepare, update = mod.get_function("adam_prepare"), mod.get_function("adam_update")
+        prepare, update = _function("adam_prepare"), _function("adam_update")
         # Only the first group's prepare advances the real step counter.
         for i, (p, g, _) in enumerate(pairs):
             prepare((per,), (_THREADS,), (g, np.int64(g.size), self._partial[i * per:(i + 1) * per],

@@ -31,9 +31,10 @@ backward at 64x64, batch 8: 14 ms with serial gathers, 175-800 ms with parallel 
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module
+from fastface._backend import array_module
 from fastface._checks import check_array, check_finite
 from fastface.nn._gemm import gemm
+from fastface.nn._kernels import function
 
 __all__ = ["conv2d", "conv2d_backward", "im2col", "im2col_backward", "conv_output_size"]
 
@@ -132,6 +133,9 @@ def _vector_width(C, *dtypes):
 
 
 def _fwd_name(x_dtype, out_dtype, V):
+    """The vector kernel for V > 1; the run kernel (one thread per (pixel, kh)) for V == 1."""
+    if V == 1:
+        return f"im2col_fwd_run<{_ctype(x_dtype)}, {_ctype(out_dtype)}>"
     return f"im2col_fwd<{_ctype(x_dtype)}, {_ctype(out_dtype)}, {V}>"
 
 
@@ -141,7 +145,7 @@ def _bwd_name(x_dtype, g_dtype, out_dtype, V):
 
 # Every variant the library launches, compiled together the first time any is needed.
 _GPU_VARIANTS = tuple(
-    [_fwd_name(np.float32, np.float32, v) for v in (1, 4)]
+    [_fwd_name(np.float32, np.float32, 1), _fwd_name(np.float32, np.float32, 4)]
     + [_fwd_name(np.float32, np.float16, 1), _fwd_name(np.float16, np.float16, 1),
        _fwd_name(np.float16, np.float16, 8)]
     + [_bwd_name(np.float32, np.float32, np.float32, v) for v in (1, 4)]
@@ -150,8 +154,9 @@ _GPU_VARIANTS = tuple(
 )
 
 
-def _module():
-    return cuda_module("nn_conv.cu", name_expressions=_GPU_VARIANTS)
+def _function(name):
+    """The kernel `name` of nn_conv.cu (all variants compiled together, looked up once)."""
+    return function("nn_conv.cu", name, _GPU_VARIANTS)
 
 
 def _check_int32(*sizes):
@@ -183,8 +188,8 @@ def _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out):
         return out
     _check_int32(out.size, x.size)
     V = _vector_width(C, x.dtype, out.dtype)
-    kern = _module().get_function(_fwd_name(x.dtype, out.dtype, V))
-    n = out.size // V
+    kern = _function(_fwd_name(x.dtype, out.dtype, V))
+    n = out.size // V if V > 1 else B * Ho * Wo * KH  # threads: vectors, or (pixel, kh) runs
     kern(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
          (x, in_bias, np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W), np.int32(C),
           np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo), out))
@@ -202,7 +207,7 @@ def _im2col_backward(xp, x, in_bias, in_relu, grad_out, KH, KW, stride, padding,
         return out
     _check_int32(grad_out.size, out.size)
     V = _vector_width(C, x.dtype, grad_out.dtype, out.dtype)
-    kern = _module().get_function(_bwd_name(x.dtype, grad_out.dtype, out.dtype, V))
+    kern = _function(_bwd_name(x.dtype, grad_out.dtype, out.dtype, V))
     n = out.size // V
     kern(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
          (x, in_bias, np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
@@ -214,10 +219,6 @@ def _im2col_backward(xp, x, in_bias, in_relu, grad_out, KH, KW, stride, padding,
 def implicit_gemm_supported(x_dtype, C, N, on_gpu):
     """Whether `_conv_implicit` takes this convolution (GPU, float16, C % 32 == 0, N % 8 == 0)."""
     return bool(on_gpu) and np.dtype(x_dtype) == np.float16 and C % 32 == 0 and N % 8 == 0
-
-
-def _implicit_module():
-    return cuda_module("nn_conv_implicit.cu")
 
 
 def _conv_implicit(x, in_bias, in_relu, KH, KW, stride, padding, weight2d, out):
@@ -232,7 +233,7 @@ def _conv_implicit(x, in_bias, in_relu, KH, KW, stride, padding, weight2d, out):
     Ho, Wo = conv_output_size(H, KH, stride, padding), conv_output_size(W, KW, stride, padding)
     M = B * Ho * Wo
     _check_int32(M * N, x.size, weight2d.size)
-    kern = _implicit_module().get_function("conv_implicit_fwd")
+    kern = function("nn_conv_implicit.cu", "conv_implicit_fwd")
     kern(((M + 127) // 128, (N + 63) // 64), (256,),
          (x, in_bias, np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
           np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),

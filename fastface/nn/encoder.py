@@ -663,9 +663,9 @@ class EncoderGraph:
         if backward:
             enc.backward(self.grad_y, need_grad_x=need_grad_x, out=self.grad_x)
         if optimizer is not None:
-            from fastface.nn.adam import _module as adam_module  # noqa: PLC0415
-            adam_module().get_function("adam_prepare")
-            adam_module().get_function("adam_update")
+            from fastface.nn.adam import _function as adam_function  # noqa: PLC0415
+            adam_function("adam_prepare")  # compiled and looked up outside the capture
+            adam_function("adam_update")
         cupy.cuda.get_current_stream().synchronize()
         self._stream = cupy.cuda.Stream(non_blocking=True)
         with value_checks(False), self._stream:

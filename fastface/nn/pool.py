@@ -9,8 +9,9 @@ last convolution leaves its output without bias and this op adds it. Backward:
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module, grid_1d
+from fastface._backend import array_module, grid_1d
 from fastface._checks import check_array, check_finite
+from fastface.nn._kernels import function
 
 __all__ = ["global_avg_pool", "global_avg_pool_backward"]
 
@@ -58,8 +59,8 @@ _GPU_VARIANTS = (
 )
 
 
-def _module():
-    return cuda_module("nn_pool.cu", name_expressions=_GPU_VARIANTS)
+def _function(name):
+    return function("nn_pool.cu", name, _GPU_VARIANTS)
 
 
 def _pool_fwd(xp, x, in_bias, in_relu, out):
@@ -70,7 +71,7 @@ def _pool_fwd(xp, x, in_bias, in_relu, out):
         bias = in_bias if in_bias is not None else np.zeros(C, dtype=out.dtype)
         global_avg_pool_fwd(x.reshape(-1), bias, bool(in_relu), B, H * W, C, ld, out.reshape(-1))
         return out
-    kern = _module().get_function(f"global_avg_pool_fwd<{_ctype(x.dtype)}, {_ctype(out.dtype)}>")
+    kern = _function(f"global_avg_pool_fwd<{_ctype(x.dtype)}, {_ctype(out.dtype)}>")
     grid, block = grid_1d(B * C)
     kern(grid, block, (x, in_bias, np.int32(bool(in_relu)), np.int32(B), np.int32(H * W), np.int32(C),
                        np.int32(ld), out))
@@ -86,7 +87,7 @@ def _pool_bwd(xp, x, in_bias, in_relu, grad_out, scale, out):
         global_avg_pool_bwd(x.reshape(-1), bias, bool(in_relu), grad_out.reshape(-1), B, H * W, C, ld,
                             out.dtype.type(scale), out.reshape(-1))
         return out
-    kern = _module().get_function(
+    kern = _function(
         f"global_avg_pool_bwd<{_ctype(x.dtype)}, {_ctype(grad_out.dtype)}, {_ctype(out.dtype)}>")
     grid, block = grid_1d(x.size)
     kern(grid, block, (x, in_bias, np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H * W),
