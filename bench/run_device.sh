@@ -12,13 +12,19 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NUMBA_CACHE_DIR=/tmp/fastface_numba_ca
 } 2>&1 | tee "$OUT/env.txt"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -x --tb=short \
-      --junitxml="$OUT/tests.xml" "$@" > "$OUT/tests.log" 2>&1 || status=1
-  grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+  # One process per test file: a kernel fault leaves a sticky CUDA error that would fail
+  # every later test in the same process and hide which ones really fail.
+  : > "$OUT/tests.log"
+  for f in $(grep -l -E "cupy|gpu" tests/*.py tests/*/*.py | grep "/test_"); do
+    echo "== $f" >> "$OUT/tests.log"
+    timeout "${TEST_TIMEOUT:-120}" python3 -m pytest "$f" -m gpu -q -p no:cacheprovider --tb=short "$@" \
+        >> "$OUT/tests.log" 2>&1 || { [ $? -eq 5 ] || status=1; }
+    printf '%s: %s\n' "$f" "$(tail -1 "$OUT/tests.log")"
+  done
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m pytest bench -k gpu -q -p no:cacheprovider --tb=short \
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m pytest ${BENCH_FILES:-bench} -k gpu -q -p no:cacheprovider --tb=short \
       --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,mean,stddev,rounds \
       --benchmark-sort=fullname --benchmark-max-time=0.3 --benchmark-warmup=on "$@" > "$OUT/bench.log" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/bench.json" | tee "$OUT/bench_summary.txt"
