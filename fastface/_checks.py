@@ -58,20 +58,26 @@ def check_array(name, a, dtypes, *patterns):
     dimension in messages, such as "B" or "V"). Returns the index of the matching pattern.
 
         check_array("pos", pos, np.float32, ("B", "V", 4), ("V", 4))
+
+    The messages are only formatted on failure: this runs on every op call, where a few
+    microseconds matter on the GPU's batch-of-one path.
     """
-    dtypes = tuple(np.dtype(d) for d in (dtypes if isinstance(dtypes, (tuple, list)) else (dtypes,)))
+    dtypes = dtypes if isinstance(dtypes, (tuple, list)) else (dtypes,)
+    dtype = getattr(a, "dtype", None)
+    shape = getattr(a, "shape", None)
+    if dtype is not None and shape is not None and any(dtype == d for d in dtypes):
+        for i, pattern in enumerate(patterns):
+            if _matches(shape, pattern):
+                if 0 in shape:
+                    raise ValueError(f"{name} must not be empty; got shape {tuple(shape)}")
+                return i
     expected = " or ".join(_shape_text(p) for p in patterns)
-    dtype_text = " or ".join(str(d) for d in dtypes)
-    if not (hasattr(a, "dtype") and hasattr(a, "shape")):
+    dtype_text = " or ".join(str(np.dtype(d)) for d in dtypes)
+    if dtype is None or shape is None:
         raise TypeError(f"{name} must be a numpy or cupy array of {dtype_text} with shape {expected}; "
                         f"got {type(a).__name__}")
-    if a.dtype not in dtypes:
+    if not any(dtype == d for d in dtypes):
         raise TypeError(f"{name} must be {dtype_text} with shape {expected}; got {describe(a)}")
-    for i, pattern in enumerate(patterns):
-        if _matches(a.shape, pattern):
-            if any(s == 0 for s, p in zip(a.shape, pattern) if not isinstance(p, int)):
-                raise ValueError(f"{name} must not be empty; got shape {tuple(a.shape)}")
-            return i
     raise ValueError(f"{name} must have shape {expected}; got {describe(a)}")
 
 
