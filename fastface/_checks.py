@@ -68,7 +68,7 @@ def check_array(name, a, dtypes, *patterns):
     if dtype is not None and shape is not None and any(dtype == d for d in dtypes):
         for i, pattern in enumerate(patterns):
             if _matches(shape, pattern):
-                if 0 in shape:
+                if 0 in shape and any(s == 0 for s, p in zip(shape, pattern) if not isinstance(p, int)):
                     raise ValueError(f"{name} must not be empty; got shape {tuple(shape)}")
                 return i
     expected = " or ".join(_shape_text(p) for p in patterns)
