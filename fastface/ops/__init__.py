@@ -1,0 +1,20 @@
+"""The differentiable ops: each module holds one op's forward, backward and Numba twins."""
+from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
+                                 perspective_projection_backward, project_to_pixels,
+                                 project_to_pixels_backward, rigid_transform, rigid_transform_backward)
+from fastface.ops.interpolate import interpolate, interpolate_backward
+from fastface.ops.normals import VertexAdjacency, vertex_adjacency, vertex_normals, vertex_normals_backward
+from fastface.ops.rasterize import (Raster, rasterize, rasterize_backward, rasterize_interpolate,
+                                    rasterize_interpolate_backward)
+from fastface.ops.sampling import sample_image, sample_image_backward, sample_image_mask
+from fastface.ops.shading import sh_shade, sh_shade_backward, shade_vertices, shade_vertices_backward
+
+__all__ = [
+    "Raster", "rasterize", "rasterize_backward", "rasterize_interpolate", "rasterize_interpolate_backward",
+    "interpolate", "interpolate_backward",
+    "VertexAdjacency", "vertex_adjacency", "vertex_normals", "vertex_normals_backward",
+    "sh_shade", "sh_shade_backward", "shade_vertices", "shade_vertices_backward",
+    "euler_rotation", "euler_rotation_backward", "rigid_transform", "rigid_transform_backward",
+    "perspective_projection", "perspective_projection_backward", "project_to_pixels", "project_to_pixels_backward",
+    "sample_image", "sample_image_backward", "sample_image_mask",
+]
