@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 from fastface._backend import array_module
 from fastface.ops.camera import euler_rotation, perspective_projection, rigid_transform
-from fastface.ops.interpolate import interpolate
 from fastface.ops.normals import vertex_adjacency, vertex_normals
-from fastface.ops.rasterize import Raster, rasterize
+from fastface.ops.rasterize import Raster, rasterize_interpolate
 from fastface.ops.shading import sh_shade
 
 __all__ = ["FaceParameters", "Rendering", "render_faces", "uniform_light"]
@@ -91,8 +90,7 @@ def render_faces(model, params, resolution, focal):
     clip = perspective_projection(camera_vertices, focal, resolution)
     normals = vertex_normals(camera_vertices, model.triangles, adjacency=_adjacency(model))
     colors = sh_shade(normals, albedo, params.sh)
-    raster = rasterize(clip, model.triangles, resolution)
-    image = interpolate(colors, raster, model.triangles)
+    raster, image = rasterize_interpolate(clip, model.triangles, resolution, colors)
     return Rendering(image=image, mask=raster.tri_id >= 0, raster=raster, vertices=vertices,
                      camera_vertices=camera_vertices, clip=clip, normals=normals, albedo=albedo,
                      colors=colors)
