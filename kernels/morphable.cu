@@ -161,6 +161,165 @@ __global__ void __launch_bounds__(32 * TY) morphable_bwd(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Small batches (B <= RM <= 8): the forward and backward are matrix-vector products that read the
+// whole basis (K x N floats, ~60 MB for the default geometry) once for a few flops per value, so
+// they are bound by how many basis loads are in flight, not by arithmetic. The tiled kernels above
+// stage through shared memory with one load in flight per thread and a barrier per 16 rows; these
+// stream the basis straight into registers, 16 independent coalesced loads per thread.
+// (The basis rows are N = 3V floats long, N odd for most meshes, so rows are not 16-byte aligned
+// and the loads are 4-byte ones: a warp still reads 128 contiguous bytes per instruction.)
+constexpr int GEMV_COLS = 4;    // forward: columns per thread, 32 apart (lane + 32 c)
+constexpr int GEMV_SLICES = 8;  // forward: warps per block, each summing its own slice of the K rows
+constexpr int GEMV_UNROLL = 4;  // forward: basis rows loaded together (GEMV_UNROLL * GEMV_COLS loads in flight)
+
+// Forward, block of GEMV_SLICES warps = 256 threads, grid ceil(N / 128): the block owns 128
+// columns, warp w sums rows [w * per, (w + 1) * per) of them for every batch row, lane l the
+// columns col0 + l + 32 c. The partial sums of the 8 slices are added in slice order through shared
+// memory (deterministic) and warp 0 writes mean + sum. The scaled coefficients (K x RM, dynamic
+// shared memory: pass n_k * RM * 4 bytes) are read as warp-wide broadcasts.
+template <int RM>
+__global__ void __launch_bounds__(32 * GEMV_SLICES) morphable_fwd_gemv(
+    const float* __restrict__ coeff_a, const float* __restrict__ coeff_b,
+    const float* __restrict__ std_dev, const float* __restrict__ basis,
+    const float* __restrict__ mean, float* __restrict__ out,
+    int batch, int n_a, int n_b, long long n)
+{
+    extern __shared__ float cs[];  // cs[k * RM + r] = coefficient (batch row r, basis row k) * std[k]
+    __shared__ float red[GEMV_SLICES - 1][RM][GEMV_COLS][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n_k = n_a + n_b;
+    for (int i = threadIdx.x; i < n_k * RM; i += blockDim.x) {
+        const int k = i / RM, r = i - k * RM;
+        cs[i] = (r < batch) ? scaled_coefficient(coeff_a, coeff_b, std_dev, r, k, n_a, n_b) : 0.0f;
+    }
+    __syncthreads();
+
+    const long long col0 = (long long)blockIdx.x * (32 * GEMV_COLS) + lane;
+    bool in[GEMV_COLS];
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; ++c) in[c] = col0 + 32 * c < n;
+    const int per = (n_k + GEMV_SLICES - 1) / GEMV_SLICES;
+    const int k_begin = min(n_k, warp * per), k_end = min(n_k, k_begin + per);
+
+    float acc[RM][GEMV_COLS];
+#pragma unroll
+    for (int r = 0; r < RM; ++r)
+#pragma unroll
+        for (int c = 0; c < GEMV_COLS; ++c) acc[r][c] = 0.0f;
+
+    const float* row = basis + (long long)k_begin * n + col0;
+    int k = k_begin;
+    for (; k + GEMV_UNROLL <= k_end; k += GEMV_UNROLL) {
+        float w[GEMV_UNROLL][GEMV_COLS];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u)
+#pragma unroll
+            for (int c = 0; c < GEMV_COLS; ++c) w[u][c] = in[c] ? __ldg(row + u * n + 32 * c) : 0.0f;
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < RM; ++r) {
+                const float a = cs[(k + u) * RM + r];
+#pragma unroll
+                for (int c = 0; c < GEMV_COLS; ++c) acc[r][c] = fmaf(a, w[u][c], acc[r][c]);
+            }
+        row += GEMV_UNROLL * n;
+    }
+    for (; k < k_end; ++k) {
+#pragma unroll
+        for (int r = 0; r < RM; ++r) {
+            const float a = cs[k * RM + r];
+#pragma unroll
+            for (int c = 0; c < GEMV_COLS; ++c) acc[r][c] = fmaf(a, in[c] ? __ldg(row + 32 * c) : 0.0f, acc[r][c]);
+        }
+        row += n;
+    }
+
+    if (warp > 0) {
+#pragma unroll
+        for (int r = 0; r < RM; ++r)
+#pragma unroll
+            for (int c = 0; c < GEMV_COLS; ++c) red[warp - 1][r][c][lane] = acc[r][c];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; ++c) {
+        if (!in[c]) continue;
+        const long long j = col0 + 32 * c;
+        const float m = mean[j];
+#pragma unroll
+        for (int r = 0; r < RM; ++r) {
+            if (r >= batch) continue;
+            float s = acc[r][c];
+            for (int w = 0; w < GEMV_SLICES - 1; ++w) s += red[w][r][c][lane];
+            out[(long long)r * n + j] = m + s;
+        }
+    }
+}
+
+constexpr int GEMV_CHUNK = 1024;   // backward: columns per block (32 per lane)
+constexpr int GEMV_ROWS = 16;      // backward: basis rows per block (2 per warp)
+constexpr int GEMV_BWD_UNROLL = 8; // backward: basis loads in flight per lane
+
+// Backward, block of 8 warps = 256 threads, grid (ceil(N / GEMV_CHUNK), ceil(K / GEMV_ROWS)):
+// the block stages its GEMV_CHUNK columns of grad_out (RM rows, zero past the batch) in shared
+// memory, then warp w takes the basis rows k0 + w, k0 + w + 8: lane l reads the row's columns
+// j0 + l + 32 u (coalesced, GEMV_BWD_UNROLL loads in flight), multiplies by the staged gradients,
+// and the warp sums its lanes with shuffles; lane 0 adds std[k] * sum into grad_a / grad_b
+// (zeroed by the caller) with one atomicAdd per (batch row, basis row, block).
+template <int RM>
+__global__ void __launch_bounds__(256) morphable_bwd_gemv(
+    const float* __restrict__ std_dev, const float* __restrict__ basis,
+    const float* __restrict__ grad_out, float* __restrict__ grad_a, float* __restrict__ grad_b,
+    int batch, int n_a, int n_b, long long n, int chunk)
+{
+    __shared__ float gs[RM][GEMV_CHUNK];
+    (void)chunk;  // the chunk is GEMV_CHUNK; kept for the tiled kernel's argument order
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long j0 = (long long)blockIdx.x * GEMV_CHUNK;
+    const int n_k = n_a + n_b;
+    for (int i = threadIdx.x; i < RM * GEMV_CHUNK; i += blockDim.x) {
+        const int r = i / GEMV_CHUNK, jj = i - r * GEMV_CHUNK;
+        const long long j = j0 + jj;
+        gs[r][jj] = (r < batch && j < n) ? grad_out[(long long)r * n + j] : 0.0f;
+    }
+    __syncthreads();
+    const long long width = min((long long)GEMV_CHUNK, n - j0);
+    for (int k = blockIdx.y * GEMV_ROWS + warp; k < min(n_k, (int)(blockIdx.y + 1) * GEMV_ROWS); k += 8) {
+        const float* row = basis + (long long)k * n + j0;
+        float acc[RM];
+#pragma unroll
+        for (int r = 0; r < RM; ++r) acc[r] = 0.0f;
+        for (int u0 = 0; u0 < GEMV_CHUNK / 32; u0 += GEMV_BWD_UNROLL) {
+            float w[GEMV_BWD_UNROLL];
+#pragma unroll
+            for (int u = 0; u < GEMV_BWD_UNROLL; ++u) {
+                const int jj = (u0 + u) * 32 + lane;
+                w[u] = jj < width ? __ldg(row + jj) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_BWD_UNROLL; ++u) {
+                const int jj = (u0 + u) * 32 + lane;
+#pragma unroll
+                for (int r = 0; r < RM; ++r) acc[r] = fmaf(gs[r][jj], w[u], acc[r]);
+            }
+        }
+        const float sd = std_dev[k];
+#pragma unroll
+        for (int r = 0; r < RM; ++r) {
+            float s = acc[r];
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffffu, s, offset);
+            if (lane == 0 && r < batch) {
+                if (k < n_a) atomicAdd(&grad_a[(long long)r * n_a + k], s * sd);
+                else atomicAdd(&grad_b[(long long)r * n_b + (k - n_a)], s * sd);
+            }
+        }
+    }
+}
+
 template __global__ void morphable_fwd<2, 4>(const float*, const float*, const float*, const float*, const float*,
                                              float*, int, int, int, long long);
 template __global__ void morphable_fwd<8, 8>(const float*, const float*, const float*, const float*, const float*,
@@ -169,3 +328,13 @@ template __global__ void morphable_bwd<2, 4>(const float*, const float*, const f
                                              long long, int);
 template __global__ void morphable_bwd<8, 8>(const float*, const float*, const float*, float*, float*, int, int, int,
                                              long long, int);
+#define FASTFACE_GEMV(RM)                                                                                   \
+    template __global__ void morphable_fwd_gemv<RM>(const float*, const float*, const float*, const float*,      \
+                                                    const float*, float*, int, int, int, long long);            \
+    template __global__ void morphable_bwd_gemv<RM>(const float*, const float*, const float*, float*, float*,   \
+                                                    int, int, int, long long, int);
+FASTFACE_GEMV(1)
+FASTFACE_GEMV(2)
+FASTFACE_GEMV(4)
+FASTFACE_GEMV(8)
+#undef FASTFACE_GEMV

@@ -6,7 +6,9 @@ The basis is (K, N) float32 row-major, N = 3V; its K rows are scaled by two coef
 expression rows, so that one pass over the basis makes the vertices).
 
 Backends. On the GPU, `kernels/morphable.cu` holds `morphable_fwd` and `morphable_bwd`, tiled GEMMs
-that read the basis once per call. On the CPU the same two functions with the same argument order
+that read the basis once per call, and for batches up to 8 `morphable_fwd_gemv` / `morphable_bwd_gemv`
+(matrix-vector shaped: they stream the basis into registers with many loads in flight, since a
+batch of 1 does ~2 flops per 4-byte basis value and is bound by memory latency and bandwidth). On the CPU the same two functions with the same argument order
 call BLAS through numpy's matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of
 N ~ 10^5) a BLAS GEMM measured 3-6x faster than a parallel Numba loop over column tiles (batch 1:
 8 ms vs 22 ms, batch 64: 0.10 s vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin
@@ -21,13 +23,28 @@ __all__ = ["morphable", "morphable_backward"]
 
 _FWD = {False: "morphable_fwd<8, 8>", True: "morphable_fwd<2, 4>"}
 _BWD = {False: "morphable_bwd<8, 8>", True: "morphable_bwd<2, 4>"}
-_SMALL_BATCH = 8  # batches up to this use the 8-row batch tile (<2, 4>), larger ones the 64-row tile
+_GEMV_ROWS = (1, 2, 4, 8)  # batch rows of the morphable_*_gemv<RM> instantiations
+_SMALL_BATCH = 8  # batches up to this use the small-batch kernels, larger ones the 64-row tile
 _TILE_N = 128     # forward: columns per block (kernels/morphable.cu TILE_N)
 _TILE_KB = 128    # backward: basis rows per block (TILE_KB)
+_GEMV_COLS = 128  # gemv forward: columns per block (32 lanes x GEMV_COLS)
+_GEMV_CHUNK = 1024  # gemv backward: columns per block (GEMV_CHUNK)
+_GEMV_ROWS_PER_BLOCK = 16  # gemv backward: basis rows per block (GEMV_ROWS)
+
+# Which kernel serves batches up to _SMALL_BATCH: "gemv" streams the basis through registers with
+# 16 loads in flight per thread (morphable_*_gemv), "tiled" is the shared-memory tile <2, 4>.
+# Kept switchable until the GPU profile (bench/profile_bandwidth.py) has compared them.
+SMALL_BATCH_KERNEL = "gemv"
 
 
 def _module():
-    return cuda_module("morphable.cu", name_expressions=tuple(_FWD.values()) + tuple(_BWD.values()))
+    gemv = tuple(f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS)
+    return cuda_module("morphable.cu", name_expressions=tuple(_FWD.values()) + tuple(_BWD.values()) + gemv)
+
+
+def _gemv_rows(batch):
+    """The smallest instantiated RM >= batch."""
+    return next(r for r in _GEMV_ROWS if r >= batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +77,15 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
     batch, n = out.shape
     n_a, n_b = coeff_a.shape[1], coeff_b.shape[1]
     small = batch <= _SMALL_BATCH
+    # (the gemv forward's shared memory: 28 KB of partial sums + 4 * K * rows bytes of coefficients)
+    if small and SMALL_BATCH_KERNEL == "gemv" and 4 * (n_a + n_b) * _gemv_rows(batch) <= 16384:
+        rows = _gemv_rows(batch)
+        kernel = _module().get_function(f"morphable_fwd_gemv<{rows}>")
+        kernel(((n + _GEMV_COLS - 1) // _GEMV_COLS, 1, 1), (256, 1, 1),
+               (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
+                np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n)),
+               shared_mem=4 * (n_a + n_b) * rows)
+        return
     kernel = _module().get_function(_FWD[small])
     block = (32, 2 if small else 8, 1)
     grid = ((n + _TILE_N - 1) // _TILE_N, 1, 1)
@@ -74,6 +100,13 @@ def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
     if n_k == 0:
         return
     small = batch <= _SMALL_BATCH
+    if small and SMALL_BATCH_KERNEL == "gemv":
+        kernel = _module().get_function(f"morphable_bwd_gemv<{_gemv_rows(batch)}>")
+        grid = ((n + _GEMV_CHUNK - 1) // _GEMV_CHUNK, (n_k + _GEMV_ROWS_PER_BLOCK - 1) // _GEMV_ROWS_PER_BLOCK, 1)
+        kernel(grid, (256, 1, 1), (std_dev, basis, grad_out, grad_a, grad_b if n_b else grad_a,
+                                   np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n),
+                                   np.int32(_GEMV_CHUNK)))
+        return
     kernel = _module().get_function(_BWD[small])
     rows = 8 if small else 64
     # Column chunk per block: long enough that the atomics (one per output per block) stay a small

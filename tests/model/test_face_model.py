@@ -205,6 +205,26 @@ def test_gpu_model_with_odd_sizes_matches_cpu(cupy, rng, tol):
         assert np.all(np.abs(g.get() - c) <= tol["gemm_l1_rtol"] * s)
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 8])
+def test_gpu_small_batch_kernels_match_cpu(cupy, rng, tol, monkeypatch, kernel, batch):
+    # Every morphable_*_gemv<RM> instantiation (and the tiled alternative) on a model whose 75
+    # rows split unevenly over the 8 forward slices and whose 603 columns end inside a block.
+    import fastface.model.morphable as morphable_module
+    monkeypatch.setattr(morphable_module, "SMALL_BATCH_KERNEL", kernel)
+    model = random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9)
+    gpu = model.to("gpu")
+    shape, expression, albedo = coefficients(rng, model, batch)
+    v_cpu, a_cpu = model.evaluate(shape, expression, albedo)
+    v_gpu, a_gpu = gpu.evaluate(*(cupy.asarray(c) for c in (shape, expression, albedo)))
+    scale_v, scale_a = l1_scale(model, shape, expression, albedo)
+    assert np.all(np.abs(v_gpu.get() - v_cpu) <= tol["gemm_l1_rtol"] * scale_v)
+    assert np.all(np.abs(a_gpu.get() - a_cpu) <= tol["gemm_l1_rtol"] * scale_a)
+    grads = gpu.evaluate_backward(cupy.asarray(v_cpu), cupy.asarray(a_cpu))
+    for g, c, s in zip(grads, model.evaluate_backward(v_cpu, a_cpu), l1_scale_backward(model, v_cpu, a_cpu)):
+        assert np.all(np.abs(g.get() - c) <= tol["gemm_l1_rtol"] * s)
+
+
 def test_to_gpu_and_back_keeps_every_array(cupy, small):
     back = small.to("gpu").to("cpu")
     for name in ("mean_shape", "mean_albedo", "triangles", "shape_basis", "expression_std", "albedo_basis",
