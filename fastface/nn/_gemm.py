@@ -1,4 +1,4 @@
-"""Row-major GEMM on numpy (BLAS through np.matmul) and cupy (cuBLAS gemmEx, called directly).
+"""Row-major GEMM on numpy (BLAS through np.matmul) and cupy (cuBLAS gemmEx, called through ctypes).
 
     gemm(a, b, out, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, compute="float32")
     out = alpha * op(a) @ op(b) + beta * out
@@ -13,6 +13,9 @@ Row-major to cuBLAS's column-major: a row-major (R, C) matrix with row stride ld
 column-major (C, R) matrix with leading dimension ld, so out = A B is computed as the
 column-major out^T = B^T A^T with the operands swapped and no data moved.
 """
+import ctypes
+import os
+
 import numpy as np
 
 from fastface._backend import cupy_or_none, is_cupy_array
@@ -83,10 +86,118 @@ def gemm(a, b, out, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, compute="
     return _gemm_cublas(a, b, out, m, n, k, trans_a, trans_b, alpha, beta, compute)
 
 
+class _CublasLibrary:
+    """cuBLAS called through ctypes, with a handle and a fixed workspace of our own per device.
+
+    Why not CuPy's cuBLAS wrappers: they refuse every call while the current stream is
+    capturing a CUDA graph (`cublas.setStream` raises NotImplementedError), although cuBLAS
+    itself supports capture once the handle has a workspace set by the caller (then no
+    allocation happens inside the GEMM call). So the library CuPy loaded is called directly:
+    the same shared object (cuda.pathfinder's cached load, else the path in /proc/self/maps,
+    else the soname), with explicit argument types, a handle made here (so CuPy's own handle
+    and its stream setting are never touched), and a 32 MiB workspace allocated once, outside
+    any capture. Calls on one device share the workspace, so they must not run concurrently on
+    two streams (fastface issues every GEMM on the current stream).
+    """
+
+    WORKSPACE_BYTES = 32 << 20
+
+    def __init__(self):
+        self.lib = self._load()
+        c = ctypes
+        L = self.lib
+        L.cublasCreate_v2.argtypes = [c.POINTER(c.c_void_p)]
+        L.cublasSetStream_v2.argtypes = [c.c_void_p, c.c_void_p]
+        L.cublasSetWorkspace_v2.argtypes = [c.c_void_p, c.c_void_p, c.c_size_t]
+        L.cublasSetMathMode.argtypes = [c.c_void_p, c.c_int]
+        L.cublasSetPointerMode_v2.argtypes = [c.c_void_p, c.c_int]
+        L.cublasGemmEx.argtypes = [
+            c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int,
+            c.c_void_p, c.c_void_p, c.c_int, c.c_int,
+            c.c_void_p, c.c_int, c.c_int,
+            c.c_void_p, c.c_void_p, c.c_int, c.c_int,
+            c.c_int, c.c_int]
+        for f in (L.cublasCreate_v2, L.cublasSetStream_v2, L.cublasSetWorkspace_v2, L.cublasSetMathMode,
+                  L.cublasSetPointerMode_v2, L.cublasGemmEx):
+            f.restype = c.c_int
+        self._handles = {}  # device id -> (handle, workspace array kept alive)
+
+    @staticmethod
+    def _load():
+        """The libcublas CuPy uses, opened again (dlopen of a loaded path returns the same object)."""
+        paths = []
+        try:
+            from cuda import pathfinder  # noqa: PLC0415 - CuPy 14 loads its libraries with it
+
+            paths.append(pathfinder.load_nvidia_dynamic_lib("cublas").abs_path)
+        except Exception:
+            pass
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    path = line.split()[-1] if line.strip() else ""
+                    if os.path.basename(path).startswith("libcublas.so"):
+                        paths.append(path)
+        except OSError:
+            pass
+        paths += ["libcublas.so.13", "libcublas.so.12", "libcublas.so"]
+        errors = []
+        for path in paths:
+            if not path:
+                continue
+            try:
+                return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                errors.append(f"{path}: {e}")
+        raise OSError("could not open libcublas: " + "; ".join(errors))
+
+    def check(self, status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cublasStatus_t {status}")
+
+    def handle(self, cupy):
+        """This device's handle (made, with its workspace, on first use: never inside a capture)."""
+        dev = cupy.cuda.Device().id
+        entry = self._handles.get(dev)
+        if entry is None:
+            h = ctypes.c_void_p()
+            self.check(self.lib.cublasCreate_v2(ctypes.byref(h)), "cublasCreate_v2")
+            workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)
+            self.check(self.lib.cublasSetWorkspace_v2(h, ctypes.c_void_p(workspace.data.ptr),
+                                                      ctypes.c_size_t(self.WORKSPACE_BYTES)),
+                       "cublasSetWorkspace_v2")
+            self.check(self.lib.cublasSetPointerMode_v2(h, _CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode_v2")
+            self.check(self.lib.cublasSetMathMode(h, _CUBLAS_DEFAULT_MATH), "cublasSetMathMode")
+            entry = self._handles[dev] = (h, workspace)
+        return entry[0]
+
+
+_CUBLAS_POINTER_MODE_HOST = 0
+_CUBLAS_DEFAULT_MATH = 0
+_cublas_state = {}
+
+
+def _cublas():
+    """The ctypes cuBLAS, or None when it cannot be opened (then CuPy's wrappers are used and
+    a CUDA graph capture of a GEMM raises)."""
+    if "lib" not in _cublas_state:
+        try:
+            _cublas_state["lib"] = _CublasLibrary()
+        except Exception as e:  # noqa: BLE001 - any failure means: use the fallback
+            _cublas_state["lib"] = None
+            _cublas_state["error"] = f"{type(e).__name__}: {e}"
+    return _cublas_state["lib"]
+
+
+def _is_capturing(cupy):
+    try:
+        return bool(cupy.cuda.get_current_stream().is_capturing())
+    except Exception:  # noqa: BLE001 - an old CuPy without is_capturing: assume not
+        return False
+
+
 def _gemm_cublas(a, b, out, m, n, k, trans_a, trans_b, alpha, beta, compute):
     cupy = cupy_or_none()
-    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415 - needs the CUDA libraries
-
     if a.dtype != b.dtype or a.dtype not in _DATA_TYPES:
         raise TypeError(f"gemm operands must share one of float16, float32, float64; got {a.dtype} and {b.dtype}")
     if out.dtype != a.dtype and not (a.dtype == np.float16 and out.dtype == np.float32):
@@ -98,16 +209,37 @@ def _gemm_cublas(a, b, out, m, n, k, trans_a, trans_b, alpha, beta, compute):
     else:
         compute_type, scalar = _CUBLAS_COMPUTE_32F, np.float32
     lda, ldb, ldc = _leading("a", a), _leading("b", b), _leading("out", out)
+    if m == 0 or n == 0:
+        return out
     # Host scalars (pointer mode host): cuBLAS reads them during the call, and a graph capture
     # records their values.
     alpha_h = np.array(alpha, dtype=scalar)
     beta_h = np.array(beta, dtype=scalar)
+    op_a = _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N
+    op_b = _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N
+    stream = cupy.cuda.get_current_stream().ptr
+    lib = _cublas()
+    if lib is not None:
+        handle = lib.handle(cupy)
+        lib.check(lib.lib.cublasSetStream_v2(handle, ctypes.c_void_p(stream)), "cublasSetStream_v2")
+        # Column-major: out^T (n x m) = op(b)^T (n x k) @ op(a)^T (k x m).
+        lib.check(lib.lib.cublasGemmEx(
+            handle, op_b, op_a, n, m, k,
+            ctypes.c_void_p(alpha_h.ctypes.data), ctypes.c_void_p(b.data.ptr), _DATA_TYPES[b.dtype], ldb,
+            ctypes.c_void_p(a.data.ptr), _DATA_TYPES[a.dtype], lda,
+            ctypes.c_void_p(beta_h.ctypes.data), ctypes.c_void_p(out.data.ptr), _DATA_TYPES[out.dtype], ldc,
+            compute_type, _CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
+        return out
+    if _is_capturing(cupy):
+        raise RuntimeError("a GEMM cannot be recorded in a CUDA graph: cuBLAS could not be opened through "
+                           f"ctypes ({_cublas_state.get('error')}), and CuPy's cuBLAS wrappers refuse "
+                           "calls during stream capture")
+    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415 - needs the CUDA libraries
+
     handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-    # Column-major: out^T (n x m) = op(b)^T (n x k) @ op(a)^T (k x m).
+    cublas.setStream(handle, stream)
     cublas.gemmEx(
-        handle, _CUBLAS_OP_T if trans_b else _CUBLAS_OP_N, _CUBLAS_OP_T if trans_a else _CUBLAS_OP_N,
-        n, m, k,
+        handle, op_b, op_a, n, m, k,
         alpha_h.ctypes.data, b.data.ptr, _DATA_TYPES[b.dtype], ldb,
         a.data.ptr, _DATA_TYPES[a.dtype], lda,
         beta_h.ctypes.data, out.data.ptr, _DATA_TYPES[out.dtype], ldc,

@@ -651,6 +651,27 @@ class _Workspace:
         return self._dz[i % 2][:m * c].reshape(m, c)
 
 
+def _capture(stream, fn):
+    """fn() recorded on `stream` into a CUDA graph, with value checks off.
+
+    Exception-safe: if fn (or the capture itself) fails, the capture is ended before the error
+    propagates, so the stream is never left capturing (a stream left capturing makes every later
+    synchronisation fail with cudaErrorStreamCaptureUnsupported), and the partial graph is
+    dropped. The error then says which step failed to record.
+    """
+    with value_checks(False), stream:
+        stream.begin_capture()
+        try:
+            fn()
+        except BaseException:
+            try:
+                stream.end_capture()
+            except Exception:  # noqa: BLE001 - an invalidated capture raises here; the first error matters
+                pass
+            raise
+        return stream.end_capture()
+
+
 class EncoderGraph:
     """Forward (and backward + Adam) of one batch size recorded in CUDA graphs; see Encoder.capture.
 
@@ -680,17 +701,16 @@ class EncoderGraph:
             adam_function("adam_update")
         cupy.cuda.get_current_stream().synchronize()
         self._stream = cupy.cuda.Stream(non_blocking=True)
-        with value_checks(False), self._stream:
-            self._stream.begin_capture()
-            enc.forward(self.x, out=self.y)
-            self._forward = self._stream.end_capture()
-            self._backward = None
-            if backward:
-                self._stream.begin_capture()
-                enc.backward(self.grad_y, need_grad_x=need_grad_x, out=self.grad_x)
-                if optimizer is not None:
-                    optimizer.step()
-                self._backward = self._stream.end_capture()
+        self._backward = None
+
+        def train_step():
+            enc.backward(self.grad_y, need_grad_x=need_grad_x, out=self.grad_x)
+            if optimizer is not None:
+                optimizer.step()
+
+        self._forward = _capture(self._stream, lambda: enc.forward(self.x, out=self.y))
+        if backward:
+            self._backward = _capture(self._stream, train_step)
         self._stream.synchronize()
 
     def forward(self):
