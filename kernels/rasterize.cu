@@ -49,15 +49,17 @@ __device__ __forceinline__ Edge canonical_edge(float ax, float ay, float bx, flo
 __device__ __forceinline__ void orient_edge(Edge& e, float o) {
     e.s = e.s * o;
     float ny = e.s * e.dy;
-    e.own = ny < 0.0f || (ny == 0.0f && e.s * e.dx > 0.0f);
+    e.own = (ny < 0.0f) | ((ny == 0.0f) & (e.s * e.dx > 0.0f));
 }
 
 __device__ __forceinline__ float edge_value(const Edge& e, float px, float py) {
     return e.s * (e.dx * (py - e.oy) - e.dy * (px - e.ox));
 }
 
+// Bitwise, not short-circuit, operators: the tests then compile to predicates instead of a
+// branch (and a divergence region) per edge.
 __device__ __forceinline__ bool edge_inside(const Edge& e, float v) {
-    return v > 0.0f || (v == 0.0f && e.own);
+    return (v > 0.0f) | ((v == 0.0f) & e.own);
 }
 
 // Order-preserving unsigned key of a float (-0 folded onto +0 by adding +0).
@@ -77,9 +79,13 @@ __device__ __forceinline__ float key_depth(unsigned int k) {
 __device__ __forceinline__ void rasterize_triangle(const float4* __restrict__ pb, int i0, int i1, int i2, int t,
                                                    int H, int W, int cull, unsigned long long* __restrict__ zb) {
     float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
-    ScreenVertex v0 = screen_vertex(pb[i0], half_w, half_h);
-    ScreenVertex v1 = screen_vertex(pb[i1], half_w, half_h);
-    ScreenVertex v2 = screen_vertex(pb[i2], half_w, half_h);
+    // The three loads first, as independent statements: written inside the screen_vertex calls,
+    // the compiler issued each after the previous vertex's division (whose slow path is a call),
+    // serialising three memory latencies per thread.
+    float4 p0 = pb[i0], p1 = pb[i1], p2 = pb[i2];
+    ScreenVertex v0 = screen_vertex(p0, half_w, half_h);
+    ScreenVertex v1 = screen_vertex(p1, half_w, half_h);
+    ScreenVertex v2 = screen_vertex(p2, half_w, half_h);
     if (!(v0.valid && v1.valid && v2.valid)) return;
 
     // Bounding box over pixel centres, clamped in float before any conversion to int.
@@ -108,7 +114,7 @@ __device__ __forceinline__ void rasterize_triangle(const float4* __restrict__ pb
             float w0 = edge_value(e0, px, py);
             float w1 = edge_value(e1, px, py);
             float w2 = edge_value(e2, px, py);
-            if (!(edge_inside(e0, w0) && edge_inside(e1, w1) && edge_inside(e2, w2))) continue;
+            if (!(edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2))) continue;
             float z = (w0 * v0.z + w1 * v1.z + w2 * v2.z) / (w0 + w1 + w2);
             if (!(z >= -1.0f && z <= 1.0f)) continue;
             unsigned long long key = ((unsigned long long)depth_key(z) << 32) | (unsigned int)t;
