@@ -24,6 +24,7 @@ N = (p_a - p_c) x (p_b - p_c) = p_a x p_b + p_c x (p_a - p_b), dL/dp_c = (p_a - 
 Two passes: per vertex dL/ds (into a scratch array), then per vertex the gather over its faces.
 """
 import dataclasses
+import functools
 
 import numba
 import numpy as np
@@ -183,8 +184,33 @@ def vertex_normals_bwd(vertices, offsets, corners, grad_sum, grad_vertices):
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 
+# Which CUDA kernels serve the GPU path: "staged" (each block first copies its vertices and a halo
+# of neighbours into shared memory with contiguous loads; the _staged kernels of
+# kernels/normals.cu) or "gather" (every coordinate read straight from global memory). Same sums in
+# the same order; kept switchable until the GPU profile (bench/profile_bandwidth.py) compares them.
+NORMALS_KERNELS = ("staged", "gather")
+NORMALS_KERNEL = "staged"
+_STAGE_NB = 256  # kernels/normals.cu STAGE_NB: vertices per block of the staged kernels
+
+
 def _module():
     return cuda_module("normals.cu")
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name, device_id):
+    return _module().get_function(name)
+
+
+def _launch(name, B, V, args):
+    """Launches vertex_normals_<name> (its staged twin when NORMALS_KERNEL says so) over (B, V)."""
+    import cupy  # noqa: PLC0415
+    if NORMALS_KERNEL == "staged":
+        grid, block = ((V + _STAGE_NB - 1) // _STAGE_NB, B), (_STAGE_NB,)
+        name = name + "_staged"
+    else:
+        grid, block = grid_1d(B * V)
+    _function("vertex_normals_" + name, cupy.cuda.Device().id)(grid, block, args + (np.int32(B), np.int32(V)))
 
 
 def _prepare(vertices, tri, adjacency, grad_out=None):
@@ -235,9 +261,7 @@ def vertex_normals(vertices, tri, adjacency=None):
     if xp is np:
         vertex_normals_fwd(v3, adjacency.offsets, adjacency.corners, normals)
     else:
-        B, V = v3.shape[0], v3.shape[1]
-        _module().get_function("vertex_normals_fwd")(
-            *grid_1d(B * V), (v3, adjacency.offsets, adjacency.corners, normals, np.int32(B), np.int32(V)))
+        _launch("fwd", v3.shape[0], v3.shape[1], (v3, adjacency.offsets, adjacency.corners, normals))
     return normals if batched else normals[0]
 
 
@@ -259,11 +283,7 @@ def vertex_normals_backward(vertices, tri, grad_out, adjacency=None):
         vertex_normals_bwd(v3, adjacency.offsets, adjacency.corners, grad_sum, grad_vertices)
     else:
         B, V = v3.shape[0], v3.shape[1]
-        module = _module()
-        launch = grid_1d(B * V)
-        module.get_function("vertex_normals_bwd_sum")(
-            *launch, (v3, adjacency.offsets, adjacency.corners, g3, grad_sum, np.int32(B), np.int32(V)))
-        module.get_function("vertex_normals_bwd")(
-            *launch, (v3, adjacency.offsets, adjacency.corners, grad_sum, grad_vertices, np.int32(B), np.int32(V)))
+        _launch("bwd_sum", B, V, (v3, adjacency.offsets, adjacency.corners, g3, grad_sum))
+        _launch("bwd", B, V, (v3, adjacency.offsets, adjacency.corners, grad_sum, grad_vertices))
     return grad_vertices if batched else grad_vertices[0]
 

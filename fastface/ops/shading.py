@@ -27,7 +27,7 @@ import math
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module, grid_1d
+from fastface._backend import array_module, cuda_module
 from fastface._checks import check_array, check_finite, check_same_batch
 # The fused kernels call normals' Numba helpers and launch its gather kernel. Numba's cache does not
 # notice edits to another module: after changing normals.py's helpers, clear the cache (or touch
@@ -382,8 +382,7 @@ def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None)
         _module().get_function(_template("shade_vertices_bwd_sum", shared))(
             *_launch_shape(V, B, True),
             (v3, offsets, corners, a3, s3, g3, grad_sum, grad_albedo, grad_sh, np.int32(B), np.int32(V)))
-        _normals._module().get_function("vertex_normals_bwd")(
-            *grid_1d(B * V), (v3, offsets, corners, grad_sum, grad_vertices, np.int32(B), np.int32(V)))
+        _normals._launch("bwd", B, V, (v3, offsets, corners, grad_sum, grad_vertices))
     if not batched:
         return grad_vertices[0], grad_albedo[0], grad_sh[0]
     return grad_vertices, (grad_albedo[0] if albedo.ndim == 2 else grad_albedo), grad_sh

@@ -152,6 +152,30 @@ def test_gpu_matches_cpu(rng, tol, cupy):
                                atol=tol["gpu_cpu_atol"] * np.abs(g_cpu).max())
 
 
+@pytest.mark.parametrize("kernel", ["staged", "gather"])
+@pytest.mark.parametrize("mesh", ["grid", "scattered"])
+def test_gpu_kernel_variants_match_cpu(rng, tol, cupy, monkeypatch, kernel, mesh):
+    # grid: 40 x 70 vertices, neighbours 70 apart (inside the staged kernels' shared-memory halo),
+    # a partial last block; scattered: the same grid with its vertices renumbered at random, so that
+    # most neighbours lie outside the halo and are read from global memory.
+    import fastface.ops.normals as normals_module
+    monkeypatch.setattr(normals_module, "NORMALS_KERNEL", kernel)
+    flat, tri = grid_mesh(40, 70)
+    if mesh == "scattered":
+        perm = rng.permutation(len(flat))
+        flat, tri = flat[np.argsort(perm)], perm[tri].astype(np.int32)
+    vertices = (flat + 0.2 * rng.normal(size=(2,) + flat.shape)).astype(np.float32)
+    grad_out = rng.normal(size=vertices.shape).astype(np.float32)
+    adjacency = vertex_adjacency(cupy.asarray(tri), len(flat))
+    n_gpu = vertex_normals(cupy.asarray(vertices), cupy.asarray(tri), adjacency)
+    g_gpu = vertex_normals_backward(cupy.asarray(vertices), cupy.asarray(tri), cupy.asarray(grad_out), adjacency)
+    np.testing.assert_allclose(n_gpu.get(), vertex_normals(vertices, tri), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    g_cpu = vertex_normals_backward(vertices, tri, grad_out)
+    np.testing.assert_allclose(g_gpu.get(), g_cpu, rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"] * np.abs(g_cpu).max())
+
+
 def test_gpu_adjacency_equals_cpu_adjacency(rng, cupy):
     _, tri = random_mesh(rng, n_vertices=50, n_tri=80)
     cpu, gpu = vertex_adjacency(tri, 50), vertex_adjacency(cupy.asarray(tri), 50)
