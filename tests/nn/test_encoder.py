@@ -349,6 +349,39 @@ def test_gpu_graph_replays_equal_eager_calls(cupy, rng, precision, algorithm):
         assert _rel(graphed.flat_params.get(), eager.flat_params.get()) <= bound
 
 
+@pytest.mark.parametrize("failure", ["raises", "illegal_during_capture"])
+def test_gpu_failed_capture_leaves_the_stream_usable(cupy, rng, tol, monkeypatch, failure):
+    """A capture that fails (an error inside the recorded step, or an operation that a capture
+    forbids, which invalidates it) raises, ends the capture, and the GPU keeps working."""
+    settings = dict(resolution=32, widths=(8, 16), stem_width=8)
+    enc = Encoder(7, **settings).to("gpu")
+    real_pool = encoder_module._pool_fwd
+    calls = []
+
+    def failing_pool(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first call is the warm-up, the second is being captured
+            if failure == "raises":
+                raise RuntimeError("injected failure")
+            cupy.cuda.get_current_stream().synchronize()  # forbidden while capturing
+        return real_pool(*args)
+
+    monkeypatch.setattr(encoder_module, "_pool_fwd", failing_pool)
+    with pytest.raises(Exception) as info:
+        enc.capture(2)
+    if failure == "raises":
+        assert "injected failure" in str(info.value)
+    monkeypatch.setattr(encoder_module, "_pool_fwd", real_pool)
+    assert not cupy.cuda.get_current_stream().is_capturing()
+    x = _images(rng, 2, 32)
+    y = enc.forward(cupy.asarray(x))
+    cupy.cuda.Device().synchronize()  # failed with cudaErrorStreamCaptureUnsupported before the fix
+    assert _rel(y.get(), Encoder(7, **settings).forward(x)) <= tol["nn_gpu_cpu_float32_rel"]
+    graph = enc.capture(2)  # and a capture after the failed one works
+    graph.x[...] = cupy.asarray(x)
+    assert _rel(graph.forward().get(), y.get()) <= 1e-6
+
+
 def test_gpu_move_round_trip_keeps_the_weights(cupy):
     enc = Encoder(5, **SMALL)
     before = enc.flat_params.copy()

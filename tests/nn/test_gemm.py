@@ -50,3 +50,35 @@ def test_gpu_gemm_reads_row_slices(cupy, rng):
     out = cupy.empty((6, 3), dtype=np.float32)
     gemm(a, b, out)
     np.testing.assert_allclose(out.get(), a.get() @ b.get(), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_gemm_uses_cublas_through_ctypes(cupy):
+    """The ctypes path (needed for graph capture) opened; the CuPy fallback is for emergencies."""
+    from fastface.nn import _gemm
+
+    assert _gemm._cublas() is not None, _gemm._cublas_state.get("error")
+
+
+@pytest.mark.parametrize("dtype,out_dtype,compute", [(np.float32, np.float32, "float32"),
+                                                     (np.float16, np.float32, "float32"),
+                                                     (np.float32, np.float32, "tf32")])
+def test_gpu_gemm_records_in_a_cuda_graph_and_replays_on_new_data(cupy, rng, dtype, out_dtype, compute):
+    a = cupy.asarray(rng.normal(size=(300, 70)).astype(dtype))
+    b = cupy.asarray(rng.normal(size=(40, 70)).astype(dtype))
+    out = cupy.zeros((300, 40), dtype=out_dtype)
+    gemm(a, b, out, trans_b=True, alpha=0.5, compute=compute)  # warm-up outside the capture
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            gemm(a, b, out, trans_b=True, alpha=0.5, compute=compute)
+        finally:
+            graph = stream.end_capture()
+    a[...] = cupy.asarray(rng.normal(size=(300, 70)).astype(dtype))
+    out[...] = 0
+    graph.launch(stream)
+    stream.synchronize()
+    expected = 0.5 * a.get().astype(np.float64) @ b.get().astype(np.float64).T
+    rtol = 1e-5 if dtype == np.float32 and compute == "float32" else 1e-2
+    scale = 0.5 * np.abs(a.get().astype(np.float64)) @ np.abs(b.get().astype(np.float64)).T
+    assert np.all(np.abs(out.get() - expected) <= rtol * scale + 1e-6)
