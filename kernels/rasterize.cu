@@ -242,16 +242,31 @@ __global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __r
     }
 }
 
-// Adds (gx, gy, 0, gw) to a vertex's float4 gradient: one vector atomic on sm_90 and later
-// (one L2 operation instead of three), three scalar ones before.
-__device__ __forceinline__ void add_pos_grad(float4* g, float gx, float gy, float gw) {
+// Vector atomics: one L2 operation for 2 or 4 floats on sm_90 and later (the address must be
+// 8- or 16-byte aligned), one per float before (and in the host emulation of the tests).
+__device__ __forceinline__ void atomic_add4(float4* g, float4 v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(g, make_float4(gx, gy, 0.0f, gw));
+    atomicAdd(g, v);
 #else
-    atomicAdd(&g->x, gx);
-    atomicAdd(&g->y, gy);
-    atomicAdd(&g->w, gw);
+    atomicAdd(&g->x, v.x);
+    atomicAdd(&g->y, v.y);
+    atomicAdd(&g->z, v.z);
+    atomicAdd(&g->w, v.w);
 #endif
+}
+
+__device__ __forceinline__ void atomic_add2(float2* g, float2 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(g, v);
+#else
+    atomicAdd(&g->x, v.x);
+    atomicAdd(&g->y, v.y);
+#endif
+}
+
+// Adds (gx, gy, 0, gw) to a vertex's float4 gradient (the zero changes no bit of z's slot).
+__device__ __forceinline__ void add_pos_grad(float4* g, float gx, float gy, float gw) {
+    atomic_add4(g, make_float4(gx, gy, 0.0f, gw));
 }
 
 // Chain rule from (gu, gv) on the barycentrics of one pixel to its triangle's clip positions.
@@ -306,6 +321,14 @@ extern "C" __global__ void rasterize_bwd(const float4* __restrict__ pos, const i
     }
 }
 
+// Attribute gradients of C = 3 or 4 channels accumulate in a (..., V, 4) float4 buffer, with one
+// vector atomic per vertex instead of C scalar ones (the caller drops the 4th column when C = 3);
+// C = 2 uses float2 atomics on the (..., V, 2) output itself; other counts, scalar atomics.
+template <int C>
+__device__ __forceinline__ constexpr bool attr_grad_float4() {
+    return C == 3 || C == 4;
+}
+
 // The fused backward of one pixel of rasterize_resolve<C>: form grad_bary from grad_out and the
 // attributes in registers (never storing it), scatter u, v, 1-u-v times grad_out into grad_attr,
 // then the barycentric gradient into grad_pos.
@@ -322,29 +345,59 @@ __device__ __forceinline__ void interp_bwd_pixel(const float4* __restrict__ pos,
     float X = (float)(2 * j + 1 - W) / (float)W;
     float Y = (float)(H - 2 * i - 1) / (float)H;
     const float4* pb = pos + (long long)b * V;
-    PixelBary r = pixel_bary(pb[i0], pb[i1], pb[i2], X, Y);
+    float4 q0 = pb[i0], q1 = pb[i1], q2 = pb[i2];
+    PixelBary r = pixel_bary(q0, q1, q2, X, Y);
     if (r.s == 0.0f) return;
     float u = r.c0 / r.s;
     float v = r.c1 / r.s;
     float w2 = (1.0f - u) - v;
-    long long abase = attr_batched ? (long long)b * V * nc : 0LL;
-    const float* a0 = attr + abase + (long long)i0 * nc;
-    const float* a1 = attr + abase + (long long)i1 * nc;
-    const float* a2 = attr + abase + (long long)i2 * nc;
-    float* ga0 = grad_attr + abase + (long long)i0 * nc;
-    float* ga1 = grad_attr + abase + (long long)i1 * nc;
-    float* ga2 = grad_attr + abase + (long long)i2 * nc;
+    long long vbase = attr_batched ? (long long)b * V : 0LL;
+    const float* a0 = attr + (vbase + i0) * nc;
+    const float* a1 = attr + (vbase + i1) * nc;
+    const float* a2 = attr + (vbase + i2) * nc;
     const float* go = grad_out + p * nc;
     float gu = 0.0f, gv = 0.0f;
+    if (attr_grad_float4<C>() || C == 2) {
+        // Products with a zero gradient are left out (as zeros), like the scalar path's skip, so
+        // that a non-finite weight times 0 cannot reach the sums.
+        float g[4] = {0.0f, 0.0f, 0.0f, 0.0f}, g0[4], g1[4], g2[4];
 #pragma unroll
-    for (int c = 0; c < nc; ++c) {
-        float g = go[c];
-        gu += g * (a0[c] - a2[c]);
-        gv += g * (a1[c] - a2[c]);
-        if (g != 0.0f) {
-            atomicAdd(ga0 + c, u * g);
-            atomicAdd(ga1 + c, v * g);
-            atomicAdd(ga2 + c, w2 * g);
+        for (int c = 0; c < C; ++c) {
+            g[c] = go[c];
+            gu += g[c] * (a0[c] - a2[c]);
+            gv += g[c] * (a1[c] - a2[c]);
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            g0[c] = g[c] != 0.0f ? u * g[c] : 0.0f;
+            g1[c] = g[c] != 0.0f ? v * g[c] : 0.0f;
+            g2[c] = g[c] != 0.0f ? w2 * g[c] : 0.0f;
+        }
+        if (attr_grad_float4<C>()) {
+            float4* ga = reinterpret_cast<float4*>(grad_attr) + vbase;
+            atomic_add4(ga + i0, make_float4(g0[0], g0[1], g0[2], g0[3]));
+            atomic_add4(ga + i1, make_float4(g1[0], g1[1], g1[2], g1[3]));
+            atomic_add4(ga + i2, make_float4(g2[0], g2[1], g2[2], g2[3]));
+        } else {
+            float2* ga = reinterpret_cast<float2*>(grad_attr) + vbase;
+            atomic_add2(ga + i0, make_float2(g0[0], g0[1]));
+            atomic_add2(ga + i1, make_float2(g1[0], g1[1]));
+            atomic_add2(ga + i2, make_float2(g2[0], g2[1]));
+        }
+    } else {
+        float* ga0 = grad_attr + (vbase + i0) * nc;
+        float* ga1 = grad_attr + (vbase + i1) * nc;
+        float* ga2 = grad_attr + (vbase + i2) * nc;
+#pragma unroll
+        for (int c = 0; c < nc; ++c) {
+            float g = go[c];
+            gu += g * (a0[c] - a2[c]);
+            gv += g * (a1[c] - a2[c]);
+            if (g != 0.0f) {
+                atomicAdd(ga0 + c, u * g);
+                atomicAdd(ga1 + c, v * g);
+                atomicAdd(ga2 + c, w2 * g);
+            }
         }
     }
     if (gu == 0.0f && gv == 0.0f) return;
@@ -353,8 +406,9 @@ __device__ __forceinline__ void interp_bwd_pixel(const float4* __restrict__ pos,
 }
 
 // One thread per pixel (see PIXEL_LOOP): the backward of rasterize_resolve<C> (C != 0) to positions
-// and attributes, both by atomics into cupy.zeros buffers. Saves a launch and a write and read of
-// grad_bary against interpolate_bwd + rasterize_bwd.
+// and attributes, both by atomics into cupy.zeros buffers (grad_attr: (..., V, 4) when C is 3 or
+// 4, see attr_grad_float4). Saves a launch and a write and read of grad_bary against
+// interpolate_bwd + rasterize_bwd.
 template <int C>
 __global__ void rasterize_interpolate_bwd(const float4* __restrict__ pos, const int* __restrict__ tri,
                                           const float* __restrict__ attr, const int* __restrict__ tri_id,
@@ -366,4 +420,15 @@ __global__ void rasterize_interpolate_bwd(const float4* __restrict__ pos, const 
         interp_bwd_pixel<C>(pos, tri, attr, tri_id, grad_out, V, T, H, W, nc, attr_batched, grad_pos, grad_attr, b, i,
                             j, (long long)b * hw + q);
     }
+}
+
+// One thread per row of a (n, 4) float4 buffer: copies its first 3 floats to a (n, 3) array (the
+// attribute gradient of 3 channels, accumulated with float4 atomics).
+extern "C" __global__ void float4_to_float3(const float4* __restrict__ src, int n, float* __restrict__ dst) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    float4 a = src[k];
+    dst[3LL * k] = a.x;
+    dst[3LL * k + 1] = a.y;
+    dst[3LL * k + 2] = a.z;
 }

@@ -471,7 +471,7 @@ def _check_attr(attr, B, V, dtype_of, xp):
 
 _GPU_CHANNELS = (1, 2, 3, 4)
 _GPU_NAMES = (
-    ["rasterize_fwd", "rasterize_bwd"]
+    ["rasterize_fwd", "rasterize_bwd", "float4_to_float3"]
     + [f"rasterize_resolve<{c}>" for c in (0, -1) + _GPU_CHANNELS]
     + [f"rasterize_interpolate_bwd<{c}>" for c in (-1,) + _GPU_CHANNELS]
 )
@@ -709,8 +709,14 @@ def _rasterize_backward_gpu(pos3, tri, raster, grad_bary, attr, grad_out):
     attr = _as_gpu_input(attr, cupy)
     grad_out = _as_gpu_input(grad_out, cupy)
     C = attr.shape[-1]
-    grad_attr = cupy.zeros(attr.shape, dtype=cupy.float32)
+    # 3 or 4 channels accumulate in a (..., V, 4) buffer, one float4 atomic per vertex and pixel
+    # (kernels/rasterize.cu, attr_grad_float4); 3 channels are then copied out of it.
+    grad_attr = cupy.zeros(attr.shape[:-1] + (4,) if C in (3, 4) else attr.shape, dtype=cupy.float32)
     name = f"rasterize_interpolate_bwd<{_template_channels(C)}>"
     _gpu_kernel(name)(grid, block, (pos3, tri, attr, tri_id, grad_out) + dims
                       + (np.int32(C), np.int32(attr.ndim == 3), grad_pos, grad_attr))
+    if C == 3:
+        acc, grad_attr = grad_attr, cupy.empty(attr.shape, dtype=cupy.float32)
+        n = acc.size // 4
+        _gpu_kernel("float4_to_float3")(((n + 255) // 256,), (256,), (acc, np.int32(n), grad_attr))
     return grad_pos, grad_attr

@@ -447,13 +447,18 @@ def test_gpu_rasterize_backward_matches_cpu(cupy, rng, tol):
 
 def test_gpu_fused_backward_matches_cpu(cupy, rng, tol):
     pos, tri, colors = spherical_cap(n=41, batch=2, seed=7)
-    for attr in (colors, rng.uniform(size=(2,) + colors.shape).astype(np.float32), np.repeat(colors, 2, axis=1)):
+    four = np.concatenate([colors, colors[:, :1]], axis=1)
+    # C = 3 (float4 accumulator, copied out), 3 per image, 6 (scalar atomics), 2 (float2 atomics),
+    # 4 per image (float4 atomics into the output itself).
+    for attr in (colors, rng.uniform(size=(2,) + colors.shape).astype(np.float32), np.repeat(colors, 2, axis=1),
+                 colors[:, :2].copy(), np.stack([four, 1 - four])):
         raster, img = rasterize_interpolate(pos, tri, (40, 40), attr)
         grad_out = rng.standard_normal(img.shape).astype(np.float32)
         cpu_pos, cpu_attr = rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)
         graster = Raster(*(cupy.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
         gpu_pos, gpu_attr = rasterize_interpolate_backward(cupy.asarray(pos), cupy.asarray(tri), cupy.asarray(attr),
                                                            graster, cupy.asarray(grad_out))
+        assert gpu_attr.shape == attr.shape and gpu_attr.flags.c_contiguous
         _assert_scatter_close(gpu_pos.get(), cpu_pos, tol)
         _assert_scatter_close(gpu_attr.get(), cpu_attr, tol)
 
@@ -567,7 +572,9 @@ void emu_backward(const float4* pos, const int* tri, const float* attr, const in
                   float* out, float2* grad_bary_out, int gy) {
     launch(H * W, gy, [&] { rasterize_bwd(pos, tri, tri_id, grad_bary, B, V, T, H, W, grad_pos); });
     launch(H * W, gy, [&] {
-        if (C == 3) rasterize_interpolate_bwd<3>(pos, tri, attr, tri_id, grad_out, B, V, T, H, W, C, ab, grad_pos_fused, grad_attr_fused);
+        if (C == 2) rasterize_interpolate_bwd<2>(pos, tri, attr, tri_id, grad_out, B, V, T, H, W, C, ab, grad_pos_fused, grad_attr_fused);
+        else if (C == 3) rasterize_interpolate_bwd<3>(pos, tri, attr, tri_id, grad_out, B, V, T, H, W, C, ab, grad_pos_fused, grad_attr_fused);
+        else if (C == 4) rasterize_interpolate_bwd<4>(pos, tri, attr, tri_id, grad_out, B, V, T, H, W, C, ab, grad_pos_fused, grad_attr_fused);
         else rasterize_interpolate_bwd<-1>(pos, tri, attr, tri_id, grad_out, B, V, T, H, W, C, ab, grad_pos_fused, grad_attr_fused);
     });
     launch(H * W, gy, [&] {
@@ -615,7 +622,9 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
     cap = spherical_cap(n=31, batch=3, seed=2)
     soup = triangle_soup(rng, B=3, T=50)
     soup[0][1, 7, 3] = -1.0  # a dropped triangle
-    for (pos, tri), attr, cull in (((cap[0], cap[1]), cap[2], 0), (soup, rng.uniform(size=(3, 150, 5)), 1)):
+    cases = (((cap[0], cap[1]), cap[2], 0), (soup, rng.uniform(size=(3, 150, 5)), 1),
+             ((cap[0], cap[1]), rng.uniform(size=(3, cap[0].shape[1], 4)), 0), (soup, rng.uniform(size=(150, 2)), 1))
+    for (pos, tri), attr, cull in cases:
         attr = np.ascontiguousarray(attr, dtype=np.float32)
         B, V = pos.shape[:2]
         T, C, ab = tri.shape[0], attr.shape[-1], int(attr.ndim == 3)
@@ -633,7 +642,8 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
         grad_out = rng.standard_normal(img.shape).astype(np.float32)
         grad_bary = rng.standard_normal(bary.shape).astype(np.float32)
         gp, gpf = np.zeros((B, V, 4), np.float32), np.zeros((B, V, 4), np.float32)
-        ga, gaf = np.zeros(attr.shape, np.float32), np.zeros(attr.shape, np.float32)
+        # The fused kernel accumulates 3 or 4 channels in a (..., V, 4) float4 buffer.
+        ga, gaf = np.zeros(attr.shape, np.float32), np.zeros(attr.shape[:-1] + (4 if C in (3, 4) else C,), np.float32)
         out2, gb = np.empty_like(out), np.empty_like(bary)
         lib.emu_backward(_ptr(pos), _ptr(tri), _ptr(attr), _ptr(tri_id), _ptr(bary), _ptr(grad_out), _ptr(grad_bary),
                          B, V, T, H, W, C, ab, _ptr(gp), _ptr(ga), _ptr(gpf), _ptr(gaf), _ptr(out2), _ptr(gb), gy)
@@ -641,6 +651,7 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
         ref_ga, ref_gb = interpolate_backward(attr, raster, tri, grad_out)
         np.testing.assert_array_equal(gb, ref_gb)
         ref_gp, ref_gaf = rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)
+        assert not gaf[..., C:].any()
         for got, ref in ((gp, rasterize_backward(pos, tri, raster, grad_bary)), (gpf, ref_gp), (ga, ref_ga),
-                         (gaf, ref_gaf)):
+                         (gaf[..., :C], ref_gaf)):
             _assert_scatter_close(got, ref, tol)
