@@ -227,3 +227,206 @@ __global__ void shade_vertices_bwd_sum(const float* __restrict__ vertices, const
     }
     block_add_grad_sh(acc, grad_sh + b * 27);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Staged variants (fastface.ops.shading.SHADING_KERNEL = "staged"): the same per-vertex
+// arithmetic, with every (B, V, 3) array read and written as contiguous runs of floats through
+// shared-memory tiles of STAGE_NB vertices (a thread's own 3 floats are 12 bytes apart from its
+// neighbour's, so direct per-thread accesses make each warp instruction touch three times the
+// cache lines it uses), and, in the fused kernels, the neighbours' positions gathered from a
+// staged window of the tile plus STAGE_HALO vertices either side (outside it: global memory, so
+// any vertex order works). Same launch shapes as the kernels above with blocks of STAGE_NB.
+constexpr int STAGE_NB = 256;    // vertices per tile = threads per block
+constexpr int STAGE_HALO = 192;  // staged neighbour positions either side of a tile (fused kernels)
+constexpr int STAGE_WINDOW = STAGE_NB + 2 * STAGE_HALO;
+static_assert(STAGE_NB >= 27 && STAGE_NB % 32 == 0, "load_coefficients and block_add_grad_sh need >= 27 threads in whole warps");
+static_assert(STAGE_WINDOW >= STAGE_NB, "the window holds the tile");
+
+struct __align__(8) CornerPair {
+    int a, c;
+};
+
+// dst[0, 3 count) = src[3 first, 3 (first + count)), contiguous. Every thread must call it.
+__device__ __forceinline__ void stage_in(const float* __restrict__ src, long long first, int count, float* dst) {
+    const float* s = src + 3 * first;
+    for (int i = threadIdx.x; i < 3 * count; i += blockDim.x) dst[i] = s[i];
+}
+
+__device__ __forceinline__ void stage_out(const float* src, float* __restrict__ dst, long long first, int count) {
+    float* d = dst + 3 * first;
+    for (int i = threadIdx.x; i < 3 * count; i += blockDim.x) d[i] = src[i];
+}
+
+__device__ __forceinline__ void fetch3(const float* win, const float* __restrict__ g, int w0, int w1, int a,
+                                       float& x, float& y, float& z) {
+    const float* q = (a >= w0 && a < w1) ? win + 3 * (a - w0) : g + 3LL * a;
+    x = q[0];
+    y = q[1];
+    z = q[2];
+}
+
+// summed_normal with the positions of [w0, w1) staged in win.
+__device__ __forceinline__ void summed_normal_staged(const float* win, const float* __restrict__ vb, int w0, int w1,
+                                                     const int* __restrict__ offsets,
+                                                     const int* __restrict__ corners, int v, int V, float s[3]) {
+    float px, py, pz;
+    fetch3(win, vb, w0, w1, v, px, py, pz);
+    s[0] = s[1] = s[2] = 0.f;
+    const CornerPair* pairs = reinterpret_cast<const CornerPair*>(corners);
+    const int end = offsets[v + 1];
+    for (int e = offsets[v]; e < end; ++e) {
+        const CornerPair ac = pairs[e];
+        if ((unsigned)ac.a >= (unsigned)V || (unsigned)ac.c >= (unsigned)V) continue;
+        float ax, ay, az, cx, cy, cz;
+        fetch3(win, vb, w0, w1, ac.a, ax, ay, az);
+        fetch3(win, vb, w0, w1, ac.c, cx, cy, cz);
+        ax -= px;
+        ay -= py;
+        az -= pz;
+        cx -= px;
+        cy -= py;
+        cz -= pz;
+        s[0] += ay * cz - az * cy;
+        s[1] += az * cx - ax * cz;
+        s[2] += ax * cy - ay * cx;
+    }
+}
+
+// One tile of STAGE_NB vertices per block: grid (ceil(V / STAGE_NB), B).
+template <bool SHARED_ALBEDO>
+__global__ void __launch_bounds__(STAGE_NB) sh_shade_fwd_staged(const float* __restrict__ normals,
+                                                                const float* __restrict__ albedo,
+                                                                const float* __restrict__ sh,
+                                                                float* __restrict__ out, int B, int V) {
+    __shared__ float coef[27];
+    __shared__ float tn[3 * STAGE_NB], ta[3 * STAGE_NB], to[3 * STAGE_NB];
+    const int b = blockIdx.y, v0 = blockIdx.x * STAGE_NB;
+    if (b >= B || v0 >= V) return;  // uniform per block
+    const int count = min(STAGE_NB, V - v0), t = threadIdx.x;
+    const long long i0 = (long long)b * V + v0;
+    stage_in(normals, i0, count, tn);
+    stage_in(albedo, SHARED_ALBEDO ? (long long)v0 : i0, count, ta);
+    load_coefficients(sh, b, coef);  // ends with __syncthreads()
+    if (t < count) shade_vertex(coef, tn[3 * t], tn[3 * t + 1], tn[3 * t + 2], ta + 3 * t, to + 3 * t);
+    __syncthreads();
+    stage_out(to, out, i0, count);
+}
+
+// Tiles blockIdx.x, blockIdx.x + gridDim.x, ... of batch element b = blockIdx.y (grid as
+// sh_shade_bwd's); grad_sh (zeroed by the caller) by block reduction, as sh_shade_bwd.
+template <bool SHARED_ALBEDO>
+__global__ void __launch_bounds__(STAGE_NB) sh_shade_bwd_staged(
+    const float* __restrict__ normals, const float* __restrict__ albedo, const float* __restrict__ sh,
+    const float* __restrict__ grad_out, float* __restrict__ grad_normals, float* __restrict__ grad_albedo,
+    float* __restrict__ grad_sh, int B, int V) {
+    __shared__ float coef[27];
+    __shared__ float tn[3 * STAGE_NB], ta[3 * STAGE_NB], tg[3 * STAGE_NB];
+    const int b = blockIdx.y, t = threadIdx.x;
+    if (b >= B) return;
+    load_coefficients(sh, b, coef);
+    float acc[27];
+#pragma unroll
+    for (int j = 0; j < 27; ++j) acc[j] = 0.f;
+    for (int v0 = blockIdx.x * STAGE_NB; v0 < V; v0 += gridDim.x * STAGE_NB) {
+        const int count = min(STAGE_NB, V - v0);
+        const long long i0 = (long long)b * V + v0;
+        stage_in(normals, i0, count, tn);
+        stage_in(albedo, SHARED_ALBEDO ? (long long)v0 : i0, count, ta);
+        stage_in(grad_out, i0, count, tg);
+        __syncthreads();
+        if (t < count) {
+            float gn[3], ga[3];
+            shade_vertex_bwd<SHARED_ALBEDO>(coef, tn[3 * t], tn[3 * t + 1], tn[3 * t + 2], ta + 3 * t, tg + 3 * t,
+                                            acc, SHARED_ALBEDO ? grad_albedo + 3LL * (v0 + t) : ga, gn);
+            tn[3 * t] = gn[0];  // each thread overwrites only its own slots
+            tn[3 * t + 1] = gn[1];
+            tn[3 * t + 2] = gn[2];
+            if (!SHARED_ALBEDO) {
+                ta[3 * t] = ga[0];
+                ta[3 * t + 1] = ga[1];
+                ta[3 * t + 2] = ga[2];
+            }
+        }
+        __syncthreads();
+        stage_out(tn, grad_normals, i0, count);
+        if (!SHARED_ALBEDO) stage_out(ta, grad_albedo, i0, count);
+        __syncthreads();  // the tiles are refilled next
+    }
+    block_add_grad_sh(acc, grad_sh + b * 27);
+}
+
+// shade_vertices_fwd, one tile per block: grid (ceil(V / STAGE_NB), B).
+template <bool SHARED_ALBEDO>
+__global__ void __launch_bounds__(STAGE_NB) shade_vertices_fwd_staged(
+    const float* __restrict__ vertices, const int* __restrict__ offsets, const int* __restrict__ corners,
+    const float* __restrict__ albedo, const float* __restrict__ sh, float* __restrict__ out, int B, int V) {
+    __shared__ float coef[27];
+    __shared__ float win[3 * STAGE_WINDOW];
+    __shared__ float ta[3 * STAGE_NB], to[3 * STAGE_NB];
+    const int b = blockIdx.y, v0 = blockIdx.x * STAGE_NB;
+    if (b >= B || v0 >= V) return;
+    const int count = min(STAGE_NB, V - v0), t = threadIdx.x, v = v0 + t;
+    const int w0 = max(0, v0 - STAGE_HALO), w1 = min(V, v0 + STAGE_NB + STAGE_HALO);
+    const long long i0 = (long long)b * V + v0;
+    const float* vb = vertices + (long long)b * V * 3;
+    stage_in(vb, w0, w1 - w0, win);
+    stage_in(albedo, SHARED_ALBEDO ? (long long)v0 : i0, count, ta);
+    load_coefficients(sh, b, coef);  // ends with __syncthreads()
+    if (t < count) {
+        float s[3];
+        summed_normal_staged(win, vb, w0, w1, offsets, corners, v, V, s);
+        const float inv = inverse_length(s);
+        shade_vertex(coef, s[0] * inv, s[1] * inv, s[2] * inv, ta + 3 * t, to + 3 * t);
+    }
+    __syncthreads();
+    stage_out(to, out, i0, count);
+}
+
+// shade_vertices_bwd_sum over tiles as sh_shade_bwd_staged (grid as shade_vertices_bwd_sum's).
+template <bool SHARED_ALBEDO>
+__global__ void __launch_bounds__(STAGE_NB) shade_vertices_bwd_sum_staged(
+    const float* __restrict__ vertices, const int* __restrict__ offsets, const int* __restrict__ corners,
+    const float* __restrict__ albedo, const float* __restrict__ sh, const float* __restrict__ grad_out,
+    float* __restrict__ grad_sum, float* __restrict__ grad_albedo, float* __restrict__ grad_sh, int B, int V) {
+    __shared__ float coef[27];
+    __shared__ float win[3 * STAGE_WINDOW];
+    __shared__ float ta[3 * STAGE_NB], tg[3 * STAGE_NB];
+    const int b = blockIdx.y, t = threadIdx.x;
+    if (b >= B) return;
+    load_coefficients(sh, b, coef);
+    float acc[27];
+#pragma unroll
+    for (int j = 0; j < 27; ++j) acc[j] = 0.f;
+    const float* vb = vertices + (long long)b * V * 3;
+    for (int v0 = blockIdx.x * STAGE_NB; v0 < V; v0 += gridDim.x * STAGE_NB) {
+        const int count = min(STAGE_NB, V - v0), v = v0 + t;
+        const int w0 = max(0, v0 - STAGE_HALO), w1 = min(V, v0 + STAGE_NB + STAGE_HALO);
+        const long long i0 = (long long)b * V + v0;
+        stage_in(vb, w0, w1 - w0, win);
+        stage_in(albedo, SHARED_ALBEDO ? (long long)v0 : i0, count, ta);
+        stage_in(grad_out, i0, count, tg);
+        __syncthreads();
+        if (t < count) {
+            float s[3], gn[3], ga[3];
+            summed_normal_staged(win, vb, w0, w1, offsets, corners, v, V, s);
+            const float inv = inverse_length(s);
+            const float nx = s[0] * inv, ny = s[1] * inv, nz = s[2] * inv;
+            shade_vertex_bwd<SHARED_ALBEDO>(coef, nx, ny, nz, ta + 3 * t, tg + 3 * t, acc,
+                                            SHARED_ALBEDO ? grad_albedo + 3LL * v : ga, gn);
+            const float ndotg = nx * gn[0] + ny * gn[1] + nz * gn[2];
+            tg[3 * t] = (gn[0] - nx * ndotg) * inv;
+            tg[3 * t + 1] = (gn[1] - ny * ndotg) * inv;
+            tg[3 * t + 2] = (gn[2] - nz * ndotg) * inv;
+            if (!SHARED_ALBEDO) {
+                ta[3 * t] = ga[0];
+                ta[3 * t + 1] = ga[1];
+                ta[3 * t + 2] = ga[2];
+            }
+        }
+        __syncthreads();
+        stage_out(tg, grad_sum, i0, count);
+        if (!SHARED_ALBEDO) stage_out(ta, grad_albedo, i0, count);
+        __syncthreads();
+    }
+    block_add_grad_sh(acc, grad_sh + b * 27);
+}

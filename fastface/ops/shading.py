@@ -22,6 +22,7 @@ backward computes the SH gradients and the gradient of the summed (un-normalised
 in one pass, followed by `vertex_normals`' gather pass. On the GPU that moves 11 instead of 16
 (B, V, 3) arrays through memory for a forward + backward.
 """
+import functools
 import math
 
 import numba
@@ -213,10 +214,25 @@ _BLOCK = 256               # threads per block on the GPU (>= 27: the first 27 l
 _VERTICES_PER_THREAD = 8   # backward: amortises each block's 27-value reduction over more vertices
 
 
+# Which CUDA kernels serve the GPU path: "staged" (the *_staged kernels of kernels/shading.cu: the
+# (B, V, 3) arrays go through shared-memory tiles so that global accesses are contiguous runs of
+# floats, and the fused kernels gather neighbours from a staged window) or "direct" (each thread
+# reads and writes its 12-byte vertex records itself). Same arithmetic, same launch shapes; kept
+# switchable until the GPU profile (bench/profile_bandwidth.py) compares them.
+SHADING_KERNELS = ("staged", "direct")
+SHADING_KERNEL = "staged"
+
+
 def _module():
     return cuda_module("shading.cu", name_expressions=tuple(
-        f"{kernel}<{shared}>" for kernel in ("sh_shade_fwd", "sh_shade_bwd", "shade_vertices_fwd",
-                                             "shade_vertices_bwd_sum") for shared in ("false", "true")))
+        f"{kernel}{variant}<{shared}>" for kernel in ("sh_shade_fwd", "sh_shade_bwd", "shade_vertices_fwd",
+                                                      "shade_vertices_bwd_sum")
+        for variant in ("", "_staged") for shared in ("false", "true")))
+
+
+@functools.lru_cache(maxsize=None)
+def _function(name, device_id):
+    return _module().get_function(name)
 
 
 def _check_lighting(xp, batched, dtype, B, V, albedo, sh):
@@ -272,7 +288,10 @@ def _backward_outputs(xp, a3, s3, B):
 
 
 def _template(name, shared):
-    return f"{name}<{'true' if shared else 'false'}>"
+    """The CUDA function `name<shared>` (its _staged twin when SHADING_KERNEL says so)."""
+    import cupy  # noqa: PLC0415
+    variant = "_staged" if SHADING_KERNEL == "staged" else ""
+    return _function(f"{name}{variant}<{'true' if shared else 'false'}>", cupy.cuda.Device().id)
 
 
 def sh_shade(normals, albedo, sh):
@@ -293,7 +312,7 @@ def sh_shade(normals, albedo, sh):
     if xp is np:
         sh_shade_fwd(n3, a3, s3, SH_BAND_FACTORS, out)
     else:
-        _module().get_function(_template("sh_shade_fwd", a3.shape[0] != B))(
+        _template("sh_shade_fwd", a3.shape[0] != B)(
             *_launch_shape(V, B, False), (n3, a3, s3, out, np.int32(B), np.int32(V)))
     return out if batched else out[0]
 
@@ -318,7 +337,7 @@ def sh_shade_backward(normals, albedo, sh, grad_out):
     if xp is np:
         sh_shade_bwd(n3, a3, s3, SH_BAND_FACTORS, g3, grad_normals, grad_albedo, grad_sh)
     else:
-        _module().get_function(_template("sh_shade_bwd", shared))(
+        _template("sh_shade_bwd", shared)(
             *_launch_shape(V, B, True),
             (n3, a3, s3, g3, grad_normals, grad_albedo, grad_sh, np.int32(B), np.int32(V)))
     if not batched:
@@ -352,7 +371,7 @@ def shade_vertices(vertices, tri, albedo, sh, adjacency=None):
     if xp is np:
         shade_vertices_fwd(v3, adjacency.offsets, adjacency.corners, a3, s3, SH_BAND_FACTORS, out)
     else:
-        _module().get_function(_template("shade_vertices_fwd", a3.shape[0] != B))(
+        _template("shade_vertices_fwd", a3.shape[0] != B)(
             *_launch_shape(V, B, False),
             (v3, adjacency.offsets, adjacency.corners, a3, s3, out, np.int32(B), np.int32(V)))
     return out if batched else out[0]
@@ -379,7 +398,7 @@ def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None)
         shade_vertices_bwd_sum(v3, offsets, corners, a3, s3, SH_BAND_FACTORS, g3, grad_sum, grad_albedo, grad_sh)
         _normals.vertex_normals_bwd(v3, offsets, corners, grad_sum, grad_vertices)
     else:
-        _module().get_function(_template("shade_vertices_bwd_sum", shared))(
+        _template("shade_vertices_bwd_sum", shared)(
             *_launch_shape(V, B, True),
             (v3, offsets, corners, a3, s3, g3, grad_sum, grad_albedo, grad_sh, np.int32(B), np.int32(V)))
         _normals._launch("bwd", B, V, (v3, offsets, corners, grad_sum, grad_vertices))

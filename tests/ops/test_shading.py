@@ -213,6 +213,41 @@ def test_gpu_fused_matches_cpu(rng, tol, cupy, shared_albedo):
                                    atol=tol["gpu_cpu_rtol"] * np.abs(g_cpu).max(), err_msg=name)
 
 
+@pytest.mark.parametrize("kernel", ["staged", "direct"])
+@pytest.mark.parametrize("shared_albedo", [False, True])
+@pytest.mark.parametrize("mesh", ["grid", "scattered"])
+def test_gpu_kernel_variants_match_cpu(rng, tol, cupy, monkeypatch, kernel, shared_albedo, mesh):
+    # Both SHADING_KERNEL variants, plain and fused: 45 x 70 vertices make 13 tiles of 256 (the
+    # last partial, several per backward block); "scattered" renumbers the vertices at random so
+    # that the fused kernels read most neighbours from outside their staged window.
+    import fastface.ops.shading as shading_module
+    monkeypatch.setattr(shading_module, "SHADING_KERNEL", kernel)
+    flat, tri = grid_mesh(45, 70)
+    if mesh == "scattered":
+        perm = rng.permutation(len(flat))
+        flat, tri = flat[np.argsort(perm)], perm[tri].astype(np.int32)
+    vertices = (flat + 0.2 * rng.normal(size=(2,) + flat.shape)).astype(np.float32)
+    V = len(flat)
+    albedo = rng.uniform(0.1, 1.0, size=(V, 3) if shared_albedo else (2, V, 3)).astype(np.float32)
+    sh = rng.normal(scale=0.3, size=(2, 9, 3)).astype(np.float32)
+    grad_out = rng.normal(size=vertices.shape).astype(np.float32)
+    normals = vertex_normals(vertices, tri)
+    gpu = [cupy.asarray(a) for a in (vertices, tri, albedo, sh, grad_out, normals)]
+    adjacency = vertex_adjacency(gpu[1], V)
+    close = dict(rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(sh_shade(gpu[5], gpu[2], gpu[3]).get(), sh_shade(normals, albedo, sh), **close)
+    np.testing.assert_allclose(shade_vertices(*gpu[:4], adjacency).get(), shade_vertices(vertices, tri, albedo, sh),
+                               **close)
+    pairs = [(sh_shade_backward(*(gpu[i] for i in (5, 2, 3, 4))), sh_shade_backward(normals, albedo, sh, grad_out)),
+             (shade_vertices_backward(*gpu[:5], adjacency),
+              shade_vertices_backward(vertices, tri, albedo, sh, grad_out))]
+    for gpu_grads, cpu_grads in pairs:
+        for name, g_gpu, g_cpu in zip(("positions", "albedo", "sh"), gpu_grads, cpu_grads):
+            assert g_gpu.shape == g_cpu.shape and g_gpu.dtype == cupy.float32, name
+            np.testing.assert_allclose(g_gpu.get(), g_cpu, rtol=tol["gpu_cpu_rtol"],
+                                       atol=tol["gpu_cpu_rtol"] * np.abs(g_cpu).max(), err_msg=name)
+
+
 def test_fused_bad_input_raises_naming_the_argument(rng):
     vertices, tri, albedo, sh = make_mesh_inputs(rng)
     with pytest.raises(ValueError, match="albedo"):
