@@ -41,6 +41,8 @@ def _gpu_encoder(mode):
 
 
 def _record(benchmark, batch, flops, device_s=None, **extra):
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once, untimed
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["ms"] = round(seconds * 1e3, 4)
     benchmark.extra_info["images_per_s"] = round(batch / seconds, 1)
