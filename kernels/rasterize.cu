@@ -72,20 +72,41 @@ __device__ __forceinline__ float key_depth(unsigned int k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
-// The work of one triangle in one image (pb: that image's positions, zb: its key buffer): vertex
-// setup, bounding box over pixel centres, edge tests and a 64-bit atomicMin of
-// (depth key << 32 | triangle id) per covered centre. The min makes the result independent of
-// thread order: nearest depth first, then the lower triangle id.
-__device__ __forceinline__ void rasterize_triangle(const float4* __restrict__ pb, int i0, int i1, int i2, int t,
-                                                   int H, int W, int cull, unsigned long long* __restrict__ zb) {
-    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
-    // The three loads first, as independent statements: written inside the screen_vertex calls,
-    // the compiler issued each after the previous vertex's division (whose slow path is a call),
-    // serialising three memory latencies per thread.
-    float4 p0 = pb[i0], p1 = pb[i1], p2 = pb[i2];
-    ScreenVertex v0 = screen_vertex(p0, half_w, half_h);
-    ScreenVertex v1 = screen_vertex(p1, half_w, half_h);
-    ScreenVertex v2 = screen_vertex(p2, half_w, half_h);
+// Vertex setup of one triangle from clip positions (pb: one image's positions).
+struct ClipSetup {
+    const float4* __restrict__ pb;
+    float half_w, half_h;
+    __device__ __forceinline__ void operator()(int i0, int i1, int i2, ScreenVertex& v0, ScreenVertex& v1,
+                                               ScreenVertex& v2) const {
+        // The three loads first, as independent statements: written inside the screen_vertex
+        // calls, the compiler issued each after the previous vertex's division (whose slow path
+        // is a call), serialising three memory latencies per thread.
+        float4 p0 = pb[i0], p1 = pb[i1], p2 = pb[i2];
+        v0 = screen_vertex(p0, half_w, half_h);
+        v1 = screen_vertex(p1, half_w, half_h);
+        v2 = screen_vertex(p2, half_w, half_h);
+    }
+};
+
+// The fragment sink of the rasterizer: a 64-bit atomicMin into one image's key buffer.
+struct AtomicMinSink {
+    unsigned long long* __restrict__ zb;
+    int W;
+    __device__ __forceinline__ void operator()(int i, int j, unsigned long long key) const {
+        atomicMin(zb + (long long)i * W + j, key);
+    }
+};
+
+// The work of one triangle in one image: vertex setup (Setup), bounding box over pixel centres,
+// edge tests and, per covered centre, the key (depth key << 32 | triangle id) handed to Sink (in
+// the library, a 64-bit atomicMin: the min makes the result independent of thread order, nearest
+// depth first, then the lower triangle id). The templates let bench/profile_rasterize.py time
+// variants of the setup and the sink around this same code.
+template <class Setup, class Sink>
+__device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, int i1, int i2, int t, int H, int W,
+                                                   int cull, const Sink& sink) {
+    ScreenVertex v0, v1, v2;
+    setup(i0, i1, i2, v0, v1, v2);
     if (!(v0.valid && v1.valid && v2.valid)) return;
 
     // Bounding box over pixel centres, clamped in float before any conversion to int.
@@ -117,8 +138,7 @@ __device__ __forceinline__ void rasterize_triangle(const float4* __restrict__ pb
             if (!(edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2))) continue;
             float z = (w0 * v0.z + w1 * v1.z + w2 * v2.z) / (w0 + w1 + w2);
             if (!(z >= -1.0f && z <= 1.0f)) continue;
-            unsigned long long key = ((unsigned long long)depth_key(z) << 32) | (unsigned int)t;
-            atomicMin(zb + (long long)i * W + j, key);
+            sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
         }
     }
 }
@@ -135,8 +155,12 @@ extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const i
     if (t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
     if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    for (int b = blockIdx.y; b < B; b += gridDim.y) rasterize_triangle(pos + (long long)b * V, i0, i1, i2, t, H, W,
-                                                                       cull, zbuf + (long long)b * H * W);
+    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        ClipSetup setup{pos + (long long)b * V, half_w, half_h};
+        AtomicMinSink sink{zbuf + (long long)b * H * W, W};
+        rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
+    }
 }
 
 // Perspective-correct barycentrics of pixel NDC (X, Y): with a_k = (x_k - X w_k, y_k - Y w_k),
