@@ -146,7 +146,7 @@ class _CublasLibrary:
             if not path:
                 continue
             try:
-                return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return ctypes.CDLL(path)
             except OSError as e:
                 errors.append(f"{path}: {e}")
         raise OSError("could not open libcublas: " + "; ".join(errors))
