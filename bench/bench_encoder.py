@@ -291,3 +291,52 @@ def test_gpu_torch_forward_backward_adam(benchmark, images, precision):
 
     _bench_gpu(benchmark, fn, batch, 3 * batch * enc.flops_per_image(),
                f"encoder forward+backward+Adam 224x224 B={batch} (GPU)", precision=precision, mode="torch")
+
+
+# --- Where the float16 forward's time goes (diagnostic) -------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("batch", [256])
+def test_gpu_encoder_float16_layer_breakdown(benchmark, images, batch):
+    """Per layer at batch 256, float16: device microseconds of the gather, of cuBLAS's GEMM on
+    the gathered cols, and of the implicit-GEMM kernel (where it applies), from CUDA events
+    around 20 back-to-back launches each. Says per layer which convolution is faster."""
+    import cupy
+
+    from fastface.nn._gemm import gemm
+    from fastface.nn.conv import _conv_implicit, _im2col, implicit_gemm_supported
+
+    enc = _gpu_encoder("float16")
+    x = images[:batch]
+    with fastface.value_checks(False):
+        enc.forward(x)
+    ws = enc._workspaces[(batch, np.dtype(np.float32))]
+    weights, _, biases = enc._weights(np.dtype(np.float32))
+    timings = {}
+    for i, L in enumerate(enc.layers):
+        a, a_bias, a_relu = enc._layer_input(i, ws, x, biases)
+        k = (L.kernel, L.kernel, L.stride, L.padding)
+
+        def gather(a=a, a_bias=a_bias, a_relu=a_relu, k=k, i=i):
+            _im2col(cupy, a, a_bias, a_relu, *k, ws.cols[i])
+
+        def product(i=i):
+            gemm(ws.cols[i], weights[i], ws.z[i])
+
+        parts = {"gather": gather, "gemm": product}
+        if implicit_gemm_supported(a.dtype, L.c_in, L.c_out, True):
+            def implicit(a=a, a_bias=a_bias, a_relu=a_relu, k=k, i=i):
+                _conv_implicit(a, a_bias, a_relu, k[0], k[1], k[2], k[3], weights[i], ws.z[i])
+            parts["implicit"] = implicit
+        for part, fn in parts.items():
+            try:
+                us = device_seconds(fn, repeats=20) * 1e6
+                timings[f"{i}_{L.name}_{part}_us"] = round(us, 1)
+                if part in ("gemm", "implicit"):
+                    timings[f"{i}_{L.name}_{part}_tflops"] = round(batch * L.flops / us / 1e6, 1)
+            except Exception as err:  # noqa: BLE001 - a failing part is reported, not fatal
+                timings[f"{i}_{L.name}_{part}_error"] = f"{type(err).__name__}: {err}"[:120]
+                cupy.cuda.Device().synchronize()
+    benchmark.group = f"encoder float16 layer breakdown B={batch} (GPU, device us)"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(timings)
