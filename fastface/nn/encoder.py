@@ -504,7 +504,9 @@ class Encoder:
         which is what decides the speed at small batch. The graphs read and write fixed buffers:
         fill `graph.x` (and `graph.grad_y`) in place, replay, read `graph.y` (and `graph.grad_x`).
         The parameters are read in place, so Adam's updates are seen; parameters changed by hand
-        in the float16 mode need `sync_half()`. Only on the GPU.
+        in the float16 mode need `sync_half()`. Only on the GPU. The GEMMs are recorded through
+        cuBLAS called directly (fastface/nn/_gemm.py); if recording fails, the capture is ended
+        before the error propagates, so the GPU stays usable.
 
         Args:
             batch_size: B of every replay.
