@@ -8,7 +8,9 @@ expression rows, so that one pass over the basis makes the vertices).
 Backends. On the GPU, `kernels/morphable.cu` holds `morphable_fwd` and `morphable_bwd`, tiled GEMMs
 that read the basis once per call, and for batches up to 8 `morphable_fwd_gemv` / `morphable_bwd_gemv`
 (matrix-vector shaped: they stream the basis into registers with many loads in flight, since a
-batch of 1 does ~2 flops per 4-byte basis value and is bound by memory latency and bandwidth). On the CPU the same two functions with the same argument order
+batch of 1 does ~2 flops per 4-byte basis value and is bound by memory latency and bandwidth), and
+for larger batches the forward `morphable_fwd_tf32x3` on tensor cores (3xTF32 split, float32-level
+accuracy; at batch 64 the forward is 3 GFLOP, too much for float32 CUDA cores at copy speed). On the CPU the same two functions with the same argument order
 call BLAS through numpy's matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of
 N ~ 10^5) a BLAS GEMM measured 3-6x faster than a parallel Numba loop over column tiles (batch 1:
 8 ms vs 22 ms, batch 64: 0.10 s vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin
@@ -35,11 +37,18 @@ _GEMV_ROWS_PER_BLOCK = 16  # gemv backward: basis rows per block (GEMV_ROWS)
 # 16 loads in flight per thread (morphable_*_gemv), "tiled" is the shared-memory tile <2, 4>.
 # Kept switchable until the GPU profile (bench/profile_bandwidth.py) has compared them.
 SMALL_BATCH_KERNEL = "gemv"
+# Which forward serves larger batches: "tf32x3" (morphable_fwd_tf32x3: tensor cores, each float32
+# operand split into two TF32 parts, three products per multiply-add: float32-level accuracy) or
+# "tiled" (morphable_fwd<8, 8> on float32 CUDA cores). The backward stays tiled.
+LARGE_BATCH_KERNELS = ("tf32x3", "tiled")
+LARGE_BATCH_KERNEL = "tf32x3"
+_TC_N = 128  # tf32x3 forward: columns per block (TC_N)
 
 
 def _module():
     gemv = tuple(f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS)
-    return cuda_module("morphable.cu", name_expressions=tuple(_FWD.values()) + tuple(_BWD.values()) + gemv)
+    return cuda_module("morphable.cu", name_expressions=tuple(_FWD.values()) + tuple(_BWD.values()) + gemv
+                       + ("morphable_fwd_tf32x3",))
 
 
 def _gemv_rows(batch):
@@ -85,6 +94,12 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
                (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
                 np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n)),
                shared_mem=4 * (n_a + n_b) * rows)
+        return
+    if not small and LARGE_BATCH_KERNEL == "tf32x3":
+        _module().get_function("morphable_fwd_tf32x3")(
+            ((n + _TC_N - 1) // _TC_N, 1, 1), (128, 1, 1),
+            (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
+             np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n)))
         return
     kernel = _module().get_function(_FWD[small])
     block = (32, 2 if small else 8, 1)

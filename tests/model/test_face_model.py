@@ -225,6 +225,23 @@ def test_gpu_small_batch_kernels_match_cpu(cupy, rng, tol, monkeypatch, kernel, 
         assert np.all(np.abs(g.get() - c) <= tol["gemm_l1_rtol"] * s)
 
 
+@pytest.mark.parametrize("kernel", ["tf32x3", "tiled"])
+@pytest.mark.parametrize("batch", [9, 64, 70])
+def test_gpu_large_batch_forward_kernels_match_cpu(cupy, rng, tol, monkeypatch, kernel, batch):
+    # The tensor-core forward (3xTF32) must keep float32 accuracy: 75 geometry rows (4 full
+    # 16-row steps and a partial one), 603 columns (a partial 128-column block), batch tiles of 64.
+    import fastface.model.morphable as morphable_module
+    monkeypatch.setattr(morphable_module, "LARGE_BATCH_KERNEL", kernel)
+    model = random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9)
+    gpu = model.to("gpu")
+    shape, expression, albedo = coefficients(rng, model, batch)
+    v_cpu, a_cpu = model.evaluate(shape, expression, albedo)
+    v_gpu, a_gpu = gpu.evaluate(*(cupy.asarray(c) for c in (shape, expression, albedo)))
+    scale_v, scale_a = l1_scale(model, shape, expression, albedo)
+    assert np.all(np.abs(v_gpu.get() - v_cpu) <= tol["gemm_l1_rtol"] * scale_v)
+    assert np.all(np.abs(a_gpu.get() - a_cpu) <= tol["gemm_l1_rtol"] * scale_a)
+
+
 def test_to_gpu_and_back_keeps_every_array(cupy, small):
     back = small.to("gpu").to("cpu")
     for name in ("mean_shape", "mean_albedo", "triangles", "shape_basis", "expression_std", "albedo_basis",
