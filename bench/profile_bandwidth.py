@@ -102,29 +102,26 @@ def model_rows(timer):
     from bench.bench_model import inputs, minimal_bytes
     from fastface.model import FaceModel
     model = FaceModel.default().to("gpu")
+    small_default = morphable_module.SMALL_BATCH_KERNEL
+    large_default = morphable_module.LARGE_BATCH_KERNEL
     for batch in (1, 8, 64):
         coeffs, grads = inputs(model, batch, cupy)
-        variants = [("gemv", "tiled")] if batch <= 8 else [(None,)]
-        for variant in variants[0]:
-            label = f"B={batch}" + (f" {variant}" if variant else "")
-            if variant:
+        if batch <= 8:  # SMALL_BATCH_KERNEL switches forward and backward
+            for variant in ("gemv", "tiled"):
                 morphable_module.SMALL_BATCH_KERNEL = variant
-            row(timer, "model evaluate", label, lambda: model.evaluate(*coeffs),
-                minimal_bytes(model, batch, "evaluate"))
-            row(timer, "model evaluate_bwd", label, lambda: model.evaluate_backward(*grads),
-                minimal_bytes(model, batch, "evaluate_backward"))
-        morphable_module.SMALL_BATCH_KERNEL = "gemv"
-        large_variants = getattr(morphable_module, "LARGE_BATCH_KERNELS", ())
-        if batch > 8:
-            default = getattr(morphable_module, "LARGE_BATCH_KERNEL", None)
-            for variant in large_variants:
-                morphable_module.LARGE_BATCH_KERNEL = variant
                 row(timer, "model evaluate", f"B={batch} {variant}", lambda: model.evaluate(*coeffs),
                     minimal_bytes(model, batch, "evaluate"))
                 row(timer, "model evaluate_bwd", f"B={batch} {variant}", lambda: model.evaluate_backward(*grads),
                     minimal_bytes(model, batch, "evaluate_backward"))
-            if default is not None:
-                morphable_module.LARGE_BATCH_KERNEL = default
+            morphable_module.SMALL_BATCH_KERNEL = small_default
+        else:  # LARGE_BATCH_KERNEL switches the forward only
+            for variant in morphable_module.LARGE_BATCH_KERNELS:
+                morphable_module.LARGE_BATCH_KERNEL = variant
+                row(timer, "model evaluate", f"B={batch} {variant}", lambda: model.evaluate(*coeffs),
+                    minimal_bytes(model, batch, "evaluate"))
+            morphable_module.LARGE_BATCH_KERNEL = large_default
+            row(timer, "model evaluate_bwd", f"B={batch} tiled", lambda: model.evaluate_backward(*grads),
+                minimal_bytes(model, batch, "evaluate_backward"))
 
 
 def shading_rows(timer):
