@@ -1,0 +1,146 @@
+// Profiling variants of kernels/rasterize.cu, NOT used by the library: bench/profile_rasterize.py
+// appends this file to rasterize.cu's source and compiles both with the library's options, so that
+// each variant times a change (or leaves a part out) around the very same device functions.
+
+// Keeps the work of the sink alive without touching memory: the keys are folded into a register.
+struct XorSink {
+    unsigned long long* acc;
+    __device__ __forceinline__ void operator()(int i, int j, unsigned long long key) const {
+        *acc ^= key + (unsigned long long)(i * 4099 + j);
+    }
+};
+
+// rasterize_fwd without the atomics (the write of zbuf[t] never happens: it only stops the
+// compiler from deleting the work). Measures vertex loads + setup + edge tests + depth.
+extern "C" __global__ void rasterize_fwd_no_atomics(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                                    int B, int V, int T, int H, int W, int cull,
+                                                    unsigned long long* __restrict__ zbuf) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
+    unsigned long long acc = 0;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        ClipSetup setup{pos + (long long)b * V, half_w, half_h};
+        XorSink sink{&acc};
+        rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
+    }
+    if (acc == 0x0123456789ABCDEFull) zbuf[t] = acc;
+}
+
+// The setup as it was before the loads were hoisted: each vertex loaded inside its own
+// screen_vertex call (the compiler then serialised the three loads behind the divisions).
+struct ClipSetupSerial {
+    const float4* __restrict__ pb;
+    float half_w, half_h;
+    __device__ __forceinline__ void operator()(int i0, int i1, int i2, ScreenVertex& v0, ScreenVertex& v1,
+                                               ScreenVertex& v2) const {
+        v0 = screen_vertex(pb[i0], half_w, half_h);
+        v1 = screen_vertex(pb[i1], half_w, half_h);
+        v2 = screen_vertex(pb[i2], half_w, half_h);
+    }
+};
+
+extern "C" __global__ void rasterize_fwd_serial_loads(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                                      int B, int V, int T, int H, int W, int cull,
+                                                      unsigned long long* __restrict__ zbuf) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        ClipSetupSerial setup{pos + (long long)b * V, half_w, half_h};
+        AtomicMinSink sink{zbuf + (long long)b * H * W, W};
+        rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
+    }
+}
+
+// Index loads + vertex loads + setup + bounding box only (no edges, no atomics).
+extern "C" __global__ void rasterize_fwd_setup_only(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                                    int B, int V, int T, int H, int W, int cull,
+                                                    unsigned long long* __restrict__ zbuf) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
+    float acc = 0.0f;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        ClipSetup setup{pos + (long long)b * V, half_w, half_h};
+        ScreenVertex v0, v1, v2;
+        setup(i0, i1, i2, v0, v1, v2);
+        if (!(v0.valid && v1.valid && v2.valid)) continue;
+        float ilo = fmaxf(ceilf(fminf(fminf(v0.y, v1.y), v2.y)), 0.0f);
+        float ihi = fminf(floorf(fmaxf(fmaxf(v0.y, v1.y), v2.y)), (float)(H - 1));
+        float jlo = fmaxf(ceilf(fminf(fminf(v0.x, v1.x), v2.x)), 0.0f);
+        float jhi = fminf(floorf(fmaxf(fmaxf(v0.x, v1.x), v2.x)), (float)(W - 1));
+        if (ilo > ihi || jlo > jhi) continue;
+        acc += (ihi - ilo) * (jhi - jlo) + v0.z + v1.z + v2.z;
+    }
+    if (acc == -12345.0f) zbuf[t] = 1;
+}
+
+// A per-vertex pre-pass: one thread per (image, vertex) writes (sx, sy, zn, valid ? 1 : 0), so
+// that the triangle pass loads screen coordinates instead of dividing 3 times per triangle.
+extern "C" __global__ void screen_prepass(const float4* __restrict__ pos, int B, int V, int H, int W,
+                                          float4* __restrict__ scr) {
+    int v = blockIdx.x * blockDim.x + threadIdx.x;
+    if (v >= V) return;
+    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        long long k = (long long)b * V + v;
+        ScreenVertex s = screen_vertex(pos[k], half_w, half_h);
+        scr[k] = make_float4(s.x, s.y, s.z, s.valid ? 1.0f : 0.0f);
+    }
+}
+
+struct ScreenSetup {
+    const float4* __restrict__ sb;
+    __device__ __forceinline__ void operator()(int i0, int i1, int i2, ScreenVertex& v0, ScreenVertex& v1,
+                                               ScreenVertex& v2) const {
+        float4 a = sb[i0], c = sb[i1], d = sb[i2];
+        v0.x = a.x; v0.y = a.y; v0.z = a.z; v0.valid = a.w != 0.0f;
+        v1.x = c.x; v1.y = c.y; v1.z = c.z; v1.valid = c.w != 0.0f;
+        v2.x = d.x; v2.y = d.y; v2.z = d.z; v2.valid = d.w != 0.0f;
+    }
+};
+
+// rasterize_fwd reading the pre-pass's screen coordinates (the same numbers, so the same keys).
+extern "C" __global__ void rasterize_fwd_from_screen(const float4* __restrict__ scr, const int* __restrict__ tri,
+                                                     int B, int V, int T, int H, int W, int cull,
+                                                     unsigned long long* __restrict__ zbuf) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        ScreenSetup setup{scr + (long long)b * V};
+        AtomicMinSink sink{zbuf + (long long)b * H * W, W};
+        rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
+    }
+}
+
+// rasterize_resolve<0> that also writes the empty key back, leaving the buffer ready for the next
+// call (which could then skip its memset if the buffer were kept between calls).
+extern "C" __global__ void rasterize_resolve_clear0(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                                    unsigned long long* zbuf, int B, int V, int T, int H, int W,
+                                                    int* __restrict__ tri_id, float2* __restrict__ bary,
+                                                    float* __restrict__ depth) {
+    PIXEL_LOOP {
+        long long p = (long long)b * hw + q;
+        resolve_pixel<0>(pos, tri, zbuf, V, T, H, W, nullptr, 0, 0, tri_id, bary, depth, nullptr, b, i, j, p);
+        zbuf[p] = EMPTY_KEY;
+    }
+}
+
+// Busy-waits ns nanoseconds (one thread): queued before a timed loop, it keeps the GPU busy while
+// Python enqueues the timed launches, so that the events measure the kernels, not the launches.
+extern "C" __global__ void spin_ns(long long ns) {
+    long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
