@@ -59,8 +59,24 @@ __global__ void interpolate_fwd(const float* __restrict__ attr, const int* __res
     }
 }
 
+// Vector atomics: one L2 operation for 4 floats on sm_90 and later (16-byte aligned address),
+// one per float before (and in the host emulation of the tests).
+__device__ __forceinline__ void atomic_add_float4(float4* g, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(g, v);
+#else
+    atomicAdd(&g->x, v.x);
+    atomicAdd(&g->y, v.y);
+    atomicAdd(&g->z, v.z);
+    atomicAdd(&g->w, v.w);
+#endif
+}
+
 // grad_bary = (sum_c g_c (a0_c - a2_c), sum_c g_c (a1_c - a2_c)) is written per pixel; grad_attr
-// receives u g, v g, (1-u-v) g by atomicAdd.
+// receives u g, v g, (1-u-v) g by atomicAdd. With C = 3 or 4 channels grad_attr is a (..., V, 4)
+// buffer and each vertex takes one float4 atomic instead of C scalar ones (the caller drops the
+// 4th column when C = 3). Products with a zero gradient are left out (as zeros) on both paths, so
+// that a non-finite weight times 0 cannot reach the sums.
 template <int C>
 __device__ __forceinline__ void interp_bwd_pixel(const float* __restrict__ attr, const int* __restrict__ tri_id,
                                                  const float2* __restrict__ bary, const int* __restrict__ tri,
@@ -82,31 +98,52 @@ __device__ __forceinline__ void interp_bwd_pixel(const float* __restrict__ attr,
     }
     float2 uv = bary[p];
     float w2 = (1.0f - uv.x) - uv.y;
-    long long abase = attr_batched ? (long long)b * V * nc : 0LL;
-    const float* a0 = attr + abase + (long long)i0 * nc;
-    const float* a1 = attr + abase + (long long)i1 * nc;
-    const float* a2 = attr + abase + (long long)i2 * nc;
-    float* ga0 = grad_attr + abase + (long long)i0 * nc;
-    float* ga1 = grad_attr + abase + (long long)i1 * nc;
-    float* ga2 = grad_attr + abase + (long long)i2 * nc;
+    long long vbase = attr_batched ? (long long)b * V : 0LL;
+    const float* a0 = attr + (vbase + i0) * nc;
+    const float* a1 = attr + (vbase + i1) * nc;
+    const float* a2 = attr + (vbase + i2) * nc;
     const float* go = grad_out + p * nc;
     float gu = 0.0f, gv = 0.0f;
+    if (C == 3 || C == 4) {
+        float g[4] = {0.0f, 0.0f, 0.0f, 0.0f}, g0[4], g1[4], g2[4];
 #pragma unroll
-    for (int c = 0; c < nc; ++c) {
-        float g = go[c];
-        gu += g * (a0[c] - a2[c]);
-        gv += g * (a1[c] - a2[c]);
-        if (g != 0.0f) {
-            atomicAdd(ga0 + c, uv.x * g);
-            atomicAdd(ga1 + c, uv.y * g);
-            atomicAdd(ga2 + c, w2 * g);
+        for (int c = 0; c < C; ++c) {
+            g[c] = go[c];
+            gu += g[c] * (a0[c] - a2[c]);
+            gv += g[c] * (a1[c] - a2[c]);
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            g0[c] = g[c] != 0.0f ? uv.x * g[c] : 0.0f;
+            g1[c] = g[c] != 0.0f ? uv.y * g[c] : 0.0f;
+            g2[c] = g[c] != 0.0f ? w2 * g[c] : 0.0f;
+        }
+        float4* ga = reinterpret_cast<float4*>(grad_attr) + vbase;
+        atomic_add_float4(ga + i0, make_float4(g0[0], g0[1], g0[2], g0[3]));
+        atomic_add_float4(ga + i1, make_float4(g1[0], g1[1], g1[2], g1[3]));
+        atomic_add_float4(ga + i2, make_float4(g2[0], g2[1], g2[2], g2[3]));
+    } else {
+        float* ga0 = grad_attr + (vbase + i0) * nc;
+        float* ga1 = grad_attr + (vbase + i1) * nc;
+        float* ga2 = grad_attr + (vbase + i2) * nc;
+#pragma unroll
+        for (int c = 0; c < nc; ++c) {
+            float g = go[c];
+            gu += g * (a0[c] - a2[c]);
+            gv += g * (a1[c] - a2[c]);
+            if (g != 0.0f) {
+                atomicAdd(ga0 + c, uv.x * g);
+                atomicAdd(ga1 + c, uv.y * g);
+                atomicAdd(ga2 + c, w2 * g);
+            }
         }
     }
     grad_bary[p] = make_float2(gu, gv);
 }
 
-// One thread per pixel (see PIXEL_LOOP); grad_attr is a cupy.zeros buffer that receives atomics,
-// since neighbouring pixels, and with unbatched attributes every image, share vertices.
+// One thread per pixel (see PIXEL_LOOP); grad_attr is a cupy.zeros buffer ((..., V, 4) for 3 or 4
+// channels) that receives atomics, since neighbouring pixels, and with unbatched attributes every
+// image, share vertices.
 template <int C>
 __global__ void interpolate_bwd(const float* __restrict__ attr, const int* __restrict__ tri_id,
                                 const float2* __restrict__ bary, const int* __restrict__ tri,

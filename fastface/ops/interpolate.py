@@ -12,7 +12,7 @@ from numba import prange
 from fastface import _checks
 from fastface._backend import array_module, cuda_module
 from fastface.ops.rasterize import (
-    _as_gpu_input, _check_array, _check_attr, _check_raster, _check_tri_id_range, _grid_2d,
+    _as_gpu_input, _check_array, _check_attr, _check_raster, _check_tri_id_range, _float4_to_float3, _grid_2d,
 )
 
 __all__ = ["interpolate", "interpolate_backward"]
@@ -207,12 +207,16 @@ def interpolate_backward(attr, raster, tri, grad_out):
         tri_id = cupy.ascontiguousarray(raster.tri_id)
         bary = _as_gpu_input(raster.bary, cupy)
         grad_out = _as_gpu_input(grad_out, cupy)
-        grad_attr = cupy.zeros(attr.shape, dtype=cupy.float32)
+        # 3 or 4 channels accumulate in a (..., V, 4) buffer, one float4 atomic per vertex and
+        # pixel; 3 channels are then copied out of it.
+        grad_attr = cupy.zeros(attr.shape[:-1] + (4,) if C in (3, 4) else attr.shape, dtype=cupy.float32)
         grad_bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
         grid, block = _grid_2d(H * W, B)
         _gpu_kernel(_channels_name("interpolate_bwd", C))(
             grid, block, (attr, tri_id, bary, tri, grad_out, np.int32(B), np.int32(V), np.int32(tri.shape[0]),
                           np.int32(H), np.int32(W), np.int32(C), np.int32(attr.ndim == 3), grad_attr, grad_bary))
+        if C == 3:
+            grad_attr = _float4_to_float3(grad_attr, attr.shape)
         return grad_attr, grad_bary
     attr3 = np.ascontiguousarray(attr if attr.ndim == 3 else attr[None])
     n_bands = _n_bands(B, H)

@@ -716,7 +716,15 @@ def _rasterize_backward_gpu(pos3, tri, raster, grad_bary, attr, grad_out):
     _gpu_kernel(name)(grid, block, (pos3, tri, attr, tri_id, grad_out) + dims
                       + (np.int32(C), np.int32(attr.ndim == 3), grad_pos, grad_attr))
     if C == 3:
-        acc, grad_attr = grad_attr, cupy.empty(attr.shape, dtype=cupy.float32)
-        n = acc.size // 4
-        _gpu_kernel("float4_to_float3")(((n + 255) // 256,), (256,), (acc, np.int32(n), grad_attr))
+        grad_attr = _float4_to_float3(grad_attr, attr.shape)
     return grad_pos, grad_attr
+
+
+def _float4_to_float3(acc, shape):
+    """The first 3 columns of a (..., 4) float32 cupy array, as a new C-contiguous array of `shape`."""
+    import cupy  # noqa: PLC0415
+
+    out = cupy.empty(shape, dtype=cupy.float32)
+    n = acc.size // 4
+    _gpu_kernel("float4_to_float3")(((n + 255) // 256,), (256,), (acc, np.int32(n), out))
+    return out

@@ -83,8 +83,11 @@ def test_gpu_interpolate_and_backward_match_cpu(cupy, rng, tol):
     pos, tri, colors = spherical_cap(n=41, batch=3, seed=8)
     raster = rasterize(pos, tri, (48, 52))
     graster = Raster(*(cupy.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
+    # C = 3 (float4 accumulator, copied out), 3 per image, 6 (runtime C, scalar atomics), 4 per image
+    # (float4 atomics into the output itself).
     for attr in (colors, rng.uniform(size=(3,) + colors.shape).astype(np.float32),
-                 rng.uniform(size=(colors.shape[0], 6)).astype(np.float32)):  # C = 3, batched, runtime C
+                 rng.uniform(size=(colors.shape[0], 6)).astype(np.float32),
+                 rng.uniform(size=(3, colors.shape[0], 4)).astype(np.float32)):
         out = interpolate(attr, raster, tri)
         gout = interpolate(cupy.asarray(attr), graster, cupy.asarray(tri))
         np.testing.assert_allclose(gout.get(), out, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
@@ -92,6 +95,7 @@ def test_gpu_interpolate_and_backward_match_cpu(cupy, rng, tol):
         ga, gb = interpolate_backward(attr, raster, tri, grad_out)
         with fastface.value_checks(False):
             gga, ggb = interpolate_backward(cupy.asarray(attr), graster, cupy.asarray(tri), cupy.asarray(grad_out))
+        assert gga.shape == attr.shape and gga.flags.c_contiguous
         np.testing.assert_allclose(ggb.get(), gb, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
         # grad_attr sums many pixels with atomics in another order.
         np.testing.assert_allclose(gga.get(), ga, rtol=tol["gpu_cpu_scatter_rtol"],

@@ -583,6 +583,7 @@ void emu_backward(const float4* pos, const int* tri, const float* attr, const in
     });
     launch(H * W, gy, [&] {
         if (C == 3) interp::interpolate_bwd<3>(attr, tri_id, bary, tri, grad_out, B, V, T, H, W, C, ab, grad_attr, grad_bary_out);
+        else if (C == 4) interp::interpolate_bwd<4>(attr, tri_id, bary, tri, grad_out, B, V, T, H, W, C, ab, grad_attr, grad_bary_out);
         else interp::interpolate_bwd<-1>(attr, tri_id, bary, tri, grad_out, B, V, T, H, W, C, ab, grad_attr, grad_bary_out);
     });
 }
@@ -642,8 +643,9 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
         grad_out = rng.standard_normal(img.shape).astype(np.float32)
         grad_bary = rng.standard_normal(bary.shape).astype(np.float32)
         gp, gpf = np.zeros((B, V, 4), np.float32), np.zeros((B, V, 4), np.float32)
-        # The fused kernel accumulates 3 or 4 channels in a (..., V, 4) float4 buffer.
-        ga, gaf = np.zeros(attr.shape, np.float32), np.zeros(attr.shape[:-1] + (4 if C in (3, 4) else C,), np.float32)
+        # The attribute gradients of 3 or 4 channels accumulate in a (..., V, 4) float4 buffer.
+        acc_shape = attr.shape[:-1] + (4 if C in (3, 4) else C,)
+        ga, gaf = np.zeros(acc_shape, np.float32), np.zeros(acc_shape, np.float32)
         out2, gb = np.empty_like(out), np.empty_like(bary)
         lib.emu_backward(_ptr(pos), _ptr(tri), _ptr(attr), _ptr(tri_id), _ptr(bary), _ptr(grad_out), _ptr(grad_bary),
                          B, V, T, H, W, C, ab, _ptr(gp), _ptr(ga), _ptr(gpf), _ptr(gaf), _ptr(out2), _ptr(gb), gy)
@@ -651,7 +653,7 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
         ref_ga, ref_gb = interpolate_backward(attr, raster, tri, grad_out)
         np.testing.assert_array_equal(gb, ref_gb)
         ref_gp, ref_gaf = rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)
-        assert not gaf[..., C:].any()
-        for got, ref in ((gp, rasterize_backward(pos, tri, raster, grad_bary)), (gpf, ref_gp), (ga, ref_ga),
+        assert not gaf[..., C:].any() and not ga[..., C:].any()
+        for got, ref in ((gp, rasterize_backward(pos, tri, raster, grad_bary)), (gpf, ref_gp), (ga[..., :C], ref_ga),
                          (gaf[..., :C], ref_gaf)):
             _assert_scatter_close(got, ref, tol)
