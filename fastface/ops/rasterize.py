@@ -494,10 +494,16 @@ def _template_channels(C):
     return C if C in _GPU_CHANNELS else -1
 
 
-def _grid_2d(n, B, block=256):
+def _grid_2d(n, B, block=256, images_per_thread=1):
     """(grid, block) of the kernels' 2-D launch: x covers n items of one image, y the images
-    (at most 65535; the kernels loop past it)."""
-    return ((n + block - 1) // block, min(B, 65535)), (block,)
+    (at most 65535, or B / images_per_thread; the kernels loop past it)."""
+    return ((n + block - 1) // block, min(-(-B // images_per_thread), 65535)), (block,)
+
+
+# Launch shape of rasterize_fwd (threads per block, images per thread): any values give the same
+# keys; bench/profile_rasterize.py times the alternatives.
+_FWD_BLOCK = 256
+_FWD_IMAGES_PER_THREAD = 1
 
 
 def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
@@ -507,7 +513,7 @@ def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
     zbuf = cupy.empty((B, H, W), dtype=cupy.uint64)
     cupy.cuda.runtime.memsetAsync(zbuf.data.ptr, 0xFF, zbuf.nbytes, cupy.cuda.get_current_stream().ptr)
     b, v, t, h, w = np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W)
-    grid, block = _grid_2d(T, B)
+    grid, block = _grid_2d(T, B, _FWD_BLOCK, _FWD_IMAGES_PER_THREAD)
     _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
     tri_id = cupy.empty((B, H, W), dtype=cupy.int32)
     bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
