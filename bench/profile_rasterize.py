@@ -142,15 +142,15 @@ def profile_batch(cupy, mods, timer, B):
         "same keys" if bool((zbuf == zref).all()) else "DIFFERENT keys")
     row(sec, "rasterize_fwd_no_atomics (setup + edges + depth)", timer(fwd_launch(main, "rasterize_fwd_no_atomics")))
     row(sec, "rasterize_fwd_setup_only (loads + setup + bbox)", timer(fwd_launch(main, "rasterize_fwd_setup_only")))
-    pre = main.get_function("screen_prepass")
+    pre = main.get_function("rasterize_setup")
     pre_launch = lambda: pre(((V + 255) // 256, min(B, 65535)), (256,), (pos,) + _i32(B, V, H, W) + (scr,))  # noqa: E731
     t = timer(pre_launch)
-    row(sec, "screen_prepass (per-vertex setup)", t, gbps(2 * pos.nbytes, t))
+    row(sec, "rasterize_setup (per-vertex pre-pass, _FWD_PREPASS)", t, gbps(2 * pos.nbytes, t))
     pre_launch()
-    t = timer(fwd_launch(main, "rasterize_fwd_from_screen", first=scr), setup=clear)
+    t = timer(fwd_launch(main, "rasterize_fwd_screen", first=scr), setup=clear)
     clear()
-    fwd_launch(main, "rasterize_fwd_from_screen", first=scr)()
-    row(sec, "rasterize_fwd_from_screen (after the pre-pass)", t,
+    fwd_launch(main, "rasterize_fwd_screen", first=scr)()
+    row(sec, "rasterize_fwd_screen (after the pre-pass)", t,
         "same keys" if bool((zbuf == zref).all()) else "DIFFERENT keys")
     for label, mod in (("--fmad=true", fmad),) + tuple((f"--maxrregcount={n}", m) for n, m in caps.items()):
         t = timer(fwd_launch(mod), setup=clear)

@@ -82,46 +82,6 @@ extern "C" __global__ void rasterize_fwd_setup_only(const float4* __restrict__ p
     if (acc == -12345.0f) zbuf[t] = 1;
 }
 
-// A per-vertex pre-pass: one thread per (image, vertex) writes (sx, sy, zn, valid ? 1 : 0), so
-// that the triangle pass loads screen coordinates instead of dividing 3 times per triangle.
-extern "C" __global__ void screen_prepass(const float4* __restrict__ pos, int B, int V, int H, int W,
-                                          float4* __restrict__ scr) {
-    int v = blockIdx.x * blockDim.x + threadIdx.x;
-    if (v >= V) return;
-    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
-    for (int b = blockIdx.y; b < B; b += gridDim.y) {
-        long long k = (long long)b * V + v;
-        ScreenVertex s = screen_vertex(pos[k], half_w, half_h);
-        scr[k] = make_float4(s.x, s.y, s.z, s.valid ? 1.0f : 0.0f);
-    }
-}
-
-struct ScreenSetup {
-    const float4* __restrict__ sb;
-    __device__ __forceinline__ void operator()(int i0, int i1, int i2, ScreenVertex& v0, ScreenVertex& v1,
-                                               ScreenVertex& v2) const {
-        float4 a = sb[i0], c = sb[i1], d = sb[i2];
-        v0.x = a.x; v0.y = a.y; v0.z = a.z; v0.valid = a.w != 0.0f;
-        v1.x = c.x; v1.y = c.y; v1.z = c.z; v1.valid = c.w != 0.0f;
-        v2.x = d.x; v2.y = d.y; v2.z = d.z; v2.valid = d.w != 0.0f;
-    }
-};
-
-// rasterize_fwd reading the pre-pass's screen coordinates (the same numbers, so the same keys).
-extern "C" __global__ void rasterize_fwd_from_screen(const float4* __restrict__ scr, const int* __restrict__ tri,
-                                                     int B, int V, int T, int H, int W, int cull,
-                                                     unsigned long long* __restrict__ zbuf) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
-    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    for (int b = blockIdx.y; b < B; b += gridDim.y) {
-        ScreenSetup setup{scr + (long long)b * V};
-        AtomicMinSink sink{zbuf + (long long)b * H * W, W};
-        rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
-    }
-}
-
 // rasterize_resolve<0> that also writes the empty key back, leaving the buffer ready for the next
 // call (which could then skip its memset if the buffer were kept between calls).
 extern "C" __global__ void rasterize_resolve_clear0(const float4* __restrict__ pos, const int* __restrict__ tri,

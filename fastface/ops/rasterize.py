@@ -44,7 +44,8 @@ Empty pixels have tri_id -1, bary 0 and depth +inf.
 
 Backends. The CPU (Numba) runs steps 1-3 per (image, band of rows) with a private z-buffer, so it
 needs no atomics and the buffer stays in cache; step 1 runs once per vertex there and once per
-triangle corner on the GPU, with the same arithmetic. The GPU (kernels/rasterize.cu) runs step 2
+triangle corner on the GPU (or once per vertex in a pass of its own with _FWD_PREPASS), with the
+same arithmetic. The GPU (kernels/rasterize.cu) runs step 2
 as a thread per (triangle, image) with a 64-bit atomicMin, and step 3 as a thread per pixel.
 `rasterize_interpolate` fuses `interpolate` into step 3 (and its backward into one pass), saving
 a launch and a round trip of tri_id and bary through memory: the fast path of the render chain.
@@ -471,7 +472,7 @@ def _check_attr(attr, B, V, dtype_of, xp):
 
 _GPU_CHANNELS = (1, 2, 3, 4)
 _GPU_NAMES = (
-    ["rasterize_fwd", "rasterize_bwd", "float4_to_float3"]
+    ["rasterize_fwd", "rasterize_setup", "rasterize_fwd_screen", "rasterize_bwd", "float4_to_float3"]
     + [f"rasterize_resolve<{c}>" for c in (0, -1) + _GPU_CHANNELS]
     + [f"rasterize_interpolate_bwd<{c}>" for c in (-1,) + _GPU_CHANNELS]
 )
@@ -500,10 +501,12 @@ def _grid_2d(n, B, block=256, images_per_thread=1):
     return ((n + block - 1) // block, min(-(-B // images_per_thread), 65535)), (block,)
 
 
-# Launch shape of rasterize_fwd (threads per block, images per thread): any values give the same
+# Launch shape of rasterize_fwd (threads per block, images per thread), and whether the vertex
+# setup runs as its own pass (rasterize_setup + rasterize_fwd_screen). Any values give the same
 # keys; bench/profile_rasterize.py times the alternatives.
 _FWD_BLOCK = 256
 _FWD_IMAGES_PER_THREAD = 1
+_FWD_PREPASS = False
 
 
 def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
@@ -514,7 +517,12 @@ def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
     cupy.cuda.runtime.memsetAsync(zbuf.data.ptr, 0xFF, zbuf.nbytes, cupy.cuda.get_current_stream().ptr)
     b, v, t, h, w = np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W)
     grid, block = _grid_2d(T, B, _FWD_BLOCK, _FWD_IMAGES_PER_THREAD)
-    _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
+    if _FWD_PREPASS:
+        scr = cupy.empty((B, V, 4), dtype=cupy.float32)
+        _gpu_kernel("rasterize_setup")(*_grid_2d(V, B, _FWD_BLOCK, _FWD_IMAGES_PER_THREAD), (pos, b, v, h, w, scr))
+        _gpu_kernel("rasterize_fwd_screen")(grid, block, (scr, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
+    else:
+        _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
     tri_id = cupy.empty((B, H, W), dtype=cupy.int32)
     bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
     depth = cupy.empty((B, H, W), dtype=cupy.float32)

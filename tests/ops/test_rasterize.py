@@ -1,4 +1,6 @@
 """Tests of fastface.ops.rasterize: reference, tie rules, gradients, GPU parity, bad input."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -410,6 +412,19 @@ def _assert_scatter_close(got, ref, tol):
                                atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(ref).max())
 
 
+# (_FWD_BLOCK, _FWD_IMAGES_PER_THREAD, _FWD_PREPASS) against the library's defaults.
+@pytest.mark.parametrize("launch", [(128, 3, True), (512, 2, False), (256, 1, True)])
+def test_gpu_triangle_pass_launch_options_give_the_same_rasters(cupy, monkeypatch, launch):
+    mod = sys.modules[rasterize.__module__]  # the module, which fastface.ops shadows with the function
+    pos, tri = spherical_cap(n=41, batch=4, seed=3)[:2]
+    ref = rasterize(cupy.asarray(pos), cupy.asarray(tri), (64, 72))
+    for name, value in zip(("_FWD_BLOCK", "_FWD_IMAGES_PER_THREAD", "_FWD_PREPASS"), launch):
+        monkeypatch.setattr(mod, name, value)
+    got = rasterize(cupy.asarray(pos), cupy.asarray(tri), (64, 72))
+    for a, b in zip((got.tri_id, got.bary, got.depth), (ref.tri_id, ref.bary, ref.depth)):
+        np.testing.assert_array_equal(a.get(), b.get())
+
+
 @pytest.mark.parametrize("cull", [False, True])
 def test_gpu_rasterize_matches_cpu(cupy, rng, tol, cull):
     for pos, tri in (spherical_cap(n=41, batch=4, seed=2)[:2], triangle_soup(rng, B=3, T=60)):
@@ -557,9 +572,14 @@ template <class F> void launch(int n, int gy, F f) {
 extern "C" {
 void emu_rasterize(const float4* pos, const int* tri, int B, int V, int T, int H, int W, int cull,
                    unsigned long long* zbuf, const float* attr, int C, int ab, int* tri_id, float2* bary,
-                   float* depth, float* out, int gy) {
+                   float* depth, float* out, int gy, float4* scr) {
     for (long long k = 0; k < (long long)B * H * W; ++k) zbuf[k] = ~0ull;
-    launch(T, gy, [&] { rasterize_fwd(pos, tri, B, V, T, H, W, cull, zbuf); });
+    if (scr) {  // the per-vertex pre-pass (_FWD_PREPASS)
+        launch(V, gy, [&] { rasterize_setup(pos, B, V, H, W, scr); });
+        launch(T, gy, [&] { rasterize_fwd_screen(scr, tri, B, V, T, H, W, cull, zbuf); });
+    } else {
+        launch(T, gy, [&] { rasterize_fwd(pos, tri, B, V, T, H, W, cull, zbuf); });
+    }
     launch(H * W, gy, [&] {
         if (C == 0) rasterize_resolve<0>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
         else if (C == 3) rasterize_resolve<3>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
@@ -632,13 +652,14 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
         zbuf = np.empty((B, H, W), np.uint64)
         tri_id, depth = np.empty((B, H, W), np.int32), np.empty((B, H, W), np.float32)
         bary, out = np.empty((B, H, W, 2), np.float32), np.empty((B, H, W, C), np.float32)
-        lib.emu_rasterize(_ptr(pos), _ptr(tri), B, V, T, H, W, cull, _ptr(zbuf), _ptr(attr), C, ab, _ptr(tri_id),
-                          _ptr(bary), _ptr(depth), _ptr(out), gy)
         raster, img = rasterize_interpolate(pos, tri, (H, W), attr, cull_backfaces=bool(cull))
-        np.testing.assert_array_equal(tri_id, raster.tri_id)
-        np.testing.assert_array_equal(bary, raster.bary)
-        np.testing.assert_array_equal(depth, raster.depth)
-        np.testing.assert_array_equal(out, img)
+        for scr in (None, np.empty((B, V, 4), np.float32)):  # the per-vertex pre-pass or not
+            lib.emu_rasterize(_ptr(pos), _ptr(tri), B, V, T, H, W, cull, _ptr(zbuf), _ptr(attr), C, ab,
+                              _ptr(tri_id), _ptr(bary), _ptr(depth), _ptr(out), gy, None if scr is None else _ptr(scr))
+            np.testing.assert_array_equal(tri_id, raster.tri_id)
+            np.testing.assert_array_equal(bary, raster.bary)
+            np.testing.assert_array_equal(depth, raster.depth)
+            np.testing.assert_array_equal(out, img)
 
         grad_out = rng.standard_normal(img.shape).astype(np.float32)
         grad_bary = rng.standard_normal(bary.shape).astype(np.float32)
