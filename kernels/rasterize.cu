@@ -88,12 +88,13 @@ struct ClipSetup {
     }
 };
 
-// The fragment sink of the rasterizer: a 64-bit atomicMin into one image's key buffer.
+// The fragment sink of the rasterizer: a 64-bit atomicMin into one image's key buffer (32-bit
+// offsets within an image: H, W <= 16384 by check_resolution, which value checks do not switch off).
 struct AtomicMinSink {
     unsigned long long* __restrict__ zb;
     int W;
     __device__ __forceinline__ void operator()(int i, int j, unsigned long long key) const {
-        atomicMin(zb + (long long)i * W + j, key);
+        atomicMin(zb + (i * W + j), key);
     }
 };
 
