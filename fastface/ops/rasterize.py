@@ -45,8 +45,8 @@ Empty pixels have tri_id -1, bary 0 and depth +inf.
 Backends. The CPU (Numba) runs steps 1-3 per (image, band of rows) with a private z-buffer, so it
 needs no atomics and the buffer stays in cache; step 1 runs once per vertex there and once per
 triangle corner on the GPU (or once per vertex in a pass of its own with _FWD_PREPASS), with the
-same arithmetic. The GPU (kernels/rasterize.cu) runs step 2
-as a thread per (triangle, image) with a 64-bit atomicMin, and step 3 as a thread per pixel.
+same arithmetic. The GPU (kernels/rasterize.cu) runs step 2 as a thread per (triangle, image) with
+a 64-bit atomicMin, and step 3 as a thread per pixel.
 `rasterize_interpolate` fuses `interpolate` into step 3 (and its backward into one pass), saving
 a launch and a round trip of tri_id and bary through memory: the fast path of the render chain.
 """
@@ -740,5 +740,7 @@ def _float4_to_float3(acc, shape):
 
     out = cupy.empty(shape, dtype=cupy.float32)
     n = acc.size // 4
+    if n == 0:
+        return out
     _gpu_kernel("float4_to_float3")(((n + 255) // 256,), (256,), (acc, np.int32(n), out))
     return out
