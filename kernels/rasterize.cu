@@ -276,22 +276,38 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
         }
         return;
     }
+    // Every load that depends only on the triangle is issued here, before the divisions (whose
+    // slow path is a call the compiler does not move loads across): written at their first use,
+    // the attribute loads waited for the position loads, one more memory latency per pixel.
     const float4* pb = pos + (long long)b * V;
+    float4 q0 = pb[i0], q1 = pb[i1], q2 = pb[i2];
+    const float* ab = attr + (attr_batched ? (long long)b * V * nc : 0LL);
+    const float* a0 = ab + (long long)i0 * nc;
+    const float* a1 = ab + (long long)i1 * nc;
+    const float* a2 = ab + (long long)i2 * nc;
+    constexpr int CR = C > 0 ? C : 1;  // registers for C > 0 channels known at compile time
+    float r0[CR], r1[CR], r2[CR];
+    if (C > 0) {
+#pragma unroll
+        for (int c = 0; c < CR; ++c) {
+            r0[c] = a0[c];
+            r1[c] = a1[c];
+            r2[c] = a2[c];
+        }
+    }
     float X = (float)(2 * j + 1 - W) / (float)W;
     float Y = (float)(H - 2 * i - 1) / (float)H;
-    PixelBary r = pixel_bary(pb[i0], pb[i1], pb[i2], X, Y);
+    PixelBary r = pixel_bary(q0, q1, q2, X, Y);
     float u = r.s != 0.0f ? r.c0 / r.s : 0.0f;
     float v = r.s != 0.0f ? r.c1 / r.s : 0.0f;
     tri_id[p] = (int)t;
     bary[p] = make_float2(u, v);
     depth[p] = key_depth((unsigned int)(key >> 32));
-    if (C != 0) {
-        float w2 = (1.0f - u) - v;
-        const float* ab = attr + (attr_batched ? (long long)b * V * nc : 0LL);
-        const float* a0 = ab + (long long)i0 * nc;
-        const float* a1 = ab + (long long)i1 * nc;
-        const float* a2 = ab + (long long)i2 * nc;
+    float w2 = (1.0f - u) - v;
+    if (C > 0) {
 #pragma unroll
+        for (int c = 0; c < CR; ++c) out[p * nc + c] = (u * r0[c] + v * r1[c]) + w2 * r2[c];
+    } else if (C != 0) {
         for (int c = 0; c < nc; ++c) out[p * nc + c] = (u * a0[c] + v * a1[c]) + w2 * a2[c];
     }
 }
@@ -410,30 +426,43 @@ __device__ __forceinline__ void interp_bwd_pixel(const float4* __restrict__ pos,
     if (t < 0 || t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
     if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    float X = (float)(2 * j + 1 - W) / (float)W;
-    float Y = (float)(H - 2 * i - 1) / (float)H;
-    const float4* pb = pos + (long long)b * V;
-    float4 q0 = pb[i0], q1 = pb[i1], q2 = pb[i2];
-    PixelBary r = pixel_bary(q0, q1, q2, X, Y);
-    if (r.s == 0.0f) return;
-    float u = r.c0 / r.s;
-    float v = r.c1 / r.s;
-    float w2 = (1.0f - u) - v;
+    // The loads that depend only on the pixel and the triangle, written before the divisions (see
+    // resolve_pixel). Unlike there, ptxas (CUDA 13.0) still schedules the attribute and grad_out
+    // loads after the barycentrics' arithmetic, which waits for the positions.
     long long vbase = attr_batched ? (long long)b * V : 0LL;
     const float* a0 = attr + (vbase + i0) * nc;
     const float* a1 = attr + (vbase + i1) * nc;
     const float* a2 = attr + (vbase + i2) * nc;
     const float* go = grad_out + p * nc;
-    float gu = 0.0f, gv = 0.0f;
-    if (attr_grad_float4<C>() || C == 2) {
-        // Products with a zero gradient are left out (as zeros), like the scalar path's skip, so
-        // that a non-finite weight times 0 cannot reach the sums.
-        float g[4] = {0.0f, 0.0f, 0.0f, 0.0f}, g0[4], g1[4], g2[4];
+    constexpr bool VEC = attr_grad_float4<C>() || C == 2;
+    float g[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r0[4], r1[4], r2[4];
+    if (VEC) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             g[c] = go[c];
-            gu += g[c] * (a0[c] - a2[c]);
-            gv += g[c] * (a1[c] - a2[c]);
+            r0[c] = a0[c];
+            r1[c] = a1[c];
+            r2[c] = a2[c];
+        }
+    }
+    const float4* pb = pos + (long long)b * V;
+    float4 q0 = pb[i0], q1 = pb[i1], q2 = pb[i2];
+    float X = (float)(2 * j + 1 - W) / (float)W;
+    float Y = (float)(H - 2 * i - 1) / (float)H;
+    PixelBary r = pixel_bary(q0, q1, q2, X, Y);
+    if (r.s == 0.0f) return;
+    float u = r.c0 / r.s;
+    float v = r.c1 / r.s;
+    float w2 = (1.0f - u) - v;
+    float gu = 0.0f, gv = 0.0f;
+    if (VEC) {
+        // Products with a zero gradient are left out (as zeros), like the scalar path's skip, so
+        // that a non-finite weight times 0 cannot reach the sums.
+        float g0[4], g1[4], g2[4];
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            gu += g[c] * (r0[c] - r2[c]);
+            gv += g[c] * (r1[c] - r2[c]);
         }
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
