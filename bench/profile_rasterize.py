@@ -47,7 +47,7 @@ def _compile(cupy, extra_options=(), variants=True):
     src = (ROOT / "kernels" / "rasterize.cu").read_text()
     if variants:
         src += "\n" + (ROOT / "kernels" / "rasterize_variants.cu").read_text()
-    names = list(R._GPU_NAMES)
+    names = tuple(R._GPU_NAMES)
     module = cupy.RawModule(code=src, options=("-std=c++17",) + tuple(extra_options), name_expressions=names)
     module.compile()
     return module
@@ -114,7 +114,8 @@ def profile_batch(cupy, mods, timer, B):
 
     def fwd_launch(mod, name="rasterize_fwd", block=256, ipt=1, first=pos):
         grid = ((T + block - 1) // block, min(-(-B // ipt), 65535))
-        return lambda: mod.get_function(name)(grid, (block,), (first, tri) + dims + (np.int32(0), zbuf))
+        fn = mod.get_function(name)
+        return lambda: fn(grid, (block,), (first, tri) + dims + (np.int32(0), zbuf))
 
     # --- forward: the key buffer ---
     t = timer(clear)
@@ -164,7 +165,8 @@ def profile_batch(cupy, mods, timer, B):
         grid = ((HW + block - 1) // block, min(B, 65535))
         attr = colors if C else zbuf
         kname = name or f"rasterize_resolve<{C}>"
-        return lambda: mod.get_function(kname)(grid, (block,), (pos, tri, zbuf) + dims + (
+        fn = mod.get_function(kname)
+        return lambda: fn(grid, (block,), (pos, tri, zbuf) + dims + (
             attr, np.int32(C), np.int32(0), tri_id, bary, depth, out if C else depth))
 
     zbuf[...] = zref
@@ -212,12 +214,14 @@ def profile_batch(cupy, mods, timer, B):
 
     t = timer(zero_pos)
     row(sec, "memset grad_pos (B, V, 4) zeros", t, gbps(grad_pos.nbytes, t))
-    t = timer(lambda: main.get_function("rasterize_bwd")(grid_px, (256,), (pos, tri, tri_id, grad_bary) + dims + (
+    bwd = main.get_function("rasterize_bwd")
+    t = timer(lambda: bwd(grid_px, (256,), (pos, tri, tri_id, grad_bary) + dims + (
         grad_pos,)), setup=zero_pos)
     row(sec, "rasterize_bwd (grad_bary -> grad_pos)", t)
 
     def fused_bwd(name, acc):
-        return lambda: main.get_function(name)(grid_px, (256,), (pos, tri, colors, tri_id, grad_out) + dims + _i32(
+        fn = main.get_function(name)
+        return lambda: fn(grid_px, (256,), (pos, tri, colors, tri_id, grad_out) + dims + _i32(
             3, 0) + (grad_pos, acc))
 
     def zero_both(acc):
@@ -243,7 +247,8 @@ def profile_batch(cupy, mods, timer, B):
         acc4, np.int32(V), grad_attr3))))
     attr_b = cupy.asarray(np.broadcast_to(colors.get(), (B, V, 3)).copy())
     acc4b = cupy.zeros((B, V, 4), cupy.float32)
-    t = timer(lambda: main.get_function("rasterize_interpolate_bwd<3>")(grid_px, (256,), (
+    fb3 = main.get_function("rasterize_interpolate_bwd<3>")
+    t = timer(lambda: fb3(grid_px, (256,), (
         pos, tri, attr_b, tri_id, grad_out) + dims + _i32(3, 1) + (grad_pos, acc4b)), setup=zero_both(acc4b))
     row(sec, "rasterize_interpolate_bwd<3>, per-image attributes", t, "no cross-image contention")
 
