@@ -12,7 +12,7 @@ atomics or without its edges (where the time goes), a resolve that re-clears the
 whole ops: device time per call of back-to-back calls at B = 64, wall time per call at B = 1.
 Variants that must give the library's numbers are checked and print "same" or "DIFFERENT".
 
-Variant kernels live in kernels/rasterize_variants.cu (appended to kernels/rasterize.cu's source,
+Variant kernels live in bench/rasterize_variants.cu (appended to kernels/rasterize.cu's source,
 compiled with the library's options); nothing here changes what the library runs. Takes about
 10-20 s on an H100/H200, most of it NVRTC compiles.
 """
@@ -46,7 +46,7 @@ def _i32(*xs):
 def _compile(cupy, extra_options=(), variants=True):
     src = (ROOT / "kernels" / "rasterize.cu").read_text()
     if variants:
-        src += "\n" + (ROOT / "kernels" / "rasterize_variants.cu").read_text()
+        src += "\n" + (ROOT / "bench" / "rasterize_variants.cu").read_text()
     names = tuple(R._GPU_NAMES)
     module = cupy.RawModule(code=src, options=("-std=c++17",) + tuple(extra_options), name_expressions=names)
     module.compile()

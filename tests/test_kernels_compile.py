@@ -26,3 +26,12 @@ def test_cuda_source_compiles_for_sm90_without_warnings(source, tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+def test_rasterizer_profiling_variants_compile_appended_to_the_rasterizer(tmp_path):
+    # bench/rasterize_variants.cu is not standalone: the profiler appends it to rasterize.cu.
+    combined = tmp_path / "rasterize_with_variants.cu"
+    combined.write_text((KERNEL_DIR / "rasterize.cu").read_text() + "\n"
+                        + (KERNEL_DIR.parent / "bench" / "rasterize_variants.cu").read_text())
+    test_cuda_source_compiles_for_sm90_without_warnings(combined, tmp_path)

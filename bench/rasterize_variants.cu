@@ -1,4 +1,4 @@
-// Profiling variants of kernels/rasterize.cu, NOT used by the library: bench/profile_rasterize.py
+// Profiling variants of kernels/rasterize.cu, NOT used by the library (kept in bench/, not kernels/): bench/profile_rasterize.py
 // appends this file to rasterize.cu's source and compiles both with the library's options, so that
 // each variant times a change (or leaves a part out) around the very same device functions.
 
