@@ -41,7 +41,7 @@ SMALL_BATCH_KERNEL = "gemv"
 # operand split into two TF32 parts, three products per multiply-add: float32-level accuracy) or
 # "tiled" (morphable_fwd<8, 8> on float32 CUDA cores). The backward stays tiled.
 LARGE_BATCH_KERNELS = ("tf32x3", "tiled")
-LARGE_BATCH_KERNEL = "tf32x3"
+LARGE_BATCH_KERNEL = "tiled"
 _TC_N = 128  # tf32x3 forward: columns per block (TC_N)
 
 

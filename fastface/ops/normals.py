@@ -189,7 +189,7 @@ def vertex_normals_bwd(vertices, offsets, corners, grad_sum, grad_vertices):
 # kernels/normals.cu) or "gather" (every coordinate read straight from global memory). Same sums in
 # the same order; kept switchable until the GPU profile (bench/profile_bandwidth.py) compares them.
 NORMALS_KERNELS = ("staged", "gather")
-NORMALS_KERNEL = "staged"
+NORMALS_KERNEL = "gather"
 _STAGE_NB = 256  # kernels/normals.cu STAGE_NB: vertices per block of the staged kernels
 
 

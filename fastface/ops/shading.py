@@ -220,7 +220,7 @@ _VERTICES_PER_THREAD = 8   # backward: amortises each block's 27-value reduction
 # reads and writes its 12-byte vertex records itself). Same arithmetic, same launch shapes; kept
 # switchable until the GPU profile (bench/profile_bandwidth.py) compares them.
 SHADING_KERNELS = ("staged", "direct")
-SHADING_KERNEL = "staged"
+SHADING_KERNEL = "direct"
 
 
 def _module():
