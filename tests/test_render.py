@@ -1,0 +1,56 @@
+"""render_faces chains the ops exactly as written by hand, on the CPU and on the GPU."""
+import numpy as np
+
+import fastface
+from fastface import FaceModel, FaceParameters, render_faces, uniform_light
+
+
+def _parameters(model, batch, rng):
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    return FaceParameters(shape=f32(rng.standard_normal((batch, model.n_shape))),
+                          expression=f32(rng.standard_normal((batch, model.n_expression)) * 0.5),
+                          albedo=f32(rng.standard_normal((batch, model.n_albedo))),
+                          sh=uniform_light(batch), angles=f32(rng.uniform(-0.3, 0.3, (batch, 3))),
+                          translation=f32(np.tile([0.0, 0.0, -550.0], (batch, 1))))
+
+
+def test_render_faces_equals_the_chain_of_ops_written_by_hand(rng):
+    model = FaceModel.default(level="small")
+    params = _parameters(model, 2, rng)
+    rendering = render_faces(model, params, (64, 64), 300.0)
+    vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
+    camera = fastface.rigid_transform(vertices, fastface.euler_rotation(params.angles), params.translation)
+    clip = fastface.perspective_projection(camera, 300.0, (64, 64))
+    colors = fastface.sh_shade(fastface.vertex_normals(camera, model.triangles), albedo, params.sh)
+    raster = fastface.rasterize(clip, model.triangles, (64, 64))
+    image = fastface.interpolate(colors, raster, model.triangles)
+    np.testing.assert_array_equal(rendering.raster.tri_id, raster.tri_id)
+    np.testing.assert_array_equal(rendering.image, image)
+    assert rendering.mask.mean() > 0.3, "the face should fill a good part of the image"
+    # Under uniform light the colours are the albedo: the image holds albedo values.
+    np.testing.assert_allclose(rendering.colors, albedo, rtol=1e-5, atol=1e-6)
+
+
+def test_render_faces_refuses_parameters_on_another_device_than_the_model(rng, cupy):
+    model = FaceModel.default(level="small")
+    params = _parameters(model, 1, rng)
+    gpu_params = FaceParameters(**{k: cupy.asarray(v) for k, v in vars(params).items()})
+    try:
+        render_faces(model, gpu_params, (32, 32), 150.0)
+    except TypeError as err:
+        assert "cupy" in str(err)
+    else:
+        raise AssertionError("mixing a CPU model with GPU parameters must raise TypeError")
+
+
+def test_gpu_render_faces_matches_cpu(rng, cupy, tol):
+    model = FaceModel.default(level="small")
+    params = _parameters(model, 3, rng)
+    cpu = render_faces(model, params, (96, 96), 450.0)
+    gpu_params = FaceParameters(**{k: cupy.asarray(v) for k, v in vars(params).items()})
+    gpu = render_faces(model.to("gpu"), gpu_params, (96, 96), 450.0)
+    mismatch = (cupy.asnumpy(gpu.raster.tri_id) != cpu.raster.tri_id).mean()
+    assert mismatch <= tol["gpu_cpu_tri_id_mismatch"]
+    same = cupy.asnumpy(gpu.raster.tri_id) == cpu.raster.tri_id
+    np.testing.assert_allclose(cupy.asnumpy(gpu.image)[same], cpu.image[same],
+                               rtol=tol["pipeline_gpu_cpu_rtol"], atol=tol["pipeline_gpu_cpu_atol"])
