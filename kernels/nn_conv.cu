@@ -102,6 +102,46 @@ __global__ void im2col_fwd_run(const TIn* __restrict__ x, const float* __restric
     }
 }
 
+// The gather of a patchify convolution (stride == kernel, no padding) of a float32 image whose
+// KW*C and W*C are multiples of 4 (the 4x4/4 stem on 3 channels): then each (output pixel, kh)
+// row of cols is KW*C contiguous floats of x, a float4-aligned run, and the gather is a pure
+// re-layout. One thread moves one float4 of one run (16 bytes read, 4 outputs written: 8 bytes
+// as half4, or 16 as float4); the flat thread index times 4 is the flat cols index, so a warp's
+// stores are 32 contiguous vectors, and its loads are whole 48-byte runs of neighbouring pixels
+// on KH image rows (contiguous along each row). KH, KW, C are template constants: the index
+// decode is then two runtime divisions (by Wo and Ho) per 4 entries, not six per entry.
+// Same prologue arithmetic as im2col_fwd (float32 add, max, one rounding). The host checks the
+// 16-byte alignment of x and cols. 1-D grid of 256 threads.
+template <typename TOut, int KH, int KW, int C>
+__global__ void im2col_fwd_patch(const float* __restrict__ x, const float* __restrict__ in_bias, int in_relu,
+                                 int B, int H, int W, int Ho, int Wo, TOut* __restrict__ cols)
+{
+    static_assert((KW * C) % 4 == 0, "a run must be whole float4s");
+    constexpr int N4 = KW * C / 4;  // float4s per run
+    const int total = B * Ho * Wo * KH * N4;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= total) return;
+    const int run = t / N4;         // the (output pixel, kh) run
+    const int j = t - run * N4;     // its float4
+    const int kh = run % KH;
+    int r = run / KH;               // the output pixel (b, oh, ow)
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const int b = r / Ho;
+    const int ih = oh * KH + kh;
+    const float4 in = *reinterpret_cast<const float4*>(x + ((b * H + ih) * W + ow * KW) * C + 4 * j);
+    const float a_in[4] = {in.x, in.y, in.z, in.w};
+    Pack<TOut, 4> out;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        float a = a_in[v];
+        if (in_bias != nullptr) a += in_bias[(4 * j + v) % C];
+        if (in_relu) a = fmaxf(a, 0.0f);
+        out.v[v] = from_float<TOut>(a);
+    }
+    *reinterpret_cast<Pack<TOut, 4>*>(cols + (long long)t * 4) = out;
+}
+
 // The adjoint of im2col_fwd, as a gather (no atomics, deterministic): one thread owns V
 // consecutive channels of one input pixel (b, ih, iw) and sums the cols gradients of every
 // (output pixel, kh, kw) that read it, then applies the prologue's ReLU derivative

@@ -139,6 +139,28 @@ def _fwd_name(x_dtype, out_dtype, V):
     return f"im2col_fwd<{_ctype(x_dtype)}, {_ctype(out_dtype)}, {V}>"
 
 
+# The patchify gather (kernels/nn_conv.cu, im2col_fwd_patch): (KH, KW, C) it is compiled for.
+_PATCH_SHAPES = ((4, 4, 3),)
+
+# Whether `_im2col` takes im2col_fwd_patch where it applies (see `_patch_name`); False falls back
+# to im2col_fwd_run, the generic kernel (for comparisons, and the parity tests).
+USE_PATCH_GATHER = True
+
+
+def _patch_name(out_dtype, KH, KW, C):
+    return f"im2col_fwd_patch<{_ctype(out_dtype)}, {KH}, {KW}, {C}>"
+
+
+def _patch_applies(x, out, KH, KW, stride, padding):
+    """Whether the float4 re-layout kernel im2col_fwd_patch can do this gather: a float32 x,
+    stride == kernel, no padding, a compiled (KH, KW, C), whole float4 runs and rows, and
+    16-byte aligned buffers."""
+    C, W = x.shape[3], x.shape[2]
+    return (USE_PATCH_GATHER and x.dtype == np.float32 and stride == KH == KW and padding == 0
+            and (KH, KW, C) in _PATCH_SHAPES and (KW * C) % 4 == 0 and (W * C) % 4 == 0
+            and x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0)
+
+
 def _bwd_name(x_dtype, g_dtype, out_dtype, V):
     return f"im2col_bwd<{_ctype(x_dtype)}, {_ctype(g_dtype)}, {_ctype(out_dtype)}, {V}>"
 
@@ -148,6 +170,7 @@ _GPU_VARIANTS = tuple(
     [_fwd_name(np.float32, np.float32, 1), _fwd_name(np.float32, np.float32, 4)]
     + [_fwd_name(np.float32, np.float16, 1), _fwd_name(np.float16, np.float16, 1),
        _fwd_name(np.float16, np.float16, 8)]
+    + [_patch_name(d, *k) for k in _PATCH_SHAPES for d in (np.float32, np.float16)]
     + [_bwd_name(np.float32, np.float32, np.float32, v) for v in (1, 4)]
     + [_bwd_name(np.float32, np.float16, np.float32, 1), _bwd_name(np.float16, np.float16, np.float16, 1),
        _bwd_name(np.float16, np.float16, np.float16, 8)]
@@ -187,6 +210,13 @@ def _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out):
         im2col_fwd(x.reshape(-1), bias, bool(in_relu), B, H, W, C, KH, KW, stride, padding, Ho, Wo, out)
         return out
     _check_int32(out.size, x.size)
+    if _patch_applies(x, out, KH, KW, stride, padding):
+        n = out.size // 4  # threads: one float4 of one (pixel, kh) run each
+        _function(_patch_name(out.dtype, KH, KW, C))(
+            ((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
+            (x, in_bias, np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W), np.int32(Ho),
+             np.int32(Wo), out))
+        return out
     V = _vector_width(C, x.dtype, out.dtype)
     kern = _function(_fwd_name(x.dtype, out.dtype, V))
     n = out.size // V if V > 1 else B * Ho * Wo * KH  # threads: vectors, or (pixel, kh) runs
