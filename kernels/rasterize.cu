@@ -24,36 +24,40 @@ __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, fl
     s.x = (p.x * rw + 1.0f) * half_w - 0.5f;
     s.y = (1.0f - p.y * rw) * half_h - 0.5f;
     s.z = p.z * rw;
-    s.valid = p.w > 0.0f && isfinite(s.x) && isfinite(s.y) && isfinite(s.z);
+    s.valid = (p.w > 0.0f) & isfinite(s.x) & isfinite(s.y) & isfinite(s.z);  // bitwise: no branches
     return s;
 }
 
-// An edge evaluated from its lexicographically smaller endpoint, so that two triangles sharing it
-// compute the same rounded value (one of them negated): E(p) = s * (dx * (py - oy) - dy * (px - ox)).
+// An edge a->b of a triangle whose area has sign o: its direction, times o, and its origin, the
+// lexicographically smaller endpoint (by x, then y), from which it is evaluated:
+// E(p) = dx * (py - oy) - dy * (px - ox). A triangle sharing the edge computes the direction
+// b - a as a - b (exactly the negation) and uses the same origin, so its values are exactly the
+// negated ones (a zero may differ in sign, which no test below sees). This is the product
+// s * (canonical direction) of the earlier canonical-edge form, with the same rounded values.
 struct Edge {
-    float ox, oy, dx, dy, s;
-    bool own;  // top-left rule: the normalised direction s*(dx, dy) has y < 0, or y == 0 and x > 0
+    float ox, oy, dx, dy;
+    bool own;  // top-left rule: the oriented direction (dx, dy) has dy < 0, or dy == 0 and dx > 0
 };
 
-__device__ __forceinline__ Edge canonical_edge(float ax, float ay, float bx, float by) {
+__device__ __forceinline__ Edge make_edge(float ax, float ay, float bx, float by) {
     Edge e;
-    if (ax < bx || (ax == bx && ay < by)) {
-        e.ox = ax; e.oy = ay; e.dx = bx - ax; e.dy = by - ay; e.s = 1.0f;
-    } else {
-        e.ox = bx; e.oy = by; e.dx = ax - bx; e.dy = ay - by; e.s = -1.0f;
-    }
+    bool a_first = (ax < bx) | ((ax == bx) & (ay < by));
+    e.ox = a_first ? ax : bx;
+    e.oy = a_first ? ay : by;
+    e.dx = bx - ax;
+    e.dy = by - ay;
     e.own = false;
     return e;
 }
 
 __device__ __forceinline__ void orient_edge(Edge& e, float o) {
-    e.s = e.s * o;
-    float ny = e.s * e.dy;
-    e.own = (ny < 0.0f) | ((ny == 0.0f) & (e.s * e.dx > 0.0f));
+    e.dx = o * e.dx;
+    e.dy = o * e.dy;
+    e.own = (e.dy < 0.0f) | ((e.dy == 0.0f) & (e.dx > 0.0f));
 }
 
 __device__ __forceinline__ float edge_value(const Edge& e, float px, float py) {
-    return e.s * (e.dx * (py - e.oy) - e.dy * (px - e.ox));
+    return e.dx * (py - e.oy) - e.dy * (px - e.ox);
 }
 
 // Bitwise, not short-circuit, operators: the tests then compile to predicates instead of a
@@ -108,7 +112,7 @@ __device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, i
                                                    int cull, const Sink& sink) {
     ScreenVertex v0, v1, v2;
     setup(i0, i1, i2, v0, v1, v2);
-    if (!(v0.valid && v1.valid && v2.valid)) return;
+    if (!(v0.valid & v1.valid & v2.valid)) return;
 
     // Bounding box over pixel centres, clamped in float before any conversion to int.
     float ilo = fmaxf(ceilf(fminf(fminf(v0.y, v1.y), v2.y)), 0.0f);
@@ -117,10 +121,10 @@ __device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, i
     float jhi = fminf(floorf(fmaxf(fmaxf(v0.x, v1.x), v2.x)), (float)(W - 1));
     if (ilo > ihi || jlo > jhi) return;
 
-    Edge e0 = canonical_edge(v1.x, v1.y, v2.x, v2.y);  // edge 0: v1->v2, opposite v0
-    Edge e1 = canonical_edge(v2.x, v2.y, v0.x, v0.y);  // edge 1: v2->v0
-    Edge e2 = canonical_edge(v0.x, v0.y, v1.x, v1.y);  // edge 2: v0->v1
-    float area = e2.s * (e2.dx * (v2.y - e2.oy) - e2.dy * (v2.x - e2.ox));
+    Edge e0 = make_edge(v1.x, v1.y, v2.x, v2.y);  // edge 0: v1->v2, opposite v0
+    Edge e1 = make_edge(v2.x, v2.y, v0.x, v0.y);  // edge 1: v2->v0
+    Edge e2 = make_edge(v0.x, v0.y, v1.x, v1.y);  // edge 2: v0->v1
+    float area = e2.dx * (v2.y - e2.oy) - e2.dy * (v2.x - e2.ox);
     if (area == 0.0f) return;
     if (cull && area > 0.0f) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
     float o = area > 0.0f ? 1.0f : -1.0f;
@@ -128,19 +132,25 @@ __device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, i
     orient_edge(e1, o);
     orient_edge(e2, o);
 
-    int i_end = (int)ihi, j_begin = (int)jlo, j_end = (int)jhi;
-    for (int i = (int)ilo; i <= i_end; ++i) {
-        float py = (float)i;
-        for (int j = j_begin; j <= j_end; ++j) {
-            float px = (float)j;
-            float w0 = edge_value(e0, px, py);
-            float w1 = edge_value(e1, px, py);
-            float w2 = edge_value(e2, px, py);
-            if (!(edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2))) continue;
+    // The box's centres in row-major order as one flat loop: a warp then runs as many iterations
+    // as its largest box has centres, not (most rows) x (most columns) as nested loops would.
+    // Every centre is evaluated directly (no incremental stepping), so the values do not depend
+    // on the loop's shape and equal the Numba twin's nested loops.
+    int i = (int)ilo, j_begin = (int)jlo, j_end = (int)jhi;
+    int j = j_begin;
+    int n = ((int)ihi - i + 1) * (j_end - j_begin + 1);  // <= 16384^2 < 2^31 (check_resolution)
+    for (int k = 0; k < n; ++k) {
+        float px = (float)j, py = (float)i;
+        float w0 = edge_value(e0, px, py);
+        float w1 = edge_value(e1, px, py);
+        float w2 = edge_value(e2, px, py);
+        if (edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2)) {
             float z = (w0 * v0.z + w1 * v1.z + w2 * v2.z) / (w0 + w1 + w2);
-            if (!(z >= -1.0f && z <= 1.0f)) continue;
-            sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
+            if (z >= -1.0f && z <= 1.0f) sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
         }
+        bool wrap = j == j_end;
+        j = wrap ? j_begin : j + 1;
+        i += wrap ? 1 : 0;
     }
 }
 

@@ -115,18 +115,17 @@ def _screen_vertices(pos_b, H, W, scr):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _canonical_edge(ax, ay, bx, by, one):
-    """Origin, direction and sign of the edge a->b evaluated from its smaller endpoint."""
+def _edge_origin(ax, ay, bx, by):
+    """The point an edge a-b is evaluated from: its lexicographically smaller endpoint."""
     if ax < bx or (ax == bx and ay < by):
-        return ax, ay, bx - ax, by - ay, one
-    return bx, by, ax - bx, ay - by, -one
+        return ax, ay
+    return bx, by
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _owns(s, dx, dy):
-    """Top-left rule on the normalised direction s*(dx, dy)."""
-    ny = s * dy
-    return ny < 0 or (ny == 0 and s * dx > 0)
+def _owns(dx, dy):
+    """Top-left rule on the oriented direction (dx, dy)."""
+    return dy < 0 or (dy == 0 and dx > 0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -173,26 +172,29 @@ def _raster_triangles(scr, tri, H, W, r0, r1, cull, zbuf):
         jhi = min(np.floor(max(x0, x1, x2)), col_max)
         if ilo > ihi or jlo > jhi:
             continue
-        ox0, oy0, dx0, dy0, s0 = _canonical_edge(x1, y1, x2, y2, one)  # edge 0: v1->v2, opposite v0
-        ox1, oy1, dx1, dy1, s1 = _canonical_edge(x2, y2, x0, y0, one)  # edge 1: v2->v0
-        ox2, oy2, dx2, dy2, s2 = _canonical_edge(x0, y0, x1, y1, one)  # edge 2: v0->v1
-        area = s2 * (dx2 * (y2 - oy2) - dy2 * (x2 - ox2))
+        ox0, oy0 = _edge_origin(x1, y1, x2, y2)  # edge 0: v1->v2, opposite v0
+        ox1, oy1 = _edge_origin(x2, y2, x0, y0)  # edge 1: v2->v0
+        ox2, oy2 = _edge_origin(x0, y0, x1, y1)  # edge 2: v0->v1
+        dx0, dy0 = x2 - x1, y2 - y1
+        dx1, dy1 = x0 - x2, y0 - y2
+        dx2, dy2 = x1 - x0, y1 - y0
+        area = dx2 * (y2 - oy2) - dy2 * (x2 - ox2)
         if area == 0:
             continue
         if cull and area > 0:  # y-down pixel frame: counter-clockwise on screen has area < 0
             continue
         o = one if area > 0 else -one
-        s0, s1, s2 = s0 * o, s1 * o, s2 * o
-        own0, own1, own2 = _owns(s0, dx0, dy0), _owns(s1, dx1, dy1), _owns(s2, dx2, dy2)
+        dx0, dy0, dx1, dy1, dx2, dy2 = o * dx0, o * dy0, o * dx1, o * dy1, o * dx2, o * dy2
+        own0, own1, own2 = _owns(dx0, dy0), _owns(dx1, dy1), _owns(dx2, dy2)
         tid = np.uint64(t)
         py = scr.dtype.type(int(ilo))
         for i in range(int(ilo), int(ihi) + 1):
             row = (i - r0) * W
             px = scr.dtype.type(int(jlo))
             for j in range(int(jlo), int(jhi) + 1):
-                e0 = s0 * (dx0 * (py - oy0) - dy0 * (px - ox0))
-                e1 = s1 * (dx1 * (py - oy1) - dy1 * (px - ox1))
-                e2 = s2 * (dx2 * (py - oy2) - dy2 * (px - ox2))
+                e0 = dx0 * (py - oy0) - dy0 * (px - ox0)
+                e1 = dx1 * (py - oy1) - dy1 * (px - ox1)
+                e2 = dx2 * (py - oy2) - dy2 * (px - ox2)
                 px += one
                 if not ((e0 > 0 or (e0 == 0 and own0)) and (e1 > 0 or (e1 == 0 and own1))
                         and (e2 > 0 or (e2 == 0 and own2))):
