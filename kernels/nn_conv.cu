@@ -102,6 +102,50 @@ __global__ void im2col_fwd_run(const TIn* __restrict__ x, const float* __restric
     }
 }
 
+// im2col_fwd for a square K x K kernel and 2^gshift groups of V channels (C = V << gshift), with
+// a cheaper index decode: the grid is (blocks along one output row, Ho, B), so b and oh are the
+// block's coordinates, the group is a mask, and the tap and ow come from divisions by the
+// constants K*K and K. The generic kernel's six runtime divisions per 16 bytes bounded it by
+// instructions (about 200 per thread), not by memory. Inside one output row the flat thread index
+// times V is the flat cols offset, exactly as in im2col_fwd, so the memory access pattern and
+// the arithmetic (one float32 add, max, one rounding per entry) are the same: same bits out.
+// The host checks Ho, B <= 65535 (grid limits). Blocks of 256 threads along the row.
+template <typename TIn, typename TOut, int V, int K>
+__global__ void im2col_fwd_rows(const TIn* __restrict__ x, const float* __restrict__ in_bias, int in_relu,
+                                int H, int W, int C, int gshift, int stride, int pad,
+                                int Ho, int Wo, TOut* __restrict__ cols)
+{
+    const int row_len = (Wo * K * K) << gshift;  // threads per output row
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= row_len) return;
+    const int oh = blockIdx.y;
+    const int b = blockIdx.z;
+    const int c0 = (t & ((1 << gshift) - 1)) * V;
+    const int q = t >> gshift;  // (ow, kh, kw)
+    const int tap = q % (K * K);
+    const int ow = q / (K * K);
+    const int kh = tap / K;
+    const int kw = tap - kh * K;
+    const int ih = oh * stride - pad + kh;
+    const int iw = ow * stride - pad + kw;
+    Pack<TOut, V> out;
+    if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) out.v[v] = from_float<TOut>(0.0f);
+    } else {
+        const Pack<TIn, V> in = *reinterpret_cast<const Pack<TIn, V>*>(x + ((b * H + ih) * W + iw) * C + c0);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            float a = to_float(in.v[v]);
+            if (in_bias != nullptr) a += in_bias[c0 + v];
+            if (in_relu) a = fmaxf(a, 0.0f);
+            out.v[v] = from_float<TOut>(a);
+        }
+    }
+    const long long row = (long long)b * Ho + oh;
+    *reinterpret_cast<Pack<TOut, V>*>(cols + row * row_len * V + (long long)t * V) = out;
+}
+
 // The gather of a patchify convolution (stride == kernel, no padding) of a float32 image whose
 // KW*C and W*C are multiples of 4 (the 4x4/4 stem on 3 channels): then each (output pixel, kh)
 // row of cols is KW*C contiguous floats of x, a float4-aligned run, and the gather is a pure

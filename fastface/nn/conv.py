@@ -161,6 +161,24 @@ def _patch_applies(x, out, KH, KW, stride, padding):
             and x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0)
 
 
+# Whether `_im2col` takes im2col_fwd_rows (grid over output rows, constant-K decode) instead of
+# im2col_fwd where it applies (see `_rows_applies`); same bits out, fewer instructions.
+USE_ROWS_GATHER = True
+_ROWS_KERNELS = (3,)  # K of the K x K kernels im2col_fwd_rows is compiled for
+
+
+def _rows_name(x_dtype, out_dtype, V, K):
+    return f"im2col_fwd_rows<{_ctype(x_dtype)}, {_ctype(out_dtype)}, {V}, {K}>"
+
+
+def _rows_applies(B, C, KH, KW, Ho, V):
+    """im2col_fwd_rows takes vector gathers (V > 1) of a compiled square kernel whose channel
+    groups C / V are a power of two, with Ho and B within the grid's y and z limits."""
+    groups = C // V
+    return (USE_ROWS_GATHER and V > 1 and KH == KW and KH in _ROWS_KERNELS
+            and groups & (groups - 1) == 0 and Ho <= 65535 and B <= 65535)
+
+
 def _bwd_name(x_dtype, g_dtype, out_dtype, V):
     return f"im2col_bwd<{_ctype(x_dtype)}, {_ctype(g_dtype)}, {_ctype(out_dtype)}, {V}>"
 
@@ -171,6 +189,8 @@ _GPU_VARIANTS = tuple(
     + [_fwd_name(np.float32, np.float16, 1), _fwd_name(np.float16, np.float16, 1),
        _fwd_name(np.float16, np.float16, 8)]
     + [_patch_name(d, *k) for k in _PATCH_SHAPES for d in (np.float32, np.float16)]
+    + [_rows_name(np.float32, np.float32, 4, k) for k in _ROWS_KERNELS]
+    + [_rows_name(np.float16, np.float16, 8, k) for k in _ROWS_KERNELS]
     + [_bwd_name(np.float32, np.float32, np.float32, v) for v in (1, 4)]
     + [_bwd_name(np.float32, np.float16, np.float32, 1), _bwd_name(np.float16, np.float16, np.float16, 1),
        _bwd_name(np.float16, np.float16, np.float16, 8)]
@@ -218,6 +238,14 @@ def _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out):
              np.int32(Wo), out))
         return out
     V = _vector_width(C, x.dtype, out.dtype)
+    if _rows_applies(B, C, KH, KW, Ho, V):
+        gshift = (C // V).bit_length() - 1
+        row_len = (Wo * KH * KW) << gshift  # threads per output row (b, oh)
+        _function(_rows_name(x.dtype, out.dtype, V, KH))(
+            ((row_len + _BLOCK - 1) // _BLOCK, Ho, B), (_BLOCK,),
+            (x, in_bias, np.int32(bool(in_relu)), np.int32(H), np.int32(W), np.int32(C), np.int32(gshift),
+             np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo), out))
+        return out
     kern = _function(_fwd_name(x.dtype, out.dtype, V))
     n = out.size // V if V > 1 else B * Ho * Wo * KH  # threads: vectors, or (pixel, kh) runs
     kern(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),

@@ -93,3 +93,89 @@ def test_gpu_patch_gather_falls_back_on_unaligned_input(cupy, rng):
     assert not conv_module._patch_applies(x_gpu, cupy.empty(16, np.float16), 4, 4, 4, 0)
     got = im2col(x_gpu, None, (4, 4), 4, 0, out_dtype=np.float16).get()
     np.testing.assert_array_equal(got, im2col(x[1:].reshape(2, 8, 8, 3), None, (4, 4), 4, 0).astype(np.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# im2col_fwd_rows: the vector gather of K x K kernels over a (row blocks, Ho, B) grid
+
+def emulate_im2col_fwd_rows(x, in_bias, in_relu, K, stride, pad, V, out_dtype, block=256):
+    """kernels/nn_conv.cu im2col_fwd_rows over its whole launch grid, as `_im2col` launches it."""
+    B, H, W, C = x.shape
+    Ho, Wo = (H + 2 * pad - K) // stride + 1, (W + 2 * pad - K) // stride + 1
+    gshift = (C // V).bit_length() - 1
+    assert (1 << gshift) * V == C
+    row_len = (Wo * K * K) << gshift
+    n_blocks = (row_len + block - 1) // block
+    cols = np.full(B * Ho * Wo * K * K * C, np.nan, dtype=out_dtype)
+    written = np.zeros(cols.size, dtype=np.int64)
+    flat = x.reshape(-1)
+    t = np.arange(n_blocks * block)
+    t = t[t < row_len]
+    c0 = (t & ((1 << gshift) - 1)) * V
+    q = t >> gshift
+    tap = q % (K * K)
+    ow = q // (K * K)
+    kh = tap // K
+    kw = tap - kh * K
+    for b in range(B):           # blockIdx.z
+        for oh in range(Ho):     # blockIdx.y
+            ih = oh * stride - pad + kh
+            iw = ow * stride - pad + kw
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            dst0 = (b * Ho + oh) * row_len * V + t * V
+            for v in range(V):
+                src = np.where(inside, ((b * H + ih) * W + iw) * C + c0 + v, 0)
+                a = flat[src].astype(np.float32)
+                if in_bias is not None:
+                    a = a + in_bias[c0 + v]
+                if in_relu:
+                    a = np.maximum(a, np.float32(0))
+                cols[dst0 + v] = np.where(inside, a, np.float32(0)).astype(out_dtype)
+                np.add.at(written, dst0 + v, 1)
+    assert np.all(written == 1)  # every entry written exactly once
+    return cols.reshape(B * Ho * Wo, K * K * C)
+
+
+ROWS_CASES = [  # (B, H, W, C, stride): batch 1, odd sizes, C = 8, 32, 64, strides 1 and 2
+    (1, 5, 5, 8, 1), (2, 7, 9, 8, 2), (1, 9, 6, 32, 1), (3, 7, 7, 32, 2), (2, 4, 5, 64, 2), (1, 3, 3, 64, 1)]
+
+
+@pytest.mark.parametrize("B,H,W,C,stride", ROWS_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_rows_gather_emulation_matches_cpu_im2col(rng, B, H, W, C, stride, relu):
+    x = rng.normal(size=(B, H, W, C)).astype(np.float16)
+    bias = rng.normal(size=C).astype(np.float32)
+    got = emulate_im2col_fwd_rows(x, bias, relu, 3, stride, 1, 8, np.float16)
+    ref = im2col(x.astype(np.float32), bias, (3, 3), stride, 1, in_relu=relu).astype(np.float16)
+    np.testing.assert_array_equal(got, ref)
+    x32 = x.astype(np.float32)
+    got32 = emulate_im2col_fwd_rows(x32, None, relu, 3, stride, 1, 4, np.float32)
+    np.testing.assert_array_equal(got32, im2col(x32, None, (3, 3), stride, 1, in_relu=relu))
+
+
+def _gpu_gather_rows(cupy, x, bias, relu, stride, out_dtype, use_rows):
+    old = conv_module.USE_ROWS_GATHER
+    conv_module.USE_ROWS_GATHER = use_rows
+    try:
+        return im2col(cupy.asarray(x), None if bias is None else cupy.asarray(bias), (3, 3), stride, 1,
+                      in_relu=relu, out_dtype=out_dtype).get()
+    finally:
+        conv_module.USE_ROWS_GATHER = old
+
+
+@pytest.mark.parametrize("B,H,W,C,stride", ROWS_CASES + [(4, 56, 56, 32, 2), (2, 28, 28, 64, 1), (2, 4, 4, 512, 1)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("with_bias,relu", [(True, True), (False, False), (True, False)])
+def test_gpu_rows_gather_matches_generic_kernel_and_cpu_bit_for_bit(cupy, rng, B, H, W, C, stride, dtype,
+                                                                    with_bias, relu):
+    x = rng.normal(size=(B, H, W, C)).astype(dtype)
+    bias = rng.normal(size=C).astype(np.float32) if with_bias else None
+    V = 8 if dtype == np.float16 else 4
+    Ho = (H + 2 - 3) // stride + 1
+    assert conv_module._rows_applies(B, C, 3, 3, Ho, V)
+    new = _gpu_gather_rows(cupy, x, bias, relu, stride, dtype, True)
+    old = _gpu_gather_rows(cupy, x, bias, relu, stride, dtype, False)
+    ref = im2col(x.astype(np.float32), bias, (3, 3), stride, 1, in_relu=relu).astype(dtype)
+    assert new.dtype == dtype and new.shape == ref.shape
+    np.testing.assert_array_equal(new, old)
+    np.testing.assert_array_equal(new, ref)
