@@ -102,26 +102,13 @@ def model_rows(timer):
     from bench.bench_model import inputs, minimal_bytes
     from fastface.model import FaceModel
     model = FaceModel.default().to("gpu")
-    small_default = morphable_module.SMALL_BATCH_KERNEL
-    large_default = morphable_module.LARGE_BATCH_KERNEL
     for batch in (1, 8, 64):
         coeffs, grads = inputs(model, batch, cupy)
-        if batch <= 8:  # SMALL_BATCH_KERNEL switches forward and backward
-            for variant in ("gemv", "tiled"):
-                morphable_module.SMALL_BATCH_KERNEL = variant
-                row(timer, "model evaluate", f"B={batch} {variant}", lambda: model.evaluate(*coeffs),
-                    minimal_bytes(model, batch, "evaluate"))
-                row(timer, "model evaluate_bwd", f"B={batch} {variant}", lambda: model.evaluate_backward(*grads),
-                    minimal_bytes(model, batch, "evaluate_backward"))
-            morphable_module.SMALL_BATCH_KERNEL = small_default
-        else:  # LARGE_BATCH_KERNEL switches the forward only
-            for variant in morphable_module.LARGE_BATCH_KERNELS:
-                morphable_module.LARGE_BATCH_KERNEL = variant
-                row(timer, "model evaluate", f"B={batch} {variant}", lambda: model.evaluate(*coeffs),
-                    minimal_bytes(model, batch, "evaluate"))
-            morphable_module.LARGE_BATCH_KERNEL = large_default
-            row(timer, "model evaluate_bwd", f"B={batch} tiled", lambda: model.evaluate_backward(*grads),
-                minimal_bytes(model, batch, "evaluate_backward"))
+        kernel = "gemv" if batch <= morphable_module._SMALL_BATCH else "tiled"
+        row(timer, "model evaluate", f"B={batch} {kernel}", lambda: model.evaluate(*coeffs),
+            minimal_bytes(model, batch, "evaluate"))
+        row(timer, "model evaluate_bwd", f"B={batch} {kernel}", lambda: model.evaluate_backward(*grads),
+            minimal_bytes(model, batch, "evaluate_backward"))
 
 
 def shading_rows(timer):

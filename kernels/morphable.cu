@@ -7,8 +7,11 @@
 // global memory once per call; everything else is small or written once.
 //
 // Templates: TY thread rows of 32 threads, RM batch rows per thread. <8, 8> serves batches above 8
-// (a 64-row batch tile shares each basis tile among 8 thread rows); <2, 4> serves batches up to 8
-// (an 8-row batch tile, so that a batch of 1 does not compute 63 empty rows).
+// (a 64-row batch tile shares each basis tile among 8 thread rows); the forward <2, 4> (an 8-row
+// batch tile, so that a batch of 1 does not compute 63 empty rows) serves batches up to 8 whose
+// coefficients do not fit the gemv forward's shared memory (below); the gemv kernels take the rest.
+// (A 3xTF32 tensor-core forward for large batches measured slower on an H200, 302 vs 260 us at
+// batch 64, and was removed.)
 
 constexpr int TILE_N = 128;  // forward: columns per block (32 threads x 4 adjacent columns)
 constexpr int TILE_K = 16;   // forward: basis rows staged in shared memory per step
@@ -320,145 +323,10 @@ __global__ void __launch_bounds__(256) morphable_bwd_gemv(
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Large batches on tensor cores, in float32 accuracy (fastface.model.morphable.LARGE_BATCH_KERNEL
-// = "tf32x3"). At batch 64 the forward is a 64 x K x N GEMM of 2 * 64 * 224 * 104,211 = 3.0
-// GFLOP for ~146 MB of traffic: on float32 CUDA cores (~60 TFLOP/s peak) >= 50 us of pure FMA,
-// so half the copy bandwidth (~70 us for the bytes) is out of reach for the tiled kernel above
-// (measured 261 us). TF32 tensor cores run ~8x faster; each float32 operand x is split into
-// x_hi = tf32(x) and x_lo = tf32(x - x_hi), and a*b is summed as a_lo*b_hi + a_hi*b_lo +
-// a_hi*b_hi (the dropped a_lo*b_lo is ~2^-22 |a b|), with float32 accumulation: float32-level
-// accuracy at 3 tensor-core products per multiply-add.
-//
-// Block of 4 warps, grid ceil(N / TC_N): the block owns TC_N = 128 columns and loops over batch
-// tiles of TC_M = 64 rows; warp w computes rows 0..63 x columns [32 w, 32 w + 32) of the tile as
-// 4 x 4 mma.sync.m16n8k8 tiles. Each step stages TC_K = 16 basis rows (coalesced, prefetched into
-// registers during the previous step's products) and the matching 64 x 16 scaled coefficients,
-// already split into hi / lo, in shared memory. Fragment layouts (PTX ISA, m16n8k8 .tf32), with
-// g = lane / 4 and t = lane % 4: A (row-major 16 x 8): a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
-// a3 (g + 8, t + 4); B (8 x 8, "col"): b0 (k = t, n = g), b1 (k = t + 4, n = g); C (16 x 8):
-// c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1).
-constexpr int TC_N = 128;
-constexpr int TC_M = 64;
-constexpr int TC_K = 16;
-constexpr int TC_APAD = 4;  // A rows 20 words apart: the 32 lanes' (g, t) reads hit distinct banks
-constexpr int TC_BPAD = 8;  // B rows 136 words apart: (t, g) reads hit banks 8 t + g, distinct
-constexpr int TC_THREADS = 128;
-constexpr int TC_PREFETCH = TC_K * TC_N / TC_THREADS;
-
-__device__ __forceinline__ unsigned to_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
-    hi = to_tf32(x);
-    lo = to_tf32(x - __uint_as_float(hi));
-}
-
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__global__ void __launch_bounds__(TC_THREADS) morphable_fwd_tf32x3(
-    const float* __restrict__ coeff_a, const float* __restrict__ coeff_b,
-    const float* __restrict__ std_dev, const float* __restrict__ basis,
-    const float* __restrict__ mean, float* __restrict__ out,
-    int batch, int n_a, int n_b, long long n)
-{
-    __shared__ unsigned as_hi[TC_M][TC_K + TC_APAD];
-    __shared__ unsigned as_lo[TC_M][TC_K + TC_APAD];
-    __shared__ float bs[TC_K][TC_N + TC_BPAD];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const long long col0 = (long long)blockIdx.x * TC_N;
-    const int n_k = n_a + n_b;
-
-    for (int b0 = 0; b0 < batch; b0 += TC_M) {
-        float acc[4][4][4];
-#pragma unroll
-        for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
-
-        float pre[TC_PREFETCH];
-#pragma unroll
-        for (int i = 0; i < TC_PREFETCH; ++i) {
-            const int idx = tid + i * TC_THREADS, kk = idx / TC_N, jj = idx % TC_N;
-            const long long j = col0 + jj;
-            pre[i] = (kk < n_k && j < n) ? __ldg(basis + (long long)kk * n + j) : 0.0f;
-        }
-        for (int k0 = 0; k0 < n_k; k0 += TC_K) {
-#pragma unroll
-            for (int i = 0; i < TC_PREFETCH; ++i) {
-                const int idx = tid + i * TC_THREADS;
-                bs[idx / TC_N][idx % TC_N] = pre[i];
-            }
-            for (int i = tid; i < TC_M * TC_K; i += TC_THREADS) {
-                const int m = i / TC_K, kk = i % TC_K, k = k0 + kk, b = b0 + m;
-                const float c = (k < n_k && b < batch) ? scaled_coefficient(coeff_a, coeff_b, std_dev, b, k, n_a, n_b)
-                                                       : 0.0f;
-                split_tf32(c, as_hi[m][kk], as_lo[m][kk]);
-            }
-            __syncthreads();
-            if (k0 + TC_K < n_k) {  // the next step's basis rows load while this step multiplies
-#pragma unroll
-                for (int i = 0; i < TC_PREFETCH; ++i) {
-                    const int idx = tid + i * TC_THREADS, kk = idx / TC_N, jj = idx % TC_N, k = k0 + TC_K + kk;
-                    const long long j = col0 + jj;
-                    pre[i] = (k < n_k && j < n) ? __ldg(basis + (long long)k * n + j) : 0.0f;
-                }
-            }
-#pragma unroll
-            for (int ks = 0; ks < TC_K; ks += 8) {
-                unsigned bh[4][2], bl[4][2];
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const int c = warp * 32 + ni * 8 + g;
-                    split_tf32(bs[ks + t][c], bh[ni][0], bl[ni][0]);
-                    split_tf32(bs[ks + t + 4][c], bh[ni][1], bl[ni][1]);
-                }
-#pragma unroll
-                for (int mi = 0; mi < 4; ++mi) {
-                    const int r = mi * 16 + g;
-                    const unsigned ah[4] = {as_hi[r][ks + t], as_hi[r + 8][ks + t], as_hi[r][ks + t + 4],
-                                            as_hi[r + 8][ks + t + 4]};
-                    const unsigned al[4] = {as_lo[r][ks + t], as_lo[r + 8][ks + t], as_lo[r][ks + t + 4],
-                                            as_lo[r + 8][ks + t + 4]};
-#pragma unroll
-                    for (int ni = 0; ni < 4; ++ni) {
-                        mma_tf32(acc[mi][ni], al, bh[ni][0], bh[ni][1]);
-                        mma_tf32(acc[mi][ni], ah, bl[ni][0], bl[ni][1]);
-                        mma_tf32(acc[mi][ni], ah, bh[ni][0], bh[ni][1]);
-                    }
-                }
-            }
-            __syncthreads();
-        }
-#pragma unroll
-        for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const int b = b0 + mi * 16 + g + (q >> 1) * 8;
-                    const long long j = col0 + warp * 32 + ni * 8 + 2 * t + (q & 1);
-                    if (b < batch && j < n) out[(long long)b * n + j] = mean[j] + acc[mi][ni][q];
-                }
-    }
-}
-
 template __global__ void morphable_fwd<2, 4>(const float*, const float*, const float*, const float*, const float*,
                                              float*, int, int, int, long long);
 template __global__ void morphable_fwd<8, 8>(const float*, const float*, const float*, const float*, const float*,
                                              float*, int, int, int, long long);
-template __global__ void morphable_bwd<2, 4>(const float*, const float*, const float*, float*, float*, int, int, int,
-                                             long long, int);
 template __global__ void morphable_bwd<8, 8>(const float*, const float*, const float*, float*, float*, int, int, int,
                                              long long, int);
 #define FASTFACE_GEMV(RM)                                                                                   \

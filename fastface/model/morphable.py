@@ -8,10 +8,12 @@ expression rows, so that one pass over the basis makes the vertices).
 Backends. On the GPU, `kernels/morphable.cu` holds `morphable_fwd` and `morphable_bwd`, tiled GEMMs
 that read the basis once per call, and for batches up to 8 `morphable_fwd_gemv` / `morphable_bwd_gemv`
 (matrix-vector shaped: they stream the basis into registers with many loads in flight, since a
-batch of 1 does ~2 flops per 4-byte basis value and is bound by memory latency and bandwidth), and
-for larger batches the forward `morphable_fwd_tf32x3` on tensor cores (3xTF32 split, float32-level
-accuracy; at batch 64 the forward is 3 GFLOP, too much for float32 CUDA cores at copy speed). On the CPU the same two functions with the same argument order
-call BLAS through numpy's matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of
+batch of 1 does ~2 flops per 4-byte basis value and is bound by memory latency and bandwidth;
+on an H200 at batch 1 the forward took 40 us against the tiled kernel's 91, the backward 46 against
+166); the tiled <2, 4> forward remains for small batches whose coefficients do not fit the gemv
+kernel's shared memory. A tensor-core forward for larger batches (3xTF32 mma.sync, float32-level
+accuracy) measured slower than the tiled one on an H200 (302 vs 260 us at batch 64) and was
+removed. On the CPU the same two functions with the same argument order call BLAS through numpy's matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of
 N ~ 10^5) a BLAS GEMM measured 3-6x faster than a parallel Numba loop over column tiles (batch 1:
 8 ms vs 22 ms, batch 64: 0.10 s vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin
 would only be slower. The CPU path also accepts float64 coefficients (computed in float64, for
@@ -23,32 +25,25 @@ from fastface._backend import cuda_module, is_cupy_array
 
 __all__ = ["morphable", "morphable_backward"]
 
+# The tiled kernels: <8, 8> (a 64-row batch tile) above _SMALL_BATCH; <2, 4> (an 8-row tile) for
+# the small-batch forwards whose coefficient table does not fit the gemv kernel's shared memory.
 _FWD = {False: "morphable_fwd<8, 8>", True: "morphable_fwd<2, 4>"}
-_BWD = {False: "morphable_bwd<8, 8>", True: "morphable_bwd<2, 4>"}
+_BWD = "morphable_bwd<8, 8>"
 _GEMV_ROWS = (1, 2, 4, 8)  # batch rows of the morphable_*_gemv<RM> instantiations
-_SMALL_BATCH = 8  # batches up to this use the small-batch kernels, larger ones the 64-row tile
+_SMALL_BATCH = 8  # batches up to this use the gemv kernels, larger ones the 64-row tile
 _TILE_N = 128     # forward: columns per block (kernels/morphable.cu TILE_N)
 _TILE_KB = 128    # backward: basis rows per block (TILE_KB)
 _GEMV_COLS = 128  # gemv forward: columns per block (32 lanes x GEMV_COLS)
 _GEMV_CHUNK = 1024  # gemv backward: columns per block (GEMV_CHUNK)
 _GEMV_ROWS_PER_BLOCK = 16  # gemv backward: basis rows per block (GEMV_ROWS)
-
-# Which kernel serves batches up to _SMALL_BATCH: "gemv" streams the basis through registers with
-# 16 loads in flight per thread (morphable_*_gemv), "tiled" is the shared-memory tile <2, 4>.
-# Kept switchable until the GPU profile (bench/profile_bandwidth.py) has compared them.
-SMALL_BATCH_KERNEL = "gemv"
-# Which forward serves larger batches: "tf32x3" (morphable_fwd_tf32x3: tensor cores, each float32
-# operand split into two TF32 parts, three products per multiply-add: float32-level accuracy) or
-# "tiled" (morphable_fwd<8, 8> on float32 CUDA cores). The backward stays tiled.
-LARGE_BATCH_KERNELS = ("tf32x3", "tiled")
-LARGE_BATCH_KERNEL = "tiled"
-_TC_N = 128  # tf32x3 forward: columns per block (TC_N)
+# The gemv forward's dynamic shared memory (4 * K * rows bytes of scaled coefficients) beside its
+# 28 KB of static partial sums stays under the 48 KB a launch gets without opting in.
+_GEMV_COEFF_BYTES = 16384
 
 
 def _module():
     gemv = tuple(f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS)
-    return cuda_module("morphable.cu", name_expressions=tuple(_FWD.values()) + tuple(_BWD.values()) + gemv
-                       + ("morphable_fwd_tf32x3",))
+    return cuda_module("morphable.cu", name_expressions=tuple(_FWD.values()) + (_BWD,) + gemv)
 
 
 def _gemv_rows(batch):
@@ -86,26 +81,14 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
     batch, n = out.shape
     n_a, n_b = coeff_a.shape[1], coeff_b.shape[1]
     small = batch <= _SMALL_BATCH
-    # (the gemv forward's shared memory: 28 KB of partial sums + 4 * K * rows bytes of coefficients)
-    if small and SMALL_BATCH_KERNEL == "gemv" and 4 * (n_a + n_b) * _gemv_rows(batch) <= 16384:
+    args = (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
+            np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n))
+    if small and 4 * (n_a + n_b) * _gemv_rows(batch) <= _GEMV_COEFF_BYTES:
         rows = _gemv_rows(batch)
-        kernel = _module().get_function(f"morphable_fwd_gemv<{rows}>")
-        kernel(((n + _GEMV_COLS - 1) // _GEMV_COLS, 1, 1), (256, 1, 1),
-               (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
-                np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n)),
-               shared_mem=4 * (n_a + n_b) * rows)
+        _module().get_function(f"morphable_fwd_gemv<{rows}>")(
+            ((n + _GEMV_COLS - 1) // _GEMV_COLS, 1, 1), (256, 1, 1), args, shared_mem=4 * (n_a + n_b) * rows)
         return
-    if not small and LARGE_BATCH_KERNEL == "tf32x3":
-        _module().get_function("morphable_fwd_tf32x3")(
-            ((n + _TC_N - 1) // _TC_N, 1, 1), (128, 1, 1),
-            (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
-             np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n)))
-        return
-    kernel = _module().get_function(_FWD[small])
-    block = (32, 2 if small else 8, 1)
-    grid = ((n + _TILE_N - 1) // _TILE_N, 1, 1)
-    kernel(grid, block, (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
-                         np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n)))
+    _module().get_function(_FWD[small])(((n + _TILE_N - 1) // _TILE_N, 1, 1), (32, 2 if small else 8, 1), args)
 
 
 def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
@@ -114,21 +97,15 @@ def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
     n_k = n_a + n_b
     if n_k == 0:
         return
-    small = batch <= _SMALL_BATCH
-    if small and SMALL_BATCH_KERNEL == "gemv":
+    if batch <= _SMALL_BATCH:  # the gemv backward stages grad_out, not the coefficients: any K fits
         kernel = _module().get_function(f"morphable_bwd_gemv<{_gemv_rows(batch)}>")
-        grid = ((n + _GEMV_CHUNK - 1) // _GEMV_CHUNK, (n_k + _GEMV_ROWS_PER_BLOCK - 1) // _GEMV_ROWS_PER_BLOCK, 1)
-        kernel(grid, (256, 1, 1), (std_dev, basis, grad_out, grad_a, grad_b if n_b else grad_a,
-                                   np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n),
-                                   np.int32(_GEMV_CHUNK)))
-        return
-    kernel = _module().get_function(_BWD[small])
-    rows = 8 if small else 64
-    # Column chunk per block: long enough that the atomics (one per output per block) stay a small
-    # fraction of the work, short enough that the grid fills the GPU several times over.
-    chunk = 256 if small else 512
-    grid = ((n + chunk - 1) // chunk, (n_k + _TILE_KB - 1) // _TILE_KB, (batch + rows - 1) // rows)
-    block = (32, 2 if small else 8, 1)
+        chunk, rows_per_block, block, batch_tiles = _GEMV_CHUNK, _GEMV_ROWS_PER_BLOCK, (256, 1, 1), 1
+    else:
+        kernel = _module().get_function(_BWD)
+        # Column chunk per block: long enough that the atomics (one per output per block) stay a
+        # small fraction of the work, short enough that the grid fills the GPU several times over.
+        chunk, rows_per_block, block, batch_tiles = 512, _TILE_KB, (32, 8, 1), (batch + 63) // 64
+    grid = ((n + chunk - 1) // chunk, (n_k + rows_per_block - 1) // rows_per_block, batch_tiles)
     kernel(grid, block, (std_dev, basis, grad_out, grad_a, grad_b if n_b else grad_a,
                          np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n), np.int32(chunk)))
 

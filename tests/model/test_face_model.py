@@ -190,56 +190,47 @@ def test_gpu_evaluate_backward_matches_cpu(cupy, small, rng, tol, batch):
         assert np.all(np.abs(g.get() - c) <= tol["gemm_l1_rtol"] * s)
 
 
+def assert_gpu_matches_cpu(cupy, tol, model, batch, rng):
+    """Forward and backward of `model` on the GPU against the CPU, within float32 GEMM rounding."""
+    gpu = model.to("gpu")
+    shape, expression, albedo = coefficients(rng, model, batch)
+    v_cpu, a_cpu = model.evaluate(shape, expression, albedo)
+    v_gpu, a_gpu = gpu.evaluate(*(cupy.asarray(c) for c in (shape, expression, albedo)))
+    scale_v, scale_a = l1_scale(model, shape, expression, albedo)
+    assert np.all(np.abs(v_gpu.get() - v_cpu) <= tol["gemm_l1_rtol"] * scale_v)
+    assert np.all(np.abs(a_gpu.get() - a_cpu) <= tol["gemm_l1_rtol"] * scale_a)
+    grads = gpu.evaluate_backward(cupy.asarray(v_cpu), cupy.asarray(a_cpu))
+    for g, c, s in zip(grads, model.evaluate_backward(v_cpu, a_cpu), l1_scale_backward(model, v_cpu, a_cpu)):
+        assert np.all(np.abs(g.get() - c) <= tol["gemm_l1_rtol"] * s)
+
+
 def test_gpu_model_with_odd_sizes_matches_cpu(cupy, rng, tol):
     # 23 vertices (69 columns, not a multiple of 4), 5 + 4 rows: every edge of every tile.
-    model = random_model(rng)
-    gpu = model.to("gpu")
-    shape, expression, albedo = coefficients(rng, model, 3)
-    v_cpu, a_cpu = model.evaluate(shape, expression, albedo)
-    v_gpu, a_gpu = gpu.evaluate(*(cupy.asarray(c) for c in (shape, expression, albedo)))
-    scale_v, scale_a = l1_scale(model, shape, expression, albedo)
-    assert np.all(np.abs(v_gpu.get() - v_cpu) <= tol["gemm_l1_rtol"] * scale_v)
-    assert np.all(np.abs(a_gpu.get() - a_cpu) <= tol["gemm_l1_rtol"] * scale_a)
-    grads = gpu.evaluate_backward(cupy.asarray(v_cpu), cupy.asarray(a_cpu))
-    for g, c, s in zip(grads, model.evaluate_backward(v_cpu, a_cpu), l1_scale_backward(model, v_cpu, a_cpu)):
-        assert np.all(np.abs(g.get() - c) <= tol["gemm_l1_rtol"] * s)
+    assert_gpu_matches_cpu(cupy, tol, random_model(rng), 3, rng)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 8])
-def test_gpu_small_batch_kernels_match_cpu(cupy, rng, tol, monkeypatch, kernel, batch):
-    # Every morphable_*_gemv<RM> instantiation (and the tiled alternative) on a model whose 75
-    # rows split unevenly over the 8 forward slices and whose 603 columns end inside a block.
-    import fastface.model.morphable as morphable_module
-    monkeypatch.setattr(morphable_module, "SMALL_BATCH_KERNEL", kernel)
-    model = random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9)
-    gpu = model.to("gpu")
-    shape, expression, albedo = coefficients(rng, model, batch)
-    v_cpu, a_cpu = model.evaluate(shape, expression, albedo)
-    v_gpu, a_gpu = gpu.evaluate(*(cupy.asarray(c) for c in (shape, expression, albedo)))
-    scale_v, scale_a = l1_scale(model, shape, expression, albedo)
-    assert np.all(np.abs(v_gpu.get() - v_cpu) <= tol["gemm_l1_rtol"] * scale_v)
-    assert np.all(np.abs(a_gpu.get() - a_cpu) <= tol["gemm_l1_rtol"] * scale_a)
-    grads = gpu.evaluate_backward(cupy.asarray(v_cpu), cupy.asarray(a_cpu))
-    for g, c, s in zip(grads, model.evaluate_backward(v_cpu, a_cpu), l1_scale_backward(model, v_cpu, a_cpu)):
-        assert np.all(np.abs(g.get() - c) <= tol["gemm_l1_rtol"] * s)
+def test_gpu_small_batch_kernels_match_cpu(cupy, rng, tol, batch):
+    # Every morphable_*_gemv<RM> instantiation on a model whose 75 rows split unevenly over the 8
+    # forward slices and whose 603 columns end inside a block.
+    assert_gpu_matches_cpu(cupy, tol, random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9),
+                           batch, rng)
 
 
-@pytest.mark.parametrize("kernel", ["tf32x3", "tiled"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gpu_small_batch_with_many_rows_uses_the_tiled_forward(cupy, rng, tol, batch):
+    # 530 geometry rows: at batch 5 (8 gemv rows) the coefficient table outgrows the gemv forward's
+    # shared memory and the tiled <2, 4> forward serves it; at batch 1 the gemv forward still does.
+    assert_gpu_matches_cpu(cupy, tol, random_model(rng, n_vertices=50, n_shape=300, n_expression=230, n_albedo=9),
+                           batch, rng)
+
+
 @pytest.mark.parametrize("batch", [9, 64, 70])
-def test_gpu_large_batch_forward_kernels_match_cpu(cupy, rng, tol, monkeypatch, kernel, batch):
-    # The tensor-core forward (3xTF32) must keep float32 accuracy: 75 geometry rows (4 full
-    # 16-row steps and a partial one), 603 columns (a partial 128-column block), batch tiles of 64.
-    import fastface.model.morphable as morphable_module
-    monkeypatch.setattr(morphable_module, "LARGE_BATCH_KERNEL", kernel)
-    model = random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9)
-    gpu = model.to("gpu")
-    shape, expression, albedo = coefficients(rng, model, batch)
-    v_cpu, a_cpu = model.evaluate(shape, expression, albedo)
-    v_gpu, a_gpu = gpu.evaluate(*(cupy.asarray(c) for c in (shape, expression, albedo)))
-    scale_v, scale_a = l1_scale(model, shape, expression, albedo)
-    assert np.all(np.abs(v_gpu.get() - v_cpu) <= tol["gemm_l1_rtol"] * scale_v)
-    assert np.all(np.abs(a_gpu.get() - a_cpu) <= tol["gemm_l1_rtol"] * scale_a)
+def test_gpu_large_batch_kernels_match_cpu(cupy, rng, tol, batch):
+    # The tiled <8, 8> kernels: 75 geometry rows (4 full 16-row steps and a partial one), 603
+    # columns (a partial 128-column block), batch tiles of 64.
+    assert_gpu_matches_cpu(cupy, tol, random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9),
+                           batch, rng)
 
 
 def test_to_gpu_and_back_keeps_every_array(cupy, small):
