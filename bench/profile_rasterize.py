@@ -134,12 +134,17 @@ def profile_batch(cupy, mods, timer, B):
             if ipt > 1 and block != 256:
                 continue
             t = timer(fwd_launch(main, block=block, ipt=ipt), setup=clear)
-            row(sec, f"rasterize_fwd block {block}, {ipt} image(s)/thread", t, "library" if (block, ipt) == (256, 1)
+            row(sec, f"rasterize_fwd block {block}, {ipt} image(s)/thread", t, "library" if (block, ipt) == (R._FWD_BLOCK, R._FWD_IMAGES_PER_THREAD)
                 else "")
     t = timer(fwd_launch(main, "rasterize_fwd_serial_loads"), setup=clear)
     clear()
     fwd_launch(main, "rasterize_fwd_serial_loads")()
     row(sec, "rasterize_fwd_serial_loads (before hoisting the vertex loads)", t,
+        "same keys" if bool((zbuf == zref).all()) else "DIFFERENT keys")
+    t = timer(fwd_launch(main, "rasterize_fwd_v1", block=R._FWD_BLOCK), setup=clear)
+    clear()
+    fwd_launch(main, "rasterize_fwd_v1", block=R._FWD_BLOCK)()
+    row(sec, f"rasterize_fwd_v1 block {R._FWD_BLOCK} (before: canonical edges, nested loops)", t,
         "same keys" if bool((zbuf == zref).all()) else "DIFFERENT keys")
     row(sec, "rasterize_fwd_no_atomics (setup + edges + depth)", timer(fwd_launch(main, "rasterize_fwd_no_atomics")))
     row(sec, "rasterize_fwd_setup_only (loads + setup + bbox)", timer(fwd_launch(main, "rasterize_fwd_setup_only")))

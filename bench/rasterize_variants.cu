@@ -104,3 +104,83 @@ extern "C" __global__ void spin_ns(long long ns) {
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     } while (t - t0 < ns);
 }
+
+// The triangle pass before commit 8ba8227 (canonical edge direction and sign, short-circuit
+// validity, nested row/column loops), for a before/after row: the same keys.
+struct EdgeV1 {
+    float ox, oy, dx, dy, s;
+    bool own;
+};
+
+__device__ __forceinline__ EdgeV1 canonical_edge_v1(float ax, float ay, float bx, float by) {
+    EdgeV1 e;
+    if (ax < bx || (ax == bx && ay < by)) {
+        e.ox = ax; e.oy = ay; e.dx = bx - ax; e.dy = by - ay; e.s = 1.0f;
+    } else {
+        e.ox = bx; e.oy = by; e.dx = ax - bx; e.dy = ay - by; e.s = -1.0f;
+    }
+    e.own = false;
+    return e;
+}
+
+__device__ __forceinline__ void orient_edge_v1(EdgeV1& e, float o) {
+    e.s = e.s * o;
+    float ny = e.s * e.dy;
+    e.own = (ny < 0.0f) | ((ny == 0.0f) & (e.s * e.dx > 0.0f));
+}
+
+__device__ __forceinline__ float edge_value_v1(const EdgeV1& e, float px, float py) {
+    return e.s * (e.dx * (py - e.oy) - e.dy * (px - e.ox));
+}
+
+__device__ __forceinline__ bool edge_inside_v1(const EdgeV1& e, float v) {
+    return (v > 0.0f) | ((v == 0.0f) & e.own);
+}
+
+extern "C" __global__ void rasterize_fwd_v1(const float4* __restrict__ pos, const int* __restrict__ tri, int B,
+                                            int V, int T, int H, int W, int cull,
+                                            unsigned long long* __restrict__ zbuf) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        const float4* pb = pos + (long long)b * V;
+        AtomicMinSink sink{zbuf + (long long)b * H * W, W};
+        float4 p0 = pb[i0], p1 = pb[i1], p2 = pb[i2];
+        ScreenVertex v0 = screen_vertex(p0, half_w, half_h);
+        ScreenVertex v1 = screen_vertex(p1, half_w, half_h);
+        ScreenVertex v2 = screen_vertex(p2, half_w, half_h);
+        if (!(v0.valid && v1.valid && v2.valid)) continue;
+        float ilo = fmaxf(ceilf(fminf(fminf(v0.y, v1.y), v2.y)), 0.0f);
+        float ihi = fminf(floorf(fmaxf(fmaxf(v0.y, v1.y), v2.y)), (float)(H - 1));
+        float jlo = fmaxf(ceilf(fminf(fminf(v0.x, v1.x), v2.x)), 0.0f);
+        float jhi = fminf(floorf(fmaxf(fmaxf(v0.x, v1.x), v2.x)), (float)(W - 1));
+        if (ilo > ihi || jlo > jhi) continue;
+        EdgeV1 e0 = canonical_edge_v1(v1.x, v1.y, v2.x, v2.y);
+        EdgeV1 e1 = canonical_edge_v1(v2.x, v2.y, v0.x, v0.y);
+        EdgeV1 e2 = canonical_edge_v1(v0.x, v0.y, v1.x, v1.y);
+        float area = e2.s * (e2.dx * (v2.y - e2.oy) - e2.dy * (v2.x - e2.ox));
+        if (area == 0.0f) continue;
+        if (cull && area > 0.0f) continue;
+        float o = area > 0.0f ? 1.0f : -1.0f;
+        orient_edge_v1(e0, o);
+        orient_edge_v1(e1, o);
+        orient_edge_v1(e2, o);
+        int i_end = (int)ihi, j_begin = (int)jlo, j_end = (int)jhi;
+        for (int i = (int)ilo; i <= i_end; ++i) {
+            float py = (float)i;
+            for (int j = j_begin; j <= j_end; ++j) {
+                float px = (float)j;
+                float w0 = edge_value_v1(e0, px, py);
+                float w1 = edge_value_v1(e1, px, py);
+                float w2 = edge_value_v1(e2, px, py);
+                if (!(edge_inside_v1(e0, w0) & edge_inside_v1(e1, w1) & edge_inside_v1(e2, w2))) continue;
+                float z = (w0 * v0.z + w1 * v1.z + w2 * v2.z) / (w0 + w1 + w2);
+                if (!(z >= -1.0f && z <= 1.0f)) continue;
+                sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
+            }
+        }
+    }
+}
