@@ -298,12 +298,15 @@ def test_gpu_torch_forward_backward_adam(benchmark, images, precision):
 @needs_gpu
 @pytest.mark.parametrize("batch", [256])
 def test_gpu_encoder_float16_layer_breakdown(benchmark, images, batch):
-    """Per layer at batch 256, float16: device microseconds of the gather, of cuBLAS's GEMM on
-    the gathered cols, and of the implicit-GEMM kernel (where it applies), from CUDA events
-    around 20 back-to-back launches each. Says per layer which convolution is faster."""
+    """Per layer at batch 256, float16: device microseconds of the gather (and of the generic
+    gather kernel, "gathergeneric": USE_PATCH_GATHER and USE_ROWS_GATHER off; both also in GB/s
+    of cols written + input read), of cuBLAS's GEMM on the gathered cols, and of the
+    implicit-GEMM kernel (where it applies), from CUDA events around 20 back-to-back launches
+    each. Says per layer which convolution is faster."""
     import cupy
 
     from fastface.nn._gemm import gemm
+    from fastface.nn import conv as conv_module
     from fastface.nn.conv import _conv_implicit, _im2col, implicit_gemm_supported
 
     enc = _gpu_encoder("float16")
@@ -323,7 +326,17 @@ def test_gpu_encoder_float16_layer_breakdown(benchmark, images, batch):
         def product(i=i):
             gemm(ws.cols[i], weights[i], ws.z[i])
 
-        parts = {"gather": gather, "gemm": product}
+        def gather_generic(gather=gather):
+            """The same gather with the specialised kernels switched off (im2col_fwd / _run)."""
+            saved = conv_module.USE_PATCH_GATHER, conv_module.USE_ROWS_GATHER
+            conv_module.USE_PATCH_GATHER = conv_module.USE_ROWS_GATHER = False
+            try:
+                gather()
+            finally:
+                conv_module.USE_PATCH_GATHER, conv_module.USE_ROWS_GATHER = saved
+
+        parts = {"gather": gather, "gathergeneric": gather_generic, "gemm": product}
+        gather_bytes = ws.cols[i].nbytes + a.nbytes  # cols written + the input read once
         if implicit_gemm_supported(a.dtype, L.c_in, L.c_out, True):
             def implicit(a=a, a_bias=a_bias, a_relu=a_relu, k=k, i=i):
                 _conv_implicit(a, a_bias, a_relu, k[0], k[1], k[2], k[3], weights[i], ws.z[i])
@@ -332,6 +345,8 @@ def test_gpu_encoder_float16_layer_breakdown(benchmark, images, batch):
             try:
                 us = device_seconds(fn, repeats=20) * 1e6
                 timings[f"{i}_{L.name}_{part}_us"] = round(us, 1)
+                if part.startswith("gather"):
+                    timings[f"{i}_{L.name}_{part}_gb_s"] = round(gather_bytes / us / 1e3)
                 if part in ("gemm", "implicit"):
                     timings[f"{i}_{L.name}_{part}_tflops"] = round(batch * L.flops / us / 1e6, 1)
             except Exception as err:  # noqa: BLE001 - a failing part is reported, not fatal
