@@ -24,11 +24,13 @@ The algorithm, the same on both backends:
 
 Coverage and the tie rule (why it is watertight). The edge function of the directed edge a->b at a
 point p is E_ab(p) = (b.x - a.x)(p.y - a.y) - (b.y - a.y)(p.x - a.x). In floating point E_ab(p) is not
-exactly -E_ba(p), so every edge is evaluated in a canonical direction: from its lexicographically
-smaller endpoint (by sx, then sy) to the larger one, and negated when the triangle walks the edge the
-other way. Two triangles sharing an edge compute the same rounded number for it, one with the opposite
-sign, so a centre cannot be inside both by rounding, nor outside both. Each triangle's edge values are
-multiplied by the sign of its area (exact) so that its interior is where all three are positive. A
+exactly -E_ba(p), so every edge is evaluated from the same origin whichever way it is walked: its
+lexicographically smaller endpoint (by sx, then sy), E(p) = d.x (p.y - o.y) - d.y (p.x - o.x) with
+d = b - a. Two triangles sharing an edge have directions that are exact negatives (b - a and a - b
+round alike) and the same origin, so they compute the same rounded number for it, one with the
+opposite sign, and a centre cannot be inside both by rounding, nor outside both. Each triangle's
+directions are multiplied by the sign of its area (exact) so that its interior is where all three
+edge values are positive. A
 centre is covered when every edge value is > 0, or == 0 on an edge that owns its centres: the edge
 whose normalised direction d satisfies d.y < 0, or d.y == 0 and d.x > 0 (in the y-down pixel frame,
 the triangle's left edges and horizontal top edges: the usual top-left rule). For an edge shared by
