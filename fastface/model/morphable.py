@@ -13,10 +13,10 @@ on an H200 at batch 1 the forward took 40 us against the tiled kernel's 91, the 
 166); the tiled <2, 4> forward remains for small batches whose coefficients do not fit the gemv
 kernel's shared memory. A tensor-core forward for larger batches (3xTF32 mma.sync, float32-level
 accuracy) measured slower than the tiled one on an H200 (302 vs 260 us at batch 64) and was
-removed. On the CPU the same two functions with the same argument order call BLAS through numpy's matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of
-N ~ 10^5) a BLAS GEMM measured 3-6x faster than a parallel Numba loop over column tiles (batch 1:
-8 ms vs 22 ms, batch 64: 0.10 s vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin
-would only be slower. The CPU path also accepts float64 coefficients (computed in float64, for
+removed. On the CPU the same two functions with the same argument order call BLAS through numpy's
+matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of N ~ 10^5) a BLAS GEMM measured
+3-6x faster than a parallel Numba loop over column tiles (batch 1: 8 ms vs 22 ms, batch 64: 0.10 s
+vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin would only be slower. The CPU path also accepts float64 coefficients (computed in float64, for
 gradient checks); the GPU path takes float32 only.
 """
 import numpy as np
