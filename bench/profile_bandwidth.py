@@ -27,8 +27,6 @@ import cupy  # noqa: E402
 
 import fastface  # noqa: E402
 import fastface.model.morphable as morphable_module  # noqa: E402
-import fastface.ops.normals as normals_module  # noqa: E402
-import fastface.ops.shading as shading_module  # noqa: E402
 
 CALLS = 20   # timed calls per round
 ROUNDS = 7   # rounds; the median is reported
@@ -115,21 +113,8 @@ def shading_rows(timer):
     from bench.bench_shading import GPU_BATCH, NAMES, make_inputs, minimal_bytes, step
     arrays = make_inputs(GPU_BATCH, cupy)
     cupy.cuda.Device().synchronize()
-    switches = [(normals_module, "NORMALS_KERNEL", getattr(normals_module, "NORMALS_KERNELS", ())),
-                (shading_module, "SHADING_KERNEL", getattr(shading_module, "SHADING_KERNELS", ()))]
     for name in NAMES:
         row(timer, f"normals+SH B={GPU_BATCH}", name, step(name, arrays), minimal_bytes(name, arrays))
-    for module, attr, variants in switches:
-        default = getattr(module, attr, None)
-        for variant in variants:
-            if variant == default:
-                continue
-            setattr(module, attr, variant)
-            for name in NAMES:
-                row(timer, f"normals+SH {attr[:-7].lower()}={variant}", name, step(name, arrays),
-                    minimal_bytes(name, arrays))
-        if default is not None:
-            setattr(module, attr, default)
 
 
 def main():

@@ -152,14 +152,10 @@ def test_gpu_matches_cpu(rng, tol, cupy):
                                atol=tol["gpu_cpu_atol"] * np.abs(g_cpu).max())
 
 
-@pytest.mark.parametrize("kernel", ["staged", "gather"])
 @pytest.mark.parametrize("mesh", ["grid", "scattered"])
-def test_gpu_kernel_variants_match_cpu(rng, tol, cupy, monkeypatch, kernel, mesh):
-    # grid: 40 x 70 vertices, neighbours 70 apart (inside the staged kernels' shared-memory halo),
-    # a partial last block; scattered: the same grid with its vertices renumbered at random, so that
-    # most neighbours lie outside the halo and are read from global memory.
-    import fastface.ops.normals as normals_module
-    monkeypatch.setattr(normals_module, "NORMALS_KERNEL", kernel)
+def test_gpu_matches_cpu_on_local_and_scattered_vertex_orders(rng, tol, cupy, mesh):
+    # grid: 40 x 70 vertices, neighbours 70 apart, a partial last block; scattered: the same grid
+    # with its vertices renumbered at random, so that neighbours lie far apart in memory.
     flat, tri = grid_mesh(40, 70)
     if mesh == "scattered":
         perm = rng.permutation(len(flat))
