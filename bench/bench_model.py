@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 
 import fastface
-from fastface._backend import gpu_available
+from bench._gpu_timing import bench_copy_bandwidth, bench_gpu, median_seconds, needs_gpu, record_bandwidth
 from fastface.model import FaceModel
 from fastface.model import default as default_model
 
 BATCHES = [1, 64]
-needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs cupy and a CUDA GPU")
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,16 +44,21 @@ def minimal_bytes(model, batch, direction):
     return basis + batch * per_face
 
 
+def _record_seconds(benchmark):
+    if median_seconds(benchmark) is not None:
+        benchmark.extra_info["seconds"] = round(median_seconds(benchmark), 3)
+
+
 def test_generate_default_model(benchmark):
     benchmark.group = "default model generation (CPU)"
     benchmark.pedantic(default_model.generate.__wrapped__, args=("default",), rounds=3, iterations=1)
-    benchmark.extra_info["seconds"] = round(benchmark.stats.stats.median, 3)
+    _record_seconds(benchmark)
 
 
 def test_generate_small_model(benchmark):
     benchmark.group = "default model generation (CPU)"
     benchmark.pedantic(default_model.generate.__wrapped__, args=("small",), rounds=5, iterations=1)
-    benchmark.extra_info["seconds"] = round(benchmark.stats.stats.median, 3)
+    _record_seconds(benchmark)
 
 
 # --- CPU ----------------------------------------------------------------------------------------
@@ -68,7 +72,9 @@ def test_cpu_model(benchmark, batch, direction):
     benchmark.group = f"face model {direction} 80+64+80 (CPU)"
     with fastface.value_checks(False):
         benchmark(fn)
-    seconds = benchmark.stats.stats.median
+    seconds = median_seconds(benchmark)
+    if seconds is None:
+        return
     benchmark.extra_info["batch"] = batch
     benchmark.extra_info["images_per_s"] = round(batch / seconds, 1)
     benchmark.extra_info["gb_s"] = round(minimal_bytes(model, batch, direction) / seconds / 1e9, 2)
@@ -77,53 +83,13 @@ def test_cpu_model(benchmark, batch, direction):
 # --- GPU ----------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def gpu_copy_bandwidth(nbytes=1 << 30, repeats=20):
-    """Device-to-device copy bandwidth in GB/s, counting the bytes read plus the bytes written."""
-    import cupy
-    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
-    dst = cupy.empty_like(src)
-    dst[...] = src
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        dst[...] = src
-    stop.record()
-    stop.synchronize()
-    return 2 * nbytes / (cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats) / 1e9
-
-
-def device_seconds(fn, repeats=50):
-    """Seconds per call from CUDA events around `repeats` back-to-back calls."""
-    import cupy
-    fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
-
-
-@functools.lru_cache(maxsize=None)
 def gpu_model():
     return cpu_model().to("gpu")
 
 
 @needs_gpu
 def test_gpu_copy_bandwidth(benchmark):
-    import cupy
-    a = cupy.ones(1 << 28, dtype=cupy.float32)
-    b = cupy.empty_like(a)
-
-    def copy():
-        b[...] = a
-        cupy.cuda.Device().synchronize()
-
-    benchmark.group = "device copy (1 GiB d2d)"
-    benchmark(copy)
-    benchmark.extra_info["copy_gb_s_events"] = round(gpu_copy_bandwidth(), 1)
-    benchmark.extra_info["copy_gb_s_wall"] = round(2 * a.nbytes / benchmark.stats.stats.median / 1e9, 1)
+    bench_copy_bandwidth(benchmark)
 
 
 @needs_gpu
@@ -134,21 +100,9 @@ def test_gpu_model(benchmark, batch, direction):
     model = gpu_model()
     coeffs, grads = inputs(model, batch, cupy)
     fn = (lambda: model.evaluate(*coeffs)) if direction == "evaluate" else (lambda: model.evaluate_backward(*grads))
-
-    def timed():
-        fn()
-        cupy.cuda.Device().synchronize()
-
-    benchmark.group = f"face model {direction} 80+64+80 (GPU)"
-    with fastface.value_checks(False):
-        benchmark(timed)
-        device_s = device_seconds(fn)
-    nbytes = minimal_bytes(model, batch, direction)
-    copy = gpu_copy_bandwidth()
+    device_s = bench_gpu(benchmark, fn, f"face model {direction} 80+64+80 (GPU)")
+    if median_seconds(benchmark) is None:
+        return
     benchmark.extra_info["batch"] = batch
-    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 1)
-    benchmark.extra_info["gb_s_wall"] = round(nbytes / benchmark.stats.stats.median / 1e9, 1)
-    benchmark.extra_info["device_us"] = round(device_s * 1e6, 1)
-    benchmark.extra_info["device_gb_s"] = round(nbytes / device_s / 1e9, 1)
-    benchmark.extra_info["copy_gb_s"] = round(copy, 1)
-    benchmark.extra_info["fraction_of_copy"] = round(nbytes / device_s / 1e9 / copy, 3)
+    benchmark.extra_info["images_per_s"] = round(batch / median_seconds(benchmark), 1)
+    record_bandwidth(benchmark, minimal_bytes(model, batch, direction), device_s)

@@ -16,13 +16,11 @@ cupy copy), the issue's yardstick: aim for at least half of it.
 
     python -m pytest bench/bench_shading.py --benchmark-only
 """
-import functools
-
 import numpy as np
 import pytest
 
 import fastface
-from fastface._backend import gpu_available
+from bench._gpu_timing import bench_copy_bandwidth, bench_gpu, median_seconds, needs_gpu, record_bandwidth
 from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
 from fastface.ops.shading import sh_shade, sh_shade_backward, shade_vertices, shade_vertices_backward
 
@@ -116,39 +114,6 @@ NAMES = ["normals_fwd", "normals_bwd", "sh_fwd", "sh_bwd", "chain", "fused_chain
 
 # --- GPU ----------------------------------------------------------------------------------------
 
-needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs cupy and a CUDA GPU")
-
-
-@functools.lru_cache(maxsize=None)
-def gpu_copy_bandwidth(nbytes=1 << 30, repeats=20):
-    """Device-to-device copy bandwidth in GB/s, counting the bytes read plus the bytes written."""
-    import cupy
-    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
-    dst = cupy.empty_like(src)
-    dst[...] = src
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        dst[...] = src
-    stop.record()
-    stop.synchronize()
-    seconds = cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
-    return 2 * nbytes / seconds / 1e9
-
-
-def device_seconds(fn, repeats=50):
-    """Seconds per call from CUDA events around `repeats` back-to-back calls."""
-    import cupy
-    fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
-
-
 @pytest.fixture(scope="module")
 def gpu_arrays():
     import cupy
@@ -159,42 +124,17 @@ def gpu_arrays():
 
 @needs_gpu
 def test_gpu_copy_bandwidth(benchmark):
-    import cupy
-    a = cupy.ones(1 << 28, dtype=cupy.float32)
-    b = cupy.empty_like(a)
-
-    def copy():
-        b[...] = a
-        cupy.cuda.Device().synchronize()
-
-    benchmark.group = "device copy (1 GiB d2d)"
-    benchmark(copy)
-    benchmark.extra_info["copy_gb_s_events"] = round(gpu_copy_bandwidth(), 1)
-    benchmark.extra_info["copy_gb_s_wall"] = round(2 * a.nbytes / benchmark.stats.stats.median / 1e9, 1)
+    bench_copy_bandwidth(benchmark)
 
 
 @needs_gpu
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_normals_and_sh(benchmark, gpu_arrays, name):
-    import cupy
-    fn = step(name, gpu_arrays)
-
-    def timed():
-        fn()
-        cupy.cuda.Device().synchronize()
-
-    benchmark.group = f"spherical cap {GPU_BATCH}x35721 normals+SH (GPU)"
-    with fastface.value_checks(False):
-        benchmark(timed)
-        device_s = device_seconds(fn)
-    nbytes = minimal_bytes(name, gpu_arrays)
-    copy = gpu_copy_bandwidth()
-    benchmark.extra_info["images_per_s"] = round(GPU_BATCH / benchmark.stats.stats.median, 1)
-    benchmark.extra_info["gb_s_wall"] = round(nbytes / benchmark.stats.stats.median / 1e9, 1)
-    benchmark.extra_info["device_us"] = round(device_s * 1e6, 1)
-    benchmark.extra_info["device_gb_s"] = round(nbytes / device_s / 1e9, 1)
-    benchmark.extra_info["copy_gb_s"] = round(copy, 1)
-    benchmark.extra_info["fraction_of_copy"] = round(nbytes / device_s / 1e9 / copy, 3)
+    device_s = bench_gpu(benchmark, step(name, gpu_arrays), f"spherical cap {GPU_BATCH}x35721 normals+SH (GPU)")
+    if median_seconds(benchmark) is None:
+        return
+    benchmark.extra_info["images_per_s"] = round(GPU_BATCH / median_seconds(benchmark), 1)
+    record_bandwidth(benchmark, minimal_bytes(name, gpu_arrays), device_s)
 
 
 # --- CPU ----------------------------------------------------------------------------------------
@@ -209,7 +149,8 @@ def test_cpu_copy_bandwidth(benchmark):
     b = np.empty_like(a)
     benchmark.group = "host copy (256 MiB)"
     benchmark(np.copyto, b, a)
-    benchmark.extra_info["copy_gb_s"] = round(2 * a.nbytes / benchmark.stats.stats.median / 1e9, 2)
+    if median_seconds(benchmark) is not None:
+        benchmark.extra_info["copy_gb_s"] = round(2 * a.nbytes / median_seconds(benchmark) / 1e9, 2)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -219,6 +160,8 @@ def test_cpu_normals_and_sh(benchmark, cpu_arrays, name):
     with fastface.value_checks(False):
         fn()  # compile / load the Numba cache outside the timing
         benchmark(fn)
-    seconds = benchmark.stats.stats.median
+    seconds = median_seconds(benchmark)
+    if seconds is None:
+        return
     benchmark.extra_info["images_per_s"] = round(CPU_BATCH / seconds, 1)
     benchmark.extra_info["gb_s"] = round(minimal_bytes(name, cpu_arrays) / seconds / 1e9, 2)
