@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import fastface
+from bench._gpu_timing import bench_gpu, median_seconds
 from bench.workloads import OpenGLRasterizer, face_model_poses, spherical_cap
 from fastface._backend import gpu_available
 from fastface.ops.interpolate import interpolate, interpolate_backward
@@ -35,7 +36,9 @@ needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs cupy and a CUD
 
 
 def _record(benchmark, batch, **extra):
-    seconds = benchmark.stats.stats.median
+    seconds = median_seconds(benchmark)
+    if seconds is None:  # --benchmark-disable: the body ran once, untimed
+        return
     benchmark.extra_info["images_per_s"] = round(batch / seconds, 1)
     benchmark.extra_info["ms"] = round(seconds * 1e3, 3)
     benchmark.extra_info.update(extra)
@@ -133,19 +136,6 @@ def test_cpu_face_model(benchmark, cpu_face, name):
 
 # --- GPU ------------------------------------------------------------------------------------------
 
-def device_seconds(fn, repeats=50):
-    """Seconds per call from CUDA events around `repeats` back-to-back calls."""
-    import cupy
-    fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
-
-
 def _gpu_inputs(batch):
     import cupy
     pos, tri, colors = spherical_cap(n=GRID, batch=batch, xp=cupy)
@@ -170,17 +160,7 @@ TARGET_MS = {"rasterize": 0.10, "rasterize_interpolate_fused": 0.15, "rasterize_
 
 
 def _bench_gpu(benchmark, fn, batch, group, target_ms):
-    import cupy
-
-    def timed():
-        fn()
-        cupy.cuda.Device().synchronize()
-
-    benchmark.group = group
-    with fastface.value_checks(False):
-        timed()  # compile the kernels outside the timing
-        benchmark(timed)
-        device_s = device_seconds(fn)
+    device_s = bench_gpu(benchmark, fn, group)
     _record(benchmark, batch, device_us=round(device_s * 1e6, 1), device_images_per_s=round(batch / device_s, 1),
             target_ms=target_ms)
 
