@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import fastface
+from bench._gpu_timing import bench_gpu, device_seconds
 from fastface._backend import gpu_available
 from fastface.nn import Adam, Encoder
 
@@ -79,31 +80,8 @@ def test_cpu_encoder_64x64_batch_8(benchmark, work):
 
 # --- GPU ------------------------------------------------------------------------------------------
 
-def device_seconds(fn, repeats=30):
-    """Seconds per call from CUDA events around `repeats` back-to-back calls."""
-    import cupy
-    fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
-
-
 def _bench_gpu(benchmark, fn, batch, flops, group, **extra):
-    import cupy
-
-    def timed():
-        fn()
-        cupy.cuda.Device().synchronize()
-
-    benchmark.group = group
-    with fastface.value_checks(False):
-        timed()  # compile the kernels and fill the workspace outside the timing
-        benchmark(timed)
-        device_s = device_seconds(fn)
+    device_s = bench_gpu(benchmark, fn, group, repeats=30)  # its untimed first call fills the workspaces
     _record(benchmark, batch, flops, device_s, **extra)
 
 
