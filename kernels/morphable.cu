@@ -27,6 +27,15 @@ __device__ __forceinline__ float scaled_coefficient(const float* __restrict__ co
     return c * std_dev[k];
 }
 
+// acc[c] += a * w[c] for the 4 columns of a thread's tile row (both tiled kernels' inner step).
+__device__ __forceinline__ void fma4(float (&acc)[4], float a, float4 w)
+{
+    acc[0] = fmaf(a, w.x, acc[0]);
+    acc[1] = fmaf(a, w.y, acc[1]);
+    acc[2] = fmaf(a, w.z, acc[2]);
+    acc[3] = fmaf(a, w.w, acc[3]);
+}
+
 // One thread computes an RM x 4 tile of out: batch rows b0 + ty*RM + r, columns col0 + tx*4 + c.
 // A block owns TILE_N columns for every batch row: it loops over batch tiles of TY*RM rows inside,
 // so a block's basis columns (K x TILE_N floats) are re-read from L2 at most, never from DRAM twice.
@@ -70,13 +79,7 @@ __global__ void __launch_bounds__(32 * TY) morphable_fwd(
             for (int kk = 0; kk < TILE_K; ++kk) {
                 const float4 w = *reinterpret_cast<const float4*>(&bs[kk][tx * 4]);
 #pragma unroll
-                for (int r = 0; r < RM; ++r) {
-                    const float a = cs[kk][ty * RM + r];
-                    acc[r][0] = fmaf(a, w.x, acc[r][0]);
-                    acc[r][1] = fmaf(a, w.y, acc[r][1]);
-                    acc[r][2] = fmaf(a, w.z, acc[r][2]);
-                    acc[r][3] = fmaf(a, w.w, acc[r][3]);
-                }
+                for (int r = 0; r < RM; ++r) fma4(acc[r], cs[kk][ty * RM + r], w);
             }
             __syncthreads();
         }
@@ -139,13 +142,7 @@ __global__ void __launch_bounds__(32 * TY) morphable_bwd(
         for (int jj = 0; jj < TILE_J; ++jj) {
             const float4 w = *reinterpret_cast<const float4*>(&bs[jj][tx * 4]);
 #pragma unroll
-            for (int r = 0; r < RM; ++r) {
-                const float g = gs[jj][ty * RM + r];
-                acc[r][0] = fmaf(g, w.x, acc[r][0]);
-                acc[r][1] = fmaf(g, w.y, acc[r][1]);
-                acc[r][2] = fmaf(g, w.z, acc[r][2]);
-                acc[r][3] = fmaf(g, w.w, acc[r][3]);
-            }
+            for (int r = 0; r < RM; ++r) fma4(acc[r], gs[jj][ty * RM + r], w);
         }
         __syncthreads();
     }
