@@ -4,11 +4,20 @@ The public names: the differentiable ops (each `op` with its `op_backward`), the
 the forward render chain, and the switch for the checks that read data. The encoder and its
 optimizer are in `fastface.nn`.
 """
-from fastface._checks import value_checks
-from fastface.model import IBUG68_GROUPS, IBUG68_MIRROR, FaceModel
-from fastface.ops import *  # noqa: F401,F403 - the op pairs, listed in fastface.ops.__all__
-from fastface.ops import __all__ as _ops_all
-from fastface.render import FaceParameters, Rendering, render_faces, uniform_light
+import os
+
+# Numba's OpenMP workers spin-wait after a parallel region by default, and so do OpenBLAS's
+# threads: a chain that alternates BLAS (model evaluation) and parallel Numba kernels then loses
+# milliseconds per hand-over on small machines. Passive waiting measured render_faces at batch 8
+# 59 -> 42-47 ms on 2 cores and left the Numba-only ops unchanged (bench/RESULTS.md). It takes
+# effect only if set before the first parallel call; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fastface._checks import value_checks  # noqa: E402 - after the thread setting above
+from fastface.model import IBUG68_GROUPS, IBUG68_MIRROR, FaceModel  # noqa: E402
+from fastface.ops import *  # noqa: E402,F401,F403 - the op pairs, listed in fastface.ops.__all__
+from fastface.ops import __all__ as _ops_all  # noqa: E402
+from fastface.render import FaceParameters, Rendering, render_faces, uniform_light  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [*_ops_all, "FaceModel", "IBUG68_GROUPS", "IBUG68_MIRROR",
