@@ -1,6 +1,6 @@
 """The forward rendering chain of one face batch: model -> pose -> camera -> shading -> raster.
 
-The pipeline layer of DESIGN.md: it chains the ops and owns nothing numeric of its own.
+The pipeline layer: it chains the ops and owns nothing numeric of its own.
 Works on numpy (CPU) or cupy (GPU) inputs alike; the model must live on the same device
 (`model.to("gpu")`).
 """
@@ -24,7 +24,7 @@ class FaceParameters:
         shape: (B, n_shape) identity coefficients in standard deviations.
         expression: (B, n_expression) expression coefficients in standard deviations.
         albedo: (B, n_albedo) reflectance coefficients in standard deviations.
-        sh: (B, 9, 3) spherical-harmonics illumination (DESIGN.md's layout).
+        sh: (B, 9, 3) spherical-harmonics illumination (docs/conventions.md).
         angles: (B, 3) Euler angles (pitch, yaw, roll) in radians.
         translation: (B, 3) camera-space translation in the model's units (mm); z < 0 is in front.
     """

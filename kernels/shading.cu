@@ -1,4 +1,4 @@
-// Spherical-harmonics vertex shading (DESIGN.md's SH layout), plain (sh_shade_*) and fused with the
+// Spherical-harmonics vertex shading (the SH layout of docs/conventions.md), plain (sh_shade_*) and fused with the
 // vertex normals (shade_vertices_*); the Numba twins are in fastface/ops/shading.py (same names,
 // same argument order, plus B and V here).
 //

@@ -1,11 +1,11 @@
 """Pose and camera: Euler rotations, rigid transforms, perspective projection, pixel projection.
 
-Conventions (DESIGN.md and the lead's brief): camera space is OpenGL's, x right, y up, the camera
+Conventions (docs/conventions.md): camera space is OpenGL's, x right, y up, the camera
 looking down -z, so points in front of it have z < 0. Euler angles (B, 3) are (pitch about x,
 yaw about y, roll about z) in radians with R = Rz(roll) @ Ry(yaw) @ Rx(pitch), i.e. scipy's
 `Rotation.from_euler("xyz", angles)` (extrinsic x, then y, then z). The focal length f is in
 pixels, the principal point at the image centre. Pixel coordinates are (x = column, y = row) with
-pixel (i, j)'s centre at (x = j, y = i), matching DESIGN.md's NDC x = 2 (x_pix + 0.5) / W - 1,
+pixel (i, j)'s centre at (x = j, y = i), matching the NDC convention: x = 2 (x_pix + 0.5) / W - 1,
 y = 1 - 2 (y_pix + 0.5) / H.
 
 The focal length is not differentiated: the backward functions return gradients of the points
@@ -388,7 +388,7 @@ def project_to_pixels(points, focal, resolution):
     """Pixel coordinates (x = column, y = row) of camera-space points; pixel (i, j)'s centre is (j, i).
 
     x_pix = f x / -z + W/2 - 0.5, y_pix = -f y / -z + H/2 - 0.5: the pixel-centre convention of
-    DESIGN.md applied to `perspective_projection`'s NDC.
+    The pixel convention of docs/conventions.md applied to `perspective_projection`'s NDC.
 
     Args:
         points: (B, V, 3) or (V, 3) camera-space points, float32 (float64 also on the CPU), z < 0.

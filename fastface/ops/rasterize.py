@@ -1,6 +1,6 @@
 """Rasterization: which triangle covers each pixel centre, with perspective-correct barycentrics.
 
-Conventions (DESIGN.md): pixel (i, j) has its centre at NDC x = 2(j+0.5)/W - 1, y = 1 - 2(i+0.5)/H;
+Conventions (docs/conventions.md): pixel (i, j) has its centre at NDC x = 2(j+0.5)/W - 1, y = 1 - 2(i+0.5)/H;
 positions are OpenGL clip space (x, y, z, w); counter-clockwise seen from the camera is front-facing;
 `bary[..., 0:2]` are the perspective-correct weights of a triangle's vertices 0 and 1.
 

@@ -1,7 +1,7 @@
 """Bilinear sampling of images at pixel coordinates, forward and backward (for per-vertex
 photometric losses, as in MoFA).
 
-Coordinates are DESIGN.md's pixel coordinates: x = column, y = row, and integer values hit pixel
+Coordinates are pixel coordinates (docs/conventions.md): x = column, y = row, and integer values hit pixel
 centres exactly, so sampling at (x=j, y=i) returns image[i, j]. Between centres the four nearest
 pixels are blended bilinearly.
 

@@ -1,6 +1,6 @@
 """Spherical-harmonics (Lambertian, bands 0-2) vertex shading, forward and backward.
 
-DESIGN.md's irradiance form (Ramamoorthi & Hanrahan 2001, "An efficient representation for
+The irradiance form of docs/conventions.md (Ramamoorthi & Hanrahan 2001, "An efficient representation for
 irradiance environment maps", eq. 7-8):
 
     colour_c = albedo_c * sum_k sh[k, c] * A_l(k) * Y_k(n)
@@ -75,7 +75,7 @@ def _coefficients(sh, factors):
 
 @numba.njit(cache=True, inline="always")
 def _basis(x, y, z):
-    """The bare polynomials P_0..P_8 in DESIGN.md's order (float64: a homogeneous tuple)."""
+    """The bare polynomials P_0..P_8 in the conventions' order (float64: a homogeneous tuple)."""
     fx, fy, fz = np.float64(x), np.float64(y), np.float64(z)
     return (1.0, fy, fz, fx, fx * fy, fy * fz, 3.0 * fz * fz - 1.0, fx * fz, fx * fx - fy * fy)
 
@@ -289,7 +289,7 @@ def _template(name, shared):
 
 
 def sh_shade(normals, albedo, sh):
-    """Per-vertex colours under spherical-harmonics lighting (DESIGN.md's SH layout).
+    """Per-vertex colours under spherical-harmonics lighting (the SH layout of docs/conventions.md).
 
     Args:
         normals: (B, V, 3) or (V, 3) float32 (float64 also on the CPU) unit normals in camera

@@ -15,7 +15,7 @@ F32 = dict(atol=TOLERANCES["float32_reference_atol"])
 
 
 def reference_shade(normals, albedo, sh):
-    """DESIGN.md's formula written out term by term in float64, one vertex at a time."""
+    """The conventions' SH formula written out term by term in float64, one vertex at a time."""
     normals, albedo, sh = (np.asarray(a, dtype=np.float64) for a in (normals, albedo, sh))
     pi = math.pi
     c0, c1 = 1 / (2 * math.sqrt(pi)), math.sqrt(3) / (2 * math.sqrt(pi))
@@ -63,7 +63,7 @@ def test_uniform_light_gives_the_albedo(rng):
     sh = np.zeros((2, 9, 3))
     sh[:, 0, :] = 1.0 / (math.pi * 0.28209479177387814)
     np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, **F64)
-    sh[:, 0, :] = 1.0 / (math.pi * 0.282095)  # DESIGN.md's rounded constant: equal to 1e-6
+    sh[:, 0, :] = 1.0 / (math.pi * 0.282095)  # the conventions' rounded constant: equal to 1e-6
     np.testing.assert_allclose(sh_shade(normals, albedo, sh), albedo, **F32)
 
 
