@@ -29,6 +29,8 @@ import os
 
 import numpy as np
 
+from fastface._files import atomic_write
+
 __all__ = ["load_model", "save_model", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "fastface-face-model"
@@ -247,13 +249,15 @@ def _read_deep3d(cls, m, path, landmarks):
 # ----------------------------------------------------------------------------------------------
 
 def save_model(model, path):
-    """Writes every array of `model` to an HDF5 file at `path` (see the module docstring)."""
+    """Writes every array of `model` to an HDF5 file at `path` (see the module docstring).
+
+    Atomic (fastface._files.atomic_write): a save that fails leaves an earlier file at `path` as it was."""
     import h5py  # noqa: PLC0415
 
     from fastface.model.face_model import _host  # noqa: PLC0415
 
     path = os.fspath(path)
-    with h5py.File(path, "w") as f:
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["version"] = FORMAT_VERSION
         f.attrs["name"] = model.name

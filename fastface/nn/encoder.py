@@ -61,6 +61,7 @@ import numpy as np
 
 from fastface._backend import array_module, cupy_or_none, is_cupy_array
 from fastface._checks import check_array, check_finite, value_checks
+from fastface._files import atomic_write
 from fastface.nn._gemm import gemm
 from fastface.nn.conv import (
     _conv_implicit, _im2col, _im2col_backward, conv_output_size, implicit_gemm_supported,
@@ -527,10 +528,12 @@ class Encoder:
 
     # -- save and load -----------------------------------------------------------------------
     def save(self, path):
-        """Writes the weights and the architecture's settings to an HDF5 file."""
+        """Writes the weights and the architecture's settings to an HDF5 file.
+
+        Atomic (fastface._files.atomic_write): a save that fails leaves an earlier file at `path` as it was."""
         import h5py  # noqa: PLC0415 - only needed here
 
-        with h5py.File(path, "w") as f:
+        with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["kind"] = _FILE_KIND
             f.attrs["format_version"] = _FILE_VERSION
             g = f.create_group("settings")

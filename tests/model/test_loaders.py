@@ -158,6 +158,44 @@ def test_save_then_load_gives_back_every_array(tmp_path):
         assert f.attrs["format"] == "fastface-face-model" and f.attrs["version"] == 1
 
 
+def test_failed_save_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, source, monkeypatch):
+    path = tmp_path / "face.h5"
+    source.save(path)
+    before = path.read_bytes()
+    real = h5py.Group.create_dataset
+    calls = []
+
+    def create_dataset(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise OSError("simulated: no space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    with pytest.raises(OSError, match="simulated"):
+        source.truncated(n_shape=2).save(path)
+    assert len(calls) == 3  # the failure came in the middle of the write
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.h5"]
+    assert np.array_equal(FaceModel.load(path).shape_basis, source.shape_basis)
+
+
+def test_save_replaces_an_earlier_file(tmp_path, source):
+    path = tmp_path / "face.h5"
+    source.save(path)
+    source.truncated(n_shape=2).save(path)
+    assert FaceModel.load(path).n_shape == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.h5"]
+
+
+def test_save_into_a_missing_directory_raises_naming_the_path(tmp_path, source):
+    path = tmp_path / "models" / "face.h5"
+    with pytest.raises(FileNotFoundError, match="face.h5.*does not exist"):
+        source.save(path)
+    assert not (tmp_path / "models").exists()
+
+
 def test_save_load_without_optional_arrays(tmp_path, source):
     bare = FaceModel(mean_shape=source.mean_shape, triangles=source.triangles, shape_basis=source.shape_basis,
                      shape_std=source.shape_std)

@@ -168,6 +168,54 @@ def test_save_load_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(other.flat_params, enc.flat_params)
 
 
+def _fail_on_second_dataset(monkeypatch):
+    """Makes h5py raise in the middle of a save: after one dataset has been written."""
+    import h5py
+
+    real = h5py.Group.create_dataset
+    calls = []
+
+    def create_dataset(self, *args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("name"))
+        if len(calls) == 2:
+            raise OSError("simulated: no space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    return calls
+
+
+def test_failed_save_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "enc.h5"
+    first = Encoder(5, **SMALL, seed=1)
+    first.save(path)
+    before = path.read_bytes()
+    calls = _fail_on_second_dataset(monkeypatch)
+    with pytest.raises(OSError, match="simulated"):
+        Encoder(5, **SMALL, seed=2).save(path)
+    assert len(calls) == 2  # the failure came in the middle of the write
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.h5"]
+    np.testing.assert_array_equal(Encoder.load(path, n_outputs=5).flat_params, first.flat_params)
+
+
+def test_save_replaces_an_earlier_file(tmp_path):
+    path = tmp_path / "enc.h5"
+    Encoder(5, **SMALL, seed=1).save(path)
+    second = Encoder(5, **SMALL, seed=2)
+    second.save(path)
+    np.testing.assert_array_equal(Encoder.load(path, n_outputs=5).flat_params, second.flat_params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.h5"]
+
+
+def test_save_into_a_missing_directory_raises_naming_the_path(tmp_path):
+    path = tmp_path / "runs" / "enc.h5"
+    with pytest.raises(FileNotFoundError, match="enc.h5.*does not exist"):
+        Encoder(5, **SMALL).save(path)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_load_names_the_setting_that_differs(tmp_path):
     path = tmp_path / "enc.h5"
     Encoder(5, **SMALL).save(path)
