@@ -24,6 +24,14 @@ def _directional_sh(direction, intensity, ambient, tint):
     return sh
 
 
+def _write_png(cv2, path, bgr):
+    """Writes an image atomically (a failed write leaves an earlier file as it was); raises if cv2 cannot."""
+    from fastface._files import atomic_write
+    with atomic_write(path) as tmp:
+        if not cv2.imwrite(tmp, bgr):
+            raise OSError(f"OpenCV could not write the image {path}")
+
+
 def _demo_parameters(model, n_faces, seed):
     """Varied identity, expression, pose and lighting, drawn from a seeded generator."""
     from fastface.render import FaceParameters
@@ -73,14 +81,14 @@ def demo(out_dir, n_faces=6, size=512, level="default", seed=0, supersample=2):
         rgb = cv2.resize(np.clip(images[b], 0, 1), (size, size), interpolation=cv2.INTER_AREA)
         bgr = (rgb[..., ::-1] * 255 + 0.5).astype(np.uint8)
         path = out_dir / f"face_{b}.png"
-        cv2.imwrite(str(path), bgr)
+        _write_png(cv2, path, bgr)
         paths.append(path)
         tiles.append(bgr)
     columns = min(n_faces, 3)
     rows = [np.concatenate(tiles[r:r + columns] + [np.zeros_like(tiles[0])] * (columns - len(tiles[r:r + columns])), axis=1)
             for r in range(0, n_faces, columns)]
     gallery = out_dir / "gallery.png"
-    cv2.imwrite(str(gallery), np.concatenate(rows, axis=0))
+    _write_png(cv2, gallery, np.concatenate(rows, axis=0))
     elapsed = time.perf_counter() - start
     return paths + [gallery], elapsed
 
