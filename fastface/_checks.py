@@ -105,7 +105,7 @@ def check_resolution(name, resolution, max_size=16384):
     try:
         h, w = resolution
         h_int, w_int = int(h), int(w)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
         raise TypeError(f"{name} must be a pair (H, W) of positive integers; got {resolution!r}") from None
     if h_int != h or w_int != w or not (0 < h_int <= max_size and 0 < w_int <= max_size):
         raise ValueError(f"{name} must be a pair (H, W) of integers in [1, {max_size}]; got {resolution!r}")

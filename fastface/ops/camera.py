@@ -260,7 +260,7 @@ def rigid_transform_backward(points, rotation, translation, grad_out):
         block and added with one atomicAdd per block and entry: their last bits depend on the
         order the blocks finish in.
     """
-    xp, p3, r, t, g = _prepare_rigid(points, rotation, translation, grad_out)
+    xp, p3, r, t, g = _prepare_rigid(points, rotation, translation, grad_out, backward=True)
     B, V = r.shape[0], p3.shape[1]
     shared = p3.shape[0] != B
     if xp is np:
@@ -276,7 +276,7 @@ def rigid_transform_backward(points, rotation, translation, grad_out):
     return (grad_points[0] if points.ndim == 2 else grad_points), grad_rotation, grad_translation
 
 
-def _prepare_rigid(points, rotation, translation, grad_out=None):
+def _prepare_rigid(points, rotation, translation, grad_out=None, backward=False):
     xp = array_module(("points", points), ("rotation", rotation), ("translation", translation),
                       ("grad_out", grad_out))
     points_batched = _check_float(xp, "points", points, ("B", "V", 3), ("V", 3)) == 0
@@ -285,19 +285,33 @@ def _prepare_rigid(points, rotation, translation, grad_out=None):
     check_array("translation", translation, dtype, ("B", 3))
     check_same_batch(("rotation", "translation") + (("points",) if points_batched else ()),
                      (rotation, translation) + ((points,) if points_batched else ()))
-    if grad_out is not None:
+    if backward:  # a None grad_out fails here with a TypeError naming it
         check_array("grad_out", grad_out, dtype, (rotation.shape[0], points.shape[-2], 3))
         check_finite("grad_out", grad_out)
     for name, a in (("points", points), ("rotation", rotation), ("translation", translation)):
         check_finite(name, a)
     c = xp.ascontiguousarray
     p3 = c(points if points_batched else points[None])
-    return xp, p3, c(rotation), c(translation), (None if grad_out is None else c(grad_out))
+    return xp, p3, c(rotation), c(translation), (c(grad_out) if backward else None)
+
+
+def _check_near_far(near, far):
+    """near and far as floats with 0 < near < far < inf."""
+    try:
+        near_f, far_f = float(near), float(far)
+    except (TypeError, ValueError):
+        raise TypeError(f"near and far must be numbers; got near={near!r}, far={far!r}") from None
+    if not (0 < near_f < far_f < np.inf):
+        raise ValueError(f"near and far must satisfy 0 < near < far < inf; got near={near_f}, far={far_f}")
+    return near_f, far_f
 
 
 def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, near=None, far=None):
     """Checks the inputs of the projections; returns (xp, batched, points (B,V,3), focal (B,), H, W, grad)."""
     focal_is_array = not isinstance(focal, (int, float, np.generic))
+    if focal_is_array and not (hasattr(focal, "dtype") and hasattr(focal, "shape")):
+        raise TypeError(f"focal must be a positive number of pixels or a (B,) array of them; got "
+                        f"{type(focal).__name__}")
     xp = array_module(("points", points), ("focal", focal if focal_is_array else None), ("grad_out", grad_out))
     batched = _check_float(xp, "points", points, ("B", "V", 3), ("V", 3)) == 0
     dtype = points.dtype
@@ -313,15 +327,13 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
         f = xp.ascontiguousarray(focal)
     else:
         f_value = float(focal)
-        if not (np.isfinite(f_value) and f_value > 0):
-            raise ValueError(f"focal must be a positive finite number of pixels; got {focal!r}")
+        # The bound keeps the value finite once cast to the working dtype (1e300 is inf in float32).
+        if not (0 < f_value <= np.finfo(dtype).max):
+            raise ValueError(f"focal must be a positive finite number of pixels (as {np.dtype(dtype)}); "
+                             f"got {focal!r}")
         f = xp.full((B,), f_value, dtype=dtype)
-    if near is not None:
-        near, far = float(near), float(far)
-        if not (0 < near < far < np.inf):
-            raise ValueError(f"near and far must satisfy 0 < near < far < inf; got near={near}, far={far}")
     g = None
-    if grad_out is not None:
+    if grad_width is not None:  # a backward: a None grad_out fails here with a TypeError naming it
         check_array("grad_out", grad_out, dtype, tuple(points.shape[:-1]) + (grad_width,))
         check_finite("grad_out", grad_out)
         g = xp.ascontiguousarray(grad_out if batched else grad_out[None])
@@ -349,6 +361,7 @@ def perspective_projection(points, focal, resolution, near=10.0, far=10000.0):
     Returns:
         (B, V, 4) (or (V, 4)) clip-space positions.
     """
+    near, far = _check_near_far(near, far)
     xp, batched, p3, f, height, width, _, near, far = _prepare_camera(points, focal, resolution, near=near, far=far)
     B, V = p3.shape[0], p3.shape[1]
     out = xp.empty((B, V, 4), dtype=p3.dtype)
@@ -371,6 +384,7 @@ def perspective_projection_backward(points, focal, resolution, grad_out, near=10
     Returns:
         grad_points shaped like points.
     """
+    near, far = _check_near_far(near, far)
     xp, batched, p3, f, height, width, g, near, far = _prepare_camera(
         points, focal, resolution, grad_out, 4, near=near, far=far)
     B, V = p3.shape[0], p3.shape[1]

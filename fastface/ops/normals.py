@@ -72,9 +72,11 @@ def vertex_adjacency(tri, n_vertices):
     """
     xp = array_module(("tri", tri))
     check_array("tri", tri, np.int32, ("T", 3))
+    if isinstance(n_vertices, bool) or not isinstance(n_vertices, (int, np.integer)):
+        raise TypeError(f"n_vertices must be an integer; got {n_vertices!r}")
     n_vertices = int(n_vertices)
-    if n_vertices <= 0:
-        raise ValueError(f"n_vertices must be a positive integer; got {n_vertices}")
+    if not 0 < n_vertices < 2**31 - 1:  # the offsets are int32
+        raise ValueError(f"n_vertices must be an integer in [1, {2**31 - 2}]; got {n_vertices}")
     check_indices("tri", tri, n_vertices)
     valid = ((tri >= 0) & (tri < n_vertices)).all(axis=1)
     # Every (triangle, corner) entry is keyed by its vertex; entries of invalid triangles get the
@@ -203,13 +205,14 @@ def _launch(name, B, V, args):
     _function("vertex_normals_" + name, cupy.cuda.Device().id)(*grid_1d(B * V), args + (np.int32(B), np.int32(V)))
 
 
-def _prepare(vertices, tri, adjacency, grad_out=None):
+def _prepare(vertices, tri, adjacency, grad_out=None, backward=False):
     """Checks the inputs; returns (xp, batched vertices (B,V,3), adjacency, batched grad_out)."""
     if adjacency is not None and not isinstance(adjacency, VertexAdjacency):
         raise TypeError(f"adjacency must be a VertexAdjacency from vertex_adjacency(); got "
                         f"{type(adjacency).__name__}")
     xp = array_module(("vertices", vertices), ("tri", tri), ("grad_out", grad_out),
-                      ("adjacency", None if adjacency is None else adjacency.offsets))
+                      ("adjacency.offsets", None if adjacency is None else adjacency.offsets),
+                      ("adjacency.corners", None if adjacency is None else adjacency.corners))
     dtypes = (np.float32, np.float64) if xp is np else (np.float32,)
     try:
         batched = check_array("vertices", vertices, dtypes, ("B", "V", 3), ("V", 3)) == 0
@@ -217,7 +220,7 @@ def _prepare(vertices, tri, adjacency, grad_out=None):
         raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
     check_array("tri", tri, np.int32, ("T", 3))
     n_vertices = vertices.shape[-2]
-    if grad_out is not None:
+    if backward:  # a None grad_out fails here with a TypeError naming it
         check_array("grad_out", grad_out, vertices.dtype, tuple(vertices.shape))
         check_finite("grad_out", grad_out)
     check_finite("vertices", vertices)
@@ -227,8 +230,13 @@ def _prepare(vertices, tri, adjacency, grad_out=None):
         raise ValueError(f"adjacency was built for {adjacency.n_vertices} vertices and "
                          f"{adjacency.n_triangles} triangles; vertices has {n_vertices} and tri "
                          f"{tri.shape[0]}")
+    else:
+        # The kernels index corners through offsets without bounds checks: a hand-made adjacency
+        # must at least have the arrays' shapes that vertex_adjacency gives (metadata only).
+        check_array("adjacency.offsets", adjacency.offsets, np.int32, (n_vertices + 1,))
+        check_array("adjacency.corners", adjacency.corners, np.int32, (3 * tri.shape[0], 2))
     v3 = xp.ascontiguousarray(vertices if batched else vertices[None])
-    g3 = None if grad_out is None else xp.ascontiguousarray(grad_out if batched else grad_out[None])
+    g3 = xp.ascontiguousarray(grad_out if batched else grad_out[None]) if backward else None
     return xp, batched, v3, adjacency, g3
 
 
@@ -265,7 +273,7 @@ def vertex_normals_backward(vertices, tri, grad_out, adjacency=None):
     Returns:
         grad_vertices, shaped and typed like `vertices`.
     """
-    xp, batched, v3, adjacency, g3 = _prepare(vertices, tri, adjacency, grad_out)
+    xp, batched, v3, adjacency, g3 = _prepare(vertices, tri, adjacency, grad_out, backward=True)
     grad_sum = xp.empty_like(v3)  # scratch: the gradient of the summed (un-normalised) normals
     grad_vertices = xp.empty_like(v3)
     if xp is np:

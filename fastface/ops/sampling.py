@@ -103,7 +103,7 @@ def _module():
     return cuda_module("sampling.cu")
 
 
-def _prepare(image, points, grad_out=None):
+def _prepare(image, points, grad_out=None, backward=False):
     xp = array_module(("image", image), ("points", points), ("grad_out", grad_out))
     dtypes = (np.float32, np.float64) if xp is np else (np.float32,)
     try:
@@ -118,7 +118,7 @@ def _prepare(image, points, grad_out=None):
     check_finite("points", points)
     c = xp.ascontiguousarray
     g = None
-    if grad_out is not None:
+    if backward:  # a None grad_out fails here with a TypeError naming it
         check_array("grad_out", grad_out, image.dtype, tuple(points.shape[:-1]) + (image.shape[-1],))
         check_finite("grad_out", grad_out)
         g = c(grad_out if batched else grad_out[None])
@@ -160,7 +160,7 @@ def sample_image_backward(image, points, grad_out):
         where the point lies outside [0, W-1] (or [0, H-1]), and one-sided from the right at exact
         integer coordinates.
     """
-    xp, batched, im, pts, g = _prepare(image, points, grad_out)
+    xp, batched, im, pts, g = _prepare(image, points, grad_out, backward=True)
     B, H, W, C = im.shape
     N = pts.shape[1]
     grad_points = xp.empty_like(pts)

@@ -245,7 +245,7 @@ def _check_lighting(xp, batched, dtype, B, V, albedo, sh):
     return c(albedo if albedo.ndim == 3 else albedo[None]), c(sh if batched else sh[None])
 
 
-def _prepare(normals, albedo, sh, grad_out=None):
+def _prepare(normals, albedo, sh, grad_out=None, backward=False):
     """Checks the inputs; returns (xp, batched, normals (B,V,3), albedo (B|1,V,3), sh (B,9,3), grad_out)."""
     xp = array_module(("normals", normals), ("albedo", albedo), ("sh", sh), ("grad_out", grad_out))
     dtypes = (np.float32, np.float64) if xp is np else (np.float32,)
@@ -258,13 +258,13 @@ def _prepare(normals, albedo, sh, grad_out=None):
     if batched and hasattr(albedo, "shape") and len(albedo.shape) == 3:
         check_same_batch(("normals", "albedo"), (normals, albedo))
     a3, s3 = _check_lighting(xp, batched, normals.dtype, normals.shape[0], normals.shape[-2], albedo, sh)
-    if grad_out is not None:
+    if backward:  # a None grad_out fails here with a TypeError naming it
         check_array("grad_out", grad_out, normals.dtype, tuple(normals.shape))
         check_finite("grad_out", grad_out)
     check_finite("normals", normals)
     c = xp.ascontiguousarray
     n3 = c(normals if batched else normals[None])
-    g3 = None if grad_out is None else c(grad_out if batched else grad_out[None])
+    g3 = c(grad_out if batched else grad_out[None]) if backward else None
     return xp, batched, n3, a3, s3, g3
 
 
@@ -324,7 +324,7 @@ def sh_shade_backward(normals, albedo, sh, grad_out):
         atomicAdd per block and coefficient, and a shared albedo's gradient with one atomicAdd
         per batch element: their last bits depend on the order the blocks finish in.
     """
-    xp, batched, n3, a3, s3, g3 = _prepare(normals, albedo, sh, grad_out)
+    xp, batched, n3, a3, s3, g3 = _prepare(normals, albedo, sh, grad_out, backward=True)
     B, V = n3.shape[0], n3.shape[1]
     grad_normals = xp.empty_like(n3)
     grad_albedo, grad_sh, shared = _backward_outputs(xp, a3, s3, B)
@@ -339,8 +339,8 @@ def sh_shade_backward(normals, albedo, sh, grad_out):
     return grad_normals, (grad_albedo[0] if albedo.ndim == 2 else grad_albedo), grad_sh
 
 
-def _prepare_fused(vertices, tri, albedo, sh, adjacency, grad_out=None):
-    xp, batched, v3, adjacency, g3 = _normals._prepare(vertices, tri, adjacency, grad_out)
+def _prepare_fused(vertices, tri, albedo, sh, adjacency, grad_out=None, backward=False):
+    xp, batched, v3, adjacency, g3 = _normals._prepare(vertices, tri, adjacency, grad_out, backward)
     array_module(("vertices", vertices), ("albedo", albedo), ("sh", sh))
     if batched and hasattr(sh, "shape") and len(sh.shape) == 3:
         check_same_batch(("vertices", "sh"), (vertices, sh))
@@ -382,7 +382,8 @@ def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None)
         (grad_vertices, grad_albedo, grad_sh), as `vertex_normals_backward` and
         `sh_shade_backward` chained would give them.
     """
-    xp, batched, v3, adjacency, a3, s3, g3 = _prepare_fused(vertices, tri, albedo, sh, adjacency, grad_out)
+    xp, batched, v3, adjacency, a3, s3, g3 = _prepare_fused(vertices, tri, albedo, sh, adjacency, grad_out,
+                                                            backward=True)
     B, V = v3.shape[0], v3.shape[1]
     grad_sum = xp.empty_like(v3)  # scratch: the gradient of the summed (un-normalised) normals
     grad_vertices = xp.empty_like(v3)

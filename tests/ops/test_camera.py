@@ -237,3 +237,41 @@ def test_gpu_euler_rotation_matches_cpu(rng, tol, cupy):
 def test_bad_input_raises_naming_the_argument(rng, call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(camera_points(rng), *pose(rng))
+
+
+# --- bad input found by the boundary audit ------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda p, r, t: rigid_transform_backward(p, r, t, None),
+    lambda p, r, t: perspective_projection_backward(p, 500.0, RES, None),
+    lambda p, r, t: project_to_pixels_backward(p, 500.0, RES, None),
+])
+def test_camera_backward_rejects_missing_grad_out(rng, call):
+    rotation, translation = pose(rng)
+    with pytest.raises(TypeError, match="grad_out must be a numpy or cupy array"):
+        call(camera_points(rng), rotation, translation)
+
+
+@pytest.mark.parametrize("near, far", [(None, 100.0), (1.0, None), ("a", 100.0)])
+def test_perspective_projection_rejects_non_numeric_near_far(rng, near, far):
+    with pytest.raises(TypeError, match="near and far must be numbers"):
+        perspective_projection(camera_points(rng), 500.0, RES, near=near, far=far)
+    with pytest.raises(TypeError, match="near and far must be numbers"):
+        perspective_projection_backward(camera_points(rng), 500.0, RES, np.zeros((2, 11, 4)), near=near, far=far)
+
+
+def test_projection_rejects_focal_that_overflows_the_dtype(rng):
+    # 1e300 is finite as a Python float but inf in float32: it must not become inf in the output.
+    with pytest.raises(ValueError, match="focal must be a positive finite number"):
+        project_to_pixels(camera_points(rng, dtype=np.float32), 1e300, RES)
+
+
+@pytest.mark.parametrize("focal", [None, "500", [500.0, 500.0]])
+def test_projection_rejects_focal_that_is_no_number_or_array(rng, focal):
+    with pytest.raises(TypeError, match="focal must be a positive number of pixels or a \\(B,\\) array"):
+        perspective_projection(camera_points(rng), focal, RES)
+
+
+def test_projection_rejects_infinite_resolution(rng):
+    with pytest.raises(TypeError, match="resolution must be a pair"):
+        project_to_pixels(camera_points(rng), 500.0, (float("inf"), 64))

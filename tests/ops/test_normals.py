@@ -223,3 +223,33 @@ def test_bad_grad_out_and_adjacency_raise(rng):
         vertex_normals(vertices, tri, vertex_adjacency(tri, 20))
     with pytest.raises(TypeError, match="adjacency"):
         vertex_normals(vertices, tri, adjacency=tri)
+
+
+# --- bad input found by the boundary audit ------------------------------------------------------
+
+def test_vertex_normals_backward_rejects_missing_grad_out(rng):
+    vertices, tri = random_mesh(rng)
+    with pytest.raises(TypeError, match="grad_out must be a numpy or cupy array"):
+        vertex_normals_backward(vertices, tri, None)
+
+
+@pytest.mark.parametrize("n_vertices, exc", [
+    (None, TypeError), ("14", TypeError), (13.5, TypeError), (True, TypeError), (2**40, ValueError), (0, ValueError),
+])
+def test_vertex_adjacency_rejects_bad_n_vertices(rng, n_vertices, exc):
+    _, tri = random_mesh(rng)
+    with pytest.raises(exc, match="n_vertices must be"):
+        vertex_adjacency(tri, n_vertices)
+
+
+def test_vertex_normals_rejects_malformed_adjacency(rng):
+    # A hand-made VertexAdjacency whose arrays are too short would be read out of bounds.
+    vertices, tri = random_mesh(rng)
+    good = vertex_adjacency(tri, 14)
+    short = fastface.VertexAdjacency(offsets=good.offsets, corners=good.corners[:2], n_vertices=14, n_triangles=20)
+    with pytest.raises(ValueError, match="adjacency.corners must have shape"):
+        vertex_normals(vertices, tri, short)
+    wide = fastface.VertexAdjacency(offsets=good.offsets.astype(np.int64), corners=good.corners, n_vertices=14,
+                                    n_triangles=20)
+    with pytest.raises(TypeError, match="adjacency.offsets must be int32"):
+        vertex_normals_backward(vertices, tri, vertices, wide)

@@ -155,3 +155,10 @@ def test_bad_grad_out_and_resolution_raise(rng):
         sample_image_backward(image, points, np.zeros((2, 25, 4)))
     with pytest.raises(ValueError, match="resolution"):
         sample_image_mask(points, (0, 3))
+
+
+# --- bad input found by the boundary audit ------------------------------------------------------
+
+def test_sample_image_backward_rejects_missing_grad_out(rng):
+    with pytest.raises(TypeError, match="grad_out must be a numpy or cupy array"):
+        sample_image_backward(*make_inputs(rng), None)

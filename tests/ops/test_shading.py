@@ -278,3 +278,16 @@ def test_bad_grad_out_raises(rng):
     normals, albedo, sh = make_inputs(rng)
     with pytest.raises(ValueError, match="grad_out"):
         sh_shade_backward(normals, albedo, sh, np.zeros((2, 17, 4)))
+
+
+# --- bad input found by the boundary audit ------------------------------------------------------
+
+def test_sh_shade_backward_rejects_missing_grad_out(rng):
+    with pytest.raises(TypeError, match="grad_out must be a numpy or cupy array"):
+        sh_shade_backward(*make_inputs(rng), None)
+
+
+def test_shade_vertices_backward_rejects_missing_grad_out(rng):
+    vertices, tri, albedo, sh = make_mesh_inputs(rng)
+    with pytest.raises(TypeError, match="grad_out must be a numpy or cupy array"):
+        shade_vertices_backward(vertices, tri, albedo, sh, None)
