@@ -65,6 +65,12 @@ def _adjacency(model):
 def uniform_light(batch, xp=None, dtype="float32"):
     """(B, 9, 3) SH coefficients under which a surface's colour equals its albedo."""
     import numpy as np
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)):
+        raise TypeError(f"batch must be a positive integer; got {batch!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be a positive integer; got {batch!r}")
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64; got {np.dtype(dtype)}")
     xp = xp or np
     sh = xp.zeros((batch, 9, 3), dtype=dtype)
     sh[:, 0, :] = 1.0 / (np.pi * 0.28209479177387814)

@@ -1,5 +1,6 @@
 """render_faces chains the ops exactly as written by hand, on the CPU and on the GPU."""
 import numpy as np
+import pytest
 
 import fastface
 from fastface import FaceModel, FaceParameters, render_faces, uniform_light
@@ -54,3 +55,15 @@ def test_gpu_render_faces_matches_cpu(rng, cupy, tol):
     same = cupy.asnumpy(gpu.raster.tri_id) == cpu.raster.tri_id
     np.testing.assert_allclose(cupy.asnumpy(gpu.image)[same], cpu.image[same],
                                rtol=tol["pipeline_gpu_cpu_rtol"], atol=tol["pipeline_gpu_cpu_atol"])
+
+
+@pytest.mark.parametrize("batch, exc", [(0, ValueError), (-1, ValueError), (2.5, TypeError), (None, TypeError)])
+def test_uniform_light_rejects_bad_batch(batch, exc):
+    with pytest.raises(exc, match="batch must be a positive integer"):
+        fastface.uniform_light(batch)
+
+
+def test_uniform_light_rejects_integer_dtype():
+    # An integer dtype would truncate the coefficient 1 / (pi Y00) = 3.54 to 3 without a word.
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        fastface.uniform_light(2, dtype="int32")

@@ -89,10 +89,16 @@ class Adam:
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_norm=None):
-        beta1, beta2 = (float(b) for b in betas)
-        for name, value, ok in (("lr", lr, lr > 0), ("betas", betas, 0 <= beta1 < 1 and 0 <= beta2 < 1),
-                                ("eps", eps, eps > 0), ("weight_decay", weight_decay, weight_decay >= 0),
-                                ("clip_norm", clip_norm, clip_norm is None or clip_norm > 0)):
+        try:
+            beta1, beta2 = (float(b) for b in betas)
+        except (TypeError, ValueError):
+            raise TypeError(f"betas must be a pair of numbers; got {betas!r}") from None
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("clip_norm", clip_norm)):
+            if not (isinstance(value, (int, float, np.integer, np.floating)) or (name == "clip_norm" and value is None)):
+                raise TypeError(f"{name} must be a number; got {value!r}")
+        for name, value, ok in (("lr", lr, 0 < lr < np.inf), ("betas", betas, 0 <= beta1 < 1 and 0 <= beta2 < 1),
+                                ("eps", eps, 0 < eps < np.inf), ("weight_decay", weight_decay, 0 <= weight_decay < np.inf),
+                                ("clip_norm", clip_norm, clip_norm is None or 0 < clip_norm < np.inf)):
             if not ok:
                 raise ValueError(f"{name} is out of range; got {value!r}")
         self._model = None
@@ -108,10 +114,14 @@ class Adam:
                             f"non-empty dict of arrays; got {type(params).__name__}")
         xp = array_module(*[(f"params[{i}]", g) for i, g in enumerate(groups)])
         for i, g in enumerate(groups):
+            if not (hasattr(g, "dtype") and hasattr(g, "flags")):
+                raise TypeError(f"parameter {i} must be a numpy or cupy array; got {type(g).__name__}")
             if g.dtype not in (np.float32, np.float64) or (xp is not np and g.dtype != np.float32):
                 raise TypeError(f"parameter {i} must be float32 (or float64 on the CPU); got {g.dtype}")
             if not g.flags.c_contiguous:
                 raise ValueError(f"parameter {i} must be C-contiguous (it is updated in place)")
+            if not g.flags.writeable:
+                raise ValueError(f"parameter {i} must be writeable (it is updated in place)")
         self._xp = xp
         self._params = groups
         self.m = [xp.zeros_like(g) for g in groups]
@@ -135,8 +145,10 @@ class Adam:
     @lr.setter
     def lr(self, value):
         """Takes effect at the next step, also inside a captured CUDA graph (it is read on the device)."""
-        if not value > 0:
-            raise ValueError(f"lr must be positive; got {value!r}")
+        if not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"lr must be a number; got {value!r}")
+        if not 0 < value < np.inf:
+            raise ValueError(f"lr must be positive and finite; got {value!r}")
         self._hyper[0] = value
         self._hyper_dev[...] = self._xp.asarray(self._hyper)
 
@@ -168,6 +180,9 @@ class Adam:
             pairs = []
             for name, p in zip(self._names, self._params):
                 g = grads[name]
+                if not (hasattr(g, "dtype") and hasattr(g, "shape")):
+                    raise TypeError(f"grads[{name!r}] must be a {p.dtype} array of shape {tuple(p.shape)}; "
+                                    f"got {type(g).__name__}")
                 array_module(("params", p), (f"grads[{name!r}]", g))
                 if tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
                     raise ValueError(f"grads[{name!r}] must be {p.dtype} {tuple(p.shape)}; got "

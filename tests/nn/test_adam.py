@@ -122,3 +122,31 @@ def test_gpu_adam_on_a_dict_matches_reference(cupy, rng):
     ref = adam_reference(start, steps, 0.01, (0.9, 0.999), 1e-8, 0.0, 0.5)
     for k in params:
         np.testing.assert_allclose(gpu_params[k].get(), ref[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    (dict(lr=None), TypeError, "lr must be a number"),
+    (dict(lr=float("inf")), ValueError, "lr is out of range"),
+    (dict(eps="1e-8"), TypeError, "eps must be a number"),
+    (dict(betas=(0.9,)), TypeError, "betas must be a pair"),
+    (dict(betas=None), TypeError, "betas must be a pair"),
+])
+def test_adam_rejects_non_numeric_or_infinite_hyperparameters(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        Adam({"a": np.zeros(3)}, **kwargs)
+
+
+def test_adam_rejects_parameters_and_grads_that_are_no_writeable_arrays():
+    with pytest.raises(TypeError, match="parameter 0 must be a numpy or cupy array"):
+        Adam({"a": [0.0, 1.0]})
+    frozen = np.zeros(3)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="parameter 0 must be writeable"):
+        Adam({"a": frozen})
+    opt = Adam({"a": np.zeros(3)})
+    for bad in (None, [0.0, 0.0, 0.0]):
+        with pytest.raises(TypeError, match="grads\\['a'\\] must be a float64 array"):
+            opt.step({"a": bad})
+    for bad in (None, "0.1", float("nan"), float("inf")):
+        with pytest.raises((TypeError, ValueError), match="lr must be"):
+            opt.lr = bad
