@@ -65,6 +65,8 @@ def load_model(cls, path, landmarks=None):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no face model file at {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory; FaceModel.load takes a model file ({_SUPPORTED})")
     kind, head = _file_kind(path)
     if kind == "hdf5":
         return _load_hdf5(cls, path, landmarks)

@@ -590,6 +590,8 @@ def rasterize_interpolate(pos, tri, resolution, attr, cull_backfaces=False):
 
 
 def _rasterize(pos, tri, resolution, cull_backfaces, attr):
+    if not isinstance(cull_backfaces, (bool, np.bool_)):
+        raise TypeError(f"cull_backfaces must be True or False; got {cull_backfaces!r}")
     xp = array_module(("pos", pos), ("tri", tri), ("attr", attr))
     H, W = _checks.check_resolution("resolution", resolution)
     batched = _check_pos_tri(pos, tri, xp)

@@ -265,3 +265,8 @@ def test_bad_sizes_in_a_file_raise_naming_the_array(tmp_path, source):
     scipy.io.savemat(path, arrays)
     with pytest.raises(ValueError, match="shapePC must have shape"):
         FaceModel.load(path)
+
+
+def test_load_rejects_a_directory_naming_it(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        FaceModel.load(tmp_path)

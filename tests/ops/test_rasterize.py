@@ -678,3 +678,10 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
         for got, ref in ((gp, rasterize_backward(pos, tri, raster, grad_bary)), (gpf, ref_gp), (ga[..., :C], ref_ga),
                          (gaf[..., :C], ref_gaf)):
             _assert_scatter_close(got, ref, tol)
+
+
+def test_rasterize_rejects_a_cull_flag_that_is_not_a_bool():
+    pos = np.array([[-0.5, -0.5, 0, 1], [0.5, -0.5, 0, 1], [0, 0.5, 0, 1]], np.float32)
+    tri = np.array([[0, 1, 2]], np.int32)
+    with pytest.raises(TypeError, match="cull_backfaces"):
+        rasterize(pos, tri, (8, 8), cull_backfaces="no")
