@@ -328,7 +328,7 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
     else:
         f_value = float(focal)
         # The bound keeps the value finite once cast to the working dtype (1e300 is inf in float32).
-        if not (0 < f_value <= np.finfo(dtype).max):
+        if not (0 < f_value <= float(np.finfo(dtype).max)):
             raise ValueError(f"focal must be a positive finite number of pixels (as {np.dtype(dtype)}); "
                              f"got {focal!r}")
         f = xp.full((B,), f_value, dtype=dtype)
