@@ -11,7 +11,8 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "grid_1d", "gpu_available"]
+__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "cuda_function", "grid_1d",
+           "gpu_available"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,6 +97,27 @@ def cuda_module(filename, name_expressions=(), options=()):
     """
     cupy = cupy_or_none()
     return _compiled_module(filename, tuple(name_expressions), tuple(options), cupy.cuda.Device().id)
+
+
+# (filename, kernel name, device id) -> cupy Function. A plain dict keyed on three small values:
+# this lookup runs before every launch, where the batch-of-one path counts microseconds.
+_functions = {}
+
+
+def cuda_function(filename, name, name_expressions=(), options=()):
+    """The kernel `name` of `kernels/<filename>` on the current device, fetched once per process.
+
+    `RawModule.get_function` makes a new Function object (a driver call) every time; here a launch
+    pays one dict lookup. `name_expressions` and `options` are used when the module is first
+    compiled on a device; each file is compiled with one set of them.
+    """
+    device_id = cupy_or_none().cuda.runtime.getDevice()
+    key = (filename, name, device_id)
+    function = _functions.get(key)
+    if function is None:
+        function = cuda_module(filename, name_expressions, options).get_function(name)
+        _functions[key] = function
+    return function
 
 
 def grid_1d(n, block=256):

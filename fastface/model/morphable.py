@@ -21,7 +21,7 @@ gradient checks); the GPU path takes float32 only.
 """
 import numpy as np
 
-from fastface._backend import cuda_module, is_cupy_array
+from fastface._backend import cuda_function, is_cupy_array
 
 __all__ = ["morphable", "morphable_backward"]
 
@@ -41,9 +41,12 @@ _GEMV_ROWS_PER_BLOCK = 16  # gemv backward: basis rows per block (GEMV_ROWS)
 _GEMV_COEFF_BYTES = 16384
 
 
-def _module():
-    gemv = tuple(f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS)
-    return cuda_module("morphable.cu", name_expressions=tuple(_FWD.values()) + (_BWD,) + gemv)
+_GPU_NAMES = tuple(_FWD.values()) + (_BWD,) + tuple(
+    f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS)
+
+
+def _kernel(name):
+    return cuda_function("morphable.cu", name, _GPU_NAMES)
 
 
 def _gemv_rows(batch):
@@ -85,10 +88,10 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
             np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n))
     if small and 4 * (n_a + n_b) * _gemv_rows(batch) <= _GEMV_COEFF_BYTES:
         rows = _gemv_rows(batch)
-        _module().get_function(f"morphable_fwd_gemv<{rows}>")(
+        _kernel(f"morphable_fwd_gemv<{rows}>")(
             ((n + _GEMV_COLS - 1) // _GEMV_COLS, 1, 1), (256, 1, 1), args, shared_mem=4 * (n_a + n_b) * rows)
         return
-    _module().get_function(_FWD[small])(((n + _TILE_N - 1) // _TILE_N, 1, 1), (32, 2 if small else 8, 1), args)
+    _kernel(_FWD[small])(((n + _TILE_N - 1) // _TILE_N, 1, 1), (32, 2 if small else 8, 1), args)
 
 
 def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
@@ -98,10 +101,10 @@ def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
     if n_k == 0:
         return
     if batch <= _SMALL_BATCH:  # the gemv backward stages grad_out, not the coefficients: any K fits
-        kernel = _module().get_function(f"morphable_bwd_gemv<{_gemv_rows(batch)}>")
+        kernel = _kernel(f"morphable_bwd_gemv<{_gemv_rows(batch)}>")
         chunk, rows_per_block, block, batch_tiles = _GEMV_CHUNK, _GEMV_ROWS_PER_BLOCK, (256, 1, 1), 1
     else:
-        kernel = _module().get_function(_BWD)
+        kernel = _kernel(_BWD)
         # Column chunk per block: long enough that the atomics (one per output per block) stay a
         # small fraction of the work, short enough that the grid fills the GPU several times over.
         chunk, rows_per_block, block, batch_tiles = 512, _TILE_KB, (32, 8, 1), (batch + 63) // 64

@@ -18,8 +18,7 @@ in a CUDA graph (`Encoder.capture`).
 import numba
 import numpy as np
 
-from fastface._backend import array_module
-from fastface.nn._kernels import function
+from fastface._backend import array_module, cuda_function
 
 __all__ = ["Adam"]
 
@@ -67,7 +66,7 @@ def adam_update(param, grad, m, v, shadow, n, partial, n_parts, step, hyper):
 
 
 def _function(name):
-    return function("nn_adam.cu", name)
+    return cuda_function("nn_adam.cu", name)
 
 
 class Adam:

@@ -31,10 +31,9 @@ backward at 64x64, batch 8: 14 ms with serial gathers, 175-800 ms with parallel 
 import numba
 import numpy as np
 
-from fastface._backend import array_module
+from fastface._backend import array_module, cuda_function
 from fastface._checks import check_array, check_finite
 from fastface.nn._gemm import gemm
-from fastface.nn._kernels import function
 
 __all__ = ["conv2d", "conv2d_backward", "im2col", "im2col_backward", "conv_output_size"]
 
@@ -199,7 +198,7 @@ _GPU_VARIANTS = tuple(
 
 def _function(name):
     """The kernel `name` of nn_conv.cu (all variants compiled together, looked up once)."""
-    return function("nn_conv.cu", name, _GPU_VARIANTS)
+    return cuda_function("nn_conv.cu", name, _GPU_VARIANTS)
 
 
 def _check_int32(*sizes):
@@ -291,7 +290,7 @@ def _conv_implicit(x, in_bias, in_relu, KH, KW, stride, padding, weight2d, out):
     Ho, Wo = conv_output_size(H, KH, stride, padding), conv_output_size(W, KW, stride, padding)
     M = B * Ho * Wo
     _check_int32(M * N, x.size, weight2d.size)
-    kern = function("nn_conv_implicit.cu", "conv_implicit_fwd")
+    kern = cuda_function("nn_conv_implicit.cu", "conv_implicit_fwd")
     kern(((M + 127) // 128, (N + 63) // 64), (256,),
          (x, in_bias, np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
           np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),

@@ -9,9 +9,8 @@ last convolution leaves its output without bias and this op adds it. Backward:
 import numba
 import numpy as np
 
-from fastface._backend import array_module, grid_1d
+from fastface._backend import array_module, cuda_function, grid_1d
 from fastface._checks import check_array, check_finite
-from fastface.nn._kernels import function
 
 __all__ = ["global_avg_pool", "global_avg_pool_backward"]
 
@@ -60,7 +59,7 @@ _GPU_VARIANTS = (
 
 
 def _function(name):
-    return function("nn_pool.cu", name, _GPU_VARIANTS)
+    return cuda_function("nn_pool.cu", name, _GPU_VARIANTS)
 
 
 def _pool_fwd(xp, x, in_bias, in_relu, out):

@@ -17,7 +17,7 @@ numbers). The per-vertex ops have Numba kernels here and CUDA twins in kernels/c
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module, grid_1d
+from fastface._backend import array_module, cuda_function, grid_1d
 from fastface._checks import check_array, check_finite, check_resolution, check_same_batch, value_checks_enabled
 
 __all__ = [
@@ -44,8 +44,8 @@ def _check_float(xp, name, a, *patterns):
         raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
 
 
-def _module():
-    return cuda_module("camera.cu", name_expressions=(
+def _kernel(name):
+    return cuda_function("camera.cu", name, name_expressions=(
         "rigid_transform_fwd<false>", "rigid_transform_fwd<true>",
         "rigid_transform_bwd<false>", "rigid_transform_bwd<true>"))
 
@@ -242,7 +242,7 @@ def rigid_transform(points, rotation, translation):
         rigid_transform_fwd(p3, r, t, out)
     else:
         shared = "true" if p3.shape[0] != B else "false"
-        _module().get_function(f"rigid_transform_fwd<{shared}>")(
+        _kernel(f"rigid_transform_fwd<{shared}>")(
             ((V + _BLOCK - 1) // _BLOCK, B), (_BLOCK,), (p3, r, t, out, np.int32(B), np.int32(V)))
     return out
 
@@ -270,7 +270,7 @@ def rigid_transform_backward(points, rotation, translation, grad_out):
         grad_points = xp.zeros_like(p3) if shared else xp.empty_like(p3)
         grad_rotation, grad_translation = xp.zeros_like(r), xp.zeros_like(t)
         blocks = max(1, (V + _BLOCK * _VERTICES_PER_THREAD - 1) // (_BLOCK * _VERTICES_PER_THREAD))
-        _module().get_function(f"rigid_transform_bwd<{'true' if shared else 'false'}>")(
+        _kernel(f"rigid_transform_bwd<{'true' if shared else 'false'}>")(
             (blocks, B), (_BLOCK,),
             (p3, r, t, g, grad_points, grad_rotation, grad_translation, np.int32(B), np.int32(V)))
     return (grad_points[0] if points.ndim == 2 else grad_points), grad_rotation, grad_translation
@@ -368,7 +368,7 @@ def perspective_projection(points, focal, resolution, near=10.0, far=10000.0):
     if xp is np:
         perspective_projection_fwd(p3, f, out, height, width, near, far)
     else:
-        _module().get_function("perspective_projection_fwd")(
+        _kernel("perspective_projection_fwd")(
             *grid_1d(B * V), (p3, f, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width),
                               np.float32(near), np.float32(far)))
     return out if batched else out[0]
@@ -392,7 +392,7 @@ def perspective_projection_backward(points, focal, resolution, grad_out, near=10
     if xp is np:
         perspective_projection_bwd(p3, f, g, grad_points, height, width, near, far)
     else:
-        _module().get_function("perspective_projection_bwd")(
+        _kernel("perspective_projection_bwd")(
             *grid_1d(B * V), (p3, f, g, grad_points, np.int32(B), np.int32(V), np.int32(height),
                               np.int32(width), np.float32(near), np.float32(far)))
     return grad_points if batched else grad_points[0]
@@ -418,7 +418,7 @@ def project_to_pixels(points, focal, resolution):
     if xp is np:
         project_to_pixels_fwd(p3, f, out, height, width)
     else:
-        _module().get_function("project_to_pixels_fwd")(
+        _kernel("project_to_pixels_fwd")(
             *grid_1d(B * V), (p3, f, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width)))
     return out if batched else out[0]
 
@@ -439,6 +439,6 @@ def project_to_pixels_backward(points, focal, resolution, grad_out):
     if xp is np:
         project_to_pixels_bwd(p3, f, g, grad_points, height, width)
     else:
-        _module().get_function("project_to_pixels_bwd")(
+        _kernel("project_to_pixels_bwd")(
             *grid_1d(B * V), (p3, f, g, grad_points, np.int32(B), np.int32(V), np.int32(height), np.int32(width)))
     return grad_points if batched else grad_points[0]

@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from fastface import _checks
-from fastface._backend import array_module, cuda_module
+from fastface._backend import array_module, cuda_function
 from fastface.ops.rasterize import (
     _as_gpu_input, _check_array, _check_attr, _check_raster, _check_tri_id_range, _float4_to_float3, _grid_2d,
 )
@@ -110,19 +110,12 @@ def _n_bands(B, H):
 _GPU_CHANNELS = (1, 2, 3, 4)
 _GPU_NAMES = [f"interpolate_fwd<{c}>" for c in (-1,) + _GPU_CHANNELS] + [
     f"interpolate_bwd<{c}>" for c in (-1,) + _GPU_CHANNELS]
-_gpu_kernels = {}
 
 
 def _gpu_kernel(name):
-    import cupy  # noqa: PLC0415 - only on the GPU path
-
-    dev = cupy.cuda.runtime.getDevice()
-    table = _gpu_kernels.get(dev)
-    if table is None:
-        module = cuda_module("interpolate.cu", name_expressions=_GPU_NAMES, options=("--fmad=false",))
-        table = {n: module.get_function(n) for n in _GPU_NAMES}
-        _gpu_kernels[dev] = table
-    return table[name]
+    # --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's
+    # and the keys and barycentrics agree bit for bit.
+    return cuda_function("interpolate.cu", name, _GPU_NAMES, ("--fmad=false",))
 
 
 def _channels_name(op, C):

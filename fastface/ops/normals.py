@@ -28,12 +28,11 @@ loads) measured slower on an H200 than these direct gathers (64 x 35,721 vertice
 45 us, backward 168 vs 109 us) and were removed.
 """
 import dataclasses
-import functools
 
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module, grid_1d
+from fastface._backend import array_module, cuda_function, grid_1d
 from fastface._checks import check_array, check_finite, check_indices
 
 __all__ = ["VertexAdjacency", "vertex_adjacency", "vertex_normals", "vertex_normals_backward"]
@@ -190,19 +189,9 @@ def vertex_normals_bwd(vertices, offsets, corners, grad_sum, grad_vertices):
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 
-def _module():
-    return cuda_module("normals.cu")
-
-
-@functools.lru_cache(maxsize=None)
-def _function(name, device_id):
-    return _module().get_function(name)
-
-
 def _launch(name, B, V, args):
     """Launches vertex_normals_<name> over the B * V (batch, vertex) pairs."""
-    import cupy  # noqa: PLC0415
-    _function("vertex_normals_" + name, cupy.cuda.Device().id)(*grid_1d(B * V), args + (np.int32(B), np.int32(V)))
+    cuda_function("normals.cu", "vertex_normals_" + name)(*grid_1d(B * V), args + (np.int32(B), np.int32(V)))
 
 
 def _prepare(vertices, tri, adjacency, grad_out=None, backward=False):

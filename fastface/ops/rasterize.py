@@ -61,7 +61,7 @@ import numpy as np
 from numba import prange
 
 from fastface import _checks
-from fastface._backend import array_module, cuda_module
+from fastface._backend import array_module, cuda_function
 
 __all__ = [
     "Raster", "rasterize", "rasterize_backward", "rasterize_interpolate", "rasterize_interpolate_backward",
@@ -480,19 +480,12 @@ _GPU_NAMES = (
     + [f"rasterize_resolve<{c}>" for c in (0, -1) + _GPU_CHANNELS]
     + [f"rasterize_interpolate_bwd<{c}>" for c in (-1,) + _GPU_CHANNELS]
 )
-_gpu_kernels = {}
 
 
 def _gpu_kernel(name):
-    import cupy  # noqa: PLC0415 - only on the GPU path
-
-    dev = cupy.cuda.runtime.getDevice()
-    table = _gpu_kernels.get(dev)
-    if table is None:
-        module = cuda_module("rasterize.cu", name_expressions=_GPU_NAMES, options=("--fmad=false",))
-        table = {n: module.get_function(n) for n in _GPU_NAMES}
-        _gpu_kernels[dev] = table
-    return table[name]
+    # --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's
+    # and the keys and barycentrics agree bit for bit.
+    return cuda_function("rasterize.cu", name, _GPU_NAMES, ("--fmad=false",))
 
 
 def _template_channels(C):

@@ -21,7 +21,7 @@ races); on the GPU with atomicAdd, whose summation order (and so the last bits) 
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module, grid_1d
+from fastface._backend import array_module, cuda_function, grid_1d
 from fastface._checks import check_array, check_finite, check_resolution
 
 __all__ = ["sample_image", "sample_image_backward", "sample_image_mask"]
@@ -99,8 +99,8 @@ def sample_image_bwd(image, points, grad_out, grad_image, grad_points):
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 
-def _module():
-    return cuda_module("sampling.cu")
+def _kernel(name):
+    return cuda_function("sampling.cu", name)
 
 
 def _prepare(image, points, grad_out=None, backward=False):
@@ -143,7 +143,7 @@ def sample_image(image, points):
     if xp is np:
         sample_image_fwd(im, pts, out)
     else:
-        _module().get_function("sample_image_fwd")(
+        _kernel("sample_image_fwd")(
             *grid_1d(B * N), (im, pts, out, np.int32(B), np.int32(H), np.int32(W), np.int32(C), np.int32(N)))
     return out if batched else out[0]
 
@@ -169,7 +169,7 @@ def sample_image_backward(image, points, grad_out):
         sample_image_bwd(im, pts, g, grad_image, grad_points)
     else:
         grad_image = xp.zeros_like(im)
-        _module().get_function("sample_image_bwd")(
+        _kernel("sample_image_bwd")(
             *grid_1d(B * N), (im, pts, g, grad_image, grad_points, np.int32(B), np.int32(H), np.int32(W),
                               np.int32(C), np.int32(N)))
     return (grad_image, grad_points) if batched else (grad_image[0], grad_points[0])

@@ -26,13 +26,12 @@ GPU kernels that moved the (B, V, 3) arrays through shared-memory tiles (contigu
 measured slower on an H200 than these direct per-thread accesses (64 x 35,721 vertices: forward
 42.6 vs 28.6 us, backward 124 vs 45.8 us) and were removed.
 """
-import functools
 import math
 
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_module
+from fastface._backend import array_module, cuda_function
 from fastface._checks import check_array, check_finite, check_same_batch
 # The fused kernels call normals' Numba helpers and launch its gather kernel. Numba's cache does not
 # notice edits to another module: after changing normals.py's helpers, clear the cache (or touch
@@ -218,16 +217,9 @@ _BLOCK = 256               # threads per block on the GPU (>= 27: the first 27 l
 _VERTICES_PER_THREAD = 8   # backward: amortises each block's 27-value reduction over more vertices
 
 
-def _module():
-    return cuda_module("shading.cu", name_expressions=tuple(
-        f"{kernel}<{shared}>"
-        for kernel in ("sh_shade_fwd", "sh_shade_bwd", "shade_vertices_fwd", "shade_vertices_bwd_sum")
-        for shared in ("false", "true")))
-
-
-@functools.lru_cache(maxsize=None)
-def _function(name, device_id):
-    return _module().get_function(name)
+_GPU_NAMES = tuple(f"{kernel}<{shared}>"
+                   for kernel in ("sh_shade_fwd", "sh_shade_bwd", "shade_vertices_fwd", "shade_vertices_bwd_sum")
+                   for shared in ("false", "true"))
 
 
 def _check_lighting(xp, batched, dtype, B, V, albedo, sh):
@@ -284,8 +276,7 @@ def _backward_outputs(xp, a3, s3, B):
 
 def _template(name, shared):
     """The CUDA function `name<shared>`."""
-    import cupy  # noqa: PLC0415
-    return _function(f"{name}<{'true' if shared else 'false'}>", cupy.cuda.Device().id)
+    return cuda_function("shading.cu", f"{name}<{'true' if shared else 'false'}>", _GPU_NAMES)
 
 
 def sh_shade(normals, albedo, sh):

@@ -1,0 +1,53 @@
+"""The dispatch helpers: kernel lookup once per file, name and device; device mixing refused."""
+import types
+
+import numpy as np
+import pytest
+
+from fastface import _backend
+
+
+class _FakeModule:
+    def __init__(self, filename, name_expressions, options, log):
+        self.filename, self.name_expressions, self.options, self.log = filename, name_expressions, options, log
+
+    def get_function(self, name):
+        self.log.append(("get_function", self.filename, name))
+        return (self.filename, name, self.name_expressions, self.options)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A stand-in for cupy's device query and the module compiler, recording every call."""
+    log, device = [], {"id": 0}
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: device["id"])))
+    monkeypatch.setattr(_backend, "cupy_or_none", lambda: fake_cupy)
+    monkeypatch.setattr(_backend, "cuda_module",
+                        lambda filename, name_expressions=(), options=(): _FakeModule(
+                            filename, name_expressions, options, log))
+    monkeypatch.setattr(_backend, "_functions", {})
+    return log, device
+
+
+def test_cuda_function_looks_each_kernel_up_once_per_device(fake_gpu):
+    log, device = fake_gpu
+    first = _backend.cuda_function("rasterize.cu", "rasterize_fwd", ("a<1>",), ("--fmad=false",))
+    again = _backend.cuda_function("rasterize.cu", "rasterize_fwd", ("a<1>",), ("--fmad=false",))
+    assert first is again and len(log) == 1
+    assert first == ("rasterize.cu", "rasterize_fwd", ("a<1>",), ("--fmad=false",))
+    _backend.cuda_function("rasterize.cu", "rasterize_bwd")
+    _backend.cuda_function("interpolate.cu", "rasterize_fwd")
+    assert len(log) == 3, "another kernel name or another file is another lookup"
+    device["id"] = 1
+    _backend.cuda_function("rasterize.cu", "rasterize_fwd")
+    assert len(log) == 4, "another device compiles and looks up its own kernel"
+
+
+def test_array_module_refuses_numpy_mixed_with_cupy():
+    class FakeCupyArray:
+        __module__ = "cupy._core.core"
+
+    with pytest.raises(TypeError, match="pos is a numpy array but attr is a cupy array"):
+        _backend.array_module(("pos", np.zeros(3)), ("attr", FakeCupyArray()))
+    assert _backend.array_module(("pos", np.zeros(3)), ("attr", None)) is np
