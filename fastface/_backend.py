@@ -11,7 +11,7 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "cuda_function", "grid_1d",
+__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "grid_1d",
            "gpu_available"]
 
 
@@ -99,25 +99,48 @@ def cuda_module(filename, name_expressions=(), options=()):
     return _compiled_module(filename, tuple(name_expressions), tuple(options), cupy.cuda.Device().id)
 
 
-# (filename, kernel name, device id) -> cupy Function. A plain dict keyed on three small values:
-# this lookup runs before every launch, where the batch-of-one path counts microseconds.
-_functions = {}
+class KernelFile:
+    """One `kernels/<filename>` source and every kernel fastface launches from it.
 
+    Each op module declares its file once, at import:
 
-def cuda_function(filename, name, name_expressions=(), options=()):
-    """The kernel `name` of `kernels/<filename>` on the current device, fetched once per process.
+        _KERNELS = KernelFile("rasterize.cu", ["rasterize_fwd", "rasterize_resolve<3>"], ("--fmad=false",))
+        _KERNELS("rasterize_resolve<3>")(grid, block, args)
 
-    `RawModule.get_function` makes a new Function object (a driver call) every time; here a launch
-    pays one dict lookup. `name_expressions` and `options` are used when the module is first
-    compiled on a device; each file is compiled with one set of them.
+    Calling it returns the cupy Function for the current device. The file is compiled once per process and
+    device. Template instances (names with "<") are compiled as `name_expressions`, and plain names must be
+    `extern "C"`. A lookup costs one dict access: the batch-of-one path counts microseconds, and
+    `RawModule.get_function` makes a new Function (a driver call) each time.
+
+    Because every launched kernel is declared, tests/test_kernels_compile.py can compile each file with
+    nvcc and take the address of every declared kernel. A misspelt or missing kernel then fails on a machine
+    without a GPU.
     """
-    device_id = cupy_or_none().cuda.runtime.getDevice()
-    key = (filename, name, device_id)
-    function = _functions.get(key)
-    if function is None:
-        function = cuda_module(filename, name_expressions, options).get_function(name)
-        _functions[key] = function
-    return function
+
+    declared = []  # every KernelFile made so far, for the compile test
+
+    def __init__(self, filename, kernels, options=()):
+        self.filename = filename
+        self.kernels = tuple(kernels)
+        self.options = tuple(options)
+        self.name_expressions = tuple(k for k in self.kernels if "<" in k)
+        self._functions = {}  # (kernel name, device id) -> cupy Function
+        KernelFile.declared.append(self)
+
+    def __call__(self, name):
+        device_id = cupy_or_none().cuda.runtime.getDevice()
+        function = self._functions.get((name, device_id))
+        if function is None:
+            if name not in self.kernels:
+                raise KeyError(f"kernel {name!r} is not declared for kernels/{self.filename}; declared: "
+                               f"{', '.join(self.kernels)}")
+            module = cuda_module(self.filename, self.name_expressions, self.options)
+            function = module.get_function(name)
+            self._functions[(name, device_id)] = function
+        return function
+
+    def __repr__(self):
+        return f"KernelFile({self.filename!r}, {len(self.kernels)} kernels, options={self.options})"
 
 
 def grid_1d(n, block=256):

@@ -26,22 +26,30 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_backend, "cuda_module",
                         lambda filename, name_expressions=(), options=(): _FakeModule(
                             filename, name_expressions, options, log))
-    monkeypatch.setattr(_backend, "_functions", {})
     return log, device
 
 
-def test_cuda_function_looks_each_kernel_up_once_per_device(fake_gpu):
+def test_kernel_file_looks_each_kernel_up_once_per_device(fake_gpu, monkeypatch):
+    monkeypatch.setattr(_backend.KernelFile, "declared", [])
     log, device = fake_gpu
-    first = _backend.cuda_function("rasterize.cu", "rasterize_fwd", ("a<1>",), ("--fmad=false",))
-    again = _backend.cuda_function("rasterize.cu", "rasterize_fwd", ("a<1>",), ("--fmad=false",))
+    raster = _backend.KernelFile("rasterize.cu", ["rasterize_fwd", "rasterize_bwd", "a<1>"], ("--fmad=false",))
+    first, again = raster("rasterize_fwd"), raster("rasterize_fwd")
     assert first is again and len(log) == 1
-    assert first == ("rasterize.cu", "rasterize_fwd", ("a<1>",), ("--fmad=false",))
-    _backend.cuda_function("rasterize.cu", "rasterize_bwd")
-    _backend.cuda_function("interpolate.cu", "rasterize_fwd")
+    assert first == ("rasterize.cu", "rasterize_fwd", ("a<1>",), ("--fmad=false",)), \
+        "template instances are the name expressions; the options are the file's"
+    raster("rasterize_bwd")
+    _backend.KernelFile("interpolate.cu", ["rasterize_fwd"])("rasterize_fwd")
     assert len(log) == 3, "another kernel name or another file is another lookup"
     device["id"] = 1
-    _backend.cuda_function("rasterize.cu", "rasterize_fwd")
+    raster("rasterize_fwd")
     assert len(log) == 4, "another device compiles and looks up its own kernel"
+    assert [k.filename for k in _backend.KernelFile.declared] == ["rasterize.cu", "interpolate.cu"]
+
+
+def test_kernel_file_refuses_an_undeclared_kernel(fake_gpu, monkeypatch):
+    monkeypatch.setattr(_backend.KernelFile, "declared", [])
+    with pytest.raises(KeyError, match="'rasterize_fwd' is not declared for kernels/normals.cu"):
+        _backend.KernelFile("normals.cu", ["vertex_normals_fwd"])("rasterize_fwd")
 
 
 def test_array_module_refuses_numpy_mixed_with_cupy():

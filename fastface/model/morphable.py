@@ -21,7 +21,7 @@ gradient checks); the GPU path takes float32 only.
 """
 import numpy as np
 
-from fastface._backend import cuda_function, is_cupy_array
+from fastface._backend import KernelFile, is_cupy_array
 
 __all__ = ["morphable", "morphable_backward"]
 
@@ -45,8 +45,7 @@ _GPU_NAMES = tuple(_FWD.values()) + (_BWD,) + tuple(
     f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS)
 
 
-def _kernel(name):
-    return cuda_function("morphable.cu", name, _GPU_NAMES)
+_kernel = KernelFile("morphable.cu", _GPU_NAMES)
 
 
 def _gemv_rows(batch):

@@ -18,7 +18,7 @@ in a CUDA graph (`Encoder.capture`).
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_function
+from fastface._backend import KernelFile, array_module
 
 __all__ = ["Adam"]
 
@@ -65,8 +65,7 @@ def adam_update(param, grad, m, v, shadow, n, partial, n_parts, step, hyper):
     _ = shadow
 
 
-def _function(name):
-    return cuda_function("nn_adam.cu", name)
+_function = KernelFile("nn_adam.cu", ("adam_prepare", "adam_update"))
 
 
 class Adam:

@@ -31,7 +31,7 @@ backward at 64x64, batch 8: 14 ms with serial gathers, 175-800 ms with parallel 
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_function
+from fastface._backend import KernelFile, array_module
 from fastface._checks import check_array, check_finite
 from fastface.nn._gemm import gemm
 
@@ -182,7 +182,7 @@ def _bwd_name(x_dtype, g_dtype, out_dtype, V):
     return f"im2col_bwd<{_ctype(x_dtype)}, {_ctype(g_dtype)}, {_ctype(out_dtype)}, {V}>"
 
 
-# Every variant the library launches, compiled together the first time any is needed.
+# Every variant the library launches.
 _GPU_VARIANTS = tuple(
     [_fwd_name(np.float32, np.float32, 1), _fwd_name(np.float32, np.float32, 4)]
     + [_fwd_name(np.float32, np.float16, 1), _fwd_name(np.float16, np.float16, 1),
@@ -196,9 +196,9 @@ _GPU_VARIANTS = tuple(
 )
 
 
-def _function(name):
-    """The kernel `name` of nn_conv.cu (all variants compiled together, looked up once)."""
-    return cuda_function("nn_conv.cu", name, _GPU_VARIANTS)
+# All variants are compiled together the first time any is needed.
+_function = KernelFile("nn_conv.cu", _GPU_VARIANTS)
+_implicit_function = KernelFile("nn_conv_implicit.cu", ("conv_implicit_fwd",))
 
 
 def _check_int32(*sizes):
@@ -290,7 +290,7 @@ def _conv_implicit(x, in_bias, in_relu, KH, KW, stride, padding, weight2d, out):
     Ho, Wo = conv_output_size(H, KH, stride, padding), conv_output_size(W, KW, stride, padding)
     M = B * Ho * Wo
     _check_int32(M * N, x.size, weight2d.size)
-    kern = cuda_function("nn_conv_implicit.cu", "conv_implicit_fwd")
+    kern = _implicit_function("conv_implicit_fwd")
     kern(((M + 127) // 128, (N + 63) // 64), (256,),
          (x, in_bias, np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
           np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),

@@ -9,7 +9,7 @@ last convolution leaves its output without bias and this op adds it. Backward:
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_function, grid_1d
+from fastface._backend import KernelFile, array_module, grid_1d
 from fastface._checks import check_array, check_finite
 
 __all__ = ["global_avg_pool", "global_avg_pool_backward"]
@@ -58,8 +58,7 @@ _GPU_VARIANTS = (
 )
 
 
-def _function(name):
-    return cuda_function("nn_pool.cu", name, _GPU_VARIANTS)
+_function = KernelFile("nn_pool.cu", _GPU_VARIANTS)
 
 
 def _pool_fwd(xp, x, in_bias, in_relu, out):

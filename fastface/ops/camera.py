@@ -17,7 +17,7 @@ numbers). The per-vertex ops have Numba kernels here and CUDA twins in kernels/c
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_function, grid_1d
+from fastface._backend import KernelFile, array_module, grid_1d
 from fastface._checks import check_array, check_finite, check_resolution, check_same_batch, value_checks_enabled
 
 __all__ = [
@@ -44,10 +44,9 @@ def _check_float(xp, name, a, *patterns):
         raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
 
 
-def _kernel(name):
-    return cuda_function("camera.cu", name, name_expressions=(
-        "rigid_transform_fwd<false>", "rigid_transform_fwd<true>",
-        "rigid_transform_bwd<false>", "rigid_transform_bwd<true>"))
+_kernel = KernelFile("camera.cu", (
+    "rigid_transform_fwd<false>", "rigid_transform_fwd<true>", "rigid_transform_bwd<false>", "rigid_transform_bwd<true>",
+    "perspective_projection_fwd", "perspective_projection_bwd", "project_to_pixels_fwd", "project_to_pixels_bwd"))
 
 
 # ---------------------------------------------------------------------------------------------

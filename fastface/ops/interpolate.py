@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from fastface import _checks
-from fastface._backend import array_module, cuda_function
+from fastface._backend import KernelFile, array_module
 from fastface.ops.rasterize import (
     _as_gpu_input, _check_array, _check_attr, _check_raster, _check_tri_id_range, _float4_to_float3, _grid_2d,
 )
@@ -112,10 +112,8 @@ _GPU_NAMES = [f"interpolate_fwd<{c}>" for c in (-1,) + _GPU_CHANNELS] + [
     f"interpolate_bwd<{c}>" for c in (-1,) + _GPU_CHANNELS]
 
 
-def _gpu_kernel(name):
-    # --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's
-    # and the keys and barycentrics agree bit for bit.
-    return cuda_function("interpolate.cu", name, _GPU_NAMES, ("--fmad=false",))
+# --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's.
+_gpu_kernel = KernelFile("interpolate.cu", _GPU_NAMES, ("--fmad=false",))
 
 
 def _channels_name(op, C):

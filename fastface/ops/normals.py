@@ -32,7 +32,7 @@ import dataclasses
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_function, grid_1d
+from fastface._backend import KernelFile, array_module, grid_1d
 from fastface._checks import check_array, check_finite, check_indices
 
 __all__ = ["VertexAdjacency", "vertex_adjacency", "vertex_normals", "vertex_normals_backward"]
@@ -189,9 +189,12 @@ def vertex_normals_bwd(vertices, offsets, corners, grad_sum, grad_vertices):
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 
+_KERNELS = KernelFile("normals.cu", ("vertex_normals_fwd", "vertex_normals_bwd_sum", "vertex_normals_bwd"))
+
+
 def _launch(name, B, V, args):
     """Launches vertex_normals_<name> over the B * V (batch, vertex) pairs."""
-    cuda_function("normals.cu", "vertex_normals_" + name)(*grid_1d(B * V), args + (np.int32(B), np.int32(V)))
+    _KERNELS("vertex_normals_" + name)(*grid_1d(B * V), args + (np.int32(B), np.int32(V)))
 
 
 def _prepare(vertices, tri, adjacency, grad_out=None, backward=False):

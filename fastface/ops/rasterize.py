@@ -61,7 +61,7 @@ import numpy as np
 from numba import prange
 
 from fastface import _checks
-from fastface._backend import array_module, cuda_function
+from fastface._backend import KernelFile, array_module
 
 __all__ = [
     "Raster", "rasterize", "rasterize_backward", "rasterize_interpolate", "rasterize_interpolate_backward",
@@ -482,10 +482,9 @@ _GPU_NAMES = (
 )
 
 
-def _gpu_kernel(name):
-    # --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's
-    # and the keys and barycentrics agree bit for bit.
-    return cuda_function("rasterize.cu", name, _GPU_NAMES, ("--fmad=false",))
+# --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's
+# and the keys and barycentrics agree bit for bit.
+_gpu_kernel = KernelFile("rasterize.cu", _GPU_NAMES, ("--fmad=false",))
 
 
 def _template_channels(C):

@@ -21,7 +21,7 @@ races); on the GPU with atomicAdd, whose summation order (and so the last bits) 
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_function, grid_1d
+from fastface._backend import KernelFile, array_module, grid_1d
 from fastface._checks import check_array, check_finite, check_resolution
 
 __all__ = ["sample_image", "sample_image_backward", "sample_image_mask"]
@@ -99,8 +99,7 @@ def sample_image_bwd(image, points, grad_out, grad_image, grad_points):
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 
-def _kernel(name):
-    return cuda_function("sampling.cu", name)
+_kernel = KernelFile("sampling.cu", ("sample_image_fwd", "sample_image_bwd"))
 
 
 def _prepare(image, points, grad_out=None, backward=False):

@@ -31,7 +31,7 @@ import math
 import numba
 import numpy as np
 
-from fastface._backend import array_module, cuda_function
+from fastface._backend import KernelFile, array_module
 from fastface._checks import check_array, check_finite, check_same_batch
 # The fused kernels call normals' Numba helpers and launch its gather kernel. Numba's cache does not
 # notice edits to another module: after changing normals.py's helpers, clear the cache (or touch
@@ -220,6 +220,7 @@ _VERTICES_PER_THREAD = 8   # backward: amortises each block's 27-value reduction
 _GPU_NAMES = tuple(f"{kernel}<{shared}>"
                    for kernel in ("sh_shade_fwd", "sh_shade_bwd", "shade_vertices_fwd", "shade_vertices_bwd_sum")
                    for shared in ("false", "true"))
+_KERNELS = KernelFile("shading.cu", _GPU_NAMES)
 
 
 def _check_lighting(xp, batched, dtype, B, V, albedo, sh):
@@ -276,7 +277,7 @@ def _backward_outputs(xp, a3, s3, B):
 
 def _template(name, shared):
     """The CUDA function `name<shared>`."""
-    return cuda_function("shading.cu", f"{name}<{'true' if shared else 'false'}>", _GPU_NAMES)
+    return _KERNELS(f"{name}<{'true' if shared else 'false'}>")
 
 
 def sh_shade(normals, albedo, sh):
