@@ -1,7 +1,8 @@
 """fastface: self-supervised monocular 3D face reconstruction with hand-written kernels.
 
 The public names: the differentiable ops (each `op` with its `op_backward`), the face model,
-the forward render chain, and the switch for the checks that read data. The encoder and its
+the forward render chain, and the switch for the checks that read data (with
+`check_device_errors`, which waits for the GPU's checks). The encoder and its
 optimizer are in `fastface.nn`.
 """
 import os
@@ -14,6 +15,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fastface._checks import value_checks  # noqa: E402 - after the thread setting above
+from fastface._device_checks import check_device_errors  # noqa: E402
 from fastface.model import IBUG68_GROUPS, IBUG68_MIRROR, FaceModel  # noqa: E402
 from fastface.ops import *  # noqa: E402,F401,F403 - the op pairs, listed in fastface.ops.__all__
 from fastface.ops import __all__ as _ops_all  # noqa: E402
@@ -21,4 +23,5 @@ from fastface.render import FaceParameters, Rendering, render_faces, uniform_lig
 
 __version__ = "0.1.0"
 __all__ = [*_ops_all, "FaceModel", "IBUG68_GROUPS", "IBUG68_MIRROR",
-           "FaceParameters", "Rendering", "render_faces", "uniform_light", "value_checks"]
+           "FaceParameters", "Rendering", "render_faces", "uniform_light", "value_checks",
+           "check_device_errors"]

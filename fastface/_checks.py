@@ -1,9 +1,12 @@
 """Input checks shared by every public op. They raise ValueError/TypeError naming the argument.
 
-Shape checks and dtype checks are free (they read metadata). Value checks (finite values,
-index ranges) must read the data: on a cupy array that is a device-to-host synchronisation,
-which costs more than a small op itself. They run by default; a hot loop that has validated
-its inputs once can turn them off with `with fastface.value_checks(False): ...`. The kernels
+Shape checks and dtype checks are free (they read metadata). Value checks (finite values, index
+ranges, points in front of the camera) must read the data. On numpy arrays they run in the call
+and raise there. On cupy arrays a verdict read back on the host would be a synchronisation, which
+costs more than a small op itself. So by default they run on the GPU, and a failure is raised by a
+later fastface call or by `fastface.check_device_errors()` (fastface/_device_checks.py).
+`value_checks("sync")` makes the GPU checks wait and raise in the call, as the CPU ones do, and
+`value_checks(False)` turns them off for a hot loop that has validated its inputs once. The kernels
 never rely on these checks for memory safety: out-of-range indices are skipped inside them.
 """
 import contextlib
@@ -11,27 +14,56 @@ import threading
 
 import numpy as np
 
+from fastface._backend import is_cupy_array
+
 __all__ = [
     "check_array", "check_finite", "check_indices", "check_resolution", "check_same_batch",
-    "value_checks", "value_checks_enabled", "describe",
+    "value_checks", "value_checks_enabled", "queue_on_device", "describe",
 ]
 
 _state = threading.local()
+_MODES = {True: "on", False: "off", "sync": "sync"}
+_LARGEST = {np.dtype(t): np.finfo(t).max for t in (np.float16, np.float32, np.float64)}
+
+
+def _mode():
+    return getattr(_state, "mode", "on")
 
 
 def value_checks_enabled():
-    return getattr(_state, "enabled", True)
+    return _mode() != "off"
 
 
 @contextlib.contextmanager
 def value_checks(enabled=True):
-    """Turns the data-reading checks (NaN/Inf, index range) on or off inside the block."""
-    previous = value_checks_enabled()
-    _state.enabled = bool(enabled)
+    """Sets the data-reading checks (NaN/Inf, index range, points behind the camera) inside the block.
+
+    Args:
+        enabled: True (the default outside any block): numpy inputs are checked in the call; cupy
+            inputs are checked on the GPU without waiting, and a failure raises at a later fastface
+            call or at `fastface.check_device_errors()`. "sync": cupy inputs are checked in the call,
+            which waits for the GPU (for debugging: the error comes from the call that got the bad
+            input, with counts and ranges). False: no value checks.
+    """
+    if not (enabled is True or enabled is False or enabled == "sync"):  # 1 and 0 would pass `in _MODES`
+        raise ValueError(f"value_checks takes True, False or 'sync'; got {enabled!r}")
+    previous = _mode()
+    _state.mode = _MODES[enabled]
     try:
         yield
     finally:
-        _state.enabled = previous
+        _state.mode = previous
+
+
+def queue_on_device(a, lo, hi, message, *message_args, offset=0, stride=1, count=None):
+    """Queues the check `lo <= x <= hi` (NaN fails) of cupy array `a` on the GPU, when checks are on and not
+    "sync". Returns True when queued; False when the caller must check on the host now (a numpy array,
+    "sync" mode, or a dtype without a check kernel). `message.format(*message_args)` is the failure's text.
+    See fastface/_device_checks.py."""
+    if _mode() != "on" or not is_cupy_array(a):
+        return False
+    from fastface import _device_checks  # noqa: PLC0415 - it needs cupy; numpy-only runs never get here
+    return _device_checks.queue_check(a, lo, hi, message, *message_args, offset=offset, stride=stride, count=count)
 
 
 def describe(a):
@@ -82,8 +114,11 @@ def check_array(name, a, dtypes, *patterns):
 
 
 def check_finite(name, a):
-    """Raises ValueError when `a` holds NaN or Inf (skipped inside `value_checks(False)`)."""
-    if not value_checks_enabled():
+    """Raises ValueError when `a` holds NaN or Inf (on the GPU, later: see the module docstring)."""
+    if not value_checks_enabled() or a.dtype.kind in "iub":  # integers and booleans are always finite
+        return
+    big = _LARGEST.get(a.dtype)
+    if big is not None and queue_on_device(a, -big, big, "{} {} {} holds NaN or infinite values", name, a.dtype, a.shape):
         return
     xp = np if isinstance(a, np.ndarray) else __import__("cupy")
     if not bool(xp.isfinite(a).all()):
@@ -92,8 +127,11 @@ def check_finite(name, a):
 
 
 def check_indices(name, idx, n, what="vertex"):
-    """Raises ValueError when an index in `idx` is outside [0, n)."""
+    """Raises ValueError when an index in `idx` is outside [0, n) (on the GPU, later)."""
     if not value_checks_enabled() or idx.size == 0:
+        return
+    if queue_on_device(idx, 0, n - 1, "{} {} {} holds {} indices outside the valid range [0, {}]",
+                       name, idx.dtype, idx.shape, what, n - 1):
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= n:

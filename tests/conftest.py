@@ -91,6 +91,22 @@ def cupy():
     return cp
 
 
+@pytest.fixture(autouse=True)
+def no_unread_gpu_check_failures(request):
+    """Fails a GPU test that leaves a value-check failure for the next test to trip over.
+
+    The GPU's value checks report at a later call (fastface/_device_checks.py). A test that passes bad
+    input on purpose reads the failure with `fastface.check_device_errors()` inside `pytest.raises`.
+    """
+    yield
+    if "cupy" in request.fixturenames and gpu_available():
+        from fastface import check_device_errors  # noqa: PLC0415
+        try:
+            check_device_errors()
+        except ValueError as err:
+            pytest.fail(f"the test left an unread GPU value-check failure: {err}")
+
+
 def pytest_collection_modifyitems(config, items):
     # Marks every test that needs the GPU (through the `cupy` fixture or `requires_gpu`) with
     # `gpu`, so that the device run can select them with `-m gpu`.

@@ -18,7 +18,8 @@ import numba
 import numpy as np
 
 from fastface._backend import KernelFile, array_module, grid_1d
-from fastface._checks import check_array, check_finite, check_resolution, check_same_batch, value_checks_enabled
+from fastface._checks import (
+    check_array, check_finite, check_resolution, check_same_batch, queue_on_device, value_checks_enabled)
 
 __all__ = [
     "euler_rotation", "euler_rotation_backward",
@@ -319,10 +320,7 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
     height, width = check_resolution("resolution", resolution)
     if focal_is_array:
         check_array("focal", focal, dtype, (B,))
-        if value_checks_enabled():
-            check_finite("focal", focal)
-            if not bool((focal > 0).all()):
-                raise ValueError("focal must be positive (pixels)")
+        _check_focal_values(focal)
         f = xp.ascontiguousarray(focal)
     else:
         f_value = float(focal)
@@ -337,12 +335,37 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
         check_finite("grad_out", grad_out)
         g = xp.ascontiguousarray(grad_out if batched else grad_out[None])
     check_finite("points", points)
-    if value_checks_enabled():
-        n_behind = int((p3[..., 2] >= 0).sum())
-        if n_behind:
-            raise ValueError(f"points holds {n_behind} vertices behind the camera (z >= 0); the camera "
-                             f"looks down -z, so visible points need z < 0")
+    _check_in_front(p3)
     return xp, batched, p3, f, height, width, g, near, far
+
+
+def _check_focal_values(focal):
+    if not value_checks_enabled():
+        return
+    largest = float(np.finfo(focal.dtype).max)
+    # The smallest positive float as the lower bound: x >= it means x > 0, and NaN fails it.
+    if queue_on_device(focal, np.nextafter(focal.dtype.type(0), focal.dtype.type(1)), largest,
+                       "focal {} holds values that are not positive finite numbers of pixels", focal.shape):
+        return
+    check_finite("focal", focal)
+    if not bool((focal > 0).all()):
+        raise ValueError("focal must be positive (pixels)")
+
+
+def _check_in_front(p3):
+    """Raises ValueError when a point of p3 (B, V, 3), contiguous, is at or behind the camera (z >= 0)."""
+    if not value_checks_enabled():
+        return
+    largest = float(np.finfo(p3.dtype).max)
+    # z is every third value from offset 2; z <= -(smallest positive float) means z < 0.
+    if queue_on_device(p3, -largest, -np.nextafter(p3.dtype.type(0), p3.dtype.type(1)),
+                       "points {} holds vertices behind the camera (z >= 0); the camera looks down -z, so "
+                       "visible points need z < 0", p3.shape, offset=2, stride=3, count=p3.size // 3):
+        return
+    n_behind = int((p3[..., 2] >= 0).sum())
+    if n_behind:
+        raise ValueError(f"points holds {n_behind} vertices behind the camera (z >= 0); the camera "
+                         f"looks down -z, so visible points need z < 0")
 
 
 def perspective_projection(points, focal, resolution, near=10.0, far=10000.0):

@@ -449,6 +449,10 @@ def _check_raster(raster, B, dtype, name="raster"):
 def _check_tri_id_range(raster, n_tri, name="raster"):
     if not _checks.value_checks_enabled():
         return
+    if _checks.queue_on_device(raster.tri_id, -1, n_tri - 1,
+                               "{}.tri_id {} holds triangle ids outside [-1, {}] for the {} triangles of tri",
+                               name, raster.tri_id.shape, n_tri - 1, n_tri):
+        return
     lo, hi = int(raster.tri_id.min()), int(raster.tri_id.max())
     if lo < -1 or hi >= n_tri:
         raise ValueError(f"{name}.tri_id holds triangle ids in [{lo}, {hi}], outside [-1, {n_tri - 1}] "
