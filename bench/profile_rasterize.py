@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import fastface  # noqa: E402
 from bench.workloads import spherical_cap  # noqa: E402
+from fastface._backend import read_kernel_source  # noqa: E402
 
 R = importlib.import_module("fastface.ops.rasterize")
 I = importlib.import_module("fastface.ops.interpolate")
@@ -44,7 +45,7 @@ def _i32(*xs):
 
 
 def _compile(cupy, extra_options=(), variants=True):
-    src = (ROOT / "kernels" / "rasterize.cu").read_text()
+    src = read_kernel_source("rasterize.cu")  # with kernels/*.cuh pasted in, as the library compiles it
     if variants:
         src += "\n" + (ROOT / "bench" / "rasterize_variants.cu").read_text()
     names = tuple(R._GPU_NAMES)

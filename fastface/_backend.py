@@ -8,10 +8,11 @@ is imported lazily, the first time a function needs to know about it.
 import functools
 import importlib.resources
 import pathlib
+import re
 
 import numpy as np
 
-__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "grid_1d",
+__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "read_kernel_source", "grid_1d",
            "gpu_available"]
 
 
@@ -67,7 +68,7 @@ def array_module(*named_arrays):
     return cupy_or_none() if on_gpu else np
 
 
-def _read_kernel_source(filename):
+def _kernel_text(filename):
     try:
         return importlib.resources.files("fastface.kernels").joinpath(filename).read_text()
     except ModuleNotFoundError:
@@ -76,12 +77,36 @@ def _read_kernel_source(filename):
         return (pathlib.Path(__file__).resolve().parent.parent / "kernels" / filename).read_text()
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cuh)"[ \t]*$', re.M)
+_PRAGMA_ONCE = re.compile(r"^#pragma once[ \t]*$", re.M)
+
+
+def read_kernel_source(filename, _included=None):
+    """The text of `kernels/<filename>` with each `#include "x.cuh"` of a kernels/ header replaced by the
+    header's text (once per source; the headers use #pragma once for nvcc, which reads them itself).
+
+    Pasting the headers in, rather than passing NVRTC an include path, keeps CuPy's compile cache
+    honest: it keys on the source text, so an edited header is a new source.
+    """
+    included = set() if _included is None else _included
+
+    def paste(match):
+        header = match.group(1)
+        if header in included:
+            return f"// {header}: pasted above"
+        included.add(header)
+        text = _PRAGMA_ONCE.sub("", read_kernel_source(header, included))  # NVRTC warns of it in a main file
+        return f"// ---- {header} ----\n{text}\n// ---- end of {header} ----"
+
+    return _LOCAL_INCLUDE.sub(paste, _kernel_text(filename))
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_module(filename, name_expressions, options, device_id):
     cupy = cupy_or_none()
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(
-            code=_read_kernel_source(filename),
+            code=read_kernel_source(filename),
             options=("-std=c++17",) + tuple(options),
             name_expressions=tuple(name_expressions) if name_expressions else None,
         )

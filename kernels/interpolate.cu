@@ -4,10 +4,7 @@
 // Compiled with --fmad=false so that the weighted sums round like the Numba code.
 // Triangle and vertex indices are tested before any load (the Python checks can be turned off).
 
-template <int C>
-__device__ __forceinline__ int channels(int n_ch) {
-    return C > 0 ? C : n_ch;
-}
+#include "pixel_attributes.cuh"
 
 // Per-pixel kernels run on a 2-D grid: x over the H*W pixels of an image (blocks of 256, so a warp
 // reads 32 consecutive tri_id and bary entries and writes 32 consecutive output pixels), y over
@@ -25,16 +22,8 @@ __device__ __forceinline__ void interp_pixel(const float* __restrict__ attr, con
                                              int T, int nc, int attr_batched, float* __restrict__ out, int b,
                                              long long p) {
     float* o = out + p * nc;
-    int t = tri_id[p];
-    int i0 = -1, i1 = -1, i2 = -1;
-    bool ok = t >= 0 && t < T;
-    if (ok) {
-        i0 = tri[3LL * t];
-        i1 = tri[3LL * t + 1];
-        i2 = tri[3LL * t + 2];
-        ok = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
-    }
-    if (!ok) {
+    int i0, i1, i2;
+    if (!triangle_corners(tri, tri_id[p], T, V, i0, i1, i2)) {
         for (int c = 0; c < nc; ++c) o[c] = 0.0f;
         return;
     }
@@ -59,19 +48,6 @@ __global__ void interpolate_fwd(const float* __restrict__ attr, const int* __res
     }
 }
 
-// Vector atomics: one L2 operation for 4 floats on sm_90 and later (16-byte aligned address),
-// one per float before (and in the host emulation of the tests).
-__device__ __forceinline__ void atomic_add_float4(float4* g, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(g, v);
-#else
-    atomicAdd(&g->x, v.x);
-    atomicAdd(&g->y, v.y);
-    atomicAdd(&g->z, v.z);
-    atomicAdd(&g->w, v.w);
-#endif
-}
-
 // grad_bary = (sum_c g_c (a0_c - a2_c), sum_c g_c (a1_c - a2_c)) is written per pixel; grad_attr
 // receives u g, v g, (1-u-v) g by atomicAdd. With C = 3 or 4 channels grad_attr is a (..., V, 4)
 // buffer and each vertex takes one float4 atomic instead of C scalar ones (the caller drops the
@@ -83,16 +59,8 @@ __device__ __forceinline__ void interp_bwd_pixel(const float* __restrict__ attr,
                                                  const float* __restrict__ grad_out, int V, int T, int nc,
                                                  int attr_batched, float* __restrict__ grad_attr,
                                                  float2* __restrict__ grad_bary, int b, long long p) {
-    int t = tri_id[p];
-    int i0 = -1, i1 = -1, i2 = -1;
-    bool ok = t >= 0 && t < T;
-    if (ok) {
-        i0 = tri[3LL * t];
-        i1 = tri[3LL * t + 1];
-        i2 = tri[3LL * t + 2];
-        ok = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
-    }
-    if (!ok) {
+    int i0, i1, i2;
+    if (!triangle_corners(tri, tri_id[p], T, V, i0, i1, i2)) {
         grad_bary[p] = make_float2(0.0f, 0.0f);
         return;
     }
@@ -105,38 +73,16 @@ __device__ __forceinline__ void interp_bwd_pixel(const float* __restrict__ attr,
     const float* go = grad_out + p * nc;
     float gu = 0.0f, gv = 0.0f;
     if (C == 3 || C == 4) {
-        float g[4] = {0.0f, 0.0f, 0.0f, 0.0f}, g0[4], g1[4], g2[4];
+        float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             g[c] = go[c];
             gu += g[c] * (a0[c] - a2[c]);
             gv += g[c] * (a1[c] - a2[c]);
         }
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            g0[c] = g[c] != 0.0f ? uv.x * g[c] : 0.0f;
-            g1[c] = g[c] != 0.0f ? uv.y * g[c] : 0.0f;
-            g2[c] = g[c] != 0.0f ? w2 * g[c] : 0.0f;
-        }
-        float4* ga = reinterpret_cast<float4*>(grad_attr) + vbase;
-        atomic_add_float4(ga + i0, make_float4(g0[0], g0[1], g0[2], g0[3]));
-        atomic_add_float4(ga + i1, make_float4(g1[0], g1[1], g1[2], g1[3]));
-        atomic_add_float4(ga + i2, make_float4(g2[0], g2[1], g2[2], g2[3]));
+        scatter_weighted_vector<4>(grad_attr, vbase, i0, i1, i2, g, uv.x, uv.y, w2);
     } else {
-        float* ga0 = grad_attr + (vbase + i0) * nc;
-        float* ga1 = grad_attr + (vbase + i1) * nc;
-        float* ga2 = grad_attr + (vbase + i2) * nc;
-#pragma unroll
-        for (int c = 0; c < nc; ++c) {
-            float g = go[c];
-            gu += g * (a0[c] - a2[c]);
-            gv += g * (a1[c] - a2[c]);
-            if (g != 0.0f) {
-                atomicAdd(ga0 + c, uv.x * g);
-                atomicAdd(ga1 + c, uv.y * g);
-                atomicAdd(ga2 + c, w2 * g);
-            }
-        }
+        interpolate_grads_scalar(a0, a1, a2, go, grad_attr, vbase, i0, i1, i2, nc, uv.x, uv.y, w2, gu, gv);
     }
     grad_bary[p] = make_float2(gu, gv);
 }

@@ -11,6 +11,8 @@
 // Memory safety does not rely on the Python checks (they can be turned off): vertex and triangle
 // indices are tested against V and T before any load.
 
+#include "pixel_attributes.cuh"
+
 #define EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
 
 struct ScreenVertex {
@@ -239,11 +241,6 @@ __device__ __forceinline__ PixelBary pixel_bary(float4 p0, float4 p1, float4 p2,
     return r;
 }
 
-template <int C>
-__device__ __forceinline__ int channels(int n_ch) {
-    return C > 0 ? C : n_ch;
-}
-
 // Per-pixel kernels run on a 2-D grid: x over the H*W pixels of an image (blocks of 256, so a warp
 // reads 32 consecutive pixels of one row), y over images (a strided loop past 65535 images), so no
 // thread divides a 64-bit index. PIXEL_LOOP opens that loop and names p (flat pixel index), b, i, j.
@@ -269,15 +266,8 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
                                               int j, long long p) {
     unsigned long long key = zbuf[p];
     unsigned int t = (unsigned int)(key & 0xFFFFFFFFull);
-    int i0 = -1, i1 = -1, i2 = -1;
-    bool ok = key != EMPTY_KEY && t < (unsigned int)T;
-    if (ok) {
-        i0 = tri[3LL * t];
-        i1 = tri[3LL * t + 1];
-        i2 = tri[3LL * t + 2];
-        ok = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
-    }
-    if (!ok) {
+    int i0, i1, i2;
+    if (key == EMPTY_KEY || !triangle_corners(tri, t, T, V, i0, i1, i2)) {
         tri_id[p] = -1;
         bary[p] = make_float2(0.0f, 0.0f);
         depth[p] = __int_as_float(0x7F800000);  // +inf
@@ -334,28 +324,6 @@ __global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __r
         resolve_pixel<C>(pos, tri, zbuf, V, T, H, W, attr, nc, attr_batched, tri_id, bary, depth, out, b, i, j,
                          (long long)b * hw + q);
     }
-}
-
-// Vector atomics: one L2 operation for 2 or 4 floats on sm_90 and later (the address must be
-// 8- or 16-byte aligned), one per float before (and in the host emulation of the tests).
-__device__ __forceinline__ void atomic_add4(float4* g, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(g, v);
-#else
-    atomicAdd(&g->x, v.x);
-    atomicAdd(&g->y, v.y);
-    atomicAdd(&g->z, v.z);
-    atomicAdd(&g->w, v.w);
-#endif
-}
-
-__device__ __forceinline__ void atomic_add2(float2* g, float2 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(g, v);
-#else
-    atomicAdd(&g->x, v.x);
-    atomicAdd(&g->y, v.y);
-#endif
 }
 
 // Adds (gx, gy, 0, gw) to a vertex's float4 gradient (the zero changes no bit of z's slot).
@@ -432,10 +400,8 @@ __device__ __forceinline__ void interp_bwd_pixel(const float4* __restrict__ pos,
                                                  const float* __restrict__ grad_out, int V, int T, int H, int W,
                                                  int nc, int attr_batched, float4* __restrict__ grad_pos,
                                                  float* __restrict__ grad_attr, int b, int i, int j, long long p) {
-    int t = tri_id[p];
-    if (t < 0 || t >= T) return;
-    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
-    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
+    int i0, i1, i2;
+    if (!triangle_corners(tri, tri_id[p], T, V, i0, i1, i2)) return;
     // The loads that depend only on the pixel and the triangle, written before the divisions (see
     // resolve_pixel). Unlike there, ptxas (CUDA 13.0) still schedules the attribute and grad_out
     // loads after the barycentrics' arithmetic, which waits for the positions.
@@ -466,46 +432,14 @@ __device__ __forceinline__ void interp_bwd_pixel(const float4* __restrict__ pos,
     float w2 = (1.0f - u) - v;
     float gu = 0.0f, gv = 0.0f;
     if (VEC) {
-        // Products with a zero gradient are left out (as zeros), like the scalar path's skip, so
-        // that a non-finite weight times 0 cannot reach the sums.
-        float g0[4], g1[4], g2[4];
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             gu += g[c] * (r0[c] - r2[c]);
             gv += g[c] * (r1[c] - r2[c]);
         }
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            g0[c] = g[c] != 0.0f ? u * g[c] : 0.0f;
-            g1[c] = g[c] != 0.0f ? v * g[c] : 0.0f;
-            g2[c] = g[c] != 0.0f ? w2 * g[c] : 0.0f;
-        }
-        if (attr_grad_float4<C>()) {
-            float4* ga = reinterpret_cast<float4*>(grad_attr) + vbase;
-            atomic_add4(ga + i0, make_float4(g0[0], g0[1], g0[2], g0[3]));
-            atomic_add4(ga + i1, make_float4(g1[0], g1[1], g1[2], g1[3]));
-            atomic_add4(ga + i2, make_float4(g2[0], g2[1], g2[2], g2[3]));
-        } else {
-            float2* ga = reinterpret_cast<float2*>(grad_attr) + vbase;
-            atomic_add2(ga + i0, make_float2(g0[0], g0[1]));
-            atomic_add2(ga + i1, make_float2(g1[0], g1[1]));
-            atomic_add2(ga + i2, make_float2(g2[0], g2[1]));
-        }
+        scatter_weighted_vector<attr_grad_float4<C>() ? 4 : 2>(grad_attr, vbase, i0, i1, i2, g, u, v, w2);
     } else {
-        float* ga0 = grad_attr + (vbase + i0) * nc;
-        float* ga1 = grad_attr + (vbase + i1) * nc;
-        float* ga2 = grad_attr + (vbase + i2) * nc;
-#pragma unroll
-        for (int c = 0; c < nc; ++c) {
-            float g = go[c];
-            gu += g * (a0[c] - a2[c]);
-            gv += g * (a1[c] - a2[c]);
-            if (g != 0.0f) {
-                atomicAdd(ga0 + c, u * g);
-                atomicAdd(ga1 + c, v * g);
-                atomicAdd(ga2 + c, w2 * g);
-            }
-        }
+        interpolate_grads_scalar(a0, a1, a2, go, grad_attr, vbase, i0, i1, i2, nc, u, v, w2, gu, gv);
     }
     if (gu == 0.0f && gv == 0.0f) return;
     float4* gb = grad_pos + (long long)b * V;

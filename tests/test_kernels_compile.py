@@ -14,10 +14,11 @@ import subprocess
 import pytest
 
 import fastface
-from fastface._backend import KernelFile
+from fastface._backend import KernelFile, read_kernel_source
 
 KERNEL_DIR = pathlib.Path(__file__).resolve().parent.parent / "kernels"
 CUDA_SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
+CUDA_HEADERS = sorted(KERNEL_DIR.glob("*.cuh"))
 
 
 def test_kernel_folder_holds_cuda_sources():
@@ -39,7 +40,7 @@ def test_cuda_source_compiles_for_sm90_without_warnings(source, tmp_path):
 def test_rasterizer_profiling_variants_compile_appended_to_the_rasterizer(tmp_path):
     # bench/rasterize_variants.cu is not standalone: the profiler appends it to rasterize.cu.
     combined = tmp_path / "rasterize_with_variants.cu"
-    combined.write_text((KERNEL_DIR / "rasterize.cu").read_text() + "\n"
+    combined.write_text(read_kernel_source("rasterize.cu") + "\n"
                         + (KERNEL_DIR.parent / "bench" / "rasterize_variants.cu").read_text())
     test_cuda_source_compiles_for_sm90_without_warnings(combined, tmp_path)
 
@@ -62,10 +63,11 @@ def test_every_kernel_source_is_declared_by_the_library():
 def test_every_declared_kernel_exists_with_the_file_compile_options(kernel_file, tmp_path):
     # Taking each kernel's address instantiates the template and fails on a name that does not exist,
     # as NVRTC's name_expressions would at run time on the GPU.
+    # The source is the text the library hands NVRTC: kernels/*.cuh headers pasted in.
     references = ",\n    ".join(f"(void*)&{name}" for name in kernel_file.kernels)
     wrapper = tmp_path / f"declared_{kernel_file.filename}"
-    wrapper.write_text(f'#include "{KERNEL_DIR / kernel_file.filename}"\n'
-                       f"void* fastface_declared_kernels[] = {{\n    {references}\n}};\n")
+    wrapper.write_text(read_kernel_source(kernel_file.filename)
+                       + f"\nvoid* fastface_declared_kernels[] = {{\n    {references}\n}};\n")
     result = subprocess.run(
         ["nvcc", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", *kernel_file.options, "-c", str(wrapper),
          "-o", str(tmp_path / "declared.o")],
@@ -73,3 +75,17 @@ def test_every_declared_kernel_exists_with_the_file_compile_options(kernel_file,
     )
     assert result.returncode == 0, (f"kernels/{kernel_file.filename}: a declared kernel does not compile:\n"
                                     f"{result.stdout}\n{result.stderr}")
+
+
+def test_kernel_headers_are_pasted_into_the_source_the_library_compiles():
+    assert CUDA_HEADERS, "kernels/*.cuh: none found"
+    users = {}
+    for source in CUDA_SOURCES:
+        text = read_kernel_source(source.name)
+        assert "#include \"" not in text, f"{source.name}: a local include was left for NVRTC to resolve"
+        for header in CUDA_HEADERS:
+            if f'#include "{header.name}"' in source.read_text():
+                users.setdefault(header.name, []).append(source.name)
+                assert text.count(f"// ---- {header.name} ----") == 1
+                assert "#pragma once" not in text
+    assert set(users) == {h.name for h in CUDA_HEADERS}, "a header that no kernel source includes"
