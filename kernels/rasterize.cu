@@ -257,11 +257,15 @@ __device__ __forceinline__ PixelBary pixel_bary(float4 p0, float4 p1, float4 p2,
 // the attributes in the same pass, which saves a launch and a round trip of tri_id and bary
 // through memory. C > 0: that many channels, known at compile time; C == -1: n_ch channels;
 // C == 0: no attributes (attr and out are not touched).
+// zbuf and bary share their memory: the caller clears the bary output as the key buffer (8 bytes a
+// pixel either way), so a call allocates nothing beyond its outputs. Each thread reads its own
+// pixel's key before it writes that pixel's barycentrics, and no other thread touches either, so
+// neither pointer is __restrict__.
 template <int C>
 __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, const int* __restrict__ tri,
-                                              const unsigned long long* __restrict__ zbuf, int V, int T, int H,
+                                              const unsigned long long* zbuf, int V, int T, int H,
                                               int W, const float* __restrict__ attr, int nc, int attr_batched,
-                                              int* __restrict__ tri_id, float2* __restrict__ bary,
+                                              int* __restrict__ tri_id, float2* bary,
                                               float* __restrict__ depth, float* __restrict__ out, int b, int i,
                                               int j, long long p) {
     unsigned long long key = zbuf[p];
@@ -315,9 +319,9 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
 // One thread per pixel (see PIXEL_LOOP for the launch shape): keys -> Raster arrays (+ attributes).
 template <int C>
 __global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __restrict__ tri,
-                                  const unsigned long long* __restrict__ zbuf, int B, int V, int T, int H, int W,
+                                  const unsigned long long* zbuf, int B, int V, int T, int H, int W,
                                   const float* __restrict__ attr, int n_ch, int attr_batched,
-                                  int* __restrict__ tri_id, float2* __restrict__ bary, float* __restrict__ depth,
+                                  int* __restrict__ tri_id, float2* bary, float* __restrict__ depth,
                                   float* __restrict__ out) {
     int nc = channels<C>(n_ch);
     PIXEL_LOOP {

@@ -513,7 +513,10 @@ def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
     import cupy  # noqa: PLC0415
 
     T = tri.shape[0]
-    zbuf = cupy.empty((B, H, W), dtype=cupy.uint64)
+    # The 64-bit keys live in the bary output (8 bytes a pixel too): the resolve reads a pixel's key,
+    # then overwrites it with the pixel's barycentrics, so a call allocates only its outputs.
+    bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
+    zbuf = bary
     cupy.cuda.runtime.memsetAsync(zbuf.data.ptr, 0xFF, zbuf.nbytes, cupy.cuda.get_current_stream().ptr)
     b, v, t, h, w = np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W)
     grid, block = _grid_2d(T, B, _FWD_BLOCK, _FWD_IMAGES_PER_THREAD)
@@ -524,7 +527,6 @@ def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
     else:
         _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
     tri_id = cupy.empty((B, H, W), dtype=cupy.int32)
-    bary = cupy.empty((B, H, W, 2), dtype=cupy.float32)
     depth = cupy.empty((B, H, W), dtype=cupy.float32)
     if attr is None:
         C, attr_batched, out, name = 0, 0, None, "rasterize_resolve<0>"
