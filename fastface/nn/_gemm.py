@@ -95,9 +95,15 @@ class _CublasLibrary:
     allocation happens inside the GEMM call). So the library CuPy loaded is called directly:
     the same shared object (cuda.pathfinder's cached load, else the path in /proc/self/maps,
     else the soname), with explicit argument types, a handle made here (so CuPy's own handle
-    and its stream setting are never touched), and a 32 MiB workspace allocated once, outside
-    any capture. Calls on one device share the workspace, so they must not run concurrently on
-    two streams (fastface issues every GEMM on the current stream).
+    and its stream setting are never touched), and a 32 MiB workspace allocated once from
+    CuPy's memory pool, outside any capture, and held as long as the handle (for the process).
+
+    cublasSetStream unconditionally resets the handle's workspace to cuBLAS's default pool
+    (memory cuBLAS allocates itself, outside CuPy's pool, and not what a graph should record),
+    so the stream is set only when the current stream differs from the one the handle was last
+    bound to, and the workspace is set again right after every cublasSetStream. Calls on one
+    device share the handle and the workspace, so they must not run concurrently on two streams
+    (fastface issues every GEMM on the current stream).
     """
 
     WORKSPACE_BYTES = 32 << 20
@@ -120,7 +126,7 @@ class _CublasLibrary:
         for f in (L.cublasCreate_v2, L.cublasSetStream_v2, L.cublasSetWorkspace_v2, L.cublasSetMathMode,
                   L.cublasSetPointerMode_v2, L.cublasGemmEx):
             f.restype = c.c_int
-        self._handles = {}  # device id -> (handle, workspace array kept alive)
+        self._handles = {}  # device id -> _HandleState
 
     @staticmethod
     def _load():
@@ -155,21 +161,50 @@ class _CublasLibrary:
         if status != 0:
             raise RuntimeError(f"{what} failed with cublasStatus_t {status}")
 
-    def handle(self, cupy):
-        """This device's handle (made, with its workspace, on first use: never inside a capture)."""
-        dev = cupy.cuda.Device().id
-        entry = self._handles.get(dev)
-        if entry is None:
-            h = ctypes.c_void_p()
-            self.check(self.lib.cublasCreate_v2(ctypes.byref(h)), "cublasCreate_v2")
-            workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)
-            self.check(self.lib.cublasSetWorkspace_v2(h, ctypes.c_void_p(workspace.data.ptr),
-                                                      ctypes.c_size_t(self.WORKSPACE_BYTES)),
-                       "cublasSetWorkspace_v2")
-            self.check(self.lib.cublasSetPointerMode_v2(h, _CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode_v2")
-            self.check(self.lib.cublasSetMathMode(h, _CUBLAS_DEFAULT_MATH), "cublasSetMathMode")
-            entry = self._handles[dev] = (h, workspace)
-        return entry[0]
+    def handle(self, cupy, stream):
+        """This device's handle, bound to `stream` (a cudaStream_t as an int) with our workspace.
+
+        The handle and workspace are made on first use (never inside a capture). On the batch-of-one
+        path this runs for every GEMM, so the common case is a dict lookup and one comparison.
+        """
+        dev = cupy.cuda.runtime.getDevice()
+        state = self._handles.get(dev)
+        if state is None:
+            state = self._handles[dev] = self._create(cupy)
+        if state.stream != stream:
+            self._bind(state, stream)
+        return state.handle
+
+    def _create(self, cupy):
+        h = ctypes.c_void_p()
+        self.check(self.lib.cublasCreate_v2(ctypes.byref(h)), "cublasCreate_v2")
+        # Referenced by the state, which lives in self._handles as long as the handle: the pool
+        # never hands this memory to anyone else while cuBLAS may write to it.
+        workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)
+        self.check(self.lib.cublasSetPointerMode_v2(h, _CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode_v2")
+        self.check(self.lib.cublasSetMathMode(h, _CUBLAS_DEFAULT_MATH), "cublasSetMathMode")
+        return _HandleState(h, workspace, self.WORKSPACE_BYTES)
+
+    def _bind(self, state, stream):
+        """cublasSetStream, then cublasSetWorkspace again (cublasSetStream dropped it)."""
+        state.stream = None  # unknown until both calls succeed: a failure makes the next call retry
+        self.check(self.lib.cublasSetStream_v2(state.handle, ctypes.c_void_p(stream)), "cublasSetStream_v2")
+        self.check(self.lib.cublasSetWorkspace_v2(state.handle, state.workspace_ptr, state.workspace_size),
+                   "cublasSetWorkspace_v2")
+        state.stream = stream
+
+
+class _HandleState:
+    """One device's cuBLAS handle, the workspace it computes in, and the stream it is bound to."""
+
+    __slots__ = ("handle", "workspace", "workspace_ptr", "workspace_size", "stream")
+
+    def __init__(self, handle, workspace, size):
+        self.handle = handle
+        self.workspace = workspace  # the cupy array: keeps the memory alive
+        self.workspace_ptr = ctypes.c_void_p(workspace.data.ptr)
+        self.workspace_size = ctypes.c_size_t(size)
+        self.stream = None  # no stream set yet: the first call binds one
 
 
 _CUBLAS_POINTER_MODE_HOST = 0
@@ -220,8 +255,7 @@ def _gemm_cublas(a, b, out, m, n, k, trans_a, trans_b, alpha, beta, compute):
     stream = cupy.cuda.get_current_stream().ptr
     lib = _cublas()
     if lib is not None:
-        handle = lib.handle(cupy)
-        lib.check(lib.lib.cublasSetStream_v2(handle, ctypes.c_void_p(stream)), "cublasSetStream_v2")
+        handle = lib.handle(cupy, stream)
         # Column-major: out^T (n x m) = op(b)^T (n x k) @ op(a)^T (k x m).
         lib.check(lib.lib.cublasGemmEx(
             handle, op_b, op_a, n, m, k,

@@ -1,4 +1,7 @@
 """The row-major GEMM helper: every transpose, alpha/beta, row slices, and cuBLAS against numpy."""
+import types
+import weakref
+
 import numpy as np
 import pytest
 
@@ -82,3 +85,125 @@ def test_gpu_gemm_records_in_a_cuda_graph_and_replays_on_new_data(cupy, rng, dty
     rtol = 1e-5 if dtype == np.float32 and compute == "float32" else 1e-2
     scale = 0.5 * np.abs(a.get().astype(np.float64)) @ np.abs(b.get().astype(np.float64)).T
     assert np.all(np.abs(out.get() - expected) <= rtol * scale + 1e-6)
+
+
+# -- the cuBLAS handle's stream and workspace, against a fake libcublas (runs on the CPU) -------
+
+class _FakeCublasFunction:
+    """One libcublas entry point: records its name and arguments (ctypes values unwrapped)."""
+
+    def __init__(self, name, calls, failures):
+        self.name, self.calls, self.failures = name, calls, failures
+
+    def __call__(self, *args):
+        if self.name == "cublasCreate_v2":
+            args[0]._obj.value = 0xB1A5  # the byref(handle) out-parameter
+        # ctypes.c_void_p(0).value is None: NULL (the legacy default stream) is recorded as 0
+        self.calls.append((self.name, tuple((getattr(a, "value", a) or 0) for a in args)))
+        return self.failures.pop(self.name, 0)
+
+
+class _FakeCublas:
+    """Stands in for the CDLL that _CublasLibrary._load opens. failures: name -> status to
+    return once."""
+
+    def __init__(self):
+        self.calls, self.failures = [], {}
+
+    def __getattr__(self, name):
+        if not name.startswith("cublas"):
+            raise AttributeError(name)
+        function = _FakeCublasFunction(name, self.calls, self.failures)
+        setattr(self, name, function)
+        return function
+
+    def named(self, name):
+        return [args for n, args in self.calls if n == name]
+
+
+class _FakeDeviceArray:
+    """A numpy array dressed as a cupy one (shape, strides, dtype and data.ptr are all gemm reads)."""
+
+    def __init__(self, host):
+        self.host = host
+        self.dtype, self.shape, self.strides, self.ndim = host.dtype, host.shape, host.strides, host.ndim
+        self.data = types.SimpleNamespace(ptr=host.ctypes.data)
+
+
+class _FakeCupy:
+    """The corner of cupy that the ctypes path touches: the current device and stream, empty()."""
+
+    def __init__(self):
+        self.stream_ptr = 0x51
+        self.allocated = []  # weak references: the test must not keep the workspace alive itself
+        self.cuda = types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDevice=lambda: 0),
+            Device=lambda: types.SimpleNamespace(id=0),  # either way of asking for the device
+            get_current_stream=lambda: types.SimpleNamespace(ptr=self.stream_ptr))
+
+    def empty(self, shape, dtype):
+        array = _FakeDeviceArray(np.empty(shape, dtype=dtype))
+        self.allocated.append(weakref.ref(array))
+        return array
+
+
+@pytest.fixture
+def fake_cublas(monkeypatch):
+    from fastface.nn import _gemm
+
+    lib, cupy = _FakeCublas(), _FakeCupy()
+    monkeypatch.setattr(_gemm._CublasLibrary, "_load", staticmethod(lambda: lib))
+    monkeypatch.setattr(_gemm, "_cublas_state", {})
+    monkeypatch.setattr(_gemm, "cupy_or_none", lambda: cupy)
+    monkeypatch.setattr(_gemm, "is_cupy_array", lambda x: isinstance(x, _FakeDeviceArray))
+    assert _gemm._cublas() is not None, _gemm._cublas_state.get("error")
+    return lib, cupy
+
+
+def _fake_gemm():
+    a, b, out = (_FakeDeviceArray(np.zeros(s, dtype=np.float32)) for s in ((4, 3), (3, 2), (4, 2)))
+    gemm(a, b, out)
+
+
+def test_cublas_stream_is_set_only_when_it_changes_and_always_followed_by_our_workspace(fake_cublas):
+    from fastface.nn import _gemm
+
+    lib, cupy = fake_cublas
+    streams = [0x51, 0x51, 0x51, 0x52, 0x52, 0x51, 0x0, 0x0]
+    for stream in streams:
+        cupy.stream_ptr = stream
+        _fake_gemm()
+    assert [args[1] for args in lib.named("cublasSetStream_v2")] == [0x51, 0x52, 0x51, 0x0]
+    assert len(lib.named("cublasGemmEx")) == len(streams)
+    # One workspace for the handle's life, from cupy's pool, never a per-call allocation.
+    assert len(cupy.allocated) == 1
+    workspace = cupy.allocated[0]()
+    assert workspace is not None, "the workspace was freed while the handle still uses it"
+    assert workspace.host.nbytes == _gemm._CublasLibrary.WORKSPACE_BYTES
+    handle = lib.named("cublasGemmEx")[0][0]
+    expected_workspace = ("cublasSetWorkspace_v2", (handle, workspace.data.ptr, _gemm._CublasLibrary.WORKSPACE_BYTES))
+    for i, (name, args) in enumerate(lib.calls):
+        if name == "cublasSetStream_v2":
+            assert lib.calls[i + 1] == expected_workspace, "cublasSetStream reset the workspace; it was not set again"
+        elif name == "cublasGemmEx":
+            assert args[0] == handle
+    # every GEMM ran with the handle bound to the stream current at the time
+    gemm_streams = []
+    bound = None
+    for name, args in lib.calls:
+        if name == "cublasSetStream_v2":
+            bound = args[1]
+        elif name == "cublasGemmEx":
+            gemm_streams.append(bound)
+    assert gemm_streams == streams
+
+
+def test_cublas_rebinds_after_a_failed_set_workspace(fake_cublas):
+    lib, cupy = fake_cublas
+    lib.failures["cublasSetWorkspace_v2"] = 7
+    with pytest.raises(RuntimeError, match="cublasSetWorkspace_v2 failed with cublasStatus_t 7"):
+        _fake_gemm()
+    assert lib.named("cublasGemmEx") == []
+    _fake_gemm()  # same stream: the handle must not be taken as bound after the failure
+    assert len(lib.named("cublasSetStream_v2")) == 2
+    assert lib.calls[-2][0] == "cublasSetWorkspace_v2" and lib.calls[-1][0] == "cublasGemmEx"
