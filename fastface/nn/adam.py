@@ -132,7 +132,8 @@ class Adam:
         self._partial = xp.zeros(_N_PARTS, dtype=dtype)
         self._step = xp.zeros(1, dtype=np.int32)
         self._hyper = np.array([lr, beta1, beta2, eps, weight_decay, clip_norm or 0.0], dtype=dtype)
-        self._hyper_dev = xp.asarray(self._hyper)
+        # On the CPU the same array (np.asarray does not copy); on the GPU a copy that the kernels read.
+        self._hyper_dev = self._hyper if xp is np else xp.asarray(self._hyper)
         self._steps_host = 0
 
     # -- hyperparameters -------------------------------------------------------------------
@@ -142,13 +143,22 @@ class Adam:
 
     @lr.setter
     def lr(self, value):
-        """Takes effect at the next step, also inside a captured CUDA graph (it is read on the device)."""
+        """Takes effect at the next step, also inside a captured CUDA graph (it is read on the device).
+
+        On the GPU the new value is copied into the existing device array on the current stream
+        (the stream graphs replay on), so steps queued before it use the old value and no device
+        memory is allocated: a schedule may change lr at every step.
+        """
         if not isinstance(value, (int, float, np.integer, np.floating)):
             raise TypeError(f"lr must be a number; got {value!r}")
         if not 0 < value < np.inf:
             raise ValueError(f"lr must be positive and finite; got {value!r}")
         self._hyper[0] = value
-        self._hyper_dev[...] = self._xp.asarray(self._hyper)
+        # A kernel argument would be frozen into a captured graph, so lr stays in device memory.
+        # The CPU kernels read self._hyper itself. The source is pageable host memory, which the
+        # driver stages before the copy call returns: self._hyper may change right after.
+        if self._hyper_dev is not self._hyper:
+            self._hyper_dev.set(self._hyper)
 
     @property
     def steps(self):

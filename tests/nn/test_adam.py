@@ -6,12 +6,15 @@ from fastface.nn import Adam, Encoder
 
 
 def adam_reference(params, grads_per_step, lr, betas, eps, weight_decay, clip_norm):
-    """Kingma & Ba's Algorithm 1 with AdamW's decay and clipping by global norm, in float64."""
+    """Kingma & Ba's Algorithm 1 with AdamW's decay and clipping by global norm, in float64.
+
+    lr: a number, or one per step (a schedule)."""
     p = {k: np.array(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     b1, b2 = betas
-    for t, grads in enumerate(grads_per_step, start=1):
+    lrs = list(lr) if np.ndim(lr) else [lr] * len(grads_per_step)
+    for t, (grads, lr) in enumerate(zip(grads_per_step, lrs, strict=True), start=1):
         norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
         c = min(1.0, clip_norm / norm) if clip_norm else 1.0
         for k in p:
@@ -72,6 +75,24 @@ def test_adam_lr_can_change_between_steps(rng):
     np.testing.assert_allclose(params["a"], -0.01 * np.ones(3), rtol=1e-6)
 
 
+def test_adam_lr_changed_between_steps_scales_each_step_like_the_reference(rng):
+    params = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
+    start = {k: v.copy() for k, v in params.items()}
+    steps = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(4)]
+    schedule = [0.1, 0.01, 0.05, 0.002]
+    opt = Adam(params, lr=0.3, weight_decay=0.1, clip_norm=2.0)
+    for lr, grads in zip(schedule, steps):
+        opt.lr = lr
+        assert opt.lr == lr
+        opt.step(grads)
+    ref = adam_reference(start, steps, schedule, (0.9, 0.999), 1e-8, 0.1, 2.0)
+    for k in params:
+        np.testing.assert_allclose(params[k], ref[k], rtol=1e-12, atol=1e-14)
+    # the schedule mattered: the first lr throughout lands elsewhere
+    constant = adam_reference(start, steps, schedule[0], (0.9, 0.999), 1e-8, 0.1, 2.0)
+    assert np.abs(params["a"] - constant["a"]).max() > 1e-2
+
+
 def test_adam_rejects_bad_arguments(rng):
     params = {"a": np.zeros(3)}
     with pytest.raises(ValueError, match="lr"):
@@ -101,6 +122,43 @@ def test_gpu_adam_matches_cpu(cupy, rng, tol):
     np.testing.assert_allclose(gpu.flat_params.get(), cpu.flat_params, rtol=tol["gpu_cpu_rtol"] * 10,
                                atol=tol["gpu_cpu_atol"])
     np.testing.assert_allclose(opt_gpu.m[0].get(), opt_cpu.m[0], rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+
+
+def test_gpu_adam_lr_changed_between_steps_matches_reference(cupy, rng):
+    params = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    start = {k: v.copy() for k, v in params.items()}
+    steps = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(4)]
+    schedule = [0.1, 0.01, 0.05, 0.002]
+    gpu_params = {k: cupy.asarray(v) for k, v in params.items()}
+    opt = Adam(gpu_params, lr=0.3, clip_norm=0.5)
+    for lr, grads in zip(schedule, steps):
+        opt.lr = lr
+        opt.step({k: cupy.asarray(g) for k, g in grads.items()})
+    ref = adam_reference(start, steps, schedule, (0.9, 0.999), 1e-8, 0.0, 0.5)
+    for k in params:
+        np.testing.assert_allclose(gpu_params[k].get(), ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_adam_lr_change_reaches_a_captured_step(cupy, rng):
+    """lr is read from device memory, so a graph captured once follows a schedule set between replays."""
+    settings = dict(resolution=16, widths=(8,), stem_width=8)
+    eager, graphed = Encoder(3, **settings).to("gpu"), Encoder(3, **settings).to("gpu")
+    # eps=1: the update is smooth in g, so GEMM rounding differences stay at rounding level
+    opt_eager, opt_graphed = Adam(eager, lr=1e-3, eps=1.0), Adam(graphed, lr=1e-3, eps=1.0)
+    graph = graphed.capture(2, backward=True, optimizer=opt_graphed)
+    for lr in (1e-2, 1e-4):
+        x = cupy.asarray(rng.uniform(size=(2, 16, 16, 3)).astype(np.float32))
+        g = cupy.asarray(rng.normal(size=(2, 3)).astype(np.float32))
+        opt_eager.lr = opt_graphed.lr = lr
+        eager.forward(x)
+        eager.backward(g, need_grad_x=False)
+        opt_eager.step()
+        graph.x[...] = x
+        graph.grad_y[...] = g
+        graph.step()
+    # the same kernels on the same data, up to cuBLAS's choice of algorithm; a graph that kept
+    # the lr of its capture (1e-3) would be off by most of both updates
+    np.testing.assert_allclose(graphed.flat_params.get(), eager.flat_params.get(), rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_adam_writes_the_float16_shadow_weights(cupy, rng):
