@@ -11,13 +11,13 @@ y = 1 - 2 (y_pix + 0.5) / H.
 The focal length is not differentiated: the backward functions return gradients of the points
 (and of rotation and translation), not of the focal length, which fastface keeps fixed.
 
-`euler_rotation` is a handful of (B, 3, 3) array operations (numpy or cupy, no kernel: B x 9
-numbers). The per-vertex ops have Numba kernels here and CUDA twins in kernels/camera.cu.
+Every op has a Numba kernel here and a CUDA twin in kernels/camera.cu (one thread per batch element
+for `euler_rotation`, per vertex for the others).
 """
 import numba
 import numpy as np
 
-from fastface._backend import KernelFile, array_module, grid_1d
+from fastface._backend import NULL_POINTER, KernelFile, array_module, grid_1d
 from fastface._checks import (
     check_array, check_finite, check_resolution, check_same_batch, queue_on_device, value_checks_enabled)
 
@@ -46,51 +46,92 @@ def _check_float(xp, name, a, *patterns):
 
 
 _kernel = KernelFile("camera.cu", (
+    "euler_rotation_fwd", "euler_rotation_bwd",
     "rigid_transform_fwd<false>", "rigid_transform_fwd<true>", "rigid_transform_bwd<false>", "rigid_transform_bwd<true>",
     "perspective_projection_fwd", "perspective_projection_bwd", "project_to_pixels_fwd", "project_to_pixels_bwd"))
 
 
 # ---------------------------------------------------------------------------------------------
-# Euler rotation (array math on either backend)
+# Euler rotation
 
-def _axis_rotations(angles, xp):
-    """Rx(pitch), Ry(yaw), Rz(roll) and their derivatives, each (B, 3, 3)."""
-    c, s = xp.cos(angles), xp.sin(angles)
-    zero, one = xp.zeros_like(c[:, 0]), xp.ones_like(c[:, 0])
+@numba.njit(cache=True)
+def _euler_matrix(cp, sp, cy, sy, cr, sr, r):
+    """R = Rz(roll) Ry(yaw) Rx(pitch) written out into the (3, 3) array r (kernels/camera.cu's euler_matrix)."""
+    r[0, 0] = cr * cy
+    r[0, 1] = cr * sy * sp - sr * cp
+    r[0, 2] = cr * sy * cp + sr * sp
+    r[1, 0] = sr * cy
+    r[1, 1] = sr * sy * sp + cr * cp
+    r[1, 2] = sr * sy * cp - cr * sp
+    r[2, 0] = -sy
+    r[2, 1] = cy * sp
+    r[2, 2] = cy * cp
 
-    def mat(rows):
-        return xp.stack([xp.stack(r, axis=-1) for r in rows], axis=-2)
 
-    cp, sp, cy, sy, cr, sr = c[:, 0], s[:, 0], c[:, 1], s[:, 1], c[:, 2], s[:, 2]
-    rx = mat([[one, zero, zero], [zero, cp, -sp], [zero, sp, cp]])
-    ry = mat([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
-    rz = mat([[cr, -sr, zero], [sr, cr, zero], [zero, zero, one]])
-    drx = mat([[zero, zero, zero], [zero, -sp, -cp], [zero, cp, -sp]])
-    dry = mat([[-sy, zero, cy], [zero, zero, zero], [-cy, zero, -sy]])
-    drz = mat([[-sr, -cr, zero], [cr, -sr, zero], [zero, zero, zero]])
-    return rx, ry, rz, drx, dry, drz
+# Numba rather than (B, 3, 3) numpy array math on the CPU: the matrix products took ~30 small array
+# operations per call (~90 us forward, ~105 us backward at B = 1, against ~7 and ~13 us here), and the
+# twin keeps the CPU on the CUDA kernels' formulas. Sequential (no prange): B is a few images of ~40
+# flops each, far less than the cost of waking a thread pool.
+
+@numba.njit(cache=True)
+def euler_rotation_fwd(angles, rotation):
+    """One iteration per batch element: angles (B, 3) (pitch, yaw, roll) -> rotation (B, 3, 3)."""
+    for b in range(angles.shape[0]):
+        _euler_matrix(np.cos(angles[b, 0]), np.sin(angles[b, 0]), np.cos(angles[b, 1]), np.sin(angles[b, 1]),
+                      np.cos(angles[b, 2]), np.sin(angles[b, 2]), rotation[b])
+
+
+@numba.njit(cache=True)
+def euler_rotation_bwd(angles, grad_out, grad_angles):
+    """One iteration per batch element: grad_angles (B, 3) = <grad_out (B, 3, 3), dR/d angle>.
+
+    d/dpitch turns R's columns (1, 2) into (2, -1) (Rx is the right factor), d/droll turns its rows
+    (0, 1) into (-1, 0) (Rz is the left factor), and d/dyaw = Rz dRy Rx has the rows cr u, sr u and w,
+    with u = (-sy, cy sp, cy cp) and w = (-cy, -sy sp, -sy cp).
+    """
+    r = np.empty((3, 3), dtype=angles.dtype)
+    for b in range(angles.shape[0]):
+        cp, sp = np.cos(angles[b, 0]), np.sin(angles[b, 0])
+        cy, sy = np.cos(angles[b, 1]), np.sin(angles[b, 1])
+        cr, sr = np.cos(angles[b, 2]), np.sin(angles[b, 2])
+        _euler_matrix(cp, sp, cy, sy, cr, sr, r)
+        g = grad_out[b]
+        u0, u1, u2 = -sy, cy * sp, cy * cp
+        w0, w1, w2 = -cy, -sy * sp, -sy * cp
+        grad_angles[b, 0] = ((g[0, 1] * r[0, 2] - g[0, 2] * r[0, 1]) + (g[1, 1] * r[1, 2] - g[1, 2] * r[1, 1])
+                             + (g[2, 1] * r[2, 2] - g[2, 2] * r[2, 1]))
+        grad_angles[b, 1] = (((cr * g[0, 0] + sr * g[1, 0]) * u0 + g[2, 0] * w0)
+                             + ((cr * g[0, 1] + sr * g[1, 1]) * u1 + g[2, 1] * w1)
+                             + ((cr * g[0, 2] + sr * g[1, 2]) * u2 + g[2, 2] * w2))
+        grad_angles[b, 2] = ((g[1, 0] * r[0, 0] - g[0, 0] * r[1, 0]) + (g[1, 1] * r[0, 1] - g[0, 1] * r[1, 1])
+                             + (g[1, 2] * r[0, 2] - g[0, 2] * r[1, 2]))
 
 
 def _check_angles(angles):
     xp = array_module(("angles", angles))
-    batched = check_array("angles", angles, (np.float32, np.float64), ("B", 3), (3,)) == 0
+    batched = _check_float(xp, "angles", angles, ("B", 3), (3,)) == 0
     check_finite("angles", angles)
-    return xp, batched, (angles if batched else angles[None])
+    return xp, batched, xp.ascontiguousarray(angles if batched else angles[None])
 
 
 def euler_rotation(angles):
     """Rotation matrices from Euler angles, R = Rz(roll) @ Ry(yaw) @ Rx(pitch).
 
     Args:
-        angles: (B, 3) or (3,) float32 or float64 (pitch, yaw, roll) in radians, numpy or cupy.
+        angles: (B, 3) or (3,) float32 (float64 also on the CPU) (pitch, yaw, roll) in radians,
+            numpy or cupy.
 
     Returns:
         (B, 3, 3) (or (3, 3)) rotation matrices, the dtype of angles.
     """
     xp, batched, a = _check_angles(angles)
-    rx, ry, rz, _, _, _ = _axis_rotations(a, xp)
-    r = rz @ ry @ rx
-    return r if batched else r[0]
+    B = a.shape[0]
+    rotation = xp.empty((B, 3, 3), dtype=a.dtype)
+    if xp is np:
+        euler_rotation_fwd(a, rotation)
+    else:
+        _kernel("euler_rotation_fwd")(*grid_1d(B, _BLOCK), (a, rotation, np.int32(B)))
+    return rotation if batched else rotation[0]
 
 
 def euler_rotation_backward(angles, grad_out):
@@ -98,7 +139,7 @@ def euler_rotation_backward(angles, grad_out):
 
     Args:
         angles: as for `euler_rotation`.
-        grad_out: (B, 3, 3) (or (3, 3)) gradient of the rotation matrices.
+        grad_out: (B, 3, 3) (or (3, 3)) gradient of the rotation matrices, the dtype of angles.
 
     Returns:
         grad_angles shaped like angles.
@@ -107,12 +148,14 @@ def euler_rotation_backward(angles, grad_out):
     array_module(("angles", angles), ("grad_out", grad_out))
     check_array("grad_out", grad_out, angles.dtype, tuple(angles.shape[:-1]) + (3, 3))
     check_finite("grad_out", grad_out)
-    g = grad_out if batched else grad_out[None]
-    rx, ry, rz, drx, dry, drz = _axis_rotations(a, xp)
-    grad = xp.stack([(g * (rz @ ry @ drx)).sum(axis=(1, 2)),
-                     (g * (rz @ dry @ rx)).sum(axis=(1, 2)),
-                     (g * (drz @ ry @ rx)).sum(axis=(1, 2))], axis=-1)
-    return grad if batched else grad[0]
+    g = xp.ascontiguousarray(grad_out if batched else grad_out[None])
+    B = a.shape[0]
+    grad_angles = xp.empty((B, 3), dtype=a.dtype)
+    if xp is np:
+        euler_rotation_bwd(a, g, grad_angles)
+    else:
+        _kernel("euler_rotation_bwd")(*grid_1d(B, _BLOCK), (a, g, grad_angles, np.int32(B)))
+    return grad_angles if batched else grad_angles[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,14 +212,17 @@ def rigid_transform_bwd(points, rotation, translation, grad_out, grad_points, gr
                     grad_translation[b, r] = s
 
 
+# The projections take the focal as `focal` (B,) and `focal_scalar`, and use the scalar when `focal` is
+# empty: the CUDA twins get a null pointer there, so that a scalar focal costs no (B,) array on the GPU.
+
 @numba.njit(cache=True, parallel=True)
-def perspective_projection_fwd(points, focal, out, height, width, near, far):
+def perspective_projection_fwd(points, focal, focal_scalar, out, height, width, near, far):
     """One iteration per (batch, vertex): OpenGL clip coordinates."""
     B, V = points.shape[0], points.shape[1]
     za, zb = (far + near) / (near - far), 2.0 * far * near / (near - far)
     for i in numba.prange(B * V):
         b, v = i // V, i % V
-        f = focal[b]
+        f = focal[b] if focal.shape[0] != 0 else focal_scalar
         z = points[b, v, 2]
         out[b, v, 0] = (2.0 * f / width) * points[b, v, 0]
         out[b, v, 1] = (2.0 * f / height) * points[b, v, 1]
@@ -185,36 +231,36 @@ def perspective_projection_fwd(points, focal, out, height, width, near, far):
 
 
 @numba.njit(cache=True, parallel=True)
-def perspective_projection_bwd(points, focal, grad_out, grad_points, height, width, near, far):
+def perspective_projection_bwd(points, focal, focal_scalar, grad_out, grad_points, height, width, near, far):
     B, V = points.shape[0], points.shape[1]
     za = (far + near) / (near - far)
     for i in numba.prange(B * V):
         b, v = i // V, i % V
-        f = focal[b]
+        f = focal[b] if focal.shape[0] != 0 else focal_scalar
         grad_points[b, v, 0] = (2.0 * f / width) * grad_out[b, v, 0]
         grad_points[b, v, 1] = (2.0 * f / height) * grad_out[b, v, 1]
         grad_points[b, v, 2] = za * grad_out[b, v, 2] - grad_out[b, v, 3]
 
 
 @numba.njit(cache=True, parallel=True)
-def project_to_pixels_fwd(points, focal, out, height, width):
+def project_to_pixels_fwd(points, focal, focal_scalar, out, height, width):
     """One iteration per (batch, vertex): x_pix = f x / -z + W/2 - 0.5, y_pix = -f y / -z + H/2 - 0.5."""
     B, V = points.shape[0], points.shape[1]
     for i in numba.prange(B * V):
         b, v = i // V, i % V
-        s = focal[b] / -points[b, v, 2]
+        s = (focal[b] if focal.shape[0] != 0 else focal_scalar) / -points[b, v, 2]
         out[b, v, 0] = s * points[b, v, 0] + 0.5 * width - 0.5
         out[b, v, 1] = -s * points[b, v, 1] + 0.5 * height - 0.5
 
 
 @numba.njit(cache=True, parallel=True)
-def project_to_pixels_bwd(points, focal, grad_out, grad_points, height, width):
+def project_to_pixels_bwd(points, focal, focal_scalar, grad_out, grad_points, height, width):
     """With s = f / -z: d x_pix = s dx + s x / -z dz, d y_pix = -s dy - s y / -z dz."""
     B, V = points.shape[0], points.shape[1]
     for i in numba.prange(B * V):
         b, v = i // V, i % V
         inv_w = 1.0 / -points[b, v, 2]
-        s = focal[b] * inv_w
+        s = (focal[b] if focal.shape[0] != 0 else focal_scalar) * inv_w
         gx, gy = grad_out[b, v, 0], grad_out[b, v, 1]
         grad_points[b, v, 0] = s * gx
         grad_points[b, v, 1] = -s * gy
@@ -306,8 +352,18 @@ def _check_near_far(near, far):
     return near_f, far_f
 
 
+# What the kernels get for "no per-image focal": an empty array on the CPU, a null pointer on the GPU
+# (fastface._backend.NULL_POINTER; not None, see there).
+_NO_FOCAL_ARRAY = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
+
+
 def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, near=None, far=None):
-    """Checks the inputs of the projections; returns (xp, batched, points (B,V,3), focal (B,), H, W, grad)."""
+    """Checks the inputs of the projections.
+
+    Returns (xp, batched, points (B, V, 3), focal_args, H, W, grad, near, far). focal_args is the kernels'
+    (focal, focal_scalar) pair: the (B,) array and a zero, or no array (empty on the CPU, a null
+    pointer on the GPU) and the scalar in the dtype of the points, so a scalar focal allocates nothing.
+    """
     focal_is_array = not isinstance(focal, (int, float, np.generic))
     if focal_is_array and not (hasattr(focal, "dtype") and hasattr(focal, "shape")):
         raise TypeError(f"focal must be a positive number of pixels or a (B,) array of them; got "
@@ -321,14 +377,14 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
     if focal_is_array:
         check_array("focal", focal, dtype, (B,))
         _check_focal_values(focal)
-        f = xp.ascontiguousarray(focal)
+        focal_args = (xp.ascontiguousarray(focal), dtype.type(0))
     else:
         f_value = float(focal)
         # The bound keeps the value finite once cast to the working dtype (1e300 is inf in float32).
         if not (0 < f_value <= float(np.finfo(dtype).max)):
             raise ValueError(f"focal must be a positive finite number of pixels (as {np.dtype(dtype)}); "
                              f"got {focal!r}")
-        f = xp.full((B,), f_value, dtype=dtype)
+        focal_args = (_NO_FOCAL_ARRAY[dtype] if xp is np else NULL_POINTER, dtype.type(f_value))
     g = None
     if grad_width is not None:  # a backward: a None grad_out fails here with a TypeError naming it
         check_array("grad_out", grad_out, dtype, tuple(points.shape[:-1]) + (grad_width,))
@@ -336,7 +392,7 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
         g = xp.ascontiguousarray(grad_out if batched else grad_out[None])
     check_finite("points", points)
     _check_in_front(p3)
-    return xp, batched, p3, f, height, width, g, near, far
+    return xp, batched, p3, focal_args, height, width, g, near, far
 
 
 def _check_focal_values(focal):
@@ -384,14 +440,15 @@ def perspective_projection(points, focal, resolution, near=10.0, far=10000.0):
         (B, V, 4) (or (V, 4)) clip-space positions.
     """
     near, far = _check_near_far(near, far)
-    xp, batched, p3, f, height, width, _, near, far = _prepare_camera(points, focal, resolution, near=near, far=far)
+    xp, batched, p3, focal_args, height, width, _, near, far = _prepare_camera(
+        points, focal, resolution, near=near, far=far)
     B, V = p3.shape[0], p3.shape[1]
     out = xp.empty((B, V, 4), dtype=p3.dtype)
     if xp is np:
-        perspective_projection_fwd(p3, f, out, height, width, near, far)
+        perspective_projection_fwd(p3, *focal_args, out, height, width, near, far)
     else:
         _kernel("perspective_projection_fwd")(
-            *grid_1d(B * V), (p3, f, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width),
+            *grid_1d(B * V), (p3, *focal_args, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width),
                               np.float32(near), np.float32(far)))
     return out if batched else out[0]
 
@@ -407,15 +464,15 @@ def perspective_projection_backward(points, focal, resolution, grad_out, near=10
         grad_points shaped like points.
     """
     near, far = _check_near_far(near, far)
-    xp, batched, p3, f, height, width, g, near, far = _prepare_camera(
+    xp, batched, p3, focal_args, height, width, g, near, far = _prepare_camera(
         points, focal, resolution, grad_out, 4, near=near, far=far)
     B, V = p3.shape[0], p3.shape[1]
     grad_points = xp.empty_like(p3)
     if xp is np:
-        perspective_projection_bwd(p3, f, g, grad_points, height, width, near, far)
+        perspective_projection_bwd(p3, *focal_args, g, grad_points, height, width, near, far)
     else:
         _kernel("perspective_projection_bwd")(
-            *grid_1d(B * V), (p3, f, g, grad_points, np.int32(B), np.int32(V), np.int32(height),
+            *grid_1d(B * V), (p3, *focal_args, g, grad_points, np.int32(B), np.int32(V), np.int32(height),
                               np.int32(width), np.float32(near), np.float32(far)))
     return grad_points if batched else grad_points[0]
 
@@ -434,14 +491,14 @@ def project_to_pixels(points, focal, resolution):
     Returns:
         (B, V, 2) (or (V, 2)) pixel coordinates.
     """
-    xp, batched, p3, f, height, width, _, _, _ = _prepare_camera(points, focal, resolution)
+    xp, batched, p3, focal_args, height, width, _, _, _ = _prepare_camera(points, focal, resolution)
     B, V = p3.shape[0], p3.shape[1]
     out = xp.empty((B, V, 2), dtype=p3.dtype)
     if xp is np:
-        project_to_pixels_fwd(p3, f, out, height, width)
+        project_to_pixels_fwd(p3, *focal_args, out, height, width)
     else:
         _kernel("project_to_pixels_fwd")(
-            *grid_1d(B * V), (p3, f, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width)))
+            *grid_1d(B * V), (p3, *focal_args, out, np.int32(B), np.int32(V), np.int32(height), np.int32(width)))
     return out if batched else out[0]
 
 
@@ -455,12 +512,13 @@ def project_to_pixels_backward(points, focal, resolution, grad_out):
     Returns:
         grad_points shaped like points.
     """
-    xp, batched, p3, f, height, width, g, _, _ = _prepare_camera(points, focal, resolution, grad_out, 2)
+    xp, batched, p3, focal_args, height, width, g, _, _ = _prepare_camera(points, focal, resolution, grad_out, 2)
     B, V = p3.shape[0], p3.shape[1]
     grad_points = xp.empty_like(p3)
     if xp is np:
-        project_to_pixels_bwd(p3, f, g, grad_points, height, width)
+        project_to_pixels_bwd(p3, *focal_args, g, grad_points, height, width)
     else:
         _kernel("project_to_pixels_bwd")(
-            *grid_1d(B * V), (p3, f, g, grad_points, np.int32(B), np.int32(V), np.int32(height), np.int32(width)))
+            *grid_1d(B * V), (p3, *focal_args, g, grad_points, np.int32(B), np.int32(V), np.int32(height),
+                              np.int32(width)))
     return grad_points if batched else grad_points[0]

@@ -31,6 +31,31 @@ def pose(rng, batch=2, dtype=np.float64):
 
 # --- euler_rotation ----------------------------------------------------------------------------
 
+def euler_by_matrix_products(angles):
+    """R = Rz Ry Rx and <grad_out, dR/d angle> as products of the axis matrices and their derivatives, in
+    float64: the array math the kernels replaced, written the slow, obvious way."""
+    a = np.asarray(angles, dtype=np.float64)
+    c, s = np.cos(a), np.sin(a)
+    eye = np.broadcast_to(np.eye(3), a.shape[:1] + (3, 3))
+
+    def axis(k, i, j, derivative=False):
+        """Rotation by angle k in the (i, j) plane (or its derivative): [[c, -s], [s, c]] at rows/cols i, j."""
+        m = np.zeros_like(eye) if derivative else eye.copy()
+        cos, sin = (-s[:, k], c[:, k]) if derivative else (c[:, k], s[:, k])
+        m[:, i, i], m[:, i, j], m[:, j, i], m[:, j, j] = cos, -sin, sin, cos
+        return m
+
+    rx, ry, rz = axis(0, 1, 2), axis(1, 2, 0), axis(2, 0, 1)
+    drx, dry, drz = axis(0, 1, 2, True), axis(1, 2, 0, True), axis(2, 0, 1, True)
+
+    def backward(grad_out):
+        g = np.asarray(grad_out, dtype=np.float64)
+        return np.stack([(g * (rz @ ry @ drx)).sum(axis=(1, 2)), (g * (rz @ dry @ rx)).sum(axis=(1, 2)),
+                         (g * (drz @ ry @ rx)).sum(axis=(1, 2))], axis=-1)
+
+    return rz @ ry @ rx, backward
+
+
 def test_rotation_matches_scipy_extrinsic_xyz(rng):
     angles = rng.uniform(-np.pi, np.pi, size=(5, 3))
     np.testing.assert_allclose(euler_rotation(angles), Rotation.from_euler("xyz", angles).as_matrix(), **F64)
@@ -51,11 +76,39 @@ def test_rotation_is_orthonormal_with_determinant_one(rng):
     np.testing.assert_allclose(np.linalg.det(r), 1.0, **F32)
 
 
-def test_rotation_backward_matches_finite_differences(rng, tol):
-    angles = rng.uniform(-np.pi, np.pi, size=(3, 3))
-    grad_out = rng.normal(size=(3, 3, 3))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rotation_backward_matches_finite_differences(rng, tol, batch):
+    angles = rng.uniform(-np.pi, np.pi, size=(batch, 3))
+    grad_out = rng.normal(size=(batch, 3, 3))
     assert_gradient_matches(euler_rotation, angles, grad_out, euler_rotation_backward(angles, grad_out), tol)
     assert euler_rotation_backward(angles[0], grad_out[0]).shape == (3,)
+
+
+def test_reference_euler_derivatives_match_finite_differences(rng, tol):
+    # The matrix-product reference is itself checked, so that the comparison below pins the kernels.
+    angles = rng.uniform(-np.pi, np.pi, size=(2, 3))
+    grad_out = rng.normal(size=(2, 3, 3))
+    assert_gradient_matches(lambda a: euler_by_matrix_products(a)[0], angles, grad_out,
+                            euler_by_matrix_products(angles)[1](grad_out), tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch", [1, 300])
+def test_rotation_kernels_match_the_matrix_products(rng, dtype, batch):
+    angles = rng.uniform(-np.pi, np.pi, size=(batch, 3)).astype(dtype)
+    grad_out = rng.normal(size=(batch, 3, 3)).astype(dtype)
+    rotation, backward = euler_by_matrix_products(angles)
+    close = F64 if dtype == np.float64 else F32
+    r, grad_angles = euler_rotation(angles), euler_rotation_backward(angles, grad_out)
+    assert r.dtype == dtype and grad_angles.dtype == dtype
+    np.testing.assert_allclose(r, rotation, **close)
+    np.testing.assert_allclose(grad_angles, backward(grad_out), **close)
+    # unbatched and non-contiguous inputs take the same path
+    np.testing.assert_array_equal(euler_rotation(angles[0]), r[0])
+    strided_angles, strided_grad = np.repeat(angles, 2, axis=1)[:, ::2], np.repeat(grad_out, 2, axis=2)[:, :, ::2]
+    assert not strided_angles.flags.c_contiguous and not strided_grad.flags.c_contiguous
+    np.testing.assert_array_equal(euler_rotation(strided_angles), r)
+    np.testing.assert_array_equal(euler_rotation_backward(strided_angles, strided_grad), grad_angles)
 
 
 # --- rigid_transform ---------------------------------------------------------------------------
@@ -126,6 +179,22 @@ def test_optical_axis_hits_the_image_centre_and_up_is_a_smaller_row():
     assert pix[1, 1] < pix[0, 1] and pix[2, 0] > pix[0, 0]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_scalar_focal_gives_exactly_what_a_filled_focal_array_gives(rng, dtype):
+    # A scalar focal reaches the kernels as a scalar, not as a (B,) array: the results must not move.
+    points = camera_points(rng, dtype=dtype)
+    focal = np.full(2, 60.0, dtype=dtype)
+    grad_clip, grad_pix = rng.normal(size=(2, 11, 4)).astype(dtype), rng.normal(size=(2, 11, 2)).astype(dtype)
+    for scalar in (60.0, 60, dtype(60.0)):
+        np.testing.assert_array_equal(perspective_projection(points, scalar, RES, near=5.0, far=500.0),
+                                      perspective_projection(points, focal, RES, near=5.0, far=500.0))
+        np.testing.assert_array_equal(perspective_projection_backward(points, scalar, RES, grad_clip),
+                                      perspective_projection_backward(points, focal, RES, grad_clip))
+        np.testing.assert_array_equal(project_to_pixels(points, scalar, RES), project_to_pixels(points, focal, RES))
+        np.testing.assert_array_equal(project_to_pixels_backward(points, scalar, RES, grad_pix),
+                                      project_to_pixels_backward(points, focal, RES, grad_pix))
+
+
 def test_per_image_focal_equals_scalar_focal_per_image(rng):
     points = camera_points(rng)
     focal = np.array([50.0, 80.0])
@@ -183,33 +252,80 @@ def test_gpu_rigid_transform_matches_cpu(rng, tol, cupy, shared):
                                    atol=tol["gpu_cpu_rtol"] * np.abs(g_cpu).max(), err_msg=name)
 
 
-def test_gpu_projections_match_cpu(rng, tol, cupy):
-    points = camera_points(rng, batch=3, n=500, dtype=np.float32)
-    focal = np.array([50, 60, 70], dtype=np.float32)
-    grad_clip = rng.normal(size=(3, 500, 4)).astype(np.float32)
-    grad_pix = rng.normal(size=(3, 500, 2)).astype(np.float32)
-    p_gpu, f_gpu = cupy.asarray(points), cupy.asarray(focal)
-    pairs = [
-        (perspective_projection(p_gpu, f_gpu, RES), perspective_projection(points, focal, RES)),
-        (perspective_projection(p_gpu, 60.0, RES), perspective_projection(points, 60.0, RES)),
-        (perspective_projection_backward(p_gpu, f_gpu, RES, cupy.asarray(grad_clip)),
-         perspective_projection_backward(points, focal, RES, grad_clip)),
-        (project_to_pixels(p_gpu, f_gpu, RES), project_to_pixels(points, focal, RES)),
-        (project_to_pixels_backward(p_gpu, f_gpu, RES, cupy.asarray(grad_pix)),
-         project_to_pixels_backward(points, focal, RES, grad_pix)),
-    ]
-    for k, (g, c) in enumerate(pairs):
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("focal_kind", ["array", "scalar"])
+def test_gpu_projections_match_cpu(rng, tol, cupy, focal_kind, batch):
+    points = camera_points(rng, batch=batch, n=500, dtype=np.float32)
+    focal = np.array([50, 60, 70][:batch], dtype=np.float32) if focal_kind == "array" else 60.0
+    grad_clip = rng.normal(size=(batch, 500, 4)).astype(np.float32)
+    grad_pix = rng.normal(size=(batch, 500, 2)).astype(np.float32)
+    p_gpu = cupy.asarray(points)
+    f_gpu = cupy.asarray(focal) if focal_kind == "array" else focal
+    pairs = {
+        "perspective_projection": (perspective_projection(p_gpu, f_gpu, RES, near=5.0, far=500.0),
+                                   perspective_projection(points, focal, RES, near=5.0, far=500.0)),
+        "perspective_projection_backward": (
+            perspective_projection_backward(p_gpu, f_gpu, RES, cupy.asarray(grad_clip), near=5.0, far=500.0),
+            perspective_projection_backward(points, focal, RES, grad_clip, near=5.0, far=500.0)),
+        "project_to_pixels": (project_to_pixels(p_gpu, f_gpu, RES), project_to_pixels(points, focal, RES)),
+        "project_to_pixels_backward": (project_to_pixels_backward(p_gpu, f_gpu, RES, cupy.asarray(grad_pix)),
+                                       project_to_pixels_backward(points, focal, RES, grad_pix)),
+        "unbatched project_to_pixels": (project_to_pixels(p_gpu[0], f_gpu if focal_kind == "scalar" else f_gpu[0:1],
+                                                          RES),
+                                        project_to_pixels(points[0], focal if focal_kind == "scalar" else focal[0:1],
+                                                          RES)),
+    }
+    for name, (g, c) in pairs.items():
+        assert g.shape == c.shape, name
         np.testing.assert_allclose(g.get(), c, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_rtol"] * np.abs(c).max(),
-                                   err_msg=str(k))
+                                   err_msg=name)
 
 
-def test_gpu_euler_rotation_matches_cpu(rng, tol, cupy):
-    angles = rng.uniform(-3, 3, size=(4, 3)).astype(np.float32)
-    grad_out = rng.normal(size=(4, 3, 3)).astype(np.float32)
-    np.testing.assert_allclose(euler_rotation(cupy.asarray(angles)).get(), euler_rotation(angles),
-                               rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
-    np.testing.assert_allclose(euler_rotation_backward(cupy.asarray(angles), cupy.asarray(grad_out)).get(),
+def test_gpu_scalar_focal_gives_exactly_what_a_filled_focal_array_gives(rng, cupy):
+    # The scalar reaches the kernels with a null focal pointer; the arithmetic is the same, so the bits are.
+    points = cupy.asarray(camera_points(rng, batch=2, n=300, dtype=np.float32))
+    focal = cupy.full(2, 60.0, dtype=cupy.float32)
+    grad_clip = cupy.asarray(rng.normal(size=(2, 300, 4)).astype(np.float32))
+    grad_pix = cupy.asarray(rng.normal(size=(2, 300, 2)).astype(np.float32))
+    for name, op in {
+        "perspective_projection": lambda f: perspective_projection(points, f, RES),
+        "perspective_projection_backward": lambda f: perspective_projection_backward(points, f, RES, grad_clip),
+        "project_to_pixels": lambda f: project_to_pixels(points, f, RES),
+        "project_to_pixels_backward": lambda f: project_to_pixels_backward(points, f, RES, grad_pix),
+    }.items():
+        np.testing.assert_array_equal(op(60.0).get(), op(focal).get(), err_msg=name)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 300])  # 300: more than one block of threads
+def test_gpu_euler_rotation_matches_cpu(rng, tol, cupy, batch):
+    angles = rng.uniform(-3, 3, size=(batch, 3)).astype(np.float32)
+    grad_out = rng.normal(size=(batch, 3, 3)).astype(np.float32)
+    a_gpu, g_gpu = cupy.asarray(angles), cupy.asarray(grad_out)
+    rotation = euler_rotation(a_gpu)
+    assert rotation.shape == (batch, 3, 3) and rotation.dtype == np.float32
+    np.testing.assert_allclose(rotation.get(), euler_rotation(angles), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    grad_angles = euler_rotation_backward(a_gpu, g_gpu)
+    assert grad_angles.shape == (batch, 3) and grad_angles.dtype == np.float32
+    np.testing.assert_allclose(grad_angles.get(), euler_rotation_backward(angles, grad_out), rtol=tol["gpu_cpu_rtol"],
+                               **F32)
+    # unbatched, and non-contiguous (strided) inputs
+    np.testing.assert_allclose(euler_rotation(a_gpu[-1]).get(), euler_rotation(angles[-1]), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(euler_rotation_backward(a_gpu[-1], g_gpu[-1]).get(),
+                               euler_rotation_backward(angles[-1], grad_out[-1]), rtol=tol["gpu_cpu_rtol"], **F32)
+    a_strided = cupy.asarray(np.repeat(angles, 2, axis=1))[:, ::2]
+    g_strided = cupy.asarray(np.repeat(grad_out, 2, axis=2))[:, :, ::2]
+    assert not a_strided.flags.c_contiguous and not g_strided.flags.c_contiguous
+    np.testing.assert_allclose(euler_rotation(a_strided).get(), euler_rotation(angles), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(euler_rotation_backward(a_strided, g_strided).get(),
                                euler_rotation_backward(angles, grad_out), rtol=tol["gpu_cpu_rtol"], **F32)
+
+
+def test_gpu_euler_rotation_rejects_float64_naming_angles(cupy):
+    with pytest.raises(TypeError, match="angles .*the GPU path is float32 only"):
+        euler_rotation(cupy.zeros((2, 3), dtype=cupy.float64))
 
 
 # --- bad input ------------------------------------------------------------------------------------
