@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "read_kernel_source", "grid_1d",
+__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "read_kernel_source", "pointer_or_null", "NULL_POINTER", "grid_1d",
            "gpu_available"]
 
 
@@ -166,6 +166,16 @@ class KernelFile:
 
     def __repr__(self):
         return f"KernelFile({self.filename!r}, {len(self.kernels)} kernels, options={self.options})"
+
+
+# A null pointer as a kernel argument. CuPy packs a numpy integer by its byte size, so this arrives
+# as an 8-byte zero; Python None does not (cupy/cupy#9046: the kernel sees a garbage address).
+NULL_POINTER = np.uint64(0)
+
+
+def pointer_or_null(a):
+    """`a` for a pointer parameter of a kernel, or a null pointer when `a` is None."""
+    return NULL_POINTER if a is None else a
 
 
 def grid_1d(n, block=256):

@@ -18,7 +18,7 @@ in a CUDA graph (`Encoder.capture`).
 import numba
 import numpy as np
 
-from fastface._backend import KernelFile, array_module
+from fastface._backend import KernelFile, array_module, pointer_or_null
 
 __all__ = ["Adam"]
 
@@ -221,7 +221,7 @@ class Adam:
                                           self._step if i == 0 else self._scratch_step()))
         for i, (p, g, shadow) in enumerate(pairs):
             blocks = int(min(_UPDATE_BLOCKS, max(1, (p.size + _THREADS - 1) // _THREADS)))
-            update((blocks,), (_THREADS,), (p, g, self.m[i], self.v[i], shadow, np.int64(p.size),
+            update((blocks,), (_THREADS,), (p, g, self.m[i], self.v[i], pointer_or_null(shadow), np.int64(p.size),
                                             self._partial, np.int32(n_parts), self._step, self._hyper_dev))
 
     def _scratch_step(self):

@@ -31,7 +31,7 @@ backward at 64x64, batch 8: 14 ms with serial gathers, 175-800 ms with parallel 
 import numba
 import numpy as np
 
-from fastface._backend import KernelFile, array_module
+from fastface._backend import KernelFile, array_module, pointer_or_null
 from fastface._checks import check_array, check_finite
 from fastface.nn._gemm import gemm
 
@@ -233,7 +233,7 @@ def _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out):
         n = out.size // 4  # threads: one float4 of one (pixel, kh) run each
         _function(_patch_name(out.dtype, KH, KW, C))(
             ((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
-            (x, in_bias, np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W), np.int32(Ho),
+            (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W), np.int32(Ho),
              np.int32(Wo), out))
         return out
     V = _vector_width(C, x.dtype, out.dtype)
@@ -242,13 +242,13 @@ def _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out):
         row_len = (Wo * KH * KW) << gshift  # threads per output row (b, oh)
         _function(_rows_name(x.dtype, out.dtype, V, KH))(
             ((row_len + _BLOCK - 1) // _BLOCK, Ho, B), (_BLOCK,),
-            (x, in_bias, np.int32(bool(in_relu)), np.int32(H), np.int32(W), np.int32(C), np.int32(gshift),
+            (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(H), np.int32(W), np.int32(C), np.int32(gshift),
              np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo), out))
         return out
     kern = _function(_fwd_name(x.dtype, out.dtype, V))
     n = out.size // V if V > 1 else B * Ho * Wo * KH  # threads: vectors, or (pixel, kh) runs
     kern(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
-         (x, in_bias, np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W), np.int32(C),
+         (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W), np.int32(C),
           np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo), out))
     return out
 
@@ -267,7 +267,7 @@ def _im2col_backward(xp, x, in_bias, in_relu, grad_out, KH, KW, stride, padding,
     kern = _function(_bwd_name(x.dtype, grad_out.dtype, out.dtype, V))
     n = out.size // V
     kern(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
-         (x, in_bias, np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
+         (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
           np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),
           np.float32(scale), out))
     return out
@@ -292,7 +292,7 @@ def _conv_implicit(x, in_bias, in_relu, KH, KW, stride, padding, weight2d, out):
     _check_int32(M * N, x.size, weight2d.size)
     kern = _implicit_function("conv_implicit_fwd")
     kern(((M + 127) // 128, (N + 63) // 64), (256,),
-         (x, in_bias, np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
+         (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
           np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),
           np.int32(N), out))
     return out

@@ -9,7 +9,7 @@ last convolution leaves its output without bias and this op adds it. Backward:
 import numba
 import numpy as np
 
-from fastface._backend import KernelFile, array_module, grid_1d
+from fastface._backend import KernelFile, array_module, grid_1d, pointer_or_null
 from fastface._checks import check_array, check_finite
 
 __all__ = ["global_avg_pool", "global_avg_pool_backward"]
@@ -71,7 +71,7 @@ def _pool_fwd(xp, x, in_bias, in_relu, out):
         return out
     kern = _function(f"global_avg_pool_fwd<{_ctype(x.dtype)}, {_ctype(out.dtype)}>")
     grid, block = grid_1d(B * C)
-    kern(grid, block, (x, in_bias, np.int32(bool(in_relu)), np.int32(B), np.int32(H * W), np.int32(C),
+    kern(grid, block, (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(B), np.int32(H * W), np.int32(C),
                        np.int32(ld), out))
     return out
 
@@ -88,7 +88,7 @@ def _pool_bwd(xp, x, in_bias, in_relu, grad_out, scale, out):
     kern = _function(
         f"global_avg_pool_bwd<{_ctype(x.dtype)}, {_ctype(grad_out.dtype)}, {_ctype(out.dtype)}>")
     grid, block = grid_1d(x.size)
-    kern(grid, block, (x, in_bias, np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H * W),
+    kern(grid, block, (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H * W),
                        np.int32(C), np.int32(ld), np.float32(scale), out))
     return out
 
