@@ -59,3 +59,11 @@ def test_array_module_refuses_numpy_mixed_with_cupy():
     with pytest.raises(TypeError, match="pos is a numpy array but attr is a cupy array"):
         _backend.array_module(("pos", np.zeros(3)), ("attr", FakeCupyArray()))
     assert _backend.array_module(("pos", np.zeros(3)), ("attr", None)) is np
+
+
+def test_an_absent_pointer_is_an_eight_byte_zero_not_none():
+    # CuPy packs numpy integers by size; None would reach the kernel as a garbage address.
+    null = _backend.pointer_or_null(None)
+    assert isinstance(null, np.integer) and null.itemsize == 8 and int(null) == 0
+    array = np.zeros(2)
+    assert _backend.pointer_or_null(array) is array
