@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastface
+from fastface.ops import normals as normals_module
 from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
 from tests.conftest import TOLERANCES
 from tests.gradcheck import assert_gradient_matches
@@ -28,6 +29,32 @@ def random_mesh(rng, batch=2, n_vertices=14, n_tri=20, dtype=np.float64):
     tri = np.array([rng.choice(n_vertices - 1, 3, replace=False) for _ in range(n_tri)], dtype=np.int32)
     vertices = rng.normal(size=(batch, n_vertices, 3)).astype(dtype)
     return vertices, tri
+
+
+def reference_adjacency(tri, n_vertices):
+    """(offsets, corners) the obvious way: a stable argsort of the entries keyed by vertex, the
+    entries of triangles with an index outside [0, V) keyed V (after every vertex)."""
+    valid = ((tri >= 0) & (tri < n_vertices)).all(axis=1)
+    key = np.where(valid[:, None], tri, n_vertices).reshape(-1)
+    order = np.argsort(key, kind="stable")
+    offsets = np.searchsorted(key[order], np.arange(n_vertices + 1)).astype(np.int32)
+    face, corner = order // 3, order % 3
+    corners = np.stack([tri[face, (corner + 1) % 3], tri[face, (corner + 2) % 3]], axis=1).astype(np.int32)
+    return offsets, corners
+
+
+def adjacency_test_meshes(rng):
+    """(name, tri, V): random triangles, some with a repeated index; a fan whose centre has more
+    triangles than the insertion sort takes; triangles with indices outside [0, V) (left out,
+    more of them than the insertion sort takes, mixed in at random places)."""
+    tri = rng.integers(0, 40, size=(120, 3)).astype(np.int32)  # repeats on purpose: (a, a, b) triangles
+    n_fan = 70
+    fan = np.array([[0, 1 + i, 1 + (i + 1) % n_fan] for i in range(n_fan)], dtype=np.int32)
+    fan = fan[rng.permutation(n_fan)]
+    bad = rng.integers(-5, 45, size=(150, 3)).astype(np.int32)
+    bad[rng.random(150) < 0.3, rng.integers(0, 3)] = 40  # exactly V: out of range too
+    return [("random", tri, 40), ("fan", fan, n_fan + 1), ("invalid", bad, 40),
+            ("one triangle", np.array([[2, 0, 1]], np.int32), 3)]
 
 
 def reference_normals(vertices, tri):
@@ -113,6 +140,40 @@ def test_adjacency_lists_each_triangle_at_each_corner(rng):
         np.testing.assert_array_equal(entries.reshape(-1, 2), np.array(expected, dtype=np.int32).reshape(-1, 2))
 
 
+def test_adjacency_equals_the_stable_argsort_reference(rng):
+    for name, tri, n_vertices in adjacency_test_meshes(rng):
+        expected = reference_adjacency(tri, n_vertices)
+        with fastface.value_checks(False):
+            adjacency = vertex_adjacency(tri, n_vertices)
+        assert adjacency.offsets.dtype == np.int32 and adjacency.corners.dtype == np.int32, name
+        np.testing.assert_array_equal(adjacency.offsets, expected[0], err_msg=name)
+        np.testing.assert_array_equal(adjacency.corners, expected[1], err_msg=name)
+
+
+def test_adjacency_of_the_face_model_equals_the_reference():
+    model = fastface.FaceModel.default(level="small")
+    adjacency = vertex_adjacency(model.triangles, model.n_vertices)
+    offsets, corners = reference_adjacency(model.triangles, model.n_vertices)
+    np.testing.assert_array_equal(adjacency.offsets, offsets)
+    np.testing.assert_array_equal(adjacency.corners, corners)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 31, 32, 33, 64, 257])  # both sides of the insertion sort's limit
+def test_segment_sort_sorts_any_order(rng, n):
+    keys = np.full(n + 7, -1, dtype=np.int32)
+    values = rng.permutation(10 * n + 1)[:n].astype(np.int32)
+    keys[3:3 + n] = values
+    normals_module._sort_segment(keys, 3, n)
+    np.testing.assert_array_equal(keys[3:3 + n], np.sort(values))
+    assert (keys[:3] == -1).all() and (keys[3 + n:] == -1).all()  # nothing outside the segment moved
+
+
+def test_vertex_adjacency_rejects_more_triangles_than_int32_entries_hold():
+    huge = np.broadcast_to(np.zeros((1, 3), np.int32), ((2**31 - 1) // 3 + 1, 3))  # no memory behind it
+    with pytest.raises(ValueError, match="tri must have at most"):
+        vertex_adjacency(huge, 3)
+
+
 def test_out_of_range_triangles_are_skipped_when_checks_are_off(rng):
     vertices, tri = random_mesh(rng)
     bad = np.concatenate([tri, [[0, 1, 99]]]).astype(np.int32)
@@ -174,9 +235,45 @@ def test_gpu_matches_cpu_on_local_and_scattered_vertex_orders(rng, tol, cupy, me
 
 def test_gpu_adjacency_equals_cpu_adjacency(rng, cupy):
     _, tri = random_mesh(rng, n_vertices=50, n_tri=80)
-    cpu, gpu = vertex_adjacency(tri, 50), vertex_adjacency(cupy.asarray(tri), 50)
-    np.testing.assert_array_equal(gpu.offsets.get(), cpu.offsets)
-    np.testing.assert_array_equal(gpu.corners.get(), cpu.corners)
+    meshes = [("random_mesh", tri, 50)] + adjacency_test_meshes(rng)
+    for name, tri, n_vertices in meshes:
+        with fastface.value_checks(False):  # the "invalid" mesh would raise otherwise
+            cpu, gpu = vertex_adjacency(tri, n_vertices), vertex_adjacency(cupy.asarray(tri), n_vertices)
+        assert gpu.offsets.dtype == np.int32 and gpu.corners.dtype == np.int32, name
+        np.testing.assert_array_equal(gpu.offsets.get(), cpu.offsets, err_msg=name)
+        np.testing.assert_array_equal(gpu.corners.get(), cpu.corners, err_msg=name)
+
+
+@pytest.mark.parametrize("level", ["small", "default"])
+def test_gpu_adjacency_of_the_face_model_equals_cpu(cupy, level):
+    model = fastface.FaceModel.default(level=level)
+    cpu = vertex_adjacency(model.triangles, model.n_vertices)
+    for _ in range(2):  # the atomics hand out other slots each time; the result must not change
+        gpu = vertex_adjacency(cupy.asarray(model.triangles), model.n_vertices)
+        np.testing.assert_array_equal(gpu.offsets.get(), cpu.offsets)
+        np.testing.assert_array_equal(gpu.corners.get(), cpu.corners)
+
+
+def test_gpu_adjacency_records_in_a_cuda_graph_and_replays(rng, cupy):
+    # A host synchronisation (the Thrust sort this build replaced made one) fails a capture.
+    _, tri = random_mesh(rng, n_vertices=300, n_tri=600)
+    expected = vertex_adjacency(tri, 300)
+    tri_gpu = cupy.asarray(tri)
+    cupy.cuda.Stream.null.synchronize()  # the non-blocking stream below does not wait for the copy
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with fastface.value_checks(False), stream:
+        vertex_adjacency(tri_gpu, 300)  # warm-up outside the capture: compiles the kernels
+        stream.begin_capture()
+        try:
+            adjacency = vertex_adjacency(tri_gpu, 300)
+        finally:
+            graph = stream.end_capture()
+        adjacency.offsets.fill(-1)  # the replay must write them again
+        adjacency.corners.fill(-1)
+        graph.launch(stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(adjacency.offsets.get(), expected.offsets)
+    np.testing.assert_array_equal(adjacency.corners.get(), expected.corners)
 
 
 def test_gpu_normals_are_deterministic(rng, cupy):
@@ -253,3 +350,92 @@ def test_vertex_normals_rejects_malformed_adjacency(rng):
                                     n_triangles=20)
     with pytest.raises(TypeError, match="adjacency.offsets must be int32"):
         vertex_normals_backward(vertices, tri, vertices, wide)
+
+
+# --- the CUDA adjacency kernels, emulated on the host -------------------------------------------
+# kernels/normals.cu compiled as C++ with a small shim (blockIdx & co. as globals, atomics as
+# plain read-modify-writes) and launched by the library's own sequence (_build_adjacency_on_device)
+# with the threads of each launch run one by one in a random order: the slots the atomics hand out
+# change from run to run, as on a GPU, and the result must still equal the reference exactly.
+# This catches a logic slip in the kernels on machines without a GPU; the GPU tests above check
+# the real thing.
+
+_EMU_SHIM = r"""
+#include <cmath>
+#include <math.h>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+struct dim3 { unsigned int x, y, z; };
+static dim3 blockIdx, blockDim, threadIdx;
+inline int atomicAdd(int* p, int v) { const int o = *p; *p = o + v; return o; }
+inline int atomicSub(int* p, int v) { const int o = *p; *p = o - v; return o; }
+#include "normals.cu"
+static void set_thread(long long flat) {
+    blockDim = {256u, 1u, 1u};
+    blockIdx = {(unsigned int)(flat / 256), 0u, 0u};
+    threadIdx = {(unsigned int)(flat % 256), 0u, 0u};
+}
+extern "C" {
+void emu_vertex_adjacency_count(const long long* order, long long n, const int* tri, int* counts, int T, int V) {
+    for (long long i = 0; i < n; ++i) { set_thread(order[i]); vertex_adjacency_count(tri, counts, T, V); }
+}
+void emu_vertex_adjacency_scatter(const long long* order, long long n, const int* tri, int* offsets, int* corners,
+                                  int T, int V) {
+    for (long long i = 0; i < n; ++i) { set_thread(order[i]); vertex_adjacency_scatter(tri, offsets, corners, T, V); }
+}
+void emu_vertex_adjacency_sort(const long long* order, long long n, const int* tri, const int* offsets, int* corners,
+                               int T, int V) {
+    for (long long i = 0; i < n; ++i) { set_thread(order[i]); vertex_adjacency_sort(tri, offsets, corners, T, V); }
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_emulated(tmp_path_factory):
+    import ctypes
+    import pathlib
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to emulate the CUDA sources")
+    build = tmp_path_factory.mktemp("normals_emulated")
+    (build / "emu.cpp").write_text(_EMU_SHIM)
+    kernels = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+    lib = build / "libemu.so"
+    result = subprocess.run([cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+                             f"-I{kernels}", str(build / "emu.cpp"), "-o", str(lib)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def emulated_launcher(lib, rng):
+    """A `launch(name, n_threads, args)` for _build_adjacency_on_device that runs the emulated
+    kernel over grid_1d's threads (whole blocks of 256) in a random order."""
+    import ctypes
+
+    def launch(name, n_threads, args):
+        (n_blocks,), (block,) = normals_module.grid_1d(n_threads)
+        order = rng.permutation(n_blocks * block).astype(np.int64)
+        c_args = [a.ctypes.data_as(ctypes.c_void_p) if isinstance(a, np.ndarray) else ctypes.c_int(int(a))
+                  for a in args]
+        getattr(lib, "emu_" + name)(order.ctypes.data_as(ctypes.c_void_p), ctypes.c_longlong(order.size), *c_args)
+    return launch
+
+
+def test_cuda_adjacency_kernels_emulated_on_the_host_match_the_reference(cuda_emulated, rng):
+    model = fastface.FaceModel.default(level="small")
+    meshes = adjacency_test_meshes(rng) + [("face model", model.triangles, model.n_vertices)]
+    for name, tri, n_vertices in meshes:
+        expected = reference_adjacency(tri, n_vertices)
+        for _ in range(3):  # another thread order each time
+            offsets = np.zeros(n_vertices + 1, np.int32)
+            corners = np.full((3 * tri.shape[0], 2), -7, np.int32)
+            normals_module._build_adjacency_on_device(np, np.ascontiguousarray(tri), offsets, corners,
+                                                      emulated_launcher(cuda_emulated, rng))
+            np.testing.assert_array_equal(offsets, expected[0], err_msg=name)
+            np.testing.assert_array_equal(corners, expected[1], err_msg=name)
