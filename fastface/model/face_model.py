@@ -43,6 +43,9 @@ class FaceModel:
         symmetry: (V,) int32, the vertex that mirrors each vertex across x = 0, or None.
         expression_names: list of K_expression names, or None.
         name: a short description of where the model came from.
+
+    The topology helpers (`edges`, `adjacency`, `laplacian`) are computed once per triangle array:
+    assigning a new array to `triangles` recomputes them, editing the array in place does not.
     """
 
     def __init__(self, mean_shape, triangles, shape_basis, shape_std, expression_basis=None, expression_std=None,
@@ -108,6 +111,7 @@ class FaceModel:
         # Flat views the kernels read (no copies: the arrays are C-contiguous).
         self._mean_shape_flat = mean_shape.reshape(-1)
         self._mean_albedo_flat = mean_albedo.reshape(-1)
+        self._topology_cache = None  # see _topology
 
     @classmethod
     def _from_arrays(cls, **arrays):
@@ -279,26 +283,43 @@ class FaceModel:
 
     @property
     def edges(self):
-        """(E, 2) int32 numpy array of the mesh's unique edges, each (i, j) with i < j."""
-        return _edges(self)
+        """(E, 2) int32 numpy array of the mesh's unique edges, each (i, j) with i < j (read-only)."""
+        return self._topology()["edges"]
 
     @property
     def adjacency(self):
         """(V, V) scipy.sparse CSR float32 matrix, 1 where two vertices share an edge (CPU only:
-        for cupy, `cupyx.scipy.sparse.csr_matrix(model.adjacency)`)."""
-        return _adjacency(self)
+        for cupy, `cupyx.scipy.sparse.csr_matrix(model.adjacency)`). A new copy on each access."""
+        return self._topology()["adjacency"].copy()
 
     def laplacian(self):
-        """(V, V) scipy.sparse CSR float32 graph Laplacian D - A of the mesh's edges.
+        """(V, V) scipy.sparse CSR float32 graph Laplacian D - A of the mesh's edges (a new copy).
 
         `L @ x` gives, at each vertex, its degree times (itself minus the mean of its neighbours):
         zero for constant fields, the usual smoothness penalty is ||L x||^2 or x^T L x.
         """
-        import scipy.sparse  # noqa: PLC0415
+        topology = self._topology()
+        if topology.get("laplacian") is None:
+            topology["laplacian"] = _laplacian(topology["adjacency"])
+        return topology["laplacian"].copy()
 
-        a = self.adjacency
-        degree = np.asarray(a.sum(axis=1)).reshape(-1).astype(np.float32)
-        return (scipy.sparse.diags(degree, format="csr") - a).tocsr()
+    def _topology(self):
+        """The cached {"edges", "adjacency"} (and "laplacian" once asked for) of the triangles.
+
+        On a GPU model each computation starts with a device-to-host copy of the triangles (a
+        synchronisation), so it is done once per triangle array, not on every access. The cache is
+        keyed on the identity of `self.triangles` and holds a reference to it (so that its id
+        cannot be reused by a new array) and on the vertex count: assigning new triangles, or a
+        mean shape of another size, recomputes. The sparse matrices are handed out as copies
+        (scipy's are mutable); the edges array is read-only.
+        """
+        cached = getattr(self, "_topology_cache", None)
+        if cached is None or cached["triangles"] is not self.triangles or cached["n_vertices"] != self.n_vertices:
+            edges = _edges(self)
+            cached = {"triangles": self.triangles, "n_vertices": self.n_vertices, "edges": edges,
+                      "adjacency": _adjacency(edges, self.n_vertices)}
+            self._topology_cache = cached
+        return cached
 
     # ------------------------------------------------------------------------------------------
     # Evaluation
@@ -331,11 +352,8 @@ class FaceModel:
         check_same_batch([n for n, _, _ in present], [a for _, a, _ in present])
         for n, a, _ in present:
             check_finite(n, a)
-        batch, dtype = first[1].shape[0], first[1].dtype
-        out = []
-        for n, a, k in given:
-            out.append(xp.zeros((batch, k), dtype=dtype) if a is None else xp.ascontiguousarray(a))
-        return xp, out
+        # A block given as None stays None: evaluate skips its basis rows (see _evaluate_rows).
+        return [None if a is None else xp.ascontiguousarray(a) for _, a, _ in given]
 
     def evaluate(self, shape_coeffs, expression_coeffs, albedo_coeffs):
         """Vertices and albedo of a batch of faces.
@@ -344,17 +362,22 @@ class FaceModel:
             shape_coeffs: (B, n_shape) float32 (float64 also on the CPU), in standard deviations.
             expression_coeffs: (B, n_expression), same dtype and device.
             albedo_coeffs: (B, n_albedo), same dtype and device.
-            Any of the three may be None (zeros), as long as one is given.
+            Any of the three may be None (zeros), as long as one is given: its basis rows are then
+            skipped, so the result equals that of zero coefficients up to the rounding of a
+            summation over fewer terms.
 
         Returns:
             vertices: (B, V, 3) and albedo: (B, V, 3), of the coefficients' dtype, on their device:
             vertices = mean_shape + (shape_coeffs * shape_std) @ shape_basis
                                   + (expression_coeffs * expression_std) @ expression_basis.
         """
-        xp, (shape, expression, albedo) = self._check_coefficients(shape_coeffs, expression_coeffs, albedo_coeffs)
-        batch = shape.shape[0]
-        vertices = morphable(shape, expression, self._geometry_std, self._geometry_basis, self._mean_shape_flat)
-        colours = morphable(albedo, albedo[:, :0], self.albedo_std, self.albedo_basis, self._mean_albedo_flat)
+        shape, expression, albedo = self._check_coefficients(shape_coeffs, expression_coeffs, albedo_coeffs)
+        first = next(a for a in (shape, expression, albedo) if a is not None)
+        batch, empty = first.shape[0], first[:, :0]  # (B, 0): the coefficients of no basis row
+        vertices = _evaluate_rows(shape, expression, self._geometry_std, self._geometry_basis, self._n_shape,
+                                  self._mean_shape_flat, empty)
+        colours = _evaluate_rows(albedo, None, self.albedo_std, self.albedo_basis, self.n_albedo,
+                                 self._mean_albedo_flat, empty)
         return vertices.reshape(batch, self.n_vertices, 3), colours.reshape(batch, self.n_vertices, 3)
 
     def evaluate_backward(self, grad_vertices, grad_albedo):
@@ -408,6 +431,23 @@ class FaceModel:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+
+def _evaluate_rows(coeff_a, coeff_b, std, basis, n_a, mean, empty):
+    """morphable() over the basis rows whose coefficients are given (coeff_a scales rows [0, n_a),
+    coeff_b the rest; None: zeros). A block of zeros adds nothing, so its rows are sliced away (a
+    contiguous view) rather than multiplied by a (B, K) array zero-filled on every call. With no
+    block given the basis has 0 rows and the result is the mean, on both backends (the kernels loop
+    over K = 0 rows; the CPU copies the mean)."""
+    if coeff_a is not None and coeff_b is not None:
+        return morphable(coeff_a, coeff_b, std, basis, mean)
+    if coeff_a is not None:
+        rows, given = slice(0, n_a), coeff_a
+    elif coeff_b is not None:
+        rows, given = slice(n_a, basis.shape[0]), coeff_b
+    else:
+        rows, given = slice(0, 0), empty
+    return morphable(given, given[:, :0], std[rows], basis[rows], mean)
+
 
 def _as_float32(name, a, shape):
     a = np.asarray(a)
@@ -463,12 +503,17 @@ def _edges(model):
     return _edges_of(tri.tobytes(), tri.shape[0])
 
 
-def _adjacency(model):
+def _adjacency(e, v):
     import scipy.sparse  # noqa: PLC0415
 
-    e = _edges(model)
-    v = model.n_vertices
     rows = np.concatenate([e[:, 0], e[:, 1]])
     cols = np.concatenate([e[:, 1], e[:, 0]])
     data = np.ones(rows.size, dtype=np.float32)
     return scipy.sparse.csr_matrix((data, (rows, cols)), shape=(v, v))
+
+
+def _laplacian(a):
+    import scipy.sparse  # noqa: PLC0415
+
+    degree = np.asarray(a.sum(axis=1)).reshape(-1).astype(np.float32)
+    return (scipy.sparse.diags(degree, format="csr") - a).tocsr()

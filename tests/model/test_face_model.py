@@ -4,6 +4,7 @@ import pytest
 
 import fastface
 from fastface.model import FaceModel
+from fastface.model import face_model as face_model_module
 from tests.gradcheck import assert_gradient_matches
 
 
@@ -97,12 +98,40 @@ def test_zero_coefficients_give_the_mean(small):
     assert np.array_equal(vertices[1], small.mean_shape) and np.array_equal(colours[0], small.mean_albedo)
 
 
-def test_none_coefficients_count_as_zeros(rng):
+def test_none_coefficients_count_as_zeros(rng, tol):
     model = random_model(rng)
     shape, expression, albedo = coefficients(rng, model, 2)
+    zeros_e, zeros_a = np.zeros_like(expression), np.zeros_like(albedo)
     v1, a1 = model.evaluate(shape, None, None)
-    v2, a2 = model.evaluate(shape, np.zeros_like(expression), np.zeros_like(albedo))
-    assert np.array_equal(v1, v2) and np.array_equal(a1, a2)
+    v2, a2 = model.evaluate(shape, zeros_e, zeros_a)
+    # None skips the expression rows: a sum over fewer terms, which may round differently.
+    scale_v, _ = l1_scale(model, shape, zeros_e, zeros_a)
+    assert np.all(np.abs(v1 - v2) <= tol["gemm_l1_rtol"] * scale_v)
+    assert np.array_equal(a1, a2) and np.array_equal(a1[0], model.mean_albedo)
+
+
+@pytest.mark.parametrize("given", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, False, True), (True, True, True)])
+def test_none_blocks_skip_their_basis_rows_instead_of_multiplying_zeros(rng, tol, monkeypatch, given):
+    model = random_model(rng)
+    blocks = [c if g else None for c, g in zip(coefficients(rng, model, 3, np.float64), given)]
+    calls = []
+    real = face_model_module.morphable
+
+    def recording(coeff_a, coeff_b, std, basis, mean):
+        calls.append((coeff_a.shape, coeff_b.shape, basis.shape[0], std.shape[0]))
+        return real(coeff_a, coeff_b, std, basis, mean)
+
+    monkeypatch.setattr(face_model_module, "morphable", recording)
+    vertices, colours = model.evaluate(*blocks)
+    # The coefficients passed are the given blocks only, each with its own basis rows.
+    widths = [b.shape[1] if b is not None else 0 for b in blocks]
+    assert [c[0][1] + c[1][1] for c in calls] == [widths[0] + widths[1], widths[2]]
+    assert [c[2] for c in calls] == [c[3] for c in calls] == [widths[0] + widths[1], widths[2]]
+    zeros = [np.zeros((3, k)) for k in (model.n_shape, model.n_expression, model.n_albedo)]
+    ref_v, ref_a = reference_evaluate(model, *[b if b is not None else z for b, z in zip(blocks, zeros)])
+    np.testing.assert_allclose(vertices, ref_v, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(colours, ref_a, rtol=1e-12, atol=1e-12)
 
 
 def test_model_without_expressions_takes_empty_expression_coefficients(rng):
@@ -233,6 +262,25 @@ def test_gpu_large_batch_kernels_match_cpu(cupy, rng, tol, batch):
                            batch, rng)
 
 
+@pytest.mark.parametrize("batch", [1, 9])  # the gemv and the tiled forward
+@pytest.mark.parametrize("given", [(True, False, False), (False, True, False), (False, False, True)])
+def test_gpu_evaluate_with_none_blocks_matches_cpu(cupy, rng, tol, batch, given):
+    # None blocks slice the basis (a view with an offset: expression only) or leave it with 0 rows
+    # (the geometry when only albedo is given, the albedo when it is None): the kernels' K = 0 path.
+    model = random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9)
+    blocks = [c if g else None for c, g in zip(coefficients(rng, model, batch), given)]
+    v_cpu, a_cpu = model.evaluate(*blocks)
+    v_gpu, a_gpu = model.to("gpu").evaluate(*[None if b is None else cupy.asarray(b) for b in blocks])
+    zeros = [np.zeros((batch, k), np.float32) for k in (model.n_shape, model.n_expression, model.n_albedo)]
+    scale_v, scale_a = l1_scale(model, *[b if b is not None else z for b, z in zip(blocks, zeros)])
+    assert np.all(np.abs(v_gpu.get() - v_cpu) <= tol["gemm_l1_rtol"] * scale_v)
+    assert np.all(np.abs(a_gpu.get() - a_cpu) <= tol["gemm_l1_rtol"] * scale_a)
+    if not given[0] and not given[1]:
+        assert np.array_equal(v_gpu.get(), np.broadcast_to(model.mean_shape, v_cpu.shape))
+    if not given[2]:
+        assert np.array_equal(a_gpu.get(), np.broadcast_to(model.mean_albedo, a_cpu.shape))
+
+
 def test_to_gpu_and_back_keeps_every_array(cupy, small):
     back = small.to("gpu").to("cpu")
     for name in ("mean_shape", "mean_albedo", "triangles", "shape_basis", "expression_std", "albedo_basis",
@@ -346,3 +394,62 @@ def test_laplacian_is_symmetric_with_zero_row_sums(small):
     # a grid: interior vertices have six neighbours
     degree = np.bincount(e.reshape(-1), minlength=small.n_vertices)
     assert np.median(degree) == 6
+
+
+def uncached_topology(triangles, n_vertices):
+    """Edges, adjacency and Laplacian the slow, obvious way, from scratch."""
+    import scipy.sparse
+
+    tri = np.asarray(triangles, dtype=np.int64)
+    pairs = {tuple(sorted((int(t[i]), int(t[(i + 1) % 3])))) for t in tri for i in range(3)}
+    edges = np.array(sorted(pairs), dtype=np.int32)
+    dense = np.zeros((n_vertices, n_vertices), np.float32)
+    dense[edges[:, 0], edges[:, 1]] = dense[edges[:, 1], edges[:, 0]] = 1
+    laplacian = np.diag(dense.sum(axis=1)) - dense
+    return edges, scipy.sparse.csr_matrix(dense), laplacian
+
+
+def assert_topology_equals_uncached(model, triangles):
+    edges, adjacency, laplacian = uncached_topology(triangles, model.n_vertices)
+    np.testing.assert_array_equal(model.edges, edges)
+    a = model.adjacency
+    assert a.dtype == np.float32 and a.shape == adjacency.shape and (a != adjacency).nnz == 0
+    np.testing.assert_array_equal(model.laplacian().toarray(), laplacian)
+
+
+def test_topology_is_computed_once_per_triangle_array(rng, monkeypatch):
+    model = random_model(rng)
+    calls = []
+    real = face_model_module._host
+    monkeypatch.setattr(face_model_module, "_host", lambda a: calls.append(1) or real(a))
+    for _ in range(3):
+        assert_topology_equals_uncached(model, model.triangles)
+    assert len(calls) == 1  # on a GPU model, each call is a device-to-host copy and a synchronisation
+
+
+def test_reassigned_triangles_are_not_served_from_the_cache(rng):
+    model = random_model(rng)
+    assert_topology_equals_uncached(model, model.triangles)
+    other = np.array([rng.choice(model.n_vertices, 3, replace=False) for _ in range(12)], dtype=np.int32)
+    model.triangles = other
+    assert_topology_equals_uncached(model, other)
+
+
+def test_cached_sparse_matrices_are_handed_out_as_copies(rng):
+    model = random_model(rng)
+    a, lap = model.adjacency, model.laplacian()
+    a.data[:] = 7
+    lap.data[:] = 7
+    assert_topology_equals_uncached(model, model.triangles)
+    with pytest.raises(ValueError):
+        model.edges[0, 0] = 1  # read-only
+
+
+def test_gpu_topology_is_copied_to_the_host_once(cupy, rng, monkeypatch):
+    model = random_model(rng).to("gpu")
+    calls = []
+    real = face_model_module._host
+    monkeypatch.setattr(face_model_module, "_host", lambda a: calls.append(1) or real(a))
+    for _ in range(3):
+        assert_topology_equals_uncached(model, model.triangles.get())
+    assert len(calls) == 1
