@@ -50,16 +50,18 @@ class Rendering:
     colors: object         # (B, V, 3) shaded per-vertex colours
 
 
-# The vertex -> triangle lists of each model's mesh, built once per model instead of per call.
+# The vertex -> triangle lists of each model's mesh, built once per triangle array instead of per call:
+# model -> (the triangles it was built from, adjacency). Keyed on the array's identity like
+# FaceModel's own topology cache, so assigning new triangles to a model rebuilds it.
 _adjacency_of_model = weakref.WeakKeyDictionary()
 
 
 def _adjacency(model):
-    adjacency = _adjacency_of_model.get(model)
-    if adjacency is None:
-        adjacency = vertex_adjacency(model.triangles, model.n_vertices)
-        _adjacency_of_model[model] = adjacency
-    return adjacency
+    cached = _adjacency_of_model.get(model)
+    if cached is None or cached[0] is not model.triangles:
+        cached = (model.triangles, vertex_adjacency(model.triangles, model.n_vertices))
+        _adjacency_of_model[model] = cached
+    return cached[1]
 
 
 def uniform_light(batch, xp=None, dtype="float32"):

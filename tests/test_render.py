@@ -15,6 +15,17 @@ def _parameters(model, batch, rng):
                           translation=f32(np.tile([0.0, 0.0, -550.0], (batch, 1))))
 
 
+def test_render_faces_rebuilds_its_adjacency_when_the_model_gets_new_triangles(rng):
+    model = FaceModel.default(level="small")
+    params = _parameters(model, 1, rng)
+    render_faces(model, params, (48, 48), 200.0)  # caches the adjacency of these triangles
+    model.triangles = np.ascontiguousarray(model.triangles[:, ::-1])  # every triangle turned over
+    rendering = render_faces(model, params, (48, 48), 200.0)
+    camera = rendering.camera_vertices
+    np.testing.assert_allclose(rendering.normals, fastface.vertex_normals(camera, model.triangles), atol=1e-6,
+                               err_msg="normals from the old triangles' adjacency")
+
+
 def test_render_faces_equals_the_chain_of_ops_written_by_hand(rng):
     model = FaceModel.default(level="small")
     params = _parameters(model, 2, rng)
