@@ -25,16 +25,26 @@ __device__ __forceinline__ void euler_matrix(float cp, float sp, float cy, float
     r[8] = cy * cp;
 }
 
+// The cosines and sines of one batch element's (pitch, yaw, roll).
+struct EulerSinCos {
+    float cp, sp, cy, sy, cr, sr;
+};
+
+__device__ __forceinline__ EulerSinCos euler_sincos(const float* __restrict__ angles) {
+    EulerSinCos e;
+    sincosf(angles[0], &e.sp, &e.cp);
+    sincosf(angles[1], &e.sy, &e.cy);
+    sincosf(angles[2], &e.sr, &e.cr);
+    return e;
+}
+
 // One thread per batch element: angles (B, 3) = (pitch, yaw, roll) -> rotation (B, 3, 3). B is a few
 // images, so the whole op is one small launch instead of a chain of tiny array operations.
 extern "C" __global__ void euler_rotation_fwd(const float* __restrict__ angles, float* __restrict__ rotation, int B) {
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= B) return;
-    float cp, sp, cy, sy, cr, sr;
-    sincosf(angles[3 * b], &sp, &cp);
-    sincosf(angles[3 * b + 1], &sy, &cy);
-    sincosf(angles[3 * b + 2], &sr, &cr);
-    euler_matrix(cp, sp, cy, sy, cr, sr, rotation + 9 * b);
+    const EulerSinCos e = euler_sincos(angles + 3 * b);
+    euler_matrix(e.cp, e.sp, e.cy, e.sy, e.cr, e.sr, rotation + 9 * b);
 }
 
 // One thread per batch element: grad_angles (B, 3) = <grad_out, dR/d angle> with grad_out (B, 3, 3).
@@ -45,10 +55,8 @@ extern "C" __global__ void euler_rotation_bwd(const float* __restrict__ angles, 
                                               float* __restrict__ grad_angles, int B) {
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= B) return;
-    float cp, sp, cy, sy, cr, sr;
-    sincosf(angles[3 * b], &sp, &cp);
-    sincosf(angles[3 * b + 1], &sy, &cy);
-    sincosf(angles[3 * b + 2], &sr, &cr);
+    const EulerSinCos e = euler_sincos(angles + 3 * b);
+    const float cp = e.cp, sp = e.sp, cy = e.cy, sy = e.sy, cr = e.cr, sr = e.sr;
     float r[9];
     euler_matrix(cp, sp, cy, sy, cr, sr, r);
     const float* g = grad_out + 9 * b;

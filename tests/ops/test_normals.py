@@ -6,6 +6,7 @@ import fastface
 from fastface.ops import normals as normals_module
 from fastface.ops.normals import vertex_adjacency, vertex_normals, vertex_normals_backward
 from tests.conftest import TOLERANCES
+from tests.cuda_emulation import build_emulated_library
 from tests.gradcheck import assert_gradient_matches
 
 F64 = dict(rtol=TOLERANCES["float64_reference_rtol"], atol=TOLERANCES["float64_reference_atol"])
@@ -395,22 +396,7 @@ void emu_vertex_adjacency_sort(const long long* order, long long n, const int* t
 
 @pytest.fixture(scope="module")
 def cuda_emulated(tmp_path_factory):
-    import ctypes
-    import pathlib
-    import shutil
-    import subprocess
-
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to emulate the CUDA sources")
-    build = tmp_path_factory.mktemp("normals_emulated")
-    (build / "emu.cpp").write_text(_EMU_SHIM)
-    kernels = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-    lib = build / "libemu.so"
-    result = subprocess.run([cxx, "-O1", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-                             f"-I{kernels}", str(build / "emu.cpp"), "-o", str(lib)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return ctypes.CDLL(str(lib))
+    return build_emulated_library(tmp_path_factory.mktemp("normals_emulated"), _EMU_SHIM, ("-Wall", "-Werror"))
 
 
 def emulated_launcher(lib, rng):

@@ -9,6 +9,7 @@ from fastface.ops.interpolate import interpolate, interpolate_backward
 from fastface.ops.rasterize import (
     Raster, rasterize, rasterize_backward, rasterize_interpolate, rasterize_interpolate_backward,
 )
+from tests.cuda_emulation import build_emulated_library
 from tests.gradcheck import assert_gradient_matches
 
 from bench.workloads import spherical_cap
@@ -613,22 +614,7 @@ void emu_backward(const float4* pos, const int* tri, const float* attr, const in
 
 @pytest.fixture(scope="module")
 def cuda_emulated(tmp_path_factory):
-    import ctypes
-    import pathlib
-    import shutil
-    import subprocess
-
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to emulate the CUDA sources")
-    build = tmp_path_factory.mktemp("cuda_emulated")
-    (build / "emu.cpp").write_text(_EMU_SHIM)
-    kernels = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-    lib = build / "libemu.so"
-    result = subprocess.run([cxx, "-O1", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-                             f"-I{kernels}", str(build / "emu.cpp"), "-o", str(lib)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return ctypes.CDLL(str(lib))
+    return build_emulated_library(tmp_path_factory.mktemp("cuda_emulated"), _EMU_SHIM, ("-ffp-contract=off",))
 
 
 def _ptr(a):
