@@ -5,6 +5,7 @@ a record in ordinary memory whose words the tests write the way kernels/checks.c
 kernel, the deferred reports and the absence of any host synchronisation in the ops are tested on
 the GPU.
 """
+import ctypes
 import pathlib
 import re
 import types
@@ -15,6 +16,7 @@ import pytest
 import fastface
 from fastface import _device_checks
 from fastface._device_checks import _SLOTS, _Record
+from tests.cuda_emulation import build_emulated_library
 
 
 @pytest.fixture
@@ -166,6 +168,83 @@ def test_queue_check_launches_with_the_kernel_signature_and_meaning(host_record,
                                                 + ["flag_values_outside<int, int>", "flag_values_outside<__half, float>"])
     assert not _device_checks.queue_check(tri.astype(np.int64).view(_ArrayOnFakeDevice), 0, 3, "no kernel"), \
         "a dtype without a kernel is left to the host"
+
+
+_CHECKS_EMU_SHIM = r"""
+#include <cmath>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+struct dim3 { unsigned x, y, z; };
+static dim3 blockIdx, blockDim, threadIdx, gridDim;
+// Blocks of one thread: the barrier's OR over the block is the thread's own flag.
+inline bool __syncthreads_or(bool x) { return x; }
+inline void __threadfence_system() {}
+#include "checks.cu"
+template <typename T, typename Bound>
+void launch(const T* values, long long count, long long offset, long long stride, Bound lo, Bound hi,
+            unsigned long long record, int slot, unsigned long long generation, unsigned grid) {
+    blockDim = {1, 1, 1}; gridDim = {grid, 1, 1}; threadIdx = {0, 0, 0};
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx = {b, 0, 0};
+        flag_values_outside<T, Bound>(values, count, offset, stride, lo, hi, record, slot, generation);
+    }
+}
+extern "C" {
+void emu_float(const float* v, long long n, long long o, long long s, float lo, float hi, unsigned long long r,
+               int slot, unsigned long long g, unsigned grid) { launch<float, float>(v, n, o, s, lo, hi, r, slot, g, grid); }
+void emu_double(const double* v, long long n, long long o, long long s, double lo, double hi, unsigned long long r,
+                int slot, unsigned long long g, unsigned grid) { launch<double, double>(v, n, o, s, lo, hi, r, slot, g, grid); }
+void emu_int(const int* v, long long n, long long o, long long s, int lo, int hi, unsigned long long r,
+             int slot, unsigned long long g, unsigned grid) { launch<int, int>(v, n, o, s, lo, hi, r, slot, g, grid); }
+void emu_half(const __half* v, long long n, long long o, long long s, float lo, float hi, unsigned long long r,
+              int slot, unsigned long long g, unsigned grid) { launch<__half, float>(v, n, o, s, lo, hi, r, slot, g, grid); }
+}
+"""
+
+# The host stand-in for CUDA's half type: GCC's _Float16, converted to float exactly.
+_FAKE_CUDA_FP16 = "#pragma once\ntypedef _Float16 __half;\ninline float __half2float(__half h) { return (float)h; }\n"
+
+
+@pytest.fixture(scope="module")
+def checks_emulated(tmp_path_factory):
+    build = tmp_path_factory.mktemp("checks_emulated")
+    (build / "cuda_fp16.h").write_text(_FAKE_CUDA_FP16)
+    lib = build_emulated_library(build, _CHECKS_EMU_SHIM, (f"-I{build}", "-Wall", "-Werror"))
+    c = ctypes
+    for name, bound in (("emu_float", c.c_float), ("emu_double", c.c_double), ("emu_int", c.c_int),
+                        ("emu_half", c.c_float)):
+        getattr(lib, name).argtypes = [c.c_void_p, c.c_longlong, c.c_longlong, c.c_longlong, bound, bound,
+                                       c.c_ulonglong, c.c_int, c.c_ulonglong, c.c_uint]
+    return lib
+
+
+@pytest.mark.parametrize("dtype, entry", [(np.float32, "emu_float"), (np.float64, "emu_double"),
+                                          (np.int32, "emu_int"), (np.float16, "emu_half")])
+def test_check_kernel_emulated_on_the_host_flags_exactly_the_values_outside(checks_emulated, rng, dtype, entry):
+    # kernels/checks.cu's own code, compiled for the host with blocks of one thread: every value
+    # outside [lo, hi] (and NaN) among the strided elements is found, whatever the grid size, and
+    # nothing is written when all are inside.
+    launch = getattr(checks_emulated, entry)
+    values = (rng.uniform(-5, 5, 3 * 40) if dtype != np.int32 else rng.integers(-5, 6, 3 * 40)).astype(dtype)
+    values[values > 4] = 4  # so that [lo, hi] = [-5, 4] holds everything at first
+    record = np.zeros(1 + 8, np.uint64)
+    for grid in (1, 7, 200):
+        for offset, stride, count in ((0, 1, 120), (2, 3, 40)):
+            launch(values.ctypes.data, count, offset, stride, -5, 4, record.ctypes.data, 3, 11, grid)
+            assert not record.any(), (grid, offset, stride)
+    bad = [(2 + 3 * 17, 5), (2 + 3 * 39, -6)] + ([] if dtype == np.int32 else [(2 + 3 * 5, np.nan)])
+    for index, value in bad:
+        trial = values.copy()
+        trial[index] = value
+        for grid in (1, 7, 200):
+            record[:] = 0
+            launch(trial.ctypes.data, 40, 2, 3, -5, 4, record.ctypes.data, 3, 11, grid)
+            assert record[0] == 11 and record[1 + 3] == 11 and not np.delete(record, [0, 4]).any(), (index, grid)
+            record[:] = 0
+            launch(trial.ctypes.data, 40, 1, 3, -5, 4, record.ctypes.data, 3, 11, grid)  # another component
+            assert not record.any(), "a value outside the strided view was flagged"
 
 
 # --------------------------------------------------------------------------------------------------

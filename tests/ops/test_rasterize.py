@@ -635,12 +635,12 @@ def test_cuda_sources_emulated_on_the_host_match_the_numba_twins(cuda_emulated, 
         attr = np.ascontiguousarray(attr, dtype=np.float32)
         B, V = pos.shape[:2]
         T, C, ab = tri.shape[0], attr.shape[-1], int(attr.ndim == 3)
-        zbuf = np.empty((B, H, W), np.uint64)
         tri_id, depth = np.empty((B, H, W), np.int32), np.empty((B, H, W), np.float32)
         bary, out = np.empty((B, H, W, 2), np.float32), np.empty((B, H, W, C), np.float32)
         raster, img = rasterize_interpolate(pos, tri, (H, W), attr, cull_backfaces=bool(cull))
         for scr in (None, np.empty((B, V, 4), np.float32)):  # the per-vertex pre-pass or not
-            lib.emu_rasterize(_ptr(pos), _ptr(tri), B, V, T, H, W, cull, _ptr(zbuf), _ptr(attr), C, ab,
+            # The keys live in the bary output, as in fastface.ops.rasterize's GPU path.
+            lib.emu_rasterize(_ptr(pos), _ptr(tri), B, V, T, H, W, cull, _ptr(bary), _ptr(attr), C, ab,
                               _ptr(tri_id), _ptr(bary), _ptr(depth), _ptr(out), gy, None if scr is None else _ptr(scr))
             np.testing.assert_array_equal(tri_id, raster.tri_id)
             np.testing.assert_array_equal(bary, raster.bary)
