@@ -9,6 +9,7 @@ from fastface.ops.camera import (
     project_to_pixels, project_to_pixels_backward, rigid_transform, rigid_transform_backward,
 )
 from tests.conftest import TOLERANCES
+from tests.cuda_emulation import build_emulated_library
 from tests.gradcheck import assert_gradient_matches
 
 F64 = dict(rtol=TOLERANCES["float64_reference_rtol"], atol=TOLERANCES["float64_reference_atol"])
@@ -391,3 +392,85 @@ def test_projection_rejects_focal_that_is_no_number_or_array(rng, focal):
 def test_projection_rejects_infinite_resolution(rng):
     with pytest.raises(TypeError, match="resolution must be a pair"):
         project_to_pixels(camera_points(rng), 500.0, (float("inf"), 64))
+
+
+# The euler and projection kernels of kernels/camera.cu, compiled for the host (tests/cuda_emulation.py)
+# and fed the argument tuples camera.py builds for the GPU, null focal pointer included. The other
+# kernels of the file are compiled too (barriers and shuffles stubbed) but not run here.
+_EMU_SHIM = r"""
+#include <cmath>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+struct dim3 { unsigned x, y, z; };
+static dim3 blockIdx, blockDim, threadIdx, gridDim;
+inline void __syncthreads() {}
+inline float __shfl_down_sync(unsigned, float v, int) { return v; }
+inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
+#include "camera.cu"
+template <class F> void launch(long long n, F f) {
+    blockDim = {256, 1, 1}; gridDim = {unsigned((n + 255) / 256), 1, 1};
+    for (unsigned bx = 0; bx < gridDim.x; ++bx) for (unsigned tx = 0; tx < 256; ++tx) {
+        blockIdx = {bx, 0, 0}; threadIdx = {tx, 0, 0}; f();
+    }
+}
+extern "C" {
+void emu_euler(const float* angles, const float* grad_out, float* rotation, float* grad_angles, int B) {
+    launch(B, [&] { euler_rotation_fwd(angles, rotation, B); });
+    launch(B, [&] { euler_rotation_bwd(angles, grad_out, grad_angles, B); });
+}
+void emu_projections(const float* points, const float* focal, float focal_scalar, const float* grad_clip,
+                     const float* grad_pix, float* clip, float* pix, float* grad_points_clip, float* grad_points_pix,
+                     int B, int V, int H, int W, float near, float far) {
+    launch((long long)B * V, [&] { perspective_projection_fwd(points, focal, focal_scalar, clip, B, V, H, W, near, far); });
+    launch((long long)B * V, [&] { perspective_projection_bwd(points, focal, focal_scalar, grad_clip, grad_points_clip, B, V, H, W, near, far); });
+    launch((long long)B * V, [&] { project_to_pixels_fwd(points, focal, focal_scalar, pix, B, V, H, W); });
+    launch((long long)B * V, [&] { project_to_pixels_bwd(points, focal, focal_scalar, grad_pix, grad_points_pix, B, V, H, W); });
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def camera_emulated(tmp_path_factory):
+    import ctypes
+    lib = build_emulated_library(tmp_path_factory.mktemp("camera_emulated"), _EMU_SHIM, ("-Wno-unused-function",))
+    lib.emu_euler.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.emu_projections.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 6 + \
+        [ctypes.c_int] * 4 + [ctypes.c_float] * 2
+    return lib
+
+
+def test_euler_kernels_emulated_on_the_host_match_the_cpu(camera_emulated, rng, tol):
+    B = 300
+    angles = rng.uniform(-0.4, 0.4, (B, 3)).astype(np.float32)
+    grad_out = rng.standard_normal((B, 3, 3)).astype(np.float32)
+    rotation, grad_angles = np.empty((B, 3, 3), np.float32), np.empty((B, 3), np.float32)
+    camera_emulated.emu_euler(angles.ctypes.data, grad_out.ctypes.data, rotation.ctypes.data, grad_angles.ctypes.data, B)
+    np.testing.assert_allclose(rotation, euler_rotation(angles), rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(grad_angles, euler_rotation_backward(angles, grad_out), rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+
+
+@pytest.mark.parametrize("focal_kind", ["array", "scalar"])
+def test_projection_kernels_emulated_on_the_host_match_the_cpu(camera_emulated, rng, tol, focal_kind):
+    import fastface.ops.camera as camera
+    B, V, H, W = 3, 50, 40, 60
+    points = np.concatenate([rng.uniform(-1, 1, (B, V, 2)), rng.uniform(-30, -15, (B, V, 1))], -1).astype(np.float32)
+    focal = np.array([150.0, 180.0, 210.0], np.float32) if focal_kind == "array" else 170.0
+    grad_clip = rng.standard_normal((B, V, 4)).astype(np.float32)
+    grad_pix = rng.standard_normal((B, V, 2)).astype(np.float32)
+    clip, pix = np.empty((B, V, 4), np.float32), np.empty((B, V, 2), np.float32)
+    g_clip, g_pix = np.empty_like(points), np.empty_like(points)
+    _, _, _, focal_args, _, _, _, _, _ = camera._prepare_camera(points, focal, (H, W))
+    # The GPU path's pair: the array's pointer, or the null pointer camera.py passes for a scalar.
+    focal_pointer = focal_args[0].ctypes.data if focal_kind == "array" else int(camera.NULL_POINTER)
+    camera_emulated.emu_projections(points.ctypes.data, focal_pointer, float(focal_args[1]), grad_clip.ctypes.data,
+                                    grad_pix.ctypes.data, clip.ctypes.data, pix.ctypes.data, g_clip.ctypes.data,
+                                    g_pix.ctypes.data, B, V, H, W, 10.0, 10000.0)
+    close = {"rtol": tol["gpu_cpu_rtol"], "atol": tol["gpu_cpu_atol"]}
+    np.testing.assert_allclose(clip, perspective_projection(points, focal, (H, W)), **close)
+    np.testing.assert_allclose(pix, project_to_pixels(points, focal, (H, W)), **close)
+    np.testing.assert_allclose(g_clip, perspective_projection_backward(points, focal, (H, W), grad_clip), **close)
+    np.testing.assert_allclose(g_pix, project_to_pixels_backward(points, focal, (H, W), grad_pix), **close)
