@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from fastface import _device_checks
 from fastface._backend import is_cupy_array
 
 __all__ = [
@@ -62,7 +63,6 @@ def queue_on_device(a, lo, hi, message, *message_args, offset=0, stride=1, count
     See fastface/_device_checks.py."""
     if _mode() != "on" or not is_cupy_array(a):
         return False
-    from fastface import _device_checks  # noqa: PLC0415 - it needs cupy; numpy-only runs never get here
     return _device_checks.queue_check(a, lo, hi, message, *message_args, offset=offset, stride=stride, count=count)
 
 
