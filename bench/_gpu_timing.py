@@ -47,9 +47,9 @@ def gpu_copy_bandwidth(nbytes=1 << 30, repeats=20):
     return 2 * nbytes / device_seconds(copy, repeats) / 1e9
 
 
-def bench_gpu(benchmark, fn, group, repeats=50):
-    """Benchmarks `fn` synchronised (value checks off, one untimed call first to compile), then
-    returns its device seconds per call from `repeats` back-to-back calls."""
+def bench_gpu(benchmark, fn, group, repeats=50, value_checks=False):
+    """Benchmarks `fn` synchronised (value checks off unless asked, one untimed call first to
+    compile), then returns its device seconds per call from `repeats` back-to-back calls."""
     import cupy
 
     def timed():
@@ -57,7 +57,7 @@ def bench_gpu(benchmark, fn, group, repeats=50):
         cupy.cuda.Device().synchronize()
 
     benchmark.group = group
-    with fastface.value_checks(False):
+    with fastface.value_checks(value_checks):
         timed()
         benchmark(timed)
         return device_seconds(fn, repeats)

@@ -180,6 +180,18 @@ def test_gpu_spherical_cap_batch_of_one(benchmark, gpu_cap_one, name):
                f"spherical cap {GRID}x{GRID} B=1 224x224 (GPU, wall time of the call)", 0.05)
 
 
+@needs_gpu
+@pytest.mark.parametrize("batch", [1, GPU_BATCH])
+def test_gpu_fused_with_value_checks_on(benchmark, gpu_cap, gpu_cap_one, batch):
+    """The default (deferred) value checks' cost: three check kernels (pos, tri, attr) per call, and
+    no host synchronisation. Compare with the rows above, which run with the checks off."""
+    pos, tri, colors, _ = gpu_cap_one if batch == 1 else gpu_cap
+    device_s = bench_gpu(benchmark, lambda: rasterize_interpolate(pos, tri, RES, colors),
+                         f"rasterize + interpolate fused, value checks on (GPU, B={batch})", value_checks=True)
+    fastface.check_device_errors()
+    _record(benchmark, batch, device_us=round(device_s * 1e6, 1), value_checks="deferred")
+
+
 def _nvdiffrast_or_skip():
     try:
         import nvdiffrast.torch as dr  # noqa: PLC0415 - optional comparison, never a dependency
