@@ -92,6 +92,15 @@ def test_a_failure_whose_slot_was_reused_before_it_was_read_gets_a_generic_messa
         _device_checks.raise_failed_checks()
 
 
+def test_a_failure_never_read_is_printed_at_exit(host_record, capsys):
+    slot, generation = host_record.register("{} holds NaN", ("colors",))
+    _kernel_reports(host_record, slot, generation)
+    _device_checks._report_at_exit()
+    assert "a GPU value check failed and was never reported: colors holds NaN" in capsys.readouterr().err
+    _device_checks._report_at_exit()
+    assert capsys.readouterr().err == "", "reported once"
+
+
 def test_check_device_errors_without_any_gpu_check_is_a_no_op(monkeypatch):
     monkeypatch.setattr(_device_checks, "_record", None)
     fastface.check_device_errors()
