@@ -8,6 +8,7 @@ import weakref
 from dataclasses import dataclass
 
 from fastface._backend import array_module
+from fastface._checks import check_finite, value_checks
 from fastface.ops.camera import euler_rotation, perspective_projection, rigid_transform
 from fastface.ops.normals import vertex_adjacency, vertex_normals
 from fastface.ops.rasterize import Raster, rasterize_interpolate
@@ -92,13 +93,26 @@ def render_faces(model, params, resolution, focal):
         `Rendering`.
     """
     array_module(("params.shape", params.shape), ("model.triangles", model.triangles))
-    vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
-    rotation = euler_rotation(params.angles)
-    camera_vertices = rigid_transform(vertices, rotation, params.translation)
+    # Value checks where bad numbers can enter: the caller's parameters, the camera-space points
+    # (behind the camera, or overflow through the model and pose; perspective_projection checks
+    # them) and the shaded colours (overflow through albedo and light). Every other intermediate is
+    # an op's output of checked inputs, so its checks are skipped: 9 checks instead of 16, each a
+    # kernel launch on the GPU. Shape and dtype checks always run.
+    for name in ("shape", "expression", "albedo", "sh", "angles", "translation"):
+        value = getattr(params, name)
+        if hasattr(value, "dtype"):  # anything else gets the op's TypeError below
+            check_finite(f"params.{name}", value)
+    with value_checks(False):
+        vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
+        rotation = euler_rotation(params.angles)
+        camera_vertices = rigid_transform(vertices, rotation, params.translation)
     clip = perspective_projection(camera_vertices, focal, resolution)
-    normals = vertex_normals(camera_vertices, model.triangles, adjacency=_adjacency(model))
-    colors = sh_shade(normals, albedo, params.sh)
-    raster, image = rasterize_interpolate(clip, model.triangles, resolution, colors)
+    with value_checks(False):
+        normals = vertex_normals(camera_vertices, model.triangles, adjacency=_adjacency(model))
+        colors = sh_shade(normals, albedo, params.sh)
+    check_finite("colors", colors)
+    with value_checks(False):
+        raster, image = rasterize_interpolate(clip, model.triangles, resolution, colors)
     return Rendering(image=image, mask=raster.tri_id >= 0, raster=raster, vertices=vertices,
                      camera_vertices=camera_vertices, clip=clip, normals=normals, albedo=albedo,
                      colors=colors)

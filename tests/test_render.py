@@ -1,4 +1,6 @@
 """render_faces chains the ops exactly as written by hand, on the CPU and on the GPU."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,27 @@ def test_uniform_light_rejects_integer_dtype():
     # An integer dtype would truncate the coefficient 1 / (pi Y00) = 3.54 to 3 without a word.
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         fastface.uniform_light(2, dtype="int32")
+
+
+@pytest.mark.parametrize("field", ["shape", "expression", "albedo", "sh", "angles", "translation"])
+def test_render_faces_names_a_non_finite_parameter(rng, field):
+    model = FaceModel.default(level="small")
+    params = _parameters(model, 2, rng)
+    bad = getattr(params, field).copy()
+    bad.reshape(-1)[1] = np.nan
+    with pytest.raises(ValueError, match=f"params.{field} .*NaN"):
+        render_faces(model, dataclasses.replace(params, **{field: bad}), (32, 32), 100.0)
+
+
+def test_render_faces_refuses_a_face_behind_the_camera_and_an_overflowing_light(rng):
+    model = FaceModel.default(level="small")
+    params = _parameters(model, 2, rng)
+    behind = params.translation.copy()
+    behind[1, 2] = 550.0
+    with pytest.raises(ValueError, match="behind the camera"):
+        render_faces(model, dataclasses.replace(params, translation=behind), (32, 32), 100.0)
+    huge_light = np.full_like(params.sh, 3e38)  # finite, but the SH sum overflows float32
+    with pytest.raises(ValueError, match="colors .*NaN or infinite"):
+        render_faces(model, dataclasses.replace(params, sh=huge_light), (32, 32), 100.0)
+    with fastface.value_checks(False):  # off means off
+        render_faces(model, dataclasses.replace(params, sh=huge_light), (32, 32), 100.0)
