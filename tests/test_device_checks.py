@@ -355,6 +355,12 @@ def _gpu_op_calls(cupy, points, tri, pos):
     sh = cupy.zeros((2, 3, 9), cupy.float32)
     image = cupy.ones((2, 32, 32, 3), cupy.float32)
     pixels = cupy.full((2, 81, 2), 5.0, cupy.float32)
+    model = fastface.FaceModel.default(level="small").to("gpu")
+    coefficients = cupy.zeros((2, model.n_shape), cupy.float32)
+    face = fastface.FaceParameters(
+        shape=coefficients, expression=cupy.zeros((2, model.n_expression), cupy.float32),
+        albedo=cupy.zeros((2, model.n_albedo), cupy.float32), sh=fastface.uniform_light(2, cupy),
+        angles=cupy.zeros((2, 3), cupy.float32), translation=cupy.asarray([[0, 0, -550.0]] * 2, cupy.float32))
     return [
         ("rasterize", lambda: fastface.rasterize(pos, tri, (32, 32))),
         ("rasterize_interpolate", lambda: fastface.rasterize_interpolate(pos, tri, (32, 32), attr)),
@@ -366,6 +372,8 @@ def _gpu_op_calls(cupy, points, tri, pos):
         ("perspective_projection", lambda: fastface.perspective_projection(vertices, 200.0, (32, 32))),
         ("project_to_pixels", lambda: fastface.project_to_pixels(vertices, 200.0, (32, 32))),
         ("sample_image", lambda: fastface.sample_image(image, pixels)),
+        ("FaceModel.evaluate", lambda: model.evaluate(coefficients, None, None)),
+        ("render_faces", lambda: fastface.render_faces(model, face, (32, 32), 60.0)),
     ]
 
 
