@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "read_kernel_source", "pointer_or_null", "NULL_POINTER", "grid_1d",
+__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "read_kernel_source", "pointer_or_null", "NULL_POINTER", "MAX_GRID_Y", "images_on_grid_y", "grid_1d",
            "gpu_available"]
 
 
@@ -176,6 +176,18 @@ NULL_POINTER = np.uint64(0)
 def pointer_or_null(a):
     """`a` for a pointer parameter of a kernel, or a null pointer when `a` is None."""
     return NULL_POINTER if a is None else a
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+
+
+def images_on_grid_y(batch, op):
+    """`batch` for kernels that give each image its own row of blocks (gridDim.y = B, no loop past the
+    limit); ValueError naming `op` when the batch exceeds what one launch can hold."""
+    if batch > MAX_GRID_Y:
+        raise ValueError(f"{op} on the GPU takes at most {MAX_GRID_Y} images per call (one row of CUDA blocks "
+                         f"per image); got {batch}: split the batch")
+    return batch
 
 
 def grid_1d(n, block=256):

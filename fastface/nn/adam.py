@@ -118,7 +118,7 @@ class Adam:
                 raise TypeError(f"parameter {i} must be float32 (or float64 on the CPU); got {g.dtype}")
             if not g.flags.c_contiguous:
                 raise ValueError(f"parameter {i} must be C-contiguous (it is updated in place)")
-            if not g.flags.writeable:
+            if xp is np and not g.flags.writeable:  # cupy arrays have no such flag: always writeable
                 raise ValueError(f"parameter {i} must be writeable (it is updated in place)")
         self._xp = xp
         self._params = groups

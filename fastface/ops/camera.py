@@ -17,7 +17,7 @@ for `euler_rotation`, per vertex for the others).
 import numba
 import numpy as np
 
-from fastface._backend import NULL_POINTER, KernelFile, array_module, grid_1d
+from fastface._backend import NULL_POINTER, KernelFile, array_module, grid_1d, images_on_grid_y
 from fastface._checks import (
     check_array, check_finite, check_resolution, check_same_batch, queue_on_device, value_checks_enabled)
 
@@ -289,7 +289,8 @@ def rigid_transform(points, rotation, translation):
     else:
         shared = "true" if p3.shape[0] != B else "false"
         _kernel(f"rigid_transform_fwd<{shared}>")(
-            ((V + _BLOCK - 1) // _BLOCK, B), (_BLOCK,), (p3, r, t, out, np.int32(B), np.int32(V)))
+            ((V + _BLOCK - 1) // _BLOCK, images_on_grid_y(B, "rigid_transform")), (_BLOCK,),
+            (p3, r, t, out, np.int32(B), np.int32(V)))
     return out
 
 
@@ -317,7 +318,7 @@ def rigid_transform_backward(points, rotation, translation, grad_out):
         grad_rotation, grad_translation = xp.zeros_like(r), xp.zeros_like(t)
         blocks = max(1, (V + _BLOCK * _VERTICES_PER_THREAD - 1) // (_BLOCK * _VERTICES_PER_THREAD))
         _kernel(f"rigid_transform_bwd<{'true' if shared else 'false'}>")(
-            (blocks, B), (_BLOCK,),
+            (blocks, images_on_grid_y(B, "rigid_transform_backward")), (_BLOCK,),
             (p3, r, t, g, grad_points, grad_rotation, grad_translation, np.int32(B), np.int32(V)))
     return (grad_points[0] if points.ndim == 2 else grad_points), grad_rotation, grad_translation
 

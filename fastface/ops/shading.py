@@ -31,7 +31,7 @@ import math
 import numba
 import numpy as np
 
-from fastface._backend import KernelFile, array_module
+from fastface._backend import KernelFile, array_module, images_on_grid_y
 from fastface._checks import check_array, check_finite, check_same_batch
 # The fused kernels call normals' Numba helpers and launch its gather kernel. Numba's cache does not
 # notice edits to another module: after changing normals.py's helpers, clear the cache (or touch
@@ -264,7 +264,7 @@ def _prepare(normals, albedo, sh, grad_out=None, backward=False):
 def _launch_shape(V, B, backward):
     """(grid, block) of the shading kernels: blocks over V times the batch."""
     per_block = _BLOCK * (_VERTICES_PER_THREAD if backward else 1)
-    return (max(1, (V + per_block - 1) // per_block), B), (_BLOCK,)
+    return (max(1, (V + per_block - 1) // per_block), images_on_grid_y(B, "SH shading")), (_BLOCK,)
 
 
 def _backward_outputs(xp, a3, s3, B):
