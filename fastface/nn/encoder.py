@@ -44,9 +44,8 @@ Design notes:
   `capture` records whole steps in CUDA graphs (at batch 1 the ~20 to 60 launches from Python,
   not the GPU, set the time).
 - Value checks (NaN in the input or the incoming gradient) read the data. On the GPU they run as a
-  kernel and report at a later call (fastface/_device_checks.py); a float16 input has no check
-  kernel, so it is checked on the host, which synchronises. Hot loops run inside
-  `fastface.value_checks(False)`.
+  kernel (float32 or float16) and report at a later call (fastface/_device_checks.py), so they do
+  not synchronise; each still costs a launch. Hot loops run inside `fastface.value_checks(False)`.
 - CPU: NumPy's BLAS for every GEMM and serial Numba gathers (see fastface/nn/conv.py for why
   not parallel ones). Measured on the 2-core machine: forward + backward at 64x64, batch 8, in
   10 to 15 ms.
