@@ -18,8 +18,17 @@ duration of one test:
   the launch against the kernel's parameter list parsed from `read_kernel_source(filename)` (template
   arguments substituted from the name expression), records it in `FakeGpu.launches` and computes nothing.
   Outputs keep what they were allocated with; tests must not check values.
+- Compute mode, `install(monkeypatch, compute=True)`: after the checks, a kernel that tests/emulated_kernels.py
+  can run on the host (no barrier, shuffle, vote or shared memory, in it or in what it calls) runs there,
+  its threads one after another, on the arrays' memory; `FakeGpu.computed` and `FakeGpu.check_only` list
+  which launches ran and which did not (those leave their outputs as allocated). Launches during a stream
+  capture raise LaunchError in this mode: a graph replay recomputes nothing here. New arrays get red
+  zones (`_check_red_zones`): an emulated kernel that writes outside an array it was given raises
+  LaunchError naming the argument, instead of corrupting the process's heap (a read there sees 0xA5
+  bytes; a write or read far beyond them can still crash the process).
 - `cuda.runtime.hostAlloc` returns a real host buffer, so fastface/_device_checks.py's deferred checks
-  run (their kernels never write it, so no check ever fails).
+  run (in check-only mode their kernels never write it, so no check ever fails; in compute mode the
+  check kernels run too and report bad values as on a GPU).
 - fastface/nn/_gemm.py's cuBLAS (`_cublas()`) becomes `FakeCublas`: it checks cublasGemmEx's arguments
   (types, transposes, leading dimensions, every matrix inside one allocation) and computes the product
   with numpy on the arrays' memory.
@@ -80,6 +89,15 @@ class LaunchError(AssertionError):
 
 _allocations = {}  # id(owner) -> (start address, end address, flat uint8 view of the owner's memory)
 
+# Compute mode surrounds every new array with red zones of _CANARY bytes, checked after each emulated
+# kernel for the arrays it was given: a kernel (or a launch) that writes past an array's end then fails
+# naming the argument, instead of corrupting the Python heap. A red zone is as long as the array (at
+# least _MIN_RED_ZONE bytes), so an image or batch index one too far still lands in it.
+_guard_allocations = False
+_guards = {}  # id(owner buffer) -> (owner buffer, offset of the array's memory, its byte count)
+_CANARY = 0xA5
+_MIN_RED_ZONE = 4096
+
 
 def _owner(a):
     root = a
@@ -91,9 +109,34 @@ def _owner(a):
 def _register(a):
     root = _owner(a)
     if id(root) not in _allocations:
+        guarded = _guards.get(id(root))
+        if guarded is not None:  # the array's memory, not its red zones
+            _, offset, nbytes = guarded
+            flat = np.asarray(root)[offset:offset + nbytes]
+            start = root.ctypes.data + offset
+            _allocations[id(root)] = (start, start + nbytes, flat, root)
+            return
         flat = np.asarray(root).reshape(-1).view(np.uint8) if root.flags["C_CONTIGUOUS"] else None
         start = root.ctypes.data
         _allocations[id(root)] = (start, start + root.nbytes, flat, root)
+
+
+def _check_red_zones(a, where):
+    """LaunchError when a byte around a's allocation (compute mode's red zones) is no longer _CANARY."""
+    guarded = _guards.get(id(_owner(a)))
+    if guarded is None:
+        return
+    buffer, offset, nbytes = guarded
+    host = np.asarray(buffer)
+    before = np.flatnonzero(host[:offset] != _CANARY)
+    after = np.flatnonzero(host[offset + nbytes:] != _CANARY)
+    if before.size or after.size:
+        host[:offset] = _CANARY  # so that the next check of this array reports only new writes
+        host[offset + nbytes:] = _CANARY
+        where_ = (f"{offset - before[0]} bytes before its start" if before.size
+                  else f"{after[0]} bytes past its end")
+        raise LaunchError(f"{where}: {before.size + after.size} bytes around its {nbytes}-byte allocation were "
+                          f"written, the first {where_}: an index outside the array")
 
 
 def _allocation_of(address, size, what):
@@ -110,8 +153,12 @@ def _allocate(shape, dtype, fill=None):
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buffer = np.empty(nbytes + _POOL_ALIGNMENT, np.uint8)
-    offset = (-buffer.ctypes.data) % _POOL_ALIGNMENT
+    red_zone = max(_MIN_RED_ZONE, nbytes) if _guard_allocations else 0
+    buffer = np.empty(red_zone + nbytes + _POOL_ALIGNMENT + red_zone, np.uint8)
+    offset = red_zone + (-(buffer.ctypes.data + red_zone)) % _POOL_ALIGNMENT
+    if red_zone:
+        buffer.fill(_CANARY)
+        _guards[id(buffer)] = (buffer, offset, nbytes)
     memory = buffer[offset:offset + nbytes]
     memory.fill(0xFF)
     a = memory.view(dtype).reshape(shape).view(ndarray)
@@ -840,6 +887,24 @@ class LaunchChecker:
         for i, (parameter, argument) in enumerate(zip(s.parameters, args)):
             _check_argument(s, i, parameter, argument, what, alignments)
         self.gpu.launches.append((s.filename, s.expression, grid, block))
+        if self.gpu.compute:
+            self._compute(grid, block, args, what)
+
+    def _compute(self, grid, block, args, what):
+        from tests import emulated_kernels  # noqa: PLC0415 - it imports this module
+
+        s = self.signature
+        if _current_stream[0].is_capturing():
+            raise LaunchError(f"{what}: launched during a stream capture; compute mode runs kernels at once and "
+                              f"replays no graph (use check-only mode)")
+        if not emulated_kernels.emulation(s.filename, s.expression).runs:
+            self.gpu.check_only.append((s.filename, s.expression))
+            return
+        emulated_kernels.launch(self.kernel_file, s.expression, grid, block, args)
+        for i, (parameter, argument) in enumerate(zip(s.parameters, args)):
+            if parameter.pointer and isinstance(argument, ndarray):
+                _check_red_zones(argument, f"{what}: argument {i} ({parameter!r})")
+        self.gpu.computed.append((s.filename, s.expression))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -952,6 +1017,9 @@ class FakeGpu:
         self.cupy = _fake_module()
         self.launches = []    # (filename, name expression, grid, block) of every launch, in order
         self.gemm_calls = []  # (A dtype, C dtype, compute type, m, n, k) of every cublasGemmEx
+        self.compute = False  # compute mode (install(..., compute=True)): emulatable kernels run on the host
+        self.computed = []    # (filename, name expression) of every launch that ran, in compute mode
+        self.check_only = []  # ... and of every launch that was only checked (its kernel cannot be emulated)
 
     def kernels(self):
         """The (filename, name expression) pairs launched so far."""
@@ -960,6 +1028,8 @@ class FakeGpu:
     def clear(self):
         self.launches.clear()
         self.gemm_calls.clear()
+        self.computed.clear()
+        self.check_only.clear()
 
 
 def import_all_fastface_modules():
@@ -969,14 +1039,19 @@ def import_all_fastface_modules():
             importlib.import_module(module.name)
 
 
-def install(monkeypatch):
-    """Installs the fake cupy for the current test (undone by `monkeypatch` at its end); returns a FakeGpu."""
+def install(monkeypatch, compute=False):
+    """Installs the fake cupy for the current test (undone by `monkeypatch` at its end); returns a FakeGpu.
+
+    compute: run the kernels that tests/emulated_kernels.py can emulate (see the module docstring);
+    by default launches are checked and recorded only.
+    """
     # Imported before patching: a module first imported now would bind the fake cupy_or_none for good.
     import_all_fastface_modules()
     from fastface import _device_checks  # noqa: PLC0415
     from fastface.nn import _gemm  # noqa: PLC0415
 
     gpu = FakeGpu()
+    gpu.compute = bool(compute)
     real_cupy_or_none = _backend.cupy_or_none
     monkeypatch.setitem(sys.modules, "cupy", gpu.cupy)
     for name, module in list(sys.modules.items()):
@@ -988,6 +1063,8 @@ def install(monkeypatch):
     fake_cublas = FakeCublas(gpu)
     monkeypatch.setattr(_gemm, "_cublas", lambda: fake_cublas)
     monkeypatch.setattr(sys.modules[__name__], "_allocations", {})
+    monkeypatch.setattr(sys.modules[__name__], "_guards", {})
+    monkeypatch.setattr(sys.modules[__name__], "_guard_allocations", bool(compute))
     monkeypatch.setattr(sys.modules[__name__], "_current_stream", [Stream(null=True)])
     return gpu
 
@@ -997,3 +1074,21 @@ def _lookup(gpu, kernel_file, name):
         raise KeyError(f"kernel {name!r} is not declared for kernels/{kernel_file.filename}; declared: "
                        f"{', '.join(kernel_file.kernels)}")
     return LaunchChecker(gpu, kernel_file, name)
+
+
+def misaligned(cp, a):
+    """A C-contiguous fake array holding a's values at an address 4 bytes past a 16-byte boundary (a view
+    into a larger array, as a caller's slice can be): the GPU paths must copy it before float4 loads."""
+    flat = cp.empty(a.size + 1, a.dtype)
+    view = flat[1:].reshape(a.shape)
+    view[...] = cp.asarray(a)
+    assert view.data.ptr % 16 == 4 and view.flags.c_contiguous
+    return view
+
+
+def strided(cp, a):
+    """A non-contiguous fake view holding a's values."""
+    wide = cp.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+    wide[..., ::2] = cp.asarray(a)
+    assert not wide[..., ::2].flags.c_contiguous
+    return wide[..., ::2]

@@ -25,7 +25,7 @@ from fastface.model import morphable as morphable_module
 from fastface.nn import _gemm
 from fastface.nn import conv as conv_module
 from tests import fake_cupy
-from tests.fake_cupy import LaunchError, install, kernel_signature
+from tests.fake_cupy import LaunchError, install, kernel_signature, misaligned, strided
 
 fake_cupy.import_all_fastface_modules()  # every module declares its KernelFile at import
 _rasterize_module = sys.modules["fastface.ops.rasterize"]  # fastface.ops shadows the module with the function
@@ -96,24 +96,6 @@ def _camera_points(rng, B, V=16):
     return p
 
 
-def _misaligned(cp, a):
-    """A C-contiguous fake array holding a's values at an address 4 bytes past a 16-byte boundary (a view
-    into a larger array: a caller's slice)."""
-    flat = cp.empty(a.size + 1, a.dtype)
-    view = flat[1:].reshape(a.shape)
-    view[...] = cp.asarray(a)
-    assert view.data.ptr % 16 == 4 and view.flags.c_contiguous
-    return view
-
-
-def _strided(cp, a):
-    """A non-contiguous fake view holding a's values."""
-    wide = cp.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
-    wide[..., ::2] = cp.asarray(a)
-    assert not wide[..., ::2].flags.c_contiguous
-    return wide[..., ::2]
-
-
 # ---------------------------------------------------------------------------------------------
 # Scenarios: each calls GPU ops with fake cupy arrays and returns the (file, kernel) pairs it must launch.
 
@@ -121,7 +103,7 @@ def scenario_rasterize(cp, rng, monkeypatch):
     pos, tri = _clip_positions(rng, 3)
     g_tri = cp.asarray(tri)
     # Batched and unbatched positions, and positions the kernels cannot take as they are (float4 loads).
-    for p in (cp.asarray(pos), cp.asarray(pos[0]), _misaligned(cp, pos), _strided(cp, pos)):
+    for p in (cp.asarray(pos), cp.asarray(pos[0]), misaligned(cp, pos), strided(cp, pos)):
         for cull in (False, True):
             raster = fastface.rasterize(p, g_tri, (8, 12), cull_backfaces=cull)
             _on_gpu(raster.tri_id, raster.bary, raster.depth)
@@ -147,7 +129,7 @@ def scenario_rasterize_interpolate(cp, rng, monkeypatch):
     for C in (1, 2, 3, 4, 5):
         for batched in (False, True):
             attr = rng.uniform(size=(2, 16, C) if batched else (16, C)).astype(np.float32)
-            g_attr = cp.asarray(attr) if C < 4 else _misaligned(cp, attr)
+            g_attr = cp.asarray(attr) if C < 4 else misaligned(cp, attr)
             raster, out = fastface.rasterize_interpolate(g_pos, g_tri, (8, 10), g_attr)
             _on_gpu(raster.tri_id, out)
             grad_out = cp.asarray(rng.normal(size=out.shape).astype(np.float32))
@@ -166,7 +148,7 @@ def scenario_interpolate(cp, rng, monkeypatch):
     for C in (1, 2, 3, 4, 5):
         for batched in (False, True):
             attr = rng.uniform(size=(2, 16, C) if batched else (16, C)).astype(np.float32)
-            attr = _strided(cp, attr) if C == 4 else _misaligned(cp, attr) if C == 3 else cp.asarray(attr)
+            attr = strided(cp, attr) if C == 4 else misaligned(cp, attr) if C == 3 else cp.asarray(attr)
             out = fastface.interpolate(attr, raster, g_tri)
             grad_out = cp.asarray(rng.normal(size=out.shape).astype(np.float32))
             grad_attr, grad_bary = fastface.interpolate_backward(attr, raster, g_tri, grad_out)
@@ -205,8 +187,8 @@ def scenario_vertex_normals(cp, rng, monkeypatch):
     adjacency = fastface.vertex_adjacency(g_tri, 16)
     _on_gpu(adjacency.offsets, adjacency.corners)
     for vertices in (_camera_points(rng, 3), _camera_points(rng, 1)[0]):
-        grad_out = _strided(cp, rng.normal(size=vertices.shape).astype(np.float32))
-        for v, adj in ((cp.asarray(vertices), adjacency), (_strided(cp, vertices), None)):  # None: built in the call
+        grad_out = strided(cp, rng.normal(size=vertices.shape).astype(np.float32))
+        for v, adj in ((cp.asarray(vertices), adjacency), (strided(cp, vertices), None)):  # None: built in the call
             normals = fastface.vertex_normals(v, g_tri, adjacency=adj)
             grad = fastface.vertex_normals_backward(v, g_tri, grad_out, adjacency=adj)
             _on_gpu(normals, grad)
@@ -225,7 +207,7 @@ def scenario_sh_shade(cp, rng, monkeypatch):
     normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
     for shared in (True, False):
         albedo, sh = _lighting(cp, rng, B, V, shared)
-        n = cp.asarray(normals) if shared else _strided(cp, normals)
+        n = cp.asarray(normals) if shared else strided(cp, normals)
         colours = fastface.sh_shade(n, albedo, sh)
         grads = fastface.sh_shade_backward(n, albedo, sh, cp.asarray(rng.normal(size=(B, V, 3)).astype(np.float32)))
         _on_gpu(colours, *grads)
@@ -258,7 +240,7 @@ def scenario_shade_vertices(cp, rng, monkeypatch):
 
 def scenario_euler_rotation(cp, rng, monkeypatch):
     for shape in ((5, 3), (3,)):
-        angles = _strided(cp, rng.uniform(-1, 1, size=shape).astype(np.float32))
+        angles = strided(cp, rng.uniform(-1, 1, size=shape).astype(np.float32))
         rotation = fastface.euler_rotation(angles)
         grad = fastface.euler_rotation_backward(angles, cp.asarray(np.ones(shape[:-1] + (3, 3), np.float32)))
         _on_gpu(rotation, grad)
@@ -271,7 +253,7 @@ def scenario_rigid_transform(cp, rng, monkeypatch):
     rotation = cp.asarray(np.tile(np.eye(3, dtype=np.float32), (B, 1, 1)))
     translation = cp.asarray(rng.normal(size=(B, 3)).astype(np.float32))
     for points in (_camera_points(rng, B, V), _camera_points(rng, 1, V)[0]):  # per image, and shared
-        p = _strided(cp, points)
+        p = strided(cp, points)
         out = fastface.rigid_transform(p, rotation, translation)
         grads = fastface.rigid_transform_backward(p, rotation, translation,
                                                   cp.asarray(rng.normal(size=(B, V, 3)).astype(np.float32)))
@@ -282,7 +264,7 @@ def scenario_rigid_transform(cp, rng, monkeypatch):
 
 def _projection_scenario(cp, rng, forward, backward, width):
     for points in (_camera_points(rng, 3), _camera_points(rng, 1)[0]):
-        p = _strided(cp, points) if points.ndim == 3 else cp.asarray(points)
+        p = strided(cp, points) if points.ndim == 3 else cp.asarray(points)
         B = points.shape[0] if points.ndim == 3 else 1
         for focal in (500.0, np.float32(500.0), 400, cp.asarray(np.full(B, 480.0, np.float32))):
             out = forward(p, focal, (24, 32))
@@ -306,7 +288,7 @@ def scenario_sample_image(cp, rng, monkeypatch):
     for batched in (True, False):
         image = rng.uniform(size=(2, 9, 11, 3) if batched else (9, 11, 3)).astype(np.float32)
         points = rng.uniform(-1, 12, size=(2, 40, 2) if batched else (40, 2)).astype(np.float32)
-        im, pts = (_strided(cp, image), _strided(cp, points)) if batched else (cp.asarray(image), cp.asarray(points))
+        im, pts = (strided(cp, image), strided(cp, points)) if batched else (cp.asarray(image), cp.asarray(points))
         samples = fastface.sample_image(im, pts)
         grad_image, grad_points = fastface.sample_image_backward(
             im, pts, cp.asarray(rng.normal(size=points.shape[:-1] + (3,)).astype(np.float32)))
@@ -334,7 +316,7 @@ def scenario_face_model(cp, rng, monkeypatch):
     model = _small_model().to("gpu")
     _on_gpu(model.mean_shape, model.triangles)
     for B in (1, 2, 3, 8, 64):  # the gemv kernels' batch rows 1, 2, 4, 8, then the 64-row tile
-        shape = _strided(cp, rng.normal(size=(B, model.n_shape)).astype(np.float32))
+        shape = strided(cp, rng.normal(size=(B, model.n_shape)).astype(np.float32))
         expression = cp.asarray(rng.normal(size=(B, model.n_expression)).astype(np.float32))
         albedo = cp.asarray(rng.normal(size=(B, model.n_albedo)).astype(np.float32))
         for given in ((shape, expression, albedo), (shape, None, None), (None, expression, None), (None, None, albedo)):
