@@ -94,6 +94,12 @@ _allocations = {}  # id(owner) -> (start address, end address, flat uint8 view o
 # naming the argument, instead of corrupting the Python heap. A red zone is as long as the array (at
 # least _MIN_RED_ZONE bytes), so an image or batch index one too far still lands in it.
 _guard_allocations = False
+
+# Every operation that would be GPU work on real cupy (a launch, a fill, a copy, an elementwise or
+# reduction kernel, a memset, a scan, a GEMM, a transfer), in order: `FakeGpu.device_work` gives it to
+# tests that count what a call costs in launches (tests/test_gpu_launch_budget.py).
+_device_work = []
+_in_array_function = []  # the numpy functions being dispatched right now, outermost first
 _guards = {}  # id(owner buffer) -> (owner buffer, offset of the array's memory, its byte count)
 _CANARY = 0xA5
 _MIN_RED_ZONE = 4096
@@ -163,6 +169,7 @@ def _allocate(shape, dtype, fill=None):
     memory.fill(0xFF)
     a = memory.view(dtype).reshape(shape).view(ndarray)
     if fill is not None:
+        _device_work.append("fill")
         np.copyto(_host(a), fill, casting="unsafe")
     return a
 
@@ -233,7 +240,12 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
         return _Flags(self)
 
     def get(self, stream=None, order="C", out=None, blocking=True):
+        _device_work.append("device-to-host copy")
         return np.array(_host(self), order=order, copy=True)
+
+    def __setitem__(self, key, value):
+        _device_work.append("copy" if isinstance(value, ndarray) else "fill")
+        super().__setitem__(key, value)
 
     def set(self, arr, stream=None):
         # cupy's checks, in its order.
@@ -245,9 +257,11 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
             raise ValueError("Shape mismatch")
         if not self.flags.c_contiguous:
             raise RuntimeError("Cannot set to non-contiguous array")
+        _device_work.append("host-to-device copy")
         np.copyto(_host(self), arr)
 
     def copy(self, order="C"):
+        _device_work.append("copy")
         out = _allocate(self.shape, self.dtype)
         np.copyto(_host(out), _host(self))
         return out
@@ -256,12 +270,14 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
         dtype = np.dtype(dtype)
         if not copy and dtype == self.dtype:
             return self
+        _device_work.append("copy")
         out = _allocate(self.shape, dtype)
         np.copyto(_host(out), _host(self), casting="unsafe")
         return out
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _reject_host_arrays(inputs + (out or ()), f"cupy.{ufunc.__name__}")
+        _device_work.append(f"{ufunc.__name__}{'' if method == '__call__' else '.' + method}")
         inputs = tuple(_host(x) if isinstance(x, ndarray) else x for x in inputs)
         if out is not None:
             kwargs["out"] = tuple(_host(o) if isinstance(o, ndarray) else o for o in out)
@@ -273,7 +289,15 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
     def __array_function__(self, func, types_, args, kwargs):
         if not all(issubclass(t, ndarray) for t in types_):
             raise TypeError(f"numpy.{func.__name__} got numpy and cupy arrays together")
-        return _wrap(super().__array_function__(func, types_, args, kwargs))
+        # One entry per call from fastface: numpy's own functions dispatch again inside (stack calls
+        # concatenate), and those inner calls are not more work.
+        if not _in_array_function:
+            _device_work.append(func.__name__)
+        _in_array_function.append(func.__name__)
+        try:
+            return _wrap(super().__array_function__(func, types_, args, kwargs))
+        finally:
+            _in_array_function.pop()
 
     def __repr__(self):
         return f"fake_cupy.{np.array_repr(_host(self))}"
@@ -320,6 +344,7 @@ def asarray(a, dtype=None, order=None, blocking=False):
     if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
     source = _host(a) if isinstance(a, ndarray) else np.asarray(a)
+    _device_work.append("copy" if isinstance(a, ndarray) else "host-to-device copy")
     out = _allocate(source.shape, source.dtype if dtype is None else dtype)
     np.copyto(_host(out), source, casting="unsafe")
     return out
@@ -334,6 +359,7 @@ def ascontiguousarray(a, dtype=None):
 
 def cumsum(a, axis=None, dtype=None, out=None):
     _require_cupy(a, "cumsum")
+    _device_work.append("scan")
     if out is not None:
         _require_cupy(out, "cumsum(out=...)")
         np.cumsum(_host(a), axis=axis, dtype=dtype, out=_host(out))
@@ -481,6 +507,7 @@ class _Runtime:
         if not 0 <= value <= 255 or size < 0:
             raise LaunchError(f"memsetAsync: value must be a byte and size >= 0; got {value}, {size}")
         _allocation_of(ptr, size, "memsetAsync")
+        _device_work.append("memset")
         ctypes.memset(ptr, value, size)
 
 
@@ -887,6 +914,7 @@ class LaunchChecker:
         for i, (parameter, argument) in enumerate(zip(s.parameters, args)):
             _check_argument(s, i, parameter, argument, what, alignments)
         self.gpu.launches.append((s.filename, s.expression, grid, block))
+        _device_work.append(f"kernel {s.expression}")
         if self.gpu.compute:
             self._compute(grid, block, args, what)
 
@@ -975,6 +1003,7 @@ class _FakeCublasLib:
             product = product + beta_v * c_matrix.astype(np.float64)
         c_matrix[...] = product
         self.gpu.gemm_calls.append((np.dtype(a_t).name, np.dtype(c_t).name, compute, m, n, k))
+        _device_work.append("gemm")
         return 0
 
     def _matrix(self, address, dtype, rows, cols, ld, name):
@@ -1021,6 +1050,11 @@ class FakeGpu:
         self.computed = []    # (filename, name expression) of every launch that ran, in compute mode
         self.check_only = []  # ... and of every launch that was only checked (its kernel cannot be emulated)
 
+    @property
+    def device_work(self):
+        """Every operation that would be GPU work on real cupy, in order (see _device_work)."""
+        return sys.modules[__name__]._device_work
+
     def kernels(self):
         """The (filename, name expression) pairs launched so far."""
         return {(f, n) for f, n, _, _ in self.launches}
@@ -1063,6 +1097,7 @@ def install(monkeypatch, compute=False):
     fake_cublas = FakeCublas(gpu)
     monkeypatch.setattr(_gemm, "_cublas", lambda: fake_cublas)
     monkeypatch.setattr(sys.modules[__name__], "_allocations", {})
+    monkeypatch.setattr(sys.modules[__name__], "_device_work", [])
     monkeypatch.setattr(sys.modules[__name__], "_guards", {})
     monkeypatch.setattr(sys.modules[__name__], "_guard_allocations", bool(compute))
     monkeypatch.setattr(sys.modules[__name__], "_current_stream", [Stream(null=True)])
