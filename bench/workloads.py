@@ -34,6 +34,23 @@ def perspective_clip(points, half_fov_deg, near, far):
     return np.stack([f * x, f * y, zc, -z], axis=-1)
 
 
+def grid_mesh(n):
+    """An n x n vertex grid over X, Y in [-1, 1] and its 2 (n-1)^2 triangles.
+
+    Returns:
+        xy: (n^2, 2) float64 vertex positions, row-major: vertex r n + c has X = grid[c], Y = grid[r].
+        tri: (T, 3) int32, two per grid cell in cell order, counter-clockwise in the x-right, y-up plane.
+    """
+    grid = np.linspace(-1.0, 1.0, n)
+    gx, gy = np.meshgrid(grid, grid)
+    r, c = np.meshgrid(np.arange(n - 1), np.arange(n - 1), indexing="ij")
+    v00 = (r * n + c).reshape(-1)
+    v01, v10, v11 = v00 + 1, v00 + n, v00 + n + 1
+    # (X, Y) -> (X+dx, Y) -> (X+dx, Y+dy) turns left in the x-right, y-up plane: CCW seen from +z.
+    tri = np.stack([np.stack([v00, v01, v11], -1), np.stack([v00, v11, v10], -1)], axis=1)
+    return np.stack([gx, gy], axis=-1).reshape(-1, 2), tri.reshape(-1, 3).astype(np.int32)
+
+
 def spherical_cap(n=189, batch=64, seed=0, xp=np, half_fov_deg=12.0, distance=0.5, max_angle=0.2):
     """A face-sized spherical cap seen under random head poses: the rasterizer's standard workload.
 
@@ -56,18 +73,10 @@ def spherical_cap(n=189, batch=64, seed=0, xp=np, half_fov_deg=12.0, distance=0.
         colors: (V, 3) float32 smooth per-vertex colours in [0, 1].
     """
     rng = np.random.default_rng(seed)
-    grid = np.linspace(-1.0, 1.0, n)
-    gx, gy = np.meshgrid(grid, grid)  # row r has Y = grid[r], column c has X = grid[c]
+    xy, tri = grid_mesh(n)  # counter-clockwise seen from +z, where the camera sits
+    gx, gy = xy[:, 0], xy[:, 1]
     gz = np.sqrt(4.0 - gx**2 - gy**2) - 2.0
-    verts = np.stack([gx, gy, gz], axis=-1).reshape(-1, 3) * 0.1
-
-    r, c = np.meshgrid(np.arange(n - 1), np.arange(n - 1), indexing="ij")
-    v00 = (r * n + c).reshape(-1)
-    v01, v10, v11 = v00 + 1, v00 + n, v00 + n + 1
-    # (X, Y) -> (X+dx, Y) -> (X+dx, Y+dy) turns left in the x-right, y-up plane: CCW seen from +z,
-    # where the camera sits.
-    tri = np.stack([np.stack([v00, v01, v11], -1), np.stack([v00, v11, v10], -1)], axis=1)
-    tri = tri.reshape(-1, 3).astype(np.int32)
+    verts = np.stack([gx, gy, gz], axis=-1) * 0.1
 
     angles = rng.uniform(-max_angle, max_angle, size=(batch, 3))
     rot = euler_to_matrix(angles)
@@ -75,7 +84,7 @@ def spherical_cap(n=189, batch=64, seed=0, xp=np, half_fov_deg=12.0, distance=0.
     cam[..., 2] -= distance
     pos = perspective_clip(cam, half_fov_deg, near=0.1, far=10.0).astype(np.float32)
 
-    colors = np.stack([(gx + 1) / 2, (gy + 1) / 2, 0.25 + 0.5 * (gx * gy + 1) / 2], -1).reshape(-1, 3)
+    colors = np.stack([(gx + 1) / 2, (gy + 1) / 2, 0.25 + 0.5 * (gx * gy + 1) / 2], -1)
     colors = colors.astype(np.float32)
     if xp is not np:
         return xp.asarray(pos), xp.asarray(tri), xp.asarray(colors)
