@@ -19,8 +19,9 @@ duration of one test:
   arguments substituted from the name expression), records it in `FakeGpu.launches` and computes nothing.
   Outputs keep what they were allocated with; tests must not check values.
 - Compute mode, `install(monkeypatch, compute=True)`: after the checks, a kernel that tests/emulated_kernels.py
-  can run on the host (no barrier, shuffle, vote or shared memory, in it or in what it calls) runs there,
-  its threads one after another, on the arrays' memory; `FakeGpu.computed` and `FakeGpu.check_only` list
+  can run on the host runs there on the arrays' memory (its threads one after another when they never
+  cooperate; with each block's threads together when they use barriers, shuffles, votes or shared memory;
+  only kernels with inline PTX cannot run); `FakeGpu.computed` and `FakeGpu.check_only` list
   which launches ran and which did not (those leave their outputs as allocated). Launches during a stream
   capture raise LaunchError in this mode: a graph replay recomputes nothing here. New arrays get red
   zones (`_check_red_zones`): an emulated kernel that writes outside an array it was given raises
@@ -1127,3 +1128,43 @@ def strided(cp, a):
     wide[..., ::2] = cp.asarray(a)
     assert not wide[..., ::2].flags.c_contiguous
     return wide[..., ::2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons of a computed fake-GPU result with the CPU path (tests/test_gpu_paths_emulated*.py)
+
+def assert_all_computed(gpu, *expected):
+    """Every launch since the last clear ran on the host (none was only checked, so no output is garbage),
+    the kernels named in `expected` among them; then clears the record. Reads the value checks first: a
+    failure there would be a bad input of the test's own."""
+    import fastface  # noqa: PLC0415
+    fastface.check_device_errors()
+    assert gpu.computed, "no kernel ran"
+    assert not gpu.check_only, f"launches that were only checked, their outputs garbage: {sorted(set(gpu.check_only))}"
+    names = {name.split("<")[0] for _, name in gpu.computed}
+    assert set(expected) <= names, (expected, sorted(names))
+    gpu.clear()
+
+
+def _same_layout(got, want):
+    assert isinstance(got, ndarray), f"expected a (fake) cupy array; got {type(got)}"
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+
+
+def assert_equal(got, want):
+    _same_layout(got, want)
+    np.testing.assert_array_equal(got.get(), want)
+
+
+def assert_close(got, want, tol):
+    """Within the GPU-vs-CPU tolerances of tests/conftest.py."""
+    _same_layout(got, want)
+    np.testing.assert_allclose(got.get(), want, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+
+
+def assert_scatter_close(got, want, tol):
+    """Sums of many terms in another order (atomics): relative to the largest entry (tests/ops/test_rasterize.py)."""
+    _same_layout(got, want)
+    assert np.abs(want).max() > 0, "a zero reference checks nothing"
+    np.testing.assert_allclose(got.get(), want, rtol=tol["gpu_cpu_scatter_rtol"],
+                               atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(want).max())

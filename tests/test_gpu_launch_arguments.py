@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import fastface
+from bench.workloads import grid_mesh
 from fastface import _backend, _device_checks
 from fastface._backend import NULL_POINTER, KernelFile, is_cupy_array
 from fastface.model import morphable as morphable_module
@@ -71,14 +72,8 @@ def _kernels(filename, *names):
 
 def _grid_mesh(n=4):
     """(V, 2) positions in [-0.8, 0.8] and (T, 3) int32 counter-clockwise triangles of an n x n grid."""
-    ys, xs = np.mgrid[0:n, 0:n]
-    xy = np.stack([xs.ravel(), ys.ravel()], axis=1) / (n - 1) * 1.6 - 0.8
-    tri = []
-    for i in range(n - 1):
-        for j in range(n - 1):
-            a = i * n + j
-            tri += [(a, a + 1, a + n + 1), (a, a + n + 1, a + n)]
-    return xy.astype(np.float32), np.array(tri, np.int32)
+    xy, tri = grid_mesh(n)
+    return (0.8 * xy).astype(np.float32), tri
 
 
 def _clip_positions(rng, B):

@@ -2,8 +2,9 @@
 
 tests/fake_cupy.py in compute mode (`install(monkeypatch, compute=True)`): the ops take their cupy
 branches on fake cupy arrays, every launch is checked against the kernel's C signature, and then the
-kernels that tests/emulated_kernels.py can emulate (no barrier, shuffle, vote or shared memory) run on
-the host, their threads one after another, on the fake arrays' memory. So the Python side of the GPU
+kernels that tests/emulated_kernels.py can emulate run on the host on the fake arrays' memory (those
+here without barrier, shuffle, vote or shared memory, their threads one after another; the others, with
+each block's threads together, are compared in tests/test_gpu_paths_emulated_threads.py). So the Python side of the GPU
 path (output allocation, the key buffer aliased onto bary, template choice, float4/float2 accumulators,
 unbatched and shared inputs, aligned copies, NULL_POINTER focal) and the kernels' own code are compared
 with the CPU path on the same numpy inputs. kernels/checks.cu's value checks compute too (its one
@@ -16,11 +17,11 @@ grad_bary and the im2col gathers too. Sums made by atomics in another order use 
 other float32 results (the host's sincosf and sqrtf against numpy's and Numba's, sums in another order)
 the GPU-vs-CPU ones.
 
-What stays check-only (CHECK_ONLY below, asserted against the analysis): the kernels with barriers or
-shuffles, so sh_shade and shade_vertices, rigid_transform_backward, the morphable model (hence
-render_faces), Adam and the implicit-GEMM convolution. Their launches are still checked, not run;
-`test_ops_with_check_only_kernels_say_which` pins which launches of render_faces and
-rigid_transform_backward do not compute.
+Which kernels run how (asserted against the analysis): THREADS_TOGETHER below, the kernels with barriers,
+shuffles or shared memory (sh_shade and shade_vertices, rigid_transform_backward, the morphable model,
+Adam), run with each block's threads together; CHECK_ONLY, the implicit-GEMM convolution (inline PTX),
+is only checked, not run; `test_a_check_only_launch_is_recorded_and_computes_nothing` pins what a
+check-only launch does.
 
 Not checked here: the GPU's scheduling and memory model, its libm, and FMA contraction where
 --fmad=false is not given. The `cupy` GPU tests in tests/ops cover those on a real device.
@@ -32,16 +33,18 @@ import pytest
 
 import fastface
 from fastface._backend import KernelFile, is_cupy_array
-from bench.workloads import spherical_cap
+from bench.workloads import grid_mesh, spherical_cap
 from tests import emulated_kernels, fake_cupy
-from tests.fake_cupy import install, misaligned, strided
+from tests.fake_cupy import (
+    assert_all_computed, assert_close, assert_equal, assert_scatter_close, install, misaligned, strided)
 
 fake_cupy.import_all_fastface_modules()
 _sampling_module = sys.modules["fastface.ops.sampling"]
 
 # Declared kernels that cannot run one thread after another, by (file, kernel name), with what in
-# their code (or in the device functions they call) needs the threads of a block or warp together.
-CHECK_ONLY = {
+# their code (or in the device functions they call) needs the threads of a block or warp together:
+# they run with each block's threads together (tests/test_gpu_paths_emulated_threads.py compares them).
+THREADS_TOGETHER = {
     ("camera.cu", "rigid_transform_bwd"): "__shfl_down_sync",  # block reduction of grad_rotation
     ("morphable.cu", "morphable_fwd"): "__syncthreads",        # shared-memory GEMM tiles
     ("morphable.cu", "morphable_bwd"): "__syncthreads",
@@ -53,6 +56,9 @@ CHECK_ONLY = {
     ("shading.cu", "shade_vertices_bwd_sum"): "__shfl_down_sync",
     ("nn_adam.cu", "adam_prepare"): "__syncthreads",           # block reductions of the gradient norm
     ("nn_adam.cu", "adam_update"): "__syncthreads",
+}
+# ... and those that cannot run on the host at all: their launches are checked only.
+CHECK_ONLY = {
     ("nn_conv_implicit.cu", "conv_implicit_fwd"): "asm",      # mma.sync and ldmatrix through inline PTX
 }
 # The value-check kernel: its __syncthreads_or is modelled (tests/emulated_kernels.py).
@@ -62,33 +68,6 @@ BARRIER_OR_FOR_THREAD_0 = {("checks.cu", "flag_values_outside")}
 @pytest.fixture
 def gpu(monkeypatch):
     return install(monkeypatch, compute=True)
-
-
-def _assert_all_computed(gpu):
-    """Every launch since the last clear ran on the host (none was only checked), then clears."""
-    fastface.check_device_errors()  # the check kernels ran: a failure would be a bad input of ours
-    assert gpu.computed, "no kernel ran"
-    assert not gpu.check_only, f"launches that were only checked, their outputs garbage: {sorted(set(gpu.check_only))}"
-    gpu.clear()
-
-
-def _assert_equal(got, want):
-    assert is_cupy_array(got), f"expected a (fake) cupy array; got {type(got)}"
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
-    np.testing.assert_array_equal(got.get(), want)
-
-
-def _assert_close(got, want, tol):
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
-    np.testing.assert_allclose(got.get(), want, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
-
-
-def _assert_scatter_close(got, want, tol):
-    """Sums of many terms in another order (atomics): relative to the largest entry (tests/ops/test_rasterize.py)."""
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
-    assert np.abs(want).max() > 0, "a zero reference checks nothing"
-    np.testing.assert_allclose(got.get(), want, rtol=tol["gpu_cpu_scatter_rtol"],
-                               atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(want).max())
 
 
 def _triangle_soup(rng, B=2, T=30):
@@ -114,7 +93,7 @@ def _assert_rasters_equal(gpu_raster, cpu_raster):
     covered = (cpu_raster.tri_id >= 0).mean()
     assert 0.05 < covered < 0.98, f"a test image should be partly covered; {covered:.2f} is"
     for name in ("tri_id", "bary", "depth"):
-        _assert_equal(getattr(gpu_raster, name), getattr(cpu_raster, name))
+        assert_equal(getattr(gpu_raster, name), getattr(cpu_raster, name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,12 +108,17 @@ def test_every_declared_kernel_is_emulated_or_listed_as_check_only():
         if (filename, name) in CHECK_ONLY:
             listed.add((filename, name))
             assert not how.runs and CHECK_ONLY[filename, name] in how.reason, (filename, expression, how)
+        elif (filename, name) in THREADS_TOGETHER:
+            listed.add((filename, name))
+            assert how.mode == "threads" and THREADS_TOGETHER[filename, name] in how.reason, (filename, expression,
+                                                                                             how)
         elif (filename, name) in BARRIER_OR_FOR_THREAD_0:
             listed.add((filename, name))
             assert how.mode == "barrier_or_thread_0", (filename, expression, how)
         else:
             assert how.mode == "sequential", (filename, expression, how)
-    assert listed == set(CHECK_ONLY) | BARRIER_OR_FOR_THREAD_0, "a listed kernel is no longer declared"
+    assert listed == set(CHECK_ONLY) | set(THREADS_TOGETHER) | BARRIER_OR_FOR_THREAD_0, \
+        "a listed kernel is no longer declared"
 
 
 _PROBE = r"""
@@ -155,6 +139,7 @@ extern "C" __global__ void barrier_or_read_by_every_thread(int* p) {
     bool bad = p[threadIdx.x] < 0;
     if (__syncthreads_or(bad)) p[threadIdx.x] = 1;
 }
+extern "C" __global__ void inline_ptx(float* p) { asm volatile("membar.gl;"); __syncthreads(); }
 """
 
 
@@ -165,38 +150,33 @@ def test_the_analysis_follows_calls_structs_and_macros(monkeypatch):
     emulated_kernels._definitions.cache_clear()
     try:
         e = lambda name: emulated_kernels.emulation("probe.cu", name)  # noqa: E731
-        assert not e("uses_a_shuffle_three_calls_deep").runs and "__shfl_down_sync" in e(
+        assert e("uses_a_shuffle_three_calls_deep").mode == "threads" and "__shfl_down_sync" in e(
             "uses_a_shuffle_three_calls_deep").reason
-        assert not e("uses_a_shuffle_in_a_template").runs
+        assert e("uses_a_shuffle_in_a_template").mode == "threads"
         assert e("independent_threads").mode == "sequential"
         assert e("barrier_or_read_by_thread_0").mode == "barrier_or_thread_0"
-        assert not e("barrier_or_read_by_every_thread").runs
+        assert e("barrier_or_read_by_every_thread").mode == "threads"
+        assert not e("inline_ptx").runs and "asm cannot run on the host" in e("inline_ptx").reason
     finally:
         emulated_kernels.emulation.cache_clear()
         emulated_kernels._definitions.cache_clear()
 
 
-def test_ops_with_check_only_kernels_say_which(gpu, rng):
+def test_a_check_only_launch_is_recorded_and_computes_nothing(gpu, rng, monkeypatch):
+    """A launch of a kernel the analysis leaves check-only (here rigid_transform_bwd, made so): checked,
+    recorded in check_only, its outputs left as allocated."""
     cp = gpu.cupy
-    model = fastface.FaceModel(np.concatenate([rng.uniform(-50, 50, (9, 2)), np.zeros((9, 1))], 1).astype(np.float32),
-                               np.array([[0, 1, 4], [0, 4, 3], [1, 2, 5], [1, 5, 4], [3, 4, 7], [3, 7, 6], [4, 5, 8],
-                                         [4, 8, 7]], np.int32),
-                               rng.normal(size=(4, 27)).astype(np.float32), np.ones(4, np.float32)).to("gpu")
-    B = 2
-    params = fastface.FaceParameters(
-        shape=cp.asarray(rng.normal(size=(B, 4)).astype(np.float32)), expression=None, albedo=None,
-        sh=fastface.uniform_light(B, xp=cp), angles=cp.zeros((B, 3), np.float32),
-        translation=cp.asarray(np.array([[0, 0, -600]] * B, np.float32)))
-    with fastface.value_checks(False):
-        fastface.render_faces(model, params, (16, 12), 800.0)
-    assert {name for _, name in gpu.check_only} == {"morphable_fwd_gemv<2>", "sh_shade_fwd<false>"}
-    assert ("rasterize.cu", "rasterize_resolve<3>") in gpu.computed
-    gpu.clear()
+    real = emulated_kernels.emulation
+    monkeypatch.setattr(emulated_kernels, "emulation", lambda filename, expression: emulated_kernels.Emulation(
+        None, "made check-only by the test") if expression.startswith("rigid_transform_bwd") else real(
+        filename, expression))
     points = cp.asarray(rng.normal(size=(2, 20, 3)).astype(np.float32))
     rotation = cp.asarray(np.tile(np.eye(3, dtype=np.float32), (2, 1, 1)))
     with fastface.value_checks(False):
-        fastface.rigid_transform_backward(points, rotation, cp.zeros((2, 3), np.float32), points)
+        grad_points, grad_rotation, _ = fastface.rigid_transform_backward(points, rotation,
+                                                                          cp.zeros((2, 3), np.float32), points)
     assert gpu.check_only == [("camera.cu", "rigid_transform_bwd<false>")] and not gpu.computed
+    assert np.isnan(grad_points.get()).all() and not grad_rotation.get().any()  # as allocated: empty, zeros
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +190,8 @@ def test_rasterize_gpu_path_computes_the_cpu_rasters_bit_for_bit(gpu, rng, cull)
         _assert_rasters_equal(fastface.rasterize(cp.asarray(pos), cp.asarray(tri), _RES, cull_backfaces=cull), cpu)
         one = fastface.rasterize(misaligned(cp, pos[1]), cp.asarray(tri), _RES, cull_backfaces=cull)  # unbatched
         for name in ("tri_id", "bary", "depth"):
-            _assert_equal(getattr(one, name), getattr(cpu, name)[1:])
-        _assert_all_computed(gpu)
+            assert_equal(getattr(one, name), getattr(cpu, name)[1:])
+        assert_all_computed(gpu)
 
 
 def test_rasterize_prepass_gives_the_same_rasters(gpu, rng, monkeypatch):
@@ -221,7 +201,7 @@ def test_rasterize_prepass_gives_the_same_rasters(gpu, rng, monkeypatch):
         _assert_rasters_equal(fastface.rasterize(cp.asarray(pos), cp.asarray(tri), _RES),
                               fastface.rasterize(pos, tri, _RES))
     assert ("rasterize.cu", "rasterize_fwd_screen") in gpu.computed
-    _assert_all_computed(gpu)
+    assert_all_computed(gpu)
 
 
 def _attributes(rng, B, V, C, batched):
@@ -239,30 +219,30 @@ def test_rasterize_interpolate_gpu_path_matches_the_cpu(gpu, rng, tol, C):
         g_attr = misaligned(cp, attr) if C == 4 else strided(cp, attr) if C == 3 else cp.asarray(attr)
         raster, out = fastface.rasterize_interpolate(cp.asarray(pos), cp.asarray(tri), _RES, g_attr)
         _assert_rasters_equal(raster, cpu_raster)
-        _assert_equal(out, cpu_out)
+        assert_equal(out, cpu_out)
         # The backward, fused (C = 3, 4: float4 accumulator; 2: float2; 1, 5: scalar atomics).
         grad_out = rng.standard_normal(cpu_out.shape).astype(np.float32)
         cpu_grad_pos, cpu_grad_attr = fastface.rasterize_interpolate_backward(pos, tri, attr, cpu_raster, grad_out)
         grad_pos, grad_attr = fastface.rasterize_interpolate_backward(cp.asarray(pos), cp.asarray(tri), g_attr, raster,
                                                                       cp.asarray(grad_out))
         assert grad_attr.flags.c_contiguous
-        _assert_scatter_close(grad_pos, cpu_grad_pos, tol)
-        _assert_scatter_close(grad_attr, cpu_grad_attr, tol)
-        _assert_all_computed(gpu)
+        assert_scatter_close(grad_pos, cpu_grad_pos, tol)
+        assert_scatter_close(grad_attr, cpu_grad_attr, tol)
+        assert_all_computed(gpu)
     # Unbatched positions (a batch of one) with per-vertex attributes.
     attr = _attributes(rng, 1, V, C, False)
     cpu_raster, cpu_out = fastface.rasterize_interpolate(pos[0], tri, _RES, attr)
     raster, out = fastface.rasterize_interpolate(cp.asarray(pos[0]), cp.asarray(tri), _RES, cp.asarray(attr))
     _assert_rasters_equal(raster, cpu_raster)
-    _assert_equal(out, cpu_out)
+    assert_equal(out, cpu_out)
     grad_out = rng.standard_normal(cpu_out.shape).astype(np.float32)
     want = fastface.rasterize_interpolate_backward(pos[0], tri, attr, cpu_raster, grad_out)
     got = fastface.rasterize_interpolate_backward(cp.asarray(pos[0]), cp.asarray(tri), cp.asarray(attr), raster,
                                                   cp.asarray(grad_out))
     assert got[0].shape == pos[0].shape
     for g, w in zip(got, want):
-        _assert_scatter_close(g, w, tol)
-    _assert_all_computed(gpu)
+        assert_scatter_close(g, w, tol)
+    assert_all_computed(gpu)
 
 
 def test_rasterize_backward_gpu_path_matches_the_cpu(gpu, rng, tol):
@@ -272,13 +252,13 @@ def test_rasterize_backward_gpu_path_matches_the_cpu(gpu, rng, tol):
         grad_bary = rng.standard_normal(raster.bary.shape).astype(np.float32)
         graster = fastface.Raster(*(cp.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
         want = fastface.rasterize_backward(pos, tri, raster, grad_bary)
-        _assert_scatter_close(fastface.rasterize_backward(cp.asarray(pos), cp.asarray(tri), graster,
+        assert_scatter_close(fastface.rasterize_backward(cp.asarray(pos), cp.asarray(tri), graster,
                                                           strided(cp, grad_bary)), want, tol)
         one = fastface.Raster(*(a[1:] for a in (graster.tri_id, graster.bary, graster.depth)))
         got = fastface.rasterize_backward(cp.asarray(pos[1]), cp.asarray(tri), one, cp.asarray(grad_bary[1:]))
-        _assert_scatter_close(got, fastface.rasterize_backward(pos[1], tri, fastface.Raster(
+        assert_scatter_close(got, fastface.rasterize_backward(pos[1], tri, fastface.Raster(
             raster.tri_id[1:], raster.bary[1:], raster.depth[1:]), grad_bary[1:]), tol)
-        _assert_all_computed(gpu)
+        assert_all_computed(gpu)
 
 
 @pytest.mark.parametrize("C", [1, 2, 3, 4, 5])
@@ -291,13 +271,13 @@ def test_interpolate_gpu_path_matches_the_cpu(gpu, rng, tol, C):
     for batched in (True, False):
         attr = _attributes(rng, B, V, C, batched)
         g_attr = strided(cp, attr) if C == 4 else misaligned(cp, attr) if C == 3 else cp.asarray(attr)
-        _assert_equal(fastface.interpolate(g_attr, graster, cp.asarray(tri)), fastface.interpolate(attr, raster, tri))
+        assert_equal(fastface.interpolate(g_attr, graster, cp.asarray(tri)), fastface.interpolate(attr, raster, tri))
         grad_out = rng.standard_normal((B,) + _RES + (C,)).astype(np.float32)
         cpu_grad_attr, cpu_grad_bary = fastface.interpolate_backward(attr, raster, tri, grad_out)
         grad_attr, grad_bary = fastface.interpolate_backward(g_attr, graster, cp.asarray(tri), cp.asarray(grad_out))
-        _assert_scatter_close(grad_attr, cpu_grad_attr, tol)
-        _assert_equal(grad_bary, cpu_grad_bary)  # per pixel, same arithmetic: bit for bit
-        _assert_all_computed(gpu)
+        assert_scatter_close(grad_attr, cpu_grad_attr, tol)
+        assert_equal(grad_bary, cpu_grad_bary)  # per pixel, same arithmetic: bit for bit
+        assert_all_computed(gpu)
 
 
 def test_more_images_than_grid_rows_are_all_computed(gpu, rng, tol):
@@ -313,28 +293,23 @@ def test_more_images_than_grid_rows_are_all_computed(gpu, rng, tol):
     raster, out = fastface.rasterize_interpolate(cp.asarray(pos), cp.asarray(tri), (1, 2), cp.asarray(attr))
     assert max(grid[1] for _, _, grid, _ in gpu.launches if len(grid) > 1) == 65535
     _assert_rasters_equal(raster, cpu_raster)  # which checks that the images are partly covered
-    _assert_equal(out, cpu_out)
+    assert_equal(out, cpu_out)
     grad_out = rng.standard_normal(cpu_out.shape).astype(np.float32)
     for got, want in zip(fastface.rasterize_interpolate_backward(cp.asarray(pos), cp.asarray(tri), cp.asarray(attr),
                                                                  raster, cp.asarray(grad_out)),
                          fastface.rasterize_interpolate_backward(pos, tri, attr, cpu_raster, grad_out)):
-        _assert_scatter_close(got, want, tol)
-    _assert_all_computed(gpu)
+        assert_scatter_close(got, want, tol)
+    assert_all_computed(gpu)
 
 
 # ---------------------------------------------------------------------------------------------
 # Normals, camera, sampling
 
 def _grid_mesh(rng, n=6, B=2):
-    ys, xs = np.mgrid[0:n, 0:n]
-    tri = []
-    for i in range(n - 1):
-        for j in range(n - 1):
-            a = i * n + j
-            tri += [(a, a + 1, a + n + 1), (a, a + n + 1, a + n)]
-    xy = np.stack([xs.ravel(), ys.ravel()], 1) / (n - 1) - 0.5
-    vertices = np.concatenate([np.broadcast_to(xy, (B, n * n, 2)), rng.uniform(-0.2, 0.2, (B, n * n, 1))], -1)
-    return vertices.astype(np.float32), np.array(tri, np.int32)
+    """B copies of an n x n grid over [-0.5, 0.5]^2 with random heights in +-0.2, and its triangles."""
+    xy, tri = grid_mesh(n)
+    vertices = np.concatenate([np.broadcast_to(0.5 * xy, (B, n * n, 2)), rng.uniform(-0.2, 0.2, (B, n * n, 1))], -1)
+    return vertices.astype(np.float32), tri
 
 
 def test_vertex_adjacency_and_normals_gpu_paths_match_the_cpu(gpu, rng, tol):
@@ -344,17 +319,17 @@ def test_vertex_adjacency_and_normals_gpu_paths_match_the_cpu(gpu, rng, tol):
     tri = np.concatenate([tri, [[0, 0, 1]], tri[:3]]).astype(np.int32)  # a degenerate and repeated triangles
     adjacency = fastface.vertex_adjacency(tri, V)
     g_adjacency = fastface.vertex_adjacency(cp.asarray(tri), V)
-    _assert_equal(g_adjacency.offsets, adjacency.offsets)
-    _assert_equal(g_adjacency.corners, adjacency.corners)
-    _assert_all_computed(gpu)
+    assert_equal(g_adjacency.offsets, adjacency.offsets)
+    assert_equal(g_adjacency.corners, adjacency.corners)
+    assert_all_computed(gpu)
     grad_out = rng.standard_normal(vertices.shape).astype(np.float32)
     for v, g, adj in ((vertices, grad_out, g_adjacency), (vertices[0], grad_out[0], None)):  # None: built in the call
         want = fastface.vertex_normals(v, tri)
-        _assert_close(fastface.vertex_normals(strided(cp, v), cp.asarray(tri), adjacency=adj), want, tol)
+        assert_close(fastface.vertex_normals(strided(cp, v), cp.asarray(tri), adjacency=adj), want, tol)
         want = fastface.vertex_normals_backward(v, tri, g)
-        _assert_close(fastface.vertex_normals_backward(cp.asarray(v), cp.asarray(tri), cp.asarray(g), adjacency=adj),
+        assert_close(fastface.vertex_normals_backward(cp.asarray(v), cp.asarray(tri), cp.asarray(g), adjacency=adj),
                       want, tol)
-        _assert_all_computed(gpu)
+        assert_all_computed(gpu)
 
 
 def test_euler_rotation_gpu_path_matches_the_cpu(gpu, rng, tol):
@@ -362,10 +337,10 @@ def test_euler_rotation_gpu_path_matches_the_cpu(gpu, rng, tol):
     for shape in ((5, 3), (3,)):
         angles = rng.uniform(-1, 1, size=shape).astype(np.float32)
         grad_out = rng.standard_normal(shape[:-1] + (3, 3)).astype(np.float32)
-        _assert_close(fastface.euler_rotation(strided(cp, angles)), fastface.euler_rotation(angles), tol)
-        _assert_close(fastface.euler_rotation_backward(cp.asarray(angles), cp.asarray(grad_out)),
+        assert_close(fastface.euler_rotation(strided(cp, angles)), fastface.euler_rotation(angles), tol)
+        assert_close(fastface.euler_rotation_backward(cp.asarray(angles), cp.asarray(grad_out)),
                       fastface.euler_rotation_backward(angles, grad_out), tol)
-        _assert_all_computed(gpu)
+        assert_all_computed(gpu)
 
 
 def _camera_points(rng, shape):
@@ -381,9 +356,9 @@ def test_rigid_transform_gpu_path_matches_the_cpu(gpu, rng, tol):
     translation = rng.normal(size=(B, 3)).astype(np.float32)
     for points in (_camera_points(rng, (B, V, 3)), _camera_points(rng, (V, 3))):  # per image, and shared
         want = fastface.rigid_transform(points, rotation, translation)
-        _assert_close(fastface.rigid_transform(strided(cp, points), cp.asarray(rotation), cp.asarray(translation)),
+        assert_close(fastface.rigid_transform(strided(cp, points), cp.asarray(rotation), cp.asarray(translation)),
                       want, tol)
-        _assert_all_computed(gpu)
+        assert_all_computed(gpu)
 
 
 @pytest.mark.parametrize("op", ["perspective_projection", "project_to_pixels"])
@@ -397,11 +372,11 @@ def test_projections_gpu_paths_match_the_cpu(gpu, rng, tol, op):
         for focal, g_focal in ((500.0, 500.0), (np.float32(450.0), np.float32(450.0)), (400, 400),
                                (focal_array, cp.asarray(focal_array))):
             g_points = strided(cp, points) if points.ndim == 3 else cp.asarray(points)
-            _assert_close(forward(g_points, g_focal, (24, 32)), forward(points, focal, (24, 32)), tol)
+            assert_close(forward(g_points, g_focal, (24, 32)), forward(points, focal, (24, 32)), tol)
             grad_out = rng.standard_normal(points.shape[:-1] + (width,)).astype(np.float32)
-            _assert_close(backward(g_points, g_focal, (24, 32), cp.asarray(grad_out)),
+            assert_close(backward(g_points, g_focal, (24, 32), cp.asarray(grad_out)),
                           backward(points, focal, (24, 32), grad_out), tol)
-            _assert_all_computed(gpu)
+            assert_all_computed(gpu)
 
 
 def _sampling_inputs(rng, batched):
@@ -416,13 +391,13 @@ def test_sample_image_gpu_path_matches_the_cpu(gpu, rng, tol):
     for batched in (True, False):
         image, points = _sampling_inputs(rng, batched)
         im, pts = (strided(cp, image), strided(cp, points)) if batched else (cp.asarray(image), cp.asarray(points))
-        _assert_close(fastface.sample_image(im, pts), fastface.sample_image(image, points), tol)
+        assert_close(fastface.sample_image(im, pts), fastface.sample_image(image, points), tol)
         grad_out = rng.standard_normal(points.shape[:-1] + (3,)).astype(np.float32)
         cpu_grad_image, cpu_grad_points = fastface.sample_image_backward(image, points, grad_out)
         grad_image, grad_points = fastface.sample_image_backward(im, pts, cp.asarray(grad_out))
-        _assert_scatter_close(grad_image, cpu_grad_image, tol)
-        _assert_close(grad_points, cpu_grad_points, tol)
-        _assert_all_computed(gpu)
+        assert_scatter_close(grad_image, cpu_grad_image, tol)
+        assert_close(grad_points, cpu_grad_points, tol)
+        assert_all_computed(gpu)
 
 
 def test_a_launch_the_signature_check_accepts_but_that_swaps_two_ints_is_caught(gpu, rng, tol, monkeypatch):
@@ -440,7 +415,7 @@ def test_a_launch_the_signature_check_accepts_but_that_swaps_two_ints_is_caught(
     got = fastface.sample_image(cp.asarray(image), cp.asarray(points))
     assert ("sampling.cu", "sample_image_fwd") in gpu.computed
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
-        _assert_close(got, want, tol)
+        assert_close(got, want, tol)
 
 
 def test_value_checks_computed_on_the_fake_gpu_find_bad_values(gpu, rng):
@@ -481,7 +456,7 @@ def test_conv2d_gpu_path_matches_the_cpu(gpu, rng, tol):
     for g, w in zip(got, fastface.nn.conv2d_backward(x, weight, grad_y, 2, 1)):
         assert rel(g, w) < tol["nn_gpu_cpu_float32_rel"]
     assert gpu.gemm_calls
-    _assert_all_computed(gpu)
+    assert_all_computed(gpu)
 
 
 @pytest.mark.parametrize("C, kernel, stride, padding", [(3, (4, 4), 4, 0), (3, (3, 3), 1, 1), (8, (3, 3), 2, 1),
@@ -496,18 +471,18 @@ def test_im2col_gpu_path_matches_the_cpu(gpu, rng, tol, monkeypatch, C, kernel, 
     bias = rng.normal(size=C).astype(np.float32)
     for relu in (False, True):
         cols = fastface.nn.im2col(x, bias, kernel, stride, padding, in_relu=relu)
-        _assert_equal(fastface.nn.im2col(cp.asarray(x), cp.asarray(bias), kernel, stride, padding, in_relu=relu), cols)
+        assert_equal(fastface.nn.im2col(cp.asarray(x), cp.asarray(bias), kernel, stride, padding, in_relu=relu), cols)
         # float16 out: the same float32 value rounded once.
-        _assert_equal(fastface.nn.im2col(cp.asarray(x), cp.asarray(bias), kernel, stride, padding, in_relu=relu,
+        assert_equal(fastface.nn.im2col(cp.asarray(x), cp.asarray(bias), kernel, stride, padding, in_relu=relu,
                                          out_dtype=np.float16), cols.astype(np.float16))
         grad_cols = rng.normal(size=cols.shape).astype(np.float32)
         want = fastface.nn.im2col_backward(x, bias, grad_cols, kernel, stride, padding, in_relu=relu, scale=0.5)
-        _assert_close(fastface.nn.im2col_backward(cp.asarray(x), cp.asarray(bias), cp.asarray(grad_cols), kernel,
+        assert_close(fastface.nn.im2col_backward(cp.asarray(x), cp.asarray(bias), cp.asarray(grad_cols), kernel,
                                                   stride, padding, in_relu=relu, scale=0.5), want, tol)
         # float16 x and gradients: compared with the CPU on the same (widened) values, within a float16 ulp.
         x16, g16 = x.astype(np.float16), grad_cols.astype(np.float16)
         cols16 = fastface.nn.im2col(x16.astype(np.float32), bias, kernel, stride, padding, in_relu=relu)
-        _assert_equal(fastface.nn.im2col(cp.asarray(x16), cp.asarray(bias), kernel, stride, padding, in_relu=relu),
+        assert_equal(fastface.nn.im2col(cp.asarray(x16), cp.asarray(bias), kernel, stride, padding, in_relu=relu),
                       cols16.astype(np.float16))
         want16 = fastface.nn.im2col_backward(x16.astype(np.float32), bias, g16.astype(np.float32), kernel, stride,
                                              padding, in_relu=relu, scale=0.5)
@@ -515,7 +490,7 @@ def test_im2col_gpu_path_matches_the_cpu(gpu, rng, tol, monkeypatch, C, kernel, 
                                             padding, in_relu=relu, scale=0.5)
         assert got16.dtype == np.float16
         np.testing.assert_allclose(got16.get().astype(np.float32), want16, rtol=tol["float16_rtol"], atol=1e-6)
-        _assert_all_computed(gpu)
+        assert_all_computed(gpu)
 
 
 def test_global_avg_pool_gpu_path_matches_the_cpu(gpu, rng, tol):
@@ -525,11 +500,11 @@ def test_global_avg_pool_gpu_path_matches_the_cpu(gpu, rng, tol):
     for bias in (None, rng.normal(size=6).astype(np.float32)):
         g_bias = None if bias is None else cp.asarray(bias)
         for relu in (False, True):
-            _assert_close(fastface.nn.global_avg_pool(cp.asarray(x), g_bias, relu),
+            assert_close(fastface.nn.global_avg_pool(cp.asarray(x), g_bias, relu),
                           fastface.nn.global_avg_pool(x, bias, relu), tol)
-            _assert_close(fastface.nn.global_avg_pool_backward(cp.asarray(x), g_bias, cp.asarray(grad_out), relu),
+            assert_close(fastface.nn.global_avg_pool_backward(cp.asarray(x), g_bias, cp.asarray(grad_out), relu),
                           fastface.nn.global_avg_pool_backward(x, bias, grad_out, relu), tol)
-            _assert_all_computed(gpu)
+            assert_all_computed(gpu)
 
 
 def test_compute_mode_is_gone_after_its_tests():
