@@ -12,8 +12,8 @@ import re
 
 import numpy as np
 
-__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "cuda_module", "KernelFile", "read_kernel_source", "pointer_or_null", "NULL_POINTER", "MAX_GRID_Y", "images_on_grid_y", "grid_1d",
-           "gpu_available"]
+__all__ = ["array_module", "is_cupy_array", "cupy_or_none", "gpu_available", "cuda_module", "KernelFile",
+           "read_kernel_source", "pointer_or_null", "NULL_POINTER", "MAX_GRID_Y", "images_on_grid_y", "grid_1d"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -118,7 +118,8 @@ def check_finite(name, a):
     if not value_checks_enabled() or a.dtype.kind in "iub":  # integers and booleans are always finite
         return
     big = _LARGEST.get(a.dtype)
-    if big is not None and queue_on_device(a, -big, big, "{} {} {} holds NaN or infinite values", name, a.dtype, a.shape):
+    if big is not None and queue_on_device(a, -big, big, "{} {} {} holds NaN or infinite values",
+                                           name, a.dtype, a.shape):
         return
     xp = np if isinstance(a, np.ndarray) else __import__("cupy")
     if not bool(xp.isfinite(a).all()):

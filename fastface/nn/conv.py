@@ -233,8 +233,8 @@ def _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out):
         n = out.size // 4  # threads: one float4 of one (pixel, kh) run each
         _function(_patch_name(out.dtype, KH, KW, C))(
             ((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
-            (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W), np.int32(Ho),
-             np.int32(Wo), out))
+            (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(B), np.int32(H), np.int32(W),
+             np.int32(Ho), np.int32(Wo), out))
         return out
     V = _vector_width(C, x.dtype, out.dtype)
     if _rows_applies(B, C, KH, KW, Ho, V):
@@ -242,8 +242,8 @@ def _im2col(xp, x, in_bias, in_relu, KH, KW, stride, padding, out):
         row_len = (Wo * KH * KW) << gshift  # threads per output row (b, oh)
         _function(_rows_name(x.dtype, out.dtype, V, KH))(
             ((row_len + _BLOCK - 1) // _BLOCK, Ho, B), (_BLOCK,),
-            (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(H), np.int32(W), np.int32(C), np.int32(gshift),
-             np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo), out))
+            (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), np.int32(H), np.int32(W), np.int32(C),
+             np.int32(gshift), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo), out))
         return out
     kern = _function(_fwd_name(x.dtype, out.dtype, V))
     n = out.size // V if V > 1 else B * Ho * Wo * KH  # threads: vectors, or (pixel, kh) runs
@@ -267,8 +267,8 @@ def _im2col_backward(xp, x, in_bias, in_relu, grad_out, KH, KW, stride, padding,
     kern = _function(_bwd_name(x.dtype, grad_out.dtype, out.dtype, V))
     n = out.size // V
     kern(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,),
-         (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
-          np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),
+         (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), grad_out, np.int32(B), np.int32(H), np.int32(W),
+          np.int32(C), np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),
           np.float32(scale), out))
     return out
 
@@ -292,8 +292,8 @@ def _conv_implicit(x, in_bias, in_relu, KH, KW, stride, padding, weight2d, out):
     _check_int32(M * N, x.size, weight2d.size)
     kern = _implicit_function("conv_implicit_fwd")
     kern(((M + 127) // 128, (N + 63) // 64), (256,),
-         (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W), np.int32(C),
-          np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),
+         (x, pointer_or_null(in_bias), np.int32(bool(in_relu)), weight2d, np.int32(B), np.int32(H), np.int32(W),
+          np.int32(C), np.int32(KH), np.int32(KW), np.int32(stride), np.int32(padding), np.int32(Ho), np.int32(Wo),
           np.int32(N), out))
     return out
 

@@ -47,7 +47,8 @@ def _check_float(xp, name, a, *patterns):
 
 _kernel = KernelFile("camera.cu", (
     "euler_rotation_fwd", "euler_rotation_bwd",
-    "rigid_transform_fwd<false>", "rigid_transform_fwd<true>", "rigid_transform_bwd<false>", "rigid_transform_bwd<true>",
+    "rigid_transform_fwd<false>", "rigid_transform_fwd<true>",
+    "rigid_transform_bwd<false>", "rigid_transform_bwd<true>",
     "perspective_projection_fwd", "perspective_projection_bwd", "project_to_pixels_fwd", "project_to_pixels_bwd"))
 
 
