@@ -183,6 +183,17 @@ def profile_batch(cupy, mods, timer, B):
                                                                                           else ""))
     t = timer(resolve(main, 3))
     row(sec, "rasterize_resolve<3> (fused interpolation)", t, gbps(B * HW * (px_bytes + 12), t))
+    # Two pixels per thread, vector loads and stores (bench/rasterize_variants.cu): same outputs?
+    resolve(main, 3)()
+    ref3 = (tri_id.copy(), bary.copy(), depth.copy(), out.copy())
+    pairs = main.get_function("rasterize_resolve_pairs3")
+    pairs_launch = lambda: pairs(((HW // 2 + 255) // 256, min(B, 65535)), (256,), (pos, tri, zbuf) + dims + (  # noqa: E731
+        colors, np.int32(0), tri_id, bary, depth, out))
+    t = timer(pairs_launch)
+    pairs_launch()
+    same = all(bool((a == b).all()) for a, b in zip((tri_id, bary, depth, out), ref3))
+    row(sec, "rasterize_resolve_pairs3 (2 pixels a thread, vector stores)", t,
+        gbps(B * HW * (px_bytes + 12), t) + (" same outputs" if same else " DIFFERENT outputs"))
     row(sec, "rasterize_resolve<0> compiled with --fmad=true", timer(resolve(fmad, 0)))
     resolve(main, 0)()
     ref = (tri_id.copy(), bary.copy(), depth.copy())
