@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU: the GPU tests, then the GPU benchmarks, logs under $OUT.
-#   bash bench/run_device.sh [tests|bench|all] [extra pytest args...]
+# The one script for a lent GPU: the GPU tests, the kernel profiles, then the GPU benchmarks, logs under $OUT.
+#   bash bench/run_device.sh [tests|profile|bench|all] [extra pytest args...]
 # Run from the repository root; nothing is installed (the checkout is on PYTHONPATH).
 set -uo pipefail
 what=${1:-all}; shift || true
@@ -22,6 +22,13 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     printf '%s: %s\n' "$f" "$(tail -1 "$OUT/tests.log")"
   done
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -40
+fi
+if [ "$what" = profile ] || [ "$what" = all ]; then
+  # Per-kernel times and the variants of bench/rasterize_variants.cu; bandwidth-bound ops against a copy.
+  for script in profile_rasterize profile_bandwidth; do
+    timeout "${PROFILE_TIMEOUT:-120}" python3 "bench/$script.py" > "$OUT/$script.log" 2>&1 || status=1
+    tail -40 "$OUT/$script.log"
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 -m pytest ${BENCH_FILES:-bench} -k gpu -q -p no:cacheprovider --tb=short \
