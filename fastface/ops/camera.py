@@ -383,7 +383,7 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
     else:
         f_value = float(focal)
         # The bound keeps the value finite once cast to the working dtype (1e300 is inf in float32).
-        if not (0 < f_value <= float(np.finfo(dtype).max)):
+        if not (0 < f_value <= _POSITIVE_RANGE[dtype][1]):
             raise ValueError(f"focal must be a positive finite number of pixels (as {np.dtype(dtype)}); "
                              f"got {focal!r}")
         focal_args = (_NO_FOCAL_ARRAY[dtype] if xp is np else NULL_POINTER, dtype.type(f_value))
@@ -397,12 +397,18 @@ def _prepare_camera(points, focal, resolution, grad_out=None, grad_width=None, n
     return xp, batched, p3, focal_args, height, width, g, near, far
 
 
+# dtype -> (the smallest positive value, the largest finite value) as Python floats: the bounds of the
+# positive-focal and in-front checks, looked up per call rather than computed by numpy each time.
+_POSITIVE_RANGE = {np.dtype(t): (float(np.nextafter(t(0), t(1))), float(np.finfo(t).max))
+                   for t in (np.float32, np.float64)}
+
+
 def _check_focal_values(focal):
     if not value_checks_enabled():
         return
-    largest = float(np.finfo(focal.dtype).max)
+    tiny, largest = _POSITIVE_RANGE[focal.dtype]
     # The smallest positive float as the lower bound: x >= it means x > 0, and NaN fails it.
-    if queue_on_device(focal, np.nextafter(focal.dtype.type(0), focal.dtype.type(1)), largest,
+    if queue_on_device(focal, tiny, largest,
                        "focal {} holds values that are not positive finite numbers of pixels", focal.shape):
         return
     check_finite("focal", focal)
@@ -414,9 +420,9 @@ def _check_in_front(p3):
     """Raises ValueError when a point of p3 (B, V, 3), contiguous, is at or behind the camera (z >= 0)."""
     if not value_checks_enabled():
         return
-    largest = float(np.finfo(p3.dtype).max)
+    tiny, largest = _POSITIVE_RANGE[p3.dtype]
     # z is every third value from offset 2; z <= -(smallest positive float) means z < 0.
-    if queue_on_device(p3, -largest, -np.nextafter(p3.dtype.type(0), p3.dtype.type(1)),
+    if queue_on_device(p3, -largest, -tiny,
                        "points {} holds vertices behind the camera (z >= 0); the camera looks down -z, so "
                        "visible points need z < 0", p3.shape, offset=2, stride=3, count=p3.size // 3):
         return
