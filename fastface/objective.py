@@ -103,7 +103,7 @@ class MultiLevelObjective:
         xp = array_module(("images", images))
 
         def weight_vector(weight):
-            return xp.full(B, weight * scale, dtype=np.float32)
+            return xp.full(B, weight * scale, dtype=images.dtype)
 
         levels = [("base", out.base)] + ([("final", out.final)] if final and out.final is not None else [])
         for level, r in levels:
