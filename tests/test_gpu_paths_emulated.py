@@ -56,6 +56,11 @@ THREADS_TOGETHER = {
     ("shading.cu", "shade_vertices_bwd_sum"): "__shfl_down_sync",
     ("nn_adam.cu", "adam_prepare"): "__syncthreads",           # block reductions of the gradient norm
     ("nn_adam.cu", "adam_update"): "__syncthreads",
+    # Per-image sums of the corrective regularizers: a fixed-order shared-memory tree per block.
+    ("corrective.cu", "smoothness_fwd"): "__syncthreads",
+    ("corrective.cu", "magnitude_fwd"): "__syncthreads",
+    ("corrective.cu", "reflectance_constancy_fwd"): "__syncthreads",
+    ("corrective.cu", "symmetry_fwd"): "__syncthreads",
 }
 # ... and those that cannot run on the host at all: their launches are checked only.
 CHECK_ONLY = {

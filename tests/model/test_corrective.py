@@ -548,3 +548,34 @@ def test_regularizers_name_bad_arguments(rng):
         reflectance_constancy_loss_backward(o, o[:1], mesh, g)
     with pytest.raises(TypeError, match="guide_albedo must be float32"):
         reflectance_constancy_loss(o, o.astype(np.float64), mesh)
+
+
+# -- GPU against CPU (a real GPU; tests/test_gpu_paths_emulated_corrective.py does it on the host) ---------
+
+def test_regularizers_gpu_match_cpu(cupy, rng, tol):
+    model = fastface.FaceModel.default(level="small")
+    mesh, gpu_mesh = corrective_mesh(model), corrective_mesh(model.to("gpu"))
+    B, V = 4, model.n_vertices
+    offsets = rng.normal(size=(B, V, 3)).astype(np.float32)
+    albedo = rng.uniform(0.0, 1.0, size=(B, V, 3)).astype(np.float32)
+    guide = np.asarray(model.mean_albedo)
+    grad_out = rng.normal(size=B).astype(np.float32)
+    g = cupy.asarray
+    pairs = [
+        (smoothness_loss(g(offsets), gpu_mesh), smoothness_loss(offsets, mesh)),
+        (smoothness_loss_backward(g(offsets), gpu_mesh, g(grad_out)), smoothness_loss_backward(offsets, mesh, grad_out)),
+        (magnitude_loss(g(offsets)), magnitude_loss(offsets)),
+        (magnitude_loss_backward(g(offsets), g(grad_out)), magnitude_loss_backward(offsets, grad_out)),
+        (reflectance_constancy_loss(g(albedo), g(guide), gpu_mesh), reflectance_constancy_loss(albedo, guide, mesh)),
+        (reflectance_constancy_loss_backward(g(albedo), g(albedo), gpu_mesh, g(grad_out)),
+         reflectance_constancy_loss_backward(albedo, albedo, mesh, grad_out)),
+        (symmetry_loss(g(offsets), gpu_mesh, True), symmetry_loss(offsets, mesh, True)),
+        (symmetry_loss_backward(g(offsets), gpu_mesh, g(grad_out), False),
+         symmetry_loss_backward(offsets, mesh, grad_out, False)),
+    ]
+    for got, want in pairs:
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(got.get(), want, rtol=tol["gpu_cpu_scatter_rtol"],
+                                   atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(want).max())
+    # Deterministic: a second call gives the same bits.
+    np.testing.assert_array_equal(smoothness_loss(g(offsets), gpu_mesh).get(), pairs[0][0].get())
