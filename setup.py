@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["fastface", "fastface.ops", "fastface.model", "fastface.nn", "fastface.io", "fastface.kernels"],
+    packages=["fastface", "fastface.ops", "fastface.model", "fastface.nn", "fastface.io", "fastface.kernels",
+              "fastface.data"],
     package_dir={"fastface.kernels": "kernels"},
     package_data={"fastface.kernels": ["*.cu", "*.cuh"]},
     install_requires=[
