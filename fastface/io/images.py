@@ -1,9 +1,10 @@
 """Reading photos: whatever OpenCV decodes, as (H, W, 3) float32 RGB in [0, 1].
 
-OpenCV decodes a damaged file as far as it can and only prints a warning: a JPEG cut short comes
-back as a whole image whose lower part is grey. `read_image` therefore checks the container
-itself before decoding (a JPEG must end with its EOI marker, a PNG with its IEND chunk), so that a
-truncated download is an error naming the file rather than a silently wrong photo.
+libjpeg decodes a damaged file as far as it can and only warns: depending on the OpenCV build, a
+JPEG cut short comes back as a whole image whose lower part is grey, or as nothing. `read_image`
+therefore checks the container itself before decoding (a JPEG's segments and scans must reach its
+end-of-image marker, a PNG must hold its IEND chunk), so that a truncated download is an error
+naming the file rather than a silently wrong photo.
 """
 import os
 
@@ -12,13 +13,8 @@ import numpy as np
 __all__ = ["read_image"]
 
 _JPEG_SOI = b"\xff\xd8"
-_JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
-# Some cameras and editors append bytes after the EOI marker (maker-note trailers, zero padding,
-# second images of a multi-picture file that end with their own EOI). The marker must lie within
-# this many bytes of the end; the entropy-coded data of a cut-off scan never contains it.
-_JPEG_TRAILER_MAX = 1 << 16
 
 
 def _check_path(path):
@@ -35,11 +31,50 @@ def _check_path(path):
     return path
 
 
+def _jpeg_end(data):
+    """The offset just past the JPEG's end-of-image marker, or -1 when the data stops before it.
+
+    Walks the marker segments from SOI (each carries its length, so an EXIF thumbnail's own
+    markers are skipped) and, after each start-of-scan, the entropy-coded data up to the next
+    marker (0xFF followed by 0x00 is a stuffed byte, 0xD0-0xD7 a restart marker). Phones append
+    whole videos after the EOI of a motion photo, so the marker cannot be looked for at the end.
+    """
+    n = len(data)
+    pos = 2
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return -1  # not a marker where one must be: damaged
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return pos + 2
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # stand-alone markers
+            pos += 2
+            continue
+        if pos + 3 >= n:
+            return -1
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+        if marker == 0xDA:  # start of scan: skip the entropy-coded data
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return -1
+                following = data[pos + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:
+                    pos += 2
+                    continue
+                break
+    return -1
+
+
 def _check_complete(path, data):
     """Raises ValueError when a JPEG or PNG file has been cut short."""
     if data.startswith(_JPEG_SOI):
-        if data.rfind(_JPEG_EOI, max(0, len(data) - _JPEG_TRAILER_MAX)) < 0:
-            raise ValueError(f"{path}: truncated JPEG (no end-of-image marker; the file was cut short)")
+        if _jpeg_end(data) < 0:
+            raise ValueError(f"{path}: truncated JPEG (the data ends before the end-of-image marker; "
+                             f"the file was cut short or damaged)")
     elif data.startswith(_PNG_SIGNATURE):
         if data.rfind(_PNG_IEND) < 0:
             raise ValueError(f"{path}: truncated PNG (no IEND chunk; the file was cut short)")

@@ -139,3 +139,19 @@ def test_real_photo_crops_hold_their_landmarks(photos, tmp_path):
         nose = q[30]
         back = crop.invert(np.round(nose)[None])[0]
         assert np.all(np.abs(back - lm[30]) <= 0.5 / crop.scale + 1e-9)
+
+
+def test_rotation_flag_levels_the_eyes(rng):
+    lm = rng.uniform(0, 10, size=(68, 2)) + 100
+    lm[36:42] += (-30, 0)  # the eye on the image's left
+    lm[42:48] += (30, 0)
+    a = 0.3
+    r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    tilted = (lm - 100) @ r.T + 150
+    image = np.zeros((300, 300, 3), np.float32)
+    _, crop = crop_from_landmarks(image, tilted, 64, rotation=True)
+    q = crop.apply(tilted)
+    assert abs(q[36:42, 1].mean() - q[42:48, 1].mean()) < 1e-9
+    assert q[36:42, 0].mean() < q[42:48, 0].mean()
+    _, upright = crop_from_landmarks(image, tilted, 64)
+    assert upright.rotation == 0.0

@@ -138,3 +138,36 @@ def test_einstein_is_grey_on_disk_and_read_as_three_equal_channels(photos):
     assert out.shape == raw.shape + (3,)
     np.testing.assert_array_equal(out[:, :, 0], out[:, :, 1])
     np.testing.assert_array_equal(out[:, :, 0], out[:, :, 2])
+
+
+@pytest.mark.parametrize("params", [[], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]],
+                         ids=["baseline", "progressive", "restart-markers"])
+def test_jpeg_kinds_read_whole_and_refused_at_every_cut(tmp_path, params):
+    img = _pattern(64, 80)
+    ok, buf = cv2.imencode(".jpg", img, params)
+    data = buf.tobytes()
+    path = tmp_path / "kind.jpg"
+    path.write_bytes(data)
+    assert read_image(path).shape == (64, 80, 3)
+    for cut in (len(data) - 1, len(data) - 2, len(data) * 3 // 4, len(data) // 3, 40):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"kind\.jpg.*truncated JPEG"):
+            read_image(path)
+
+
+def test_jpeg_with_data_after_its_end_marker_reads(tmp_path):
+    # Motion photos append a whole video after the JPEG's end-of-image marker.
+    rgb = _pattern(30, 40)
+    ok, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 100])
+    path = tmp_path / "motion.jpg"
+    path.write_bytes(jpeg.tobytes() + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 400)
+    plain = tmp_path / "plain.jpg"
+    plain.write_bytes(jpeg.tobytes())
+    np.testing.assert_array_equal(read_image(path), read_image(plain))
+
+
+def test_unicode_file_name(tmp_path):
+    rgb = _pattern()
+    path = tmp_path / "visage_é_顔.png"
+    cv2.imencode(".png", rgb[:, :, ::-1])[1].tofile(str(path))
+    np.testing.assert_array_equal(np.round(read_image(path) * 255).astype(np.uint8), rgb)
