@@ -10,7 +10,9 @@ import os
 
 import numpy as np
 
-__all__ = ["read_image"]
+from fastface._files import atomic_write
+
+__all__ = ["read_image", "write_image"]
 
 _JPEG_SOI = b"\xff\xd8"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -124,11 +126,55 @@ def read_image(path):
         raise ValueError(f"{path}: unsupported number of channels {channels}")
     image = image[:, :, ::-1]  # OpenCV's BGR to RGB
     if image.dtype == np.uint8:
-        out = image.astype(np.float32) * np.float32(1 / 255)
+        out = image.astype(np.float32) / np.float32(255)  # correctly rounded k / 255
     elif image.dtype == np.uint16:
-        out = image.astype(np.float32) * np.float32(1 / 65535)
+        out = image.astype(np.float32) / np.float32(65535)
     elif image.dtype.kind == "f":
         out = np.clip(np.nan_to_num(image.astype(np.float32)), 0, 1)
     else:
         raise ValueError(f"{path}: unsupported sample type {image.dtype}")
     return np.ascontiguousarray(np.clip(out, 0, 1), dtype=np.float32)
+
+
+def write_image(path, image, bits=8, quality=95):
+    """Writes an RGB (or grey) image atomically, in the format of the path's extension.
+
+    Args:
+        path: str or path-like ending in .png, .jpg/.jpeg, .bmp, .tif/.tiff or .webp.
+        image: (H, W, 3) RGB or (H, W) grey, float in [0, 1] (clipped; NaN written as 0), or
+            uint8 / uint16 (written as they are).
+        bits: 8 or 16 for float images (16 only for PNG and TIFF).
+        quality: JPEG and WebP quality, 1..100.
+
+    A failed write leaves an earlier file at `path` as it was (fastface._files.atomic_write).
+    """
+    import cv2
+
+    a = np.asarray(image)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.dtype.kind not in "fu":
+        raise ValueError(f"image must be (H, W, 3) RGB or (H, W) grey, float in [0, 1] or uint8/uint16; "
+                         f"got {a.dtype} {a.shape}")
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16; got {bits!r}")
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"):
+        raise ValueError(f"{path}: cannot tell the image format from the extension {ext!r} "
+                         f"(use .png, .jpg, .bmp, .tif or .webp)")
+    if a.dtype.kind == "f":
+        if bits == 16 and ext not in (".png", ".tif", ".tiff"):
+            raise ValueError(f"{path}: 16-bit images need .png or .tif")
+        top = 65535 if bits == 16 else 255
+        a = np.round(np.clip(np.nan_to_num(a.astype(np.float64)), 0, 1) * top).astype(np.uint16 if bits == 16 else np.uint8)
+    if a.ndim == 3:
+        a = np.ascontiguousarray(a[:, :, ::-1])  # RGB to OpenCV's BGR
+    params = []
+    if ext in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    elif ext == ".webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
+    ok, buf = cv2.imencode(ext, a, params)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode a {a.dtype} {a.shape} image as {ext}")
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buf.tobytes())

@@ -171,3 +171,26 @@ def test_unicode_file_name(tmp_path):
     path = tmp_path / "visage_é_顔.png"
     cv2.imencode(".png", rgb[:, :, ::-1])[1].tofile(str(path))
     np.testing.assert_array_equal(np.round(read_image(path) * 255).astype(np.uint8), rgb)
+
+
+def test_write_image_round_trips_png_8_and_16_bit(tmp_path, rng):
+    from fastface.io import write_image
+    rgb = rng.integers(0, 256, size=(10, 12, 3)).astype(np.float32) / 255
+    write_image(tmp_path / "a.png", rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), rgb)
+    deep = rng.integers(0, 65536, size=(10, 12, 3)).astype(np.float64) / 65535
+    write_image(tmp_path / "d.png", deep, bits=16)
+    np.testing.assert_allclose(read_image(tmp_path / "d.png"), deep, atol=1e-7)
+    write_image(tmp_path / "g.jpg", np.full((8, 8), 0.5, np.float32))
+    assert abs(read_image(tmp_path / "g.jpg").mean() - 0.5) < 0.01
+
+
+def test_write_image_bad_arguments_are_named(tmp_path):
+    from fastface.io import write_image
+    with pytest.raises(ValueError, match=r"x\.gif"):
+        write_image(tmp_path / "x.gif", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="image"):
+        write_image(tmp_path / "x.png", np.zeros((4, 4, 2), np.float32))
+    with pytest.raises(ValueError, match="16-bit"):
+        write_image(tmp_path / "x.jpg", np.zeros((4, 4, 3), np.float32), bits=16)
+    assert not list(tmp_path.iterdir())
