@@ -155,3 +155,17 @@ def test_rotation_flag_levels_the_eyes(rng):
     assert q[36:42, 0].mean() < q[42:48, 0].mean()
     _, upright = crop_from_landmarks(image, tilted, 64)
     assert upright.rotation == 0.0
+
+
+@pytest.mark.gpu
+def test_apply_and_invert_keep_cupy_points_on_the_device(rng):
+    cupy = pytest.importorskip("cupy")
+    from fastface._backend import gpu_available
+    if not gpu_available():
+        pytest.skip("no CUDA GPU")
+    crop = Crop(scale=0.5, translation=(3.0, -2.0), size=(64, 64), rotation=0.1)
+    p = rng.uniform(0, 500, size=(4, 68, 2)).astype(np.float32)
+    q = crop.apply(cupy.asarray(p))
+    assert isinstance(q, cupy.ndarray) and q.dtype == np.float32
+    np.testing.assert_allclose(q.get(), crop.apply(p), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(crop.invert(q).get(), p, rtol=1e-6, atol=1e-3)
