@@ -194,3 +194,16 @@ def test_write_image_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="16-bit"):
         write_image(tmp_path / "x.jpg", np.zeros((4, 4, 3), np.float32), bits=16)
     assert not list(tmp_path.iterdir())
+
+
+def test_16bit_grey_and_rgba_and_float_tiff(tmp_path):
+    g16 = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "g16.png"), g16)
+    out = read_image(tmp_path / "g16.png")
+    np.testing.assert_allclose(out, np.repeat((g16 / 65535)[:, :, None], 3, axis=2), atol=1e-7)
+    bgra = np.dstack([g16 // 3, g16 // 2, g16, np.full_like(g16, 7)])
+    cv2.imwrite(str(tmp_path / "rgba16.png"), bgra)
+    np.testing.assert_allclose(read_image(tmp_path / "rgba16.png")[:, :, 2], (g16 // 3) / 65535, atol=1e-7)
+    hdr = np.dstack([g16 / 65535.0 * 1.5] * 3).astype(np.float32)
+    cv2.imwrite(str(tmp_path / "f.tiff"), hdr)
+    np.testing.assert_allclose(read_image(tmp_path / "f.tiff"), np.clip(hdr, 0, 1))
