@@ -11,7 +11,8 @@ setup(
     packages=["fastface", "fastface.ops", "fastface.model", "fastface.nn", "fastface.io", "fastface.kernels",
               "fastface.data"],
     package_dir={"fastface.kernels": "kernels"},
-    package_data={"fastface.kernels": ["*.cu", "*.cuh"]},
+    package_data={"fastface.kernels": ["*.cu", "*.cuh"],
+                  "fastface.io": ["cascades/*.xml"]},
     install_requires=[
         "numpy>=1.26",
         "scipy>=1.11",
