@@ -205,33 +205,51 @@ class CorrectiveSpace:
             check_finite(name, a)
         return xp
 
-    def evaluate(self, z_geo, z_ref):
+    def _check_out(self, out, shapes, xp):
+        """The caller's output pair, checked; None when none was given."""
+        if out is None:
+            return None
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out must be a pair of arrays or None; got {type(out).__name__}")
+        for i, (a, shape) in enumerate(zip(out, shapes)):
+            array_module((f"out[{i}]", a), ("the corrective bases", self.flat_params))
+            check_array(f"out[{i}]", a, self.dtype, shape)
+            if not a.flags.c_contiguous:
+                raise ValueError(f"out[{i}] must be C-contiguous (the GEMM writes it in place)")
+        return tuple(out)
+
+    def evaluate(self, z_geo, z_ref, *, out=None):
         """Per-vertex offsets of a batch of codes.
 
         Args:
             z_geo: (B, n_geometry) float32 (the space's dtype), numpy or cupy like the bases.
             z_ref: (B, n_reflectance), same dtype and device.
+            out: keyword only, optional pair of C-contiguous (B, V, 3) arrays to write the offsets into (a
+                training step's workspace: nothing is allocated then, as a CUDA graph capture wants).
 
         Returns:
-            (geometry_offsets (B, V, 3) in mm, reflectance_offsets (B, V, 3) in albedo units), new arrays
-            of the space's dtype on its device.
+            (geometry_offsets (B, V, 3) in mm, reflectance_offsets (B, V, 3) in albedo units), of the space's
+            dtype on its device (`out` when given, else new arrays).
         """
         xp = self._check_codes(z_geo, z_ref)
         batch, n = z_geo.shape[0], 3 * self.n_vertices
-        out = []
-        for z, basis in ((z_geo, self.geometry_basis), (z_ref, self.reflectance_basis)):
-            offsets = xp.empty((batch, n), dtype=self.dtype)
+        out = self._check_out(out, [(batch, self.n_vertices, 3)] * 2, xp)
+        results = []
+        for i, (z, basis) in enumerate(((z_geo, self.geometry_basis), (z_ref, self.reflectance_basis))):
+            offsets = xp.empty((batch, n), dtype=self.dtype) if out is None else out[i].reshape(batch, n)
             gemm(xp.ascontiguousarray(z), basis, offsets)
-            out.append(offsets.reshape(batch, self.n_vertices, 3))
-        return out[0], out[1]
+            results.append(offsets.reshape(batch, self.n_vertices, 3) if out is None else out[i])
+        return results[0], results[1]
 
-    def backward(self, z_geo, z_ref, grad_geometry, grad_reflectance):
+    def backward(self, z_geo, z_ref, grad_geometry, grad_reflectance, *, out=None):
         """Gradients of the codes; OVERWRITES `flat_grads` (`grads`) with the gradients of the bases.
 
         Args:
             z_geo, z_ref: the codes given to `evaluate`.
             grad_geometry, grad_reflectance: (B, V, 3) gradients of `evaluate`'s outputs, the space's dtype
                 and device; either may be None (zero).
+            out: keyword only, optional pair of C-contiguous (B, n_geometry), (B, n_reflectance) arrays for
+                the code gradients.
 
         Returns:
             (grad_z_geo (B, n_geometry), grad_z_ref (B, n_reflectance)):
@@ -240,10 +258,11 @@ class CorrectiveSpace:
         xp = self._check_codes(z_geo, z_ref, (("grad_geometry", grad_geometry),
                                                ("grad_reflectance", grad_reflectance)))
         batch, n = z_geo.shape[0], 3 * self.n_vertices
+        given = self._check_out(out, [(batch, self.n_geometry), (batch, self.n_reflectance)], xp)
         out = []
-        for z, grad, name in ((z_geo, grad_geometry, "geometry_basis"),
-                              (z_ref, grad_reflectance, "reflectance_basis")):
-            grad_z = xp.empty(z.shape, dtype=self.dtype)
+        for i, (z, grad, name) in enumerate(((z_geo, grad_geometry, "geometry_basis"),
+                                             (z_ref, grad_reflectance, "reflectance_basis"))):
+            grad_z = xp.empty(z.shape, dtype=self.dtype) if given is None else given[i]
             if grad is None:
                 grad_z[...] = 0
                 self.grads[name][...] = 0

@@ -563,7 +563,8 @@ def test_regularizers_gpu_match_cpu(cupy, rng, tol):
     g = cupy.asarray
     pairs = [
         (smoothness_loss(g(offsets), gpu_mesh), smoothness_loss(offsets, mesh)),
-        (smoothness_loss_backward(g(offsets), gpu_mesh, g(grad_out)), smoothness_loss_backward(offsets, mesh, grad_out)),
+        (smoothness_loss_backward(g(offsets), gpu_mesh, g(grad_out)),
+         smoothness_loss_backward(offsets, mesh, grad_out)),
         (magnitude_loss(g(offsets)), magnitude_loss(offsets)),
         (magnitude_loss_backward(g(offsets), g(grad_out)), magnitude_loss_backward(offsets, grad_out)),
         (reflectance_constancy_loss(g(albedo), g(guide), gpu_mesh), reflectance_constancy_loss(albedo, guide, mesh)),
@@ -579,3 +580,26 @@ def test_regularizers_gpu_match_cpu(cupy, rng, tol):
                                    atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(want).max())
     # Deterministic: a second call gives the same bits.
     np.testing.assert_array_equal(smoothness_loss(g(offsets), gpu_mesh).get(), pairs[0][0].get())
+
+
+def test_evaluate_and_backward_write_into_given_outputs(rng):
+    space = CorrectiveSpace(10, 3, 4)
+    z_geo, z_ref = _codes(rng, space, 2)
+    want = space.evaluate(z_geo, z_ref)
+    out = (np.empty((2, 10, 3), np.float32), np.empty((2, 10, 3), np.float32))
+    got = space.evaluate(z_geo, z_ref, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    want_z = space.backward(z_geo, z_ref, want[0], want[1])
+    out_z = (np.empty((2, 3), np.float32), np.empty((2, 4), np.float32))
+    got_z = space.backward(z_geo, z_ref, want[0], None, out=out_z)
+    assert got_z[0] is out_z[0] and got_z[1] is out_z[1]
+    np.testing.assert_array_equal(got_z[0], want_z[0])
+    assert not got_z[1].any()
+    with pytest.raises(ValueError, match=r"out\[1\] must have shape \(2, 10, 3\)"):
+        space.evaluate(z_geo, z_ref, out=(out[0], out[1][:, :9]))
+    with pytest.raises(ValueError, match=r"out\[0\] must be C-contiguous"):
+        space.evaluate(z_geo, z_ref, out=(np.empty((2, 3, 10), np.float32).transpose(0, 2, 1), out[1]))
+    with pytest.raises(TypeError, match="out must be a pair"):
+        space.backward(z_geo, z_ref, None, None, out=out_z[0])
