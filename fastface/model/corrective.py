@@ -32,6 +32,24 @@ Defaults (the paper does not publish the sizes of its corrective codes):
 A note for training: Adam moves each basis entry by about `lr` per step in the entry's own units, so at
 one learning rate the geometry basis (mm) learns ~100 times more slowly, relative to its scale, than the
 reflectance basis; scaling z_geo's raw encoder output (or its learning rate) makes up for it.
+
+The regularizers of the offsets (the paper's corrective regularizers), each per image (B,) with its
+backward beside it (`op(...)`, `op_backward(..., grad_out)` -> the gradient of the first argument):
+- smoothness_loss(offsets, mesh): ||L o||^2 / V, L = D - A the mesh's graph Laplacian (FaceModel.laplacian);
+- magnitude_loss(offsets): the mean over vertices of ||o_v||^2;
+- reflectance_constancy_loss(albedo, guide_albedo, mesh, sharpness): a chromaticity-weighted l2,1 norm of
+  the albedo differences over mesh edges, divided by E (definitions and defaults in its docstring);
+- symmetry_loss(offsets, mesh, mirror_x): the mean over v of ||o_v - M o_sym(v)||^2.
+`corrective_mesh(model)` gathers what they read (edges, CSR neighbour lists, the symmetry map and its
+inverse) on the model's device, once per model.
+
+Backends: Numba twins here and kernels/corrective.cu on the GPU, same names and argument order. Forward
+passes sum each image in one block (fixed order, in double), backward passes gather each vertex's
+gradient from its neighbours: no atomics, so every result is deterministic, and nothing is allocated
+but the outputs (and a contiguous copy of a non-contiguous input). No GPU call synchronises with the
+host, except the first corrective_mesh of a GPU model (it copies the triangles to the host once): make
+the mesh before capturing a CUDA graph, and keep one GPU model (model.to("gpu") makes a new model, whose
+mesh is made again).
 """
 import dataclasses
 import weakref
