@@ -458,7 +458,7 @@ def corrective_mesh(model):
 # The regularizers: Numba twins of kernels/corrective.cu (same names and argument order)
 # =============================================================================================
 
-FWD_THREADS = 256          # FWD_THREADS in kernels/corrective.cu: one block of these per image
+FWD_THREADS = 1024         # FWD_THREADS in kernels/corrective.cu: one block of these per image
 REFLECTANCE_EPS = 1e-3     # smoothing of the l2,1 norm at 0, albedo units (see reflectance_constancy_loss)
 CHROMA_EPS = 1e-3          # the smallest brightness a chromaticity divides by
 DEFAULT_SHARPNESS = 50.0   # of the chromaticity weights (see reflectance_constancy_loss)
