@@ -603,3 +603,32 @@ def test_evaluate_and_backward_write_into_given_outputs(rng):
         space.evaluate(z_geo, z_ref, out=(np.empty((2, 3, 10), np.float32).transpose(0, 2, 1), out[1]))
     with pytest.raises(TypeError, match="out must be a pair"):
         space.backward(z_geo, z_ref, None, None, out=out_z[0])
+
+
+def test_regularizers_of_decoded_offsets_backpropagate_to_the_codes(rng, tol):
+    """The chain a training step runs: codes -> decoders -> every regularizer, back to the codes."""
+    model, _ = _grid_model(5, symmetry="random")
+    mesh = corrective_mesh(model)
+    space = CorrectiveSpace(25, 3, 4, seed=1, init_std=0.5, dtype=np.float64)
+    z_geo, z_ref = _codes(rng, space, 2)
+    base_albedo = rng.uniform(0.2, 0.8, size=(2, 25, 3))
+    weights = rng.uniform(0.5, 2.0, size=2)
+
+    def loss(zg, zr):
+        geometry, reflectance = space.evaluate(zg, zr)
+        albedo = base_albedo + reflectance
+        return (smoothness_loss(geometry, mesh) + 0.5 * magnitude_loss(geometry)
+                + symmetry_loss(geometry, mesh, True)
+                + reflectance_constancy_loss(albedo, base_albedo, mesh, sharpness=4.0)
+                + magnitude_loss(reflectance) + symmetry_loss(reflectance, mesh, False))
+
+    geometry, reflectance = space.evaluate(z_geo, z_ref)
+    albedo = base_albedo + reflectance
+    grad_geometry = (smoothness_loss_backward(geometry, mesh, weights) + magnitude_loss_backward(geometry, 0.5 * weights)
+                     + symmetry_loss_backward(geometry, mesh, weights, True))
+    grad_reflectance = (reflectance_constancy_loss_backward(albedo, base_albedo, mesh, weights, sharpness=4.0)
+                        + magnitude_loss_backward(reflectance, weights)
+                        + symmetry_loss_backward(reflectance, mesh, weights, False))
+    grad_z_geo, grad_z_ref = space.backward(z_geo, z_ref, grad_geometry, grad_reflectance)
+    assert_gradient_matches(lambda z: loss(z, z_ref), z_geo, weights, grad_z_geo, tol)
+    assert_gradient_matches(lambda z: loss(z_geo, z), z_ref, weights, grad_z_ref, tol)
