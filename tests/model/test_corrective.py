@@ -624,7 +624,8 @@ def test_regularizers_of_decoded_offsets_backpropagate_to_the_codes(rng, tol):
 
     geometry, reflectance = space.evaluate(z_geo, z_ref)
     albedo = base_albedo + reflectance
-    grad_geometry = (smoothness_loss_backward(geometry, mesh, weights) + magnitude_loss_backward(geometry, 0.5 * weights)
+    grad_geometry = (smoothness_loss_backward(geometry, mesh, weights)
+                     + magnitude_loss_backward(geometry, 0.5 * weights)
                      + symmetry_loss_backward(geometry, mesh, weights, True))
     grad_reflectance = (reflectance_constancy_loss_backward(albedo, base_albedo, mesh, weights, sharpness=4.0)
                         + magnitude_loss_backward(reflectance, weights)
