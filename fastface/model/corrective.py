@@ -413,7 +413,7 @@ def _build_mesh(edges, n_vertices, symmetry):
                                          n_vertices)
     mirror_offsets = mirrored_from = None
     if symmetry is not None:
-        symmetry = np.ascontiguousarray(symmetry, dtype=np.int32)
+        symmetry = np.array(symmetry, dtype=np.int32)  # a copy: the mesh's arrays are made read-only
         mirror_offsets, mirrored_from = _csr(symmetry.astype(np.int64), np.arange(n_vertices, dtype=np.int64),
                                              n_vertices)
     return dict(n_vertices=int(n_vertices), n_edges=int(edges.shape[0]), edges=edges,

@@ -340,6 +340,12 @@ def test_corrective_mesh_is_cached_per_model_and_triangle_array():
         corrective_mesh("model")
 
 
+def test_corrective_mesh_leaves_the_models_arrays_writeable():
+    model, _ = _grid_model(4)
+    corrective_mesh(model)
+    assert model.symmetry.flags.writeable and model.triangles.flags.writeable
+
+
 def _field(rng, B, V, dtype=np.float64):
     return rng.normal(size=(B, V, 3)).astype(dtype)
 
