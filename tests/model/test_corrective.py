@@ -639,3 +639,17 @@ def test_regularizers_of_decoded_offsets_backpropagate_to_the_codes(rng, tol):
     grad_z_geo, grad_z_ref = space.backward(z_geo, z_ref, grad_geometry, grad_reflectance)
     assert_gradient_matches(lambda z: loss(z, z_ref), z_geo, weights, grad_z_geo, tol)
     assert_gradient_matches(lambda z: loss(z_geo, z), z_ref, weights, grad_z_ref, tol)
+
+
+def test_to_gpu_refuses_float64_and_a_missing_cupy(monkeypatch):
+    from tests.fake_cupy import install  # noqa: PLC0415
+
+    with monkeypatch.context() as m:
+        m.setattr(corrective, "cupy_or_none", lambda: None)
+        with pytest.raises(RuntimeError, match="needs cupy"):
+            CorrectiveSpace(5, 2, 2).to("gpu")
+    install(monkeypatch)
+    with pytest.raises(TypeError, match="CPU only"):
+        CorrectiveSpace(5, 2, 2, dtype=np.float64).to("gpu")
+    space = CorrectiveSpace(5, 2, 2).to("gpu")
+    assert space.device == "gpu" and space.to("cpu").device == "cpu"
