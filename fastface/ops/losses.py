@@ -44,10 +44,11 @@ __all__ = ["PHOTOMETRIC_EPS", "photometric_loss", "photometric_loss_backward", "
 # while |gradient| <= 1 / eps stays well within float32 and sqrt(d^2 + eps^2) stays accurate.
 PHOTOMETRIC_EPS = 1e-3
 
-_BAND = 4096          # pixels per parallel work item of the CPU photometric kernels
-_GPU_THREADS = 256    # PHOTOMETRIC_THREADS in kernels/losses.cu
-_GPU_BAND = 4096      # pixels per block of the GPU backward, at most _GPU_MAX_BANDS blocks an image
-_GPU_MAX_BANDS = 16   # each block re-reads its image's mask: cap the repeats
+_BAND = 4096             # pixels per parallel work item of the CPU photometric kernels
+_GPU_FWD_THREADS = 1024  # PHOTOMETRIC_FWD_THREADS in kernels/losses.cu
+_GPU_BWD_THREADS = 256   # PHOTOMETRIC_BWD_THREADS
+_GPU_BAND = 4096         # pixels per block of the GPU backward, at most _GPU_MAX_BANDS blocks an image
+_GPU_MAX_BANDS = 16      # each block re-reads its image's mask: cap the repeats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def photometric_loss(rendered, target, mask):
     if xp is np:
         photometric_loss_fwd(r, t, m, out, r.dtype.type(PHOTOMETRIC_EPS))
     else:
-        _photometric_kernel("fwd", m)((B,), (_GPU_THREADS,), (
+        _photometric_kernel("fwd", m)((B,), (_GPU_FWD_THREADS,), (
             r, t, _gpu_mask(m), out, np.int32(B), np.int32(HW), np.int32(C), np.float32(PHOTOMETRIC_EPS)))
     return out
 
@@ -265,7 +266,7 @@ def photometric_loss_backward(rendered, target, mask, grad_out):
     else:
         n_bands = min(_GPU_MAX_BANDS, (HW + _GPU_BAND - 1) // _GPU_BAND)
         band = (HW + n_bands - 1) // n_bands
-        _photometric_kernel("bwd", m)((B, n_bands), (_GPU_THREADS,), (
+        _photometric_kernel("bwd", m)((B, n_bands), (_GPU_BWD_THREADS,), (
             r, t, _gpu_mask(m), g, grad, np.int32(B), np.int32(HW), np.int32(C), np.float32(PHOTOMETRIC_EPS),
             np.int32(band)))
     return grad.reshape(rendered.shape)
