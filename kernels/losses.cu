@@ -94,12 +94,16 @@ photometric_loss_bwd(const float* __restrict__ rendered, const float* __restrict
     const long long end = begin + band < HW ? begin + band : HW;
     for (long long p = begin + threadIdx.x; p < end; p += PHOTOMETRIC_BWD_THREADS) {
         const float m = (float)mb[p];
+        if (m == 0.f) {  // no colour reads outside the mask (the background is usually half the image)
+            for (int c = 0; c < C; ++c) gb[p * C + c] = 0.f;
+            continue;
+        }
         float d2 = 0.f;
         for (int c = 0; c < C; ++c) {
             const float d = rb[p * C + c] - tb[p * C + c];
             d2 += d * d;
         }
-        const float k = m == 0.f ? 0.f : scale * m / sqrtf(d2 + eps * eps);
+        const float k = scale * m / sqrtf(d2 + eps * eps);
         for (int c = 0; c < C; ++c) gb[p * C + c] = k * (rb[p * C + c] - tb[p * C + c]);
     }
 }
