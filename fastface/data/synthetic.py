@@ -8,11 +8,11 @@ Each face is a face of the morphable model (identity and albedo coefficients dra
 model's prior, N(0, 1) in standard deviations; a sparse and smaller expression) PLUS detail that
 the base model cannot express, which a learned corrective space (Tewari et al., CVPR 2018) can:
 
-- geometry: a held-back basis of smooth random displacement fields (built like the default
-  model's own random fields, from another seed and finer cosine modes, mostly mirror-symmetric),
-  forehead lines, frown lines, nasolabial folds, crow's feet and local bumps;
-- reflectance: a held-back basis of smooth skin-coloured fields, red and brown blotches, moles
-  and freckles.
+- geometry: a held-back basis of 16 smooth random displacement fields (sums of regional
+  deformations, mostly mirror-symmetric; 2 mm RMS together), forehead lines, frown lines,
+  nasolabial folds, crow's feet and local bumps;
+- reflectance: a held-back basis of 8 smooth skin-coloured fields (cosine modes finer than the
+  default model's own; 0.035 RMS together), red and brown blotches, moles and freckles.
 
 Every detail row is made orthogonal (least squares, in float64) to the model's own basis (and,
 for geometry, to the seven similarity motions of the mean face, which the pose would absorb), so
@@ -66,10 +66,12 @@ ANGLE_RANGE = (0.25, 0.6, 0.15)            # pitch, yaw, roll
 TRANSLATION_JITTER = (6.0, 6.0, 30.0)      # x, y, z
 
 # Held-back bases: the number of components and the RMS (mm / linear RGB per vertex) of them all
-# together at one standard deviation each.
-N_HELD_BACK_GEOMETRY = 10
+# together at one standard deviation each. Sixteen geometry components of similar size: what lies
+# outside the model's span of a smooth field is peaky (its maximum four times its RMS), and with
+# fewer, larger components one of them made odd ridges.
+N_HELD_BACK_GEOMETRY = 16
 N_HELD_BACK_ALBEDO = 8
-HELD_BACK_GEOMETRY_RMS = 2.5
+HELD_BACK_GEOMETRY_RMS = 2.0
 HELD_BACK_ALBEDO_RMS = 0.035
 
 # The mouth's interior (where the model has a hole between the lips): its depth behind the lips
@@ -194,18 +196,43 @@ def _cosine_modes(xy, n):
     return (cu[:, :, None] * cv[:, None, :]).reshape(len(xy), n * n), p.ravel(), q.ravel()
 
 
-def _smooth_random_fields(rng, xy, count, colour_rows, symmetry, negate_x, width):
-    """`count` smooth random fields (count, V, 3): cosine modes up to 12 x 12 (the default model's
-    own go to 8 x 8) with a Gaussian spectrum of `width` in mode number, without the constant mode;
-    each channel along `colour_rows` (3, 3); three in four made mirror-symmetric."""
+def _smooth_random_fields(rng, xy, count, directions, symmetry, negate_x, width):
+    """`count` smooth random fields (count, V, 3): cosine modes up to 12 x 12 over the bounding box
+    of `xy` (the default model's own random fields go to 8 x 8) with a Gaussian spectrum of `width`
+    in mode number and no constant mode, each channel along a row of `directions` (3, 3); three in
+    four made mirror-symmetric through the model's symmetry map."""
     modes, p, q = _cosine_modes(xy, 12)
     f = np.sqrt(p * p + q * q)
     spectrum = np.exp(-0.5 * (f / width) ** 2) * (f > 0)
     coef = rng.standard_normal((count, len(f), 3)) * spectrum[None, :, None]
-    fields = np.einsum("vm,kmc->kvc", modes, coef @ colour_rows)
+    fields = np.einsum("vm,kmc->kvc", modes, coef @ directions)
     if symmetry is not None:
         symmetric = np.arange(count) % 4 != 3
         fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, negate_x))
+    return fields
+
+
+def _regional_fields(rng, xy, count, scale, symmetry):
+    """`count` smooth random displacement fields (count, V, 3), each the sum of four regional
+    deformations: a Gaussian window (8 to 16 mm, times `scale`) around a random point of the face
+    times a random direction that varies linearly across the window (a swelling, a shift, a
+    twist). Three in four are mirror-symmetric. Localised, so that most of each lies outside the
+    model's span: smooth global fields (cosine modes) are mostly inside it, and what is left of them
+    after the projection gathered along the outline and undid the model's sharp designed features
+    (the lips, the nose), which looked like melted faces."""
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    fields = np.zeros((count, len(xy), 3))
+    for k in range(count):
+        for _ in range(4):
+            centre = lo + (hi - lo) * rng.uniform(0.15, 0.85, 2)
+            sigma = rng.uniform(8.0, 16.0) * scale
+            d = (xy - centre) / sigma
+            window = np.exp(-0.5 * np.sum(d * d, axis=1))
+            direction = rng.standard_normal((3, 3))  # constant, d/dx and d/dy parts
+            fields[k] += window[:, None] * (direction[0] + d[:, 0:1] * direction[1] + d[:, 1:2] * direction[2])
+    if symmetry is not None:
+        symmetric = np.arange(count) % 4 != 3
+        fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, True))
     return fields
 
 
@@ -274,12 +301,12 @@ def _geometry_features(layout, rng, normals, groove_width):
             yk = layout.brow_top + (first + spacing * k) * s + 0.004 * x * x / s
             h -= np.exp(-0.5 * ((y - yk) / w) ** 2)
         add(h * fade_x * fade_top, "forehead")
-    # Frown lines: two short vertical grooves between the brows.
+    # Frown lines: two short vertical grooves between the brows, closer together at the bottom.
     h = np.zeros_like(x)
     for sx in (-1.0, 1.0):
-        h -= np.exp(-0.5 * ((x - sx * 5.0 * s) / w) ** 2)
-    h *= _smoothstep(layout.brow_inner_y - 8.0 * s, layout.brow_inner_y - 2.0 * s, y) * \
-        _smoothstep(layout.brow_inner_y + 14.0 * s, layout.brow_inner_y + 6.0 * s, y)
+        h -= np.exp(-0.5 * ((x - sx * (7.0 * s + 0.15 * (y - layout.brow_inner_y))) / w) ** 2)
+    h *= _smoothstep(layout.brow_inner_y - 6.0 * s, layout.brow_inner_y - 1.0 * s, y) * \
+        _smoothstep(layout.brow_inner_y + 12.0 * s, layout.brow_inner_y + 5.0 * s, y)
     add(h, "frown")
     # Nasolabial folds, one row per side: a crease from beside the nose's ala to below the mouth
     # corner, with the cheek bulging over it on the outside.
@@ -410,17 +437,10 @@ def _build_detail(model, seed):
     # motions, then scaled to their RMS), then the local features (outside the same span).
     geometry_span = np.concatenate([_host(model.shape_basis), _host(model.expression_basis)]).astype(np.float64)
     geometry_span = np.concatenate([geometry_span, _similarity_motions(mean_shape)])
-    held = _smooth_random_fields(rng, mean_shape[:, :2], N_HELD_BACK_GEOMETRY, np.diag([1.0, 1.0, 0.8]),
-                                 symmetry, True, width=3.0).reshape(N_HELD_BACK_GEOMETRY, -1)
     span = _span_basis(geometry_span)
-    # What the model's basis leaves of smooth fields concentrates along the outline (the model's
-    # designed components live inside it), which made pointed foreheads and chins: taper toward the
-    # outline and project again, twice (the outline still moves, by about a third of the inside).
-    taper = np.repeat(0.35 + 0.65 * _smoothstep(0.0, 25.0 * layout.s, _outline_distance(mean_shape, triangles)), 3)
-    for _ in range(2):
-        held = _project_out(held, span) * taper
-    held = _orthonormal_rows(_project_out(held, span))
-    std = (np.arange(N_HELD_BACK_GEOMETRY) + 1.0) ** -0.5
+    held = _regional_fields(rng, mean_shape[:, :2], N_HELD_BACK_GEOMETRY, layout.s, symmetry)
+    held = _orthonormal_rows(_project_out(held.reshape(N_HELD_BACK_GEOMETRY, -1), span))
+    std = (np.arange(N_HELD_BACK_GEOMETRY) + 1.0) ** -0.25  # no one component dominates
     std *= HELD_BACK_GEOMETRY_RMS / np.sqrt(np.sum(std ** 2))
     held *= (std * np.sqrt(V))[:, None]  # a unit row spread over V vertices has RMS 1/sqrt(V)
     local, local_kinds = _geometry_features(layout, rng, normals, groove_width)
@@ -430,21 +450,17 @@ def _build_detail(model, seed):
 
     # Reflectance, the same way, outside the albedo basis's span.
     albedo_span = _host(model.albedo_basis).astype(np.float64)
-    span = _span_basis(albedo_span) if albedo_span.shape[0] else None
+    span = _span_basis(albedo_span) if albedo_span.shape[0] else np.zeros((0, 3 * V))  # it may have none
     skin_colours = np.array([[0.80, 0.60, 0.50], [0.45, -0.20, -0.25], [0.06, 0.06, -0.15]])
-    held = _smooth_random_fields(rng, mean_shape[:, :2], N_HELD_BACK_ALBEDO, skin_colours, symmetry, False,
-                                 width=4.0)
+    held = _smooth_random_fields(rng, mean_shape[:, :2], N_HELD_BACK_ALBEDO, skin_colours, symmetry, False, 4.0)
     held = (held * layout.eye_weight()[None, :, None]).reshape(N_HELD_BACK_ALBEDO, -1)
-    if albedo_span.shape[0]:
-        held = _project_out(held, span)
-    held = _orthonormal_rows(held)
+    held = _orthonormal_rows(_project_out(held, span))
     std = (np.arange(N_HELD_BACK_ALBEDO) + 1.0) ** -0.5
     std *= HELD_BACK_ALBEDO_RMS / np.sqrt(np.sum(std ** 2))
     held *= (std * np.sqrt(V))[:, None]
     local, local_kinds = _albedo_features(layout, rng)
     local = local.reshape(len(local), -1)
-    if albedo_span.shape[0]:
-        local = _project_out(local, span)
+    local = _project_out(local, span)
     albedo = np.concatenate([held, local]).astype(np.float32)
     albedo_kinds = ("held_back",) * N_HELD_BACK_ALBEDO + tuple(local_kinds)
     for a in (geometry, albedo):
@@ -471,11 +487,11 @@ def _detail_of(model, seed):
 # 15% of each other; "one": at most one of the kind's patterns; "each": every row on its own.
 _LOCAL_DETAIL = {
     "bump": ("each", 0.05, 0.3, 1.0),      # signed: bumps and dents
-    "frown": ("each", 0.3, 0.3, 1.0),
+    "frown": ("each", 0.3, 0.2, 0.6),
     "nasolabial": ("pair", 0.8, 0.4, 2.0),
     "crows_feet": ("pair", 0.35, 0.2, 0.7),
     "forehead": ("one", 0.6, 0.3, 1.0),
-    "blotch": ("each", 0.12, 0.4, 1.2),
+    "blotch": ("each", 0.08, 0.3, 1.0),
     "mole": ("each", 0.06, 0.6, 1.0),
     "freckles": ("one", 0.3, 0.5, 1.4),
 }
