@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import fastface
 from fastface import FaceModel
 from fastface.data import EVAL_SEEDS, TRAIN_SEEDS, SyntheticBatch, SyntheticFaces, default_framing
 from fastface.data import synthetic
@@ -181,16 +182,16 @@ def test_the_mouths_interior_is_dark_and_outside_the_mask(model):
     assert faces._mouth_loop is not None and len(faces._mouth_loop) > 10
     # A frontal face with the jaw wide open: the pixels between the lips are dark and not in the mask.
     jaw = model.expression_names.index("jaw_open")
-    draw = faces._draw
+    draw = faces._draw_batch
 
-    def open_mouth(seed):
-        d = draw(seed)
+    def open_mouth(seeds):
+        d = draw(seeds)
         d["expression"][:] = 0.0
-        d["expression"][jaw] = 3.0
+        d["expression"][:, jaw] = 3.0
         d["angles"][:] = 0.0
         return d
 
-    faces._draw = open_mouth
+    faces._draw_batch = open_mouth
     b = faces.batch([1, 2])
     for k in range(2):
         lips = b.landmarks[k, [62, 66]]
@@ -304,3 +305,16 @@ def test_gpu_path_matches_the_cpu_in_emulation(monkeypatch, rng, tol):
     for name in ("shape", "expression", "albedo", "sh", "angles", "translation"):
         np.testing.assert_array_equal(getattr(got.params, name).get(), getattr(want.params, name))
     assert_all_computed(gpu, "morphable_fwd_gemv", "sh_shade_fwd", "rasterize_resolve", "project_to_pixels_fwd")
+
+
+def test_batched_lighting_equals_directional_sh_and_is_lit_from_the_front():
+    rng = np.random.default_rng(3)
+    direction, tint, ambient_tint = rng.normal(size=(4, 3)), rng.uniform(0.9, 1.1, (4, 3)), rng.uniform(0.9, 1.1, (4, 3))
+    intensity, ambient = rng.uniform(0.3, 0.9, 4), rng.uniform(0.3, 0.6, 4)
+    got = synthetic._directional_sh_batch(direction, intensity, ambient, tint, ambient_tint)
+    for b in range(4):
+        np.testing.assert_allclose(got[b], synthetic.directional_sh(direction[b], intensity[b], ambient[b], tint[b],
+                                                                    ambient_tint[b]), rtol=1e-12)
+    # Ambient 1, no directional light: colour = albedo (docs/conventions.md).
+    np.testing.assert_allclose(synthetic.directional_sh((0, 0, 1), 0.0, 1.0), fastface.uniform_light(1)[0],
+                               rtol=1e-5)
