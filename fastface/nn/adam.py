@@ -41,9 +41,9 @@ _UPDATE_BLOCKS = 1024
 # sqrt(v) + eps > 0 for eps > 0, and clip_norm / norm only when norm > clip_norm > 0), and an index
 # Numba cannot prove non-negative (a loop from a chunk's start), which gets a wraparound select:
 # the chunks are 0-based slices instead.
-# Measured on 2 shared cores, 4.87 M float32 parameters: 40 ms a step before (serial, and the
-# partial sums over every 256th element read the whole gradient once per partial), 8.7 ms after;
-# bench/RESULTS.md has the figures.
+# Measured on 2 shared cores, 4.87 M float32 parameters: 40 ms a step before (serial, scalar, and
+# partial sums over every 256th element: 256 strided passes, each loading one 64-byte line in 16,
+# so the gradient crossed the memory bus 16 times), 8.7 ms after; bench/RESULTS.md has the figures.
 
 _UPDATE_CHUNK = 1 << 15  # elements per parallel work item of the CPU update (128 KiB of float32)
 
