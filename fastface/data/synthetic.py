@@ -73,6 +73,12 @@ N_HELD_BACK_GEOMETRY = 16
 N_HELD_BACK_ALBEDO = 8
 HELD_BACK_GEOMETRY_RMS = 2.0
 HELD_BACK_ALBEDO_RMS = 0.035
+# The population's mean face differs from the base model's mean outside the model's span, as real
+# faces differ from a morphable model built from a few hundred scans (the gap that motivates the
+# learned corrective space of Tewari et al. 2018): a fixed combination of the held-back fields,
+# added to every face on top of its own detail.
+POPULATION_GEOMETRY_RMS = 2.5
+POPULATION_ALBEDO_RMS = 0.03
 
 # The mouth's interior (where the model has a hole between the lips): its depth behind the lips
 # (mm of the default model) and its colour.
@@ -424,6 +430,8 @@ class _Detail:
     albedo: np.ndarray         # (K_a, 3V) float32
     geometry_kinds: tuple      # (K_g,) the kind of each row: "held_back", "forehead", ...
     albedo_kinds: tuple
+    population_geometry: np.ndarray = None  # (3V,) float32, the population's offset (mm)
+    population_albedo: np.ndarray = None    # (3V,) float32
 
 
 def _host(a):
@@ -476,9 +484,16 @@ def _build_detail(model, seed):
     local = _project_out(local, span)
     albedo = np.concatenate([held, local]).astype(np.float32)
     albedo_kinds = ("held_back",) * N_HELD_BACK_ALBEDO + tuple(local_kinds)
-    for a in (geometry, albedo):
+    population = []
+    for rows, n_held, rms in ((geometry, N_HELD_BACK_GEOMETRY, POPULATION_GEOMETRY_RMS),
+                              (albedo, N_HELD_BACK_ALBEDO, POPULATION_ALBEDO_RMS)):
+        field = rng.standard_normal(n_held) @ rows[:n_held].astype(np.float64)
+        field *= rms / np.sqrt(np.mean(np.sum(field.reshape(V, 3) ** 2, axis=1)))
+        population.append(field.astype(np.float32))
+    for a in (geometry, albedo, *population):
         a.setflags(write=False)
-    return _Detail(geometry=geometry, albedo=albedo, geometry_kinds=geometry_kinds, albedo_kinds=albedo_kinds)
+    return _Detail(geometry=geometry, albedo=albedo, geometry_kinds=geometry_kinds, albedo_kinds=albedo_kinds,
+                   population_geometry=population[0], population_albedo=population[1])
 
 
 # Built once per (model, seed): the default model's dictionaries take ~1 s to build. Keyed on the
@@ -592,7 +607,7 @@ class SyntheticFaces:
     """
 
     def __init__(self, model, resolution=(64, 64), focal=None, translation_z=None, detail=True, seed=0,
-                 supersample=2):
+                 supersample=2, population=True):
         if model.landmarks is None:
             raise ValueError("model must have landmarks (68 vertex indices): the faces' landmarks are "
                              "projected from them")
@@ -625,6 +640,13 @@ class SyntheticFaces:
         self._albedo_plan = _CoefficientPlan(self.detail_albedo_kinds)
         self.detail_geometry_basis = xp.asarray(detail_bases.geometry)
         self.detail_albedo_basis = xp.asarray(detail_bases.albedo)
+        # The population's offset from the model's mean (POPULATION_GEOMETRY_RMS), in every face.
+        self.population = bool(population) and self.detail
+        V = model.n_vertices
+        self.population_vertices = xp.asarray(detail_bases.population_geometry.reshape(V, 3)) \
+            if self.population else xp.zeros((V, 3), np.float32)
+        self.population_albedo = xp.asarray(detail_bases.population_albedo.reshape(V, 3)) \
+            if self.population else xp.zeros((V, 3), np.float32)
         self._adjacency = vertex_adjacency(model.triangles, model.n_vertices)
         self._landmarks = xp.ascontiguousarray(model.landmarks)
         # The mouth's interior: where the model has a hole between the lips (the default model's
@@ -802,7 +824,9 @@ class SyntheticFaces:
         with value_checks(False):  # every input is made here, finite and in front of the camera
             base_vertices, base_albedo = model.evaluate(a["shape"], a["expression"], a["albedo"])
             detail_vertices = (a["detail_geometry"] @ self.detail_geometry_basis).reshape(B, V, 3)
+            detail_vertices += self.population_vertices
             detail_albedo = (a["detail_albedo"] @ self.detail_albedo_basis).reshape(B, V, 3)
+            detail_albedo += self.population_albedo
             vertices = base_vertices + detail_vertices
             albedo = base_albedo + detail_albedo
             rotation = euler_rotation(a["angles"])
