@@ -153,6 +153,27 @@ def scenario_interpolate(cp, rng, monkeypatch):
             | _kernels("rasterize.cu", "float4_to_float3"))
 
 
+def scenario_antialias(cp, rng, monkeypatch):
+    pos, tri = _clip_positions(rng, 2)
+    g_pos, g_tri = cp.asarray(pos), cp.asarray(tri)
+    raster = fastface.rasterize(g_pos, g_tri, (9, 11))
+    topology = fastface.antialias_topology(g_tri)
+    _on_gpu(topology.opposite)
+    # Batched and unbatched positions, positions the kernels cannot take as they are (float4 loads),
+    # a topology given and built in the call, and 3 or 5 channels.
+    for p, t, C in ((g_pos, topology, 3), (misaligned(cp, pos), None, 5), (strided(cp, pos[:1]), topology, 3),
+                    (cp.asarray(pos[0]), topology, 1)):
+        B = 1 if p.ndim == 2 or p.shape[0] == 1 else 2
+        r = raster if B == 2 else fastface.Raster(raster.tri_id[:1], raster.bary[:1], raster.depth[:1])
+        color = cp.asarray(rng.uniform(size=(B, 9, 11, C)).astype(np.float32))
+        out = fastface.antialias(color, r, p, g_tri, topology=t)
+        grad_color, grad_pos = fastface.antialias_backward(color, r, p, g_tri, cp.asarray(
+            rng.normal(size=out.shape).astype(np.float32)), topology=t)
+        _on_gpu(out, grad_color, grad_pos)
+        assert grad_pos.shape == p.shape
+    return _kernels("antialias.cu", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
+
+
 def scenario_many_images(cp, rng, monkeypatch):
     """More images than a grid's y dimension takes (65535): the pixel kernels loop over gridDim.y."""
     B = 70000
