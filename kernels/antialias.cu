@@ -1,5 +1,5 @@
-// Antialiasing kernels: antialias_silhouettes, antialias_fwd and antialias_bwd. The Numba twins and the
-// algorithm's description live in fastface/ops/antialias.py. Compiled with --fmad=false so that every
+// Antialiasing kernels: antialias_facing, antialias_silhouettes, antialias_fwd and antialias_bwd. The Numba
+// twins and the algorithm's description live in fastface/ops/antialias.py. Compiled with --fmad=false so that every
 // float expression rounds like the Numba code (they are written in the same order). Triangle and vertex
 // indices are tested before any load (the Python checks can be turned off).
 
@@ -23,34 +23,47 @@ __device__ __forceinline__ float line_at_vertex(EdgeLine l, float4 v) {
 }
 
 // One thread per (triangle, image): x over the T triangles, y over the images (a strided loop past 65535).
-// sil[b, t] gets bit k when edge k of t (opposite corner k) is a silhouette edge: no neighbour, a neighbour
-// with a vertex at w <= 0, or a neighbour whose far vertex lies on t's side of the edge's line (or on it).
-extern "C" __global__ void antialias_silhouettes(const float4* __restrict__ pos, const int* __restrict__ tri,
-                                                 const int* __restrict__ opposite, int NB, int V, int T,
+// facing[b, t] = 1 or 2 by the sign of e (the line of edge v1-v2 at v0), 0 when the triangle is degenerate or
+// has a vertex at w <= 0 (never drawn).
+extern "C" __global__ void antialias_facing(const float4* __restrict__ pos, const int* __restrict__ tri, int NB, int V,
+                                            int T, unsigned char* __restrict__ facing) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
+    const bool in_range = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
+    for (int b = blockIdx.y; b < NB; b += gridDim.y) {
+        const float4* p = pos + (long long)b * V;
+        unsigned int f = 0;
+        if (in_range && p[i0].w > 0.0f && p[i1].w > 0.0f && p[i2].w > 0.0f) {
+            const float e = line_at_vertex(edge_line(p, i1, i2), p[i0]);
+            f = e > 0.0f ? 1u : (e < 0.0f ? 2u : 0u);
+        }
+        facing[(long long)b * T + t] = (unsigned char)f;
+    }
+}
+
+// Launched like antialias_facing. sil[b, t] gets bit k when edge k of t (opposite corner k) is a silhouette
+// edge: t is drawn and the triangle n across the edge is missing, not drawn, or on t's side of it (the other
+// facing when n runs along the edge the other way, neighbor[t, k] = n; the same facing when it runs the same
+// way, neighbor[t, k] = -2 - n).
+extern "C" __global__ void antialias_silhouettes(const int* __restrict__ neighbor,
+                                                 const unsigned char* __restrict__ facing, int NB, int T,
                                                  unsigned char* __restrict__ sil) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
+    int nb[3];
+    for (int k = 0; k < 3; ++k) nb[k] = neighbor[3LL * t + k];
     for (int b = blockIdx.y; b < NB; b += gridDim.y) {
-        const float4* p = pos + (long long)b * V;
-        int v[3];
-        bool ok = true;
-        for (int k = 0; k < 3; ++k) {
-            v[k] = tri[3LL * t + k];
-            if (v[k] < 0 || v[k] >= V || !(p[v[k]].w > 0.0f)) ok = false;
-        }
+        const unsigned char* fb = facing + (long long)b * T;
+        const unsigned int f = fb[t];
         unsigned int mask = 0;
-        if (ok) {
+        if (f != 0) {
             for (int k = 0; k < 3; ++k) {
-                const EdgeLine l = edge_line(p, v[(k + 1) % 3], v[(k + 2) % 3]);
-                const float ec = line_at_vertex(l, p[v[k]]);
-                if (ec == 0.0f) continue;
-                const int d = opposite[3LL * t + k];
-                if (d < 0 || d >= V || !(p[d].w > 0.0f)) {
-                    mask |= 1u << k;
-                    continue;
-                }
-                const float ed = line_at_vertex(l, p[d]);
-                if (ed == 0.0f || (ed > 0.0f) == (ec > 0.0f)) mask |= 1u << k;
+                int n = nb[k];
+                const bool same_way = n < -1;
+                if (same_way) n = -2 - n;
+                const unsigned int fn = (n >= 0 && n < T) ? fb[n] : 0u;
+                if (fn == 0 || (fn == f) == same_way) mask |= 1u << k;
             }
         }
         sil[(long long)b * T + t] = (unsigned char)mask;
@@ -74,6 +87,11 @@ __device__ __forceinline__ PairBlend pair_blend(const float4* __restrict__ p, co
     const int t0 = tri_id_b[i0 * W + j0];
     const int t1 = tri_id_b[i1 * W + j1];
     if (t0 == t1) return r;
+    // The front triangle is one of the two: when neither has a silhouette edge (most pairs of a dense mesh),
+    // nothing more is read.
+    const unsigned int m0 = (t0 >= 0 && t0 < T) ? sil_b[t0] : 0u;
+    const unsigned int m1 = (t1 >= 0 && t1 < T) ? sil_b[t1] : 0u;
+    if (m0 == 0 && m1 == 0) return r;
     bool front1;
     if (t1 < 0) {
         front1 = false;
@@ -85,8 +103,7 @@ __device__ __forceinline__ PairBlend pair_blend(const float4* __restrict__ p, co
         front1 = d1 < d0 || (d1 == d0 && t1 < t0);
     }
     const int t = front1 ? t1 : t0;
-    if (t < 0 || t >= T) return r;
-    const unsigned int mask = sil_b[t];
+    const unsigned int mask = front1 ? m1 : m0;
     if (mask == 0) return r;
     const int fi = front1 ? i1 : i0, fj = front1 ? j1 : j0;
     const int oi = front1 ? i0 : i1, oj = front1 ? j0 : j1;

@@ -158,7 +158,7 @@ def scenario_antialias(cp, rng, monkeypatch):
     g_pos, g_tri = cp.asarray(pos), cp.asarray(tri)
     raster = fastface.rasterize(g_pos, g_tri, (9, 11))
     topology = fastface.antialias_topology(g_tri)
-    _on_gpu(topology.opposite)
+    _on_gpu(topology.neighbor)
     # Batched and unbatched positions, positions the kernels cannot take as they are (float4 loads),
     # a topology given and built in the call, and 3 or 5 channels.
     for p, t, C in ((g_pos, topology, 3), (misaligned(cp, pos), None, 5), (strided(cp, pos[:1]), topology, 3),
@@ -171,7 +171,7 @@ def scenario_antialias(cp, rng, monkeypatch):
             rng.normal(size=out.shape).astype(np.float32)), topology=t)
         _on_gpu(out, grad_color, grad_pos)
         assert grad_pos.shape == p.shape
-    return _kernels("antialias.cu", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
+    return _kernels("antialias.cu", "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
 
 
 def scenario_many_images(cp, rng, monkeypatch):

@@ -314,7 +314,7 @@ def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
         graster = fastface.Raster(*(cp.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
         g_tri = cp.asarray(tri)
         topology = fastface.antialias_topology(g_tri)
-        assert_equal(topology.opposite, fastface.antialias_topology(tri).opposite)
+        assert_equal(topology.neighbor, fastface.antialias_topology(tri).neighbor)
         color = rng.uniform(size=raster.tri_id.shape + (3,)).astype(np.float32)
         want = fastface.antialias(color, raster, pos, tri)
         assert (want != color).any(), "a test image should have silhouettes to blend"
@@ -338,7 +338,7 @@ def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
                                                          cp.asarray(grad5))
         assert_equal(got_color, want_color)
         assert_scatter_close(got_pos, want_pos, tol)
-        assert_all_computed(gpu, "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
+        assert_all_computed(gpu, "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
 
 
 # ---------------------------------------------------------------------------------------------

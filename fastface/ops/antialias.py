@@ -8,14 +8,17 @@ positions of the silhouette edges' vertices, with gradients.
 
 The algorithm, the same on both backends (CUDA twin: kernels/antialias.cu):
 
-1. Silhouette edges, per image and triangle (`antialias_silhouettes`): edge k of triangle t (the edge
-   opposite corner k: v1-v2, v2-v0, v0-v1) is a silhouette edge when no other triangle shares it, when
-   the neighbour across it has a vertex at w <= 0 (never drawn), or when the neighbour's far vertex
-   lies on the same side of the edge's screen line as t's own (or on it): the surface folds over the
-   edge, one of the two faces away. An edge between two triangles that both face the camera (or both
+1. Silhouette edges, per image and triangle, in two passes. `antialias_facing`: which way each
+   triangle runs on the screen (0 when degenerate or with a vertex at w <= 0: never drawn).
+   `antialias_silhouettes`: edge k of triangle t (the edge opposite corner k: v1-v2, v2-v0, v0-v1) is a
+   silhouette edge when no other triangle shares it, when the neighbour across it is not drawn, or
+   when the neighbour lies on t's side of the edge (the surface folds over the edge: one of the two
+   faces away; for a neighbour that runs along the edge the other way, as in a consistently oriented
+   mesh, that is the other facing). An edge between two triangles that both face the camera (or both
    away) is not a silhouette: it is inside the surface, and blending there would blur the image.
    With more than two triangles on an edge, the lowest-numbered other triangle decides. The neighbours
-   come from `antialias_topology(tri)` (once per mesh).
+   come from `antialias_topology(tri)` (once per mesh). (The same test written per edge, as the side
+   of the neighbour's far vertex, cost 9 ms against 3 ms for the two passes on the CPU, batch 8.)
 2. Pixel pairs: every horizontally or vertically adjacent pair of pixels (p0 the left or upper one)
    whose triangle ids differ. The front triangle is the one of the pixel with the smaller depth (an
    empty pixel never is; equal depths: the lower id). Its edge through which the segment from the
@@ -28,17 +31,22 @@ The algorithm, the same on both backends (CUDA twin: kernels/antialias.cu):
    the front colour; the front pixel when f < 1/2 (its surface stops short of its half), by
    a = 1/2 - f toward the other colour; f = 1/2 blends nothing. out[dst] += a (color[src] -
    color[dst]), with the colours as given (blends do not compound).
-3. Each output pixel gathers its own blends from its four pairs, in the order left, right, up, down.
-   Each pair is evaluated by both its pixels (the same arithmetic, so the same answer): no atomics,
-   deterministic, and the GPU's float32 arithmetic is the Numba twin's (--fmad=false).
+3. Each output pixel adds its own blends from its four pairs in the order left, right, up, down. On
+   the GPU a thread per pixel evaluates its four pairs (each pair twice, once by each pixel, with the
+   same arithmetic, so the same answer): no atomics. On the CPU each pair is evaluated once, in an
+   order that adds every pixel's blends in that same order. Both are deterministic, and the GPU's
+   float32 arithmetic is the Numba twin's (--fmad=false): the same numbers bit for bit.
 
 Backward: out[dst] = (1 - a) color[dst] + a color[src] gives grad_color by the same gather. With
 g_a = sum_c grad_out[dst, c] (color[src, c] - color[dst, c]) and da/df = +1 (f > 1/2) or -1,
 dL/de_front = dL/df (-e_other) / D^2 and dL/de_other = dL/df e_front / D^2 (D = e_front - e_other);
 as e(P) = det(a', b', P), de/da' = b' x P and de/db' = P x a', so with Q = dL/de_front P_front +
 dL/de_other P_other, grad a' = b' x Q and grad b' = Q x a' (the x, y, w columns of pos; z is 0). Each
-pair's position gradient is scattered once, by its left or upper pixel (atomics on the GPU, private
-buffers per (image, band of rows) on the CPU).
+pair's position gradient is scattered once (on the GPU by its left or upper pixel, with atomics; on
+the CPU into private buffers per (image, band of rows)).
+
+Speed: the small helpers are inlined into the kernels (`inline="always"`): called per pixel pair, Numba
+passes their array arguments with reference counting, which made the CPU forward 15x slower.
 
 What it does not do (as nvdiffrast): edges crossing the segment between two pixels that both show
 the same triangle, and a silhouette of a triangle that covers no pixel centre, are not seen; the
@@ -62,22 +70,23 @@ class AntialiasTopology:
     """Edge -> triangle topology of a mesh, for `antialias`; build it with `antialias_topology`.
 
     Attributes:
-        opposite: (T, 3) int32 on the device of the mesh's triangles: opposite[t, k] is the far vertex of
-            the triangle across edge k of t (the edge opposite corner k), or -1 when no other triangle has
-            that edge.
+        neighbor: (T, 3) int32 on the device of the mesh's triangles, for edge k of triangle t (the edge
+            opposite corner k): the triangle n across it when n runs along the edge the other way (a
+            consistently oriented mesh), -2 - n when n runs along it the same way, -1 when no other
+            triangle has that edge.
         n_triangles: T of the triangle array it was built from.
     """
-    opposite: object
+    neighbor: object
     n_triangles: int
 
 
 def antialias_topology(tri):
     """Finds, for every triangle edge, the triangle on the other side (once per mesh).
 
-    Built on the host with a sort of the 3T edges (about 20 ms for the default face model's 70k
-    triangles). For a cupy `tri` the triangles are copied to the host and the result back: a one-time,
-    synchronising setup. Build it once per mesh and pass it to `antialias` and `antialias_backward`
-    (`fastface.render` caches it per model).
+    Built on the host with a sort of the 3T edges (tens of milliseconds for the default face model's
+    70k triangles). For a cupy `tri` the triangles are copied to the host and the result back: a
+    one-time, synchronising setup. Build it once per mesh and pass it to `antialias` and
+    `antialias_backward` (the fast path).
 
     Args:
         tri: (T, 3) int32 triangle vertex indices, numpy or cupy.
@@ -90,10 +99,10 @@ def antialias_topology(tri):
     _checks.check_array("tri", tri, np.int32, ("T", 3))
     host = np.ascontiguousarray(tri.get() if xp is not np else tri)
     n = host.shape[0]
-    a = host[:, [1, 2, 0]].reshape(-1).astype(np.int64)  # edge k of t (entry 3t + k) joins these two
+    a = host[:, [1, 2, 0]].reshape(-1).astype(np.int64)  # edge k of t (entry 3t + k) runs from a to b
     b = host[:, [2, 0, 1]].reshape(-1).astype(np.int64)
-    shift = -min(int(host.min()), 0) if n else 0  # keys stay non-negative for any int32 indices
-    span = (int(host.max()) if n else 0) + shift + 1
+    shift = -min(int(host.min()), 0)  # keys stay non-negative for any int32 indices
+    span = int(host.max()) + shift + 1
     key = (np.minimum(a, b) + shift) * span + (np.maximum(a, b) + shift)
     order = np.argsort(key, kind="stable")  # entries of one edge: consecutive, in triangle order
     sorted_key = key[order]
@@ -102,11 +111,12 @@ def antialias_topology(tri):
     rank = np.arange(3 * n)
     other = np.where(rank == start, start + 1, start)  # the first entry of the edge that is not this one
     found = other < end
-    opposite = np.full(3 * n, -1, np.int32)
-    flat = host.reshape(-1)
-    opposite[order[found]] = flat[order[other[found]]]  # entry 3t + k's far vertex is tri[t, k]
-    opposite = opposite.reshape(n, 3)
-    return AntialiasTopology(opposite=xp.asarray(opposite) if xp is not np else opposite, n_triangles=n)
+    entry, across = order[found], order[other[found]]
+    neighbor = np.full(3 * n, -1, np.int64)
+    opposite_way = a[across] == b[entry]
+    neighbor[entry] = np.where(opposite_way, across // 3, -2 - across // 3)
+    neighbor = neighbor.astype(np.int32).reshape(n, 3)
+    return AntialiasTopology(neighbor=xp.asarray(neighbor) if xp is not np else neighbor, n_triangles=n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +124,12 @@ def antialias_topology(tri):
 # constants are made in the working float type (float32 on the hot path, float64 for gradient checks).
 # --------------------------------------------------------------------------------------------------
 
-@numba.njit(cache=True, error_model="numpy")
+_TRIANGLE_BLOCK = 4096  # triangles per unit of work of antialias_facing and antialias_silhouettes
+_NEXT = (1, 2, 0)  # edge k of a triangle joins corners _NEXT[k] and _PREV[k]; it is opposite corner k
+_PREV = (2, 0, 1)
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _edge_line(pos_b, va, vb):
     """(Lx, Ly, Lw) = a' x b' with a' = (x, y, w) of vertex va: the edge's line, L . (X, Y, 1) = 0."""
     xa, ya, wa = pos_b[va, 0], pos_b[va, 1], pos_b[va, 3]
@@ -122,47 +137,64 @@ def _edge_line(pos_b, va, vb):
     return ya * wb - wa * yb, wa * xb - xa * wb, xa * yb - ya * xb
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _line_at_vertex(lx, ly, lw, pos_b, v):
     return (lx * pos_b[v, 0] + ly * pos_b[v, 1]) + lw * pos_b[v, 3]
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_silhouettes(pos, tri, opposite, sil):
-    """CPU twin of antialias_silhouettes: sil[b, t] (uint8) has bit k set when edge k of triangle t is a
-    silhouette edge in image b (pos (B, V, 4); tri, opposite (T, 3)). Parallel over (image, triangle)."""
+def antialias_facing(pos, tri, facing):
+    """CPU twin of antialias_facing: facing[b, t] (uint8) is 1 or 2 when triangle t runs one way or the
+    other on the screen of image b (the sign of e, below, of its edge v1-v2 at v0), 0 when it is
+    degenerate or has a vertex at w <= 0 (never drawn). pos (B, V, 4), tri (T, 3). Parallel over (image,
+    block of triangles)."""
     NB, V = pos.shape[0], pos.shape[1]
     T = tri.shape[0]
     zero = pos.dtype.type(0)
-    for bt in prange(NB * T):
-        b = bt // T
-        t = bt % T
+    n_blocks = (T + _TRIANGLE_BLOCK - 1) // _TRIANGLE_BLOCK
+    for unit in prange(NB * n_blocks):
+        b = unit // n_blocks
+        block = unit % n_blocks
         pos_b = pos[b]
-        mask = 0
-        ok = True
-        for k in range(3):
-            v = tri[t, k]
-            if v < 0 or v >= V or not (pos_b[v, 3] > zero):
-                ok = False
-        if ok:
-            for k in range(3):
-                va = tri[t, (k + 1) % 3]
-                vb = tri[t, (k + 2) % 3]
-                lx, ly, lw = _edge_line(pos_b, va, vb)
-                ec = _line_at_vertex(lx, ly, lw, pos_b, tri[t, k])
-                if ec == zero:
-                    continue
-                d = opposite[t, k]
-                if d < 0 or d >= V or not (pos_b[d, 3] > zero):
-                    mask |= 1 << k
-                    continue
-                ed = _line_at_vertex(lx, ly, lw, pos_b, d)
-                if ed == zero or (ed > zero) == (ec > zero):
-                    mask |= 1 << k
-        sil[b, t] = mask
+        for t in range(block * _TRIANGLE_BLOCK, min(T, (block + 1) * _TRIANGLE_BLOCK)):
+            i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
+            f = 0
+            if (i0 >= 0 and i0 < V and i1 >= 0 and i1 < V and i2 >= 0 and i2 < V and pos_b[i0, 3] > zero
+                    and pos_b[i1, 3] > zero and pos_b[i2, 3] > zero):
+                lx, ly, lw = _edge_line(pos_b, i1, i2)
+                e = _line_at_vertex(lx, ly, lw, pos_b, i0)
+                f = 1 if e > zero else (2 if e < zero else 0)
+            facing[b, t] = f
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def antialias_silhouettes(neighbor, facing, sil):
+    """CPU twin of antialias_silhouettes: sil[b, t] (uint8) has bit k when edge k of triangle t is a
+    silhouette edge in image b: t is drawn (facing != 0) and the triangle n across the edge is missing,
+    not drawn, or folded onto t's side of the edge (the other facing when n runs along the edge the
+    other way, as in a consistently oriented mesh; the same facing when it runs the same way). neighbor (T, 3) from antialias_topology, facing
+    (B, T) from antialias_facing. Parallel over (image, block of triangles)."""
+    NB, T = facing.shape
+    n_blocks = (T + _TRIANGLE_BLOCK - 1) // _TRIANGLE_BLOCK
+    for unit in prange(NB * n_blocks):
+        b = unit // n_blocks
+        block = unit % n_blocks
+        for t in range(block * _TRIANGLE_BLOCK, min(T, (block + 1) * _TRIANGLE_BLOCK)):
+            f = facing[b, t]
+            mask = 0
+            if f != 0:
+                for k in range(3):
+                    n = neighbor[t, k]
+                    same_way = n < -1
+                    if same_way:
+                        n = -2 - n
+                    fn = facing[b, n] if n >= 0 and n < T else 0
+                    if fn == 0 or (fn == f) == same_way:
+                        mask |= 1 << k
+            sil[b, t] = mask
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
     """The blend of the pixel pair p0 = (i0, j0), p1 = (i1, j1) (p0 left of or above p1).
 
@@ -174,10 +206,17 @@ def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
     zero = F(0)
     half = F(0.5)
     V = pos_b.shape[0]
+    T = tri.shape[0]
     t0 = tri_id_b[i0, j0]
     t1 = tri_id_b[i1, j1]
     nothing = (-1, zero, zero, 0, 0, zero, zero, zero, zero, zero, zero)
     if t0 == t1:
+        return nothing
+    # The front triangle is one of the two: when neither has a silhouette edge (most pairs of a dense
+    # mesh), nothing more is read.
+    m0 = sil_b[t0] if t0 >= 0 and t0 < T else 0
+    m1 = sil_b[t1] if t1 >= 0 and t1 < T else 0
+    if m0 == 0 and m1 == 0:
         return nothing
     if t1 < 0:
         front1 = False
@@ -188,9 +227,7 @@ def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
         d1 = depth_b[i1, j1]
         front1 = d1 < d0 or (d1 == d0 and t1 < t0)
     t = t1 if front1 else t0
-    if t < 0 or t >= tri.shape[0]:
-        return nothing
-    mask = sil_b[t]
+    mask = m1 if front1 else m0
     if mask == 0:
         return nothing
     if front1:
@@ -208,8 +245,8 @@ def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
     best_ef = zero
     best_eo = zero
     for k in range(3):
-        va = tri[t, (k + 1) % 3]
-        vb = tri[t, (k + 2) % 3]
+        va = tri[t, _NEXT[k]]
+        vb = tri[t, _PREV[k]]
         vc = tri[t, k]
         if va < 0 or va >= V or vb < 0 or vb >= V or vc < 0 or vc >= V:
             return nothing
@@ -226,8 +263,8 @@ def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
             best, best_f, best_ef, best_eo = k, f, ef, eo
     if best < 0 or (mask >> best) & 1 == 0:
         return nothing
-    va = tri[t, (best + 1) % 3]
-    vb = tri[t, (best + 2) % 3]
+    va = tri[t, _NEXT[best]]
+    vb = tri[t, _PREV[best]]
     if best_f >= half:
         a, sign = best_f - half, F(1)
         dst = 0 if front1 else 1
@@ -237,51 +274,57 @@ def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
     return dst, a, sign, va, vb, best_ef, best_eo, Xf, Yf, Xo, Yo
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _pair_of(d, i, j):
-    """Pair d of pixel (i, j) in the gather order left, right, up, down: (i0, j0, i1, j1, self is p0)."""
-    if d == 0:
-        return i, j - 1, i, j, False
-    if d == 1:
-        return i, j, i, j + 1, True
-    if d == 2:
-        return i - 1, j, i, j, False
-    return i, j, i + 1, j, True
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _pair_in_image(d, i, j, H, W):
-    return (d == 0 and j > 0) or (d == 1 and j + 1 < W) or (d == 2 and i > 0) or (d == 3 and i + 1 < H)
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i0, j0, i1, j1, r0, r1, out):
+    """Adds pair (p0, p1)'s blend to out[b] when its blended pixel lies in the rows [r0, r1)."""
+    H, W, C = color.shape[1], color.shape[2], color.shape[3]
+    dst, a, _, _, _, _, _, _, _, _, _ = _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
+    if dst < 0:
+        return
+    di, dj, si, sj = (i0, j0, i1, j1) if dst == 0 else (i1, j1, i0, j0)
+    if di < r0 or di >= r1:
+        return
+    for c in range(C):
+        out[b, di, dj, c] += a * (color[b, si, sj, c] - color[b, di, dj, c])
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_fwd(color, tri_id, depth, pos, tri, sil, out):
+def antialias_fwd(color, tri_id, depth, pos, tri, sil, n_bands, out):
     """CPU twin of antialias_fwd: color (B, H, W, C), tri_id and depth (B, H, W), pos (1 or B, V, 4),
-    tri (T, 3), sil (1 or B, T) from antialias_silhouettes -> out (B, H, W, C). Parallel over image rows:
-    every pixel gathers its own blends and writes only itself."""
+    tri (T, 3), sil (1 or B, T) from antialias_silhouettes -> out (B, H, W, C).
+
+    Work splits over (image, band of rows). Unlike the GPU's gather (each pixel evaluates its four
+    pairs), each pair is evaluated once, in an order that adds every pixel's blends in the gather's
+    order (left, right, up, down), so the sums round alike: row i's horizontal pairs, then the
+    vertical pairs between rows i - 1 and i. A pair across a band's edge is evaluated by both bands,
+    each adding only to its own row.
+    """
     B, H, W, C = color.shape
-    for row in prange(B * H):
-        b = row // H
-        i = row % H
+    for unit in prange(B * n_bands):
+        b = unit // n_bands
+        band = unit % n_bands
+        r0 = band * H // n_bands
+        r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
         sil_b = sil[pb]
-        for j in range(W):
-            for c in range(C):
-                out[b, i, j, c] = color[b, i, j, c]
-            for d in range(4):
-                if not _pair_in_image(d, i, j, H, W):
-                    continue
-                i0, j0, i1, j1, first = _pair_of(d, i, j)
-                dst, a, _, _, _, _, _, _, _, _, _ = _pair(pos_b, tri, sil_b, tri_id[b], depth[b], H, W, i0, j0, i1, j1)
-                if dst < 0 or (dst == 0) != first:
-                    continue
-                si, sj = (i1, j1) if first else (i0, j0)
+        tri_id_b = tri_id[b]
+        depth_b = depth[b]
+        for i in range(r0, r1):
+            for j in range(W):
                 for c in range(C):
-                    out[b, i, j, c] += a * (color[b, si, sj, c] - color[b, i, j, c])
+                    out[b, i, j, c] = color[b, i, j, c]
+            for j in range(W - 1):
+                _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i, j, i, j + 1, r0, r1, out)
+            if i > 0:
+                for j in range(W):
+                    _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i - 1, j, i, j, r0, r1, out)
+        if r1 < H:
+            for j in range(W):
+                _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, r1 - 1, j, r1, j, r0, r1, out)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _scatter_edge_grad(pos_b, va, vb, gt, ef, eo, Xf, Yf, Xo, Yo, grad_pos_b):
     """dL/df = gt -> the x, y, w gradients of the edge's vertices (see the module docstring)."""
     one = pos_b.dtype.type(1)
@@ -303,49 +346,65 @@ def _scatter_edge_grad(pos_b, va, vb, gt, ef, eo, Xf, Yf, Xo, Yo, grad_pos_b):
     grad_pos_b[vb, 3] += qx * ya - qy * xa
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i0, j0, i1, j1, r0, r1, scatter,
+                   grad_color, grad_pos_b):
+    """Pair (p0, p1)'s part of grad_color for its pixels in the rows [r0, r1), and (scatter) of grad_pos."""
+    H, W, C = color.shape[1], color.shape[2], color.shape[3]
+    dst, a, sign, va, vb, ef, eo, Xf, Yf, Xo, Yo = _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
+    if dst < 0:
+        return
+    di, dj, si, sj = (i0, j0, i1, j1) if dst == 0 else (i1, j1, i0, j0)
+    if di >= r0 and di < r1:
+        for c in range(C):
+            grad_color[b, di, dj, c] -= a * grad_out[b, di, dj, c]
+    if si >= r0 and si < r1:
+        for c in range(C):
+            grad_color[b, si, sj, c] += a * grad_out[b, di, dj, c]
+    if scatter:
+        ga = pos_b.dtype.type(0)
+        for c in range(C):
+            ga += grad_out[b, di, dj, c] * (color[b, si, sj, c] - color[b, di, dj, c])
+        if ga != 0:
+            _scatter_edge_grad(pos_b, va, vb, sign * ga, ef, eo, Xf, Yf, Xo, Yo, grad_pos_b)
+
+
 @numba.njit(cache=True, parallel=True, error_model="numpy")
 def antialias_bwd(color, tri_id, depth, pos, tri, sil, grad_out, n_bands, grad_color, grad_pos_part):
     """CPU twin of antialias_bwd.
 
-    grad_color (B, H, W, C) is gathered per pixel, in the forward's order. grad_pos is a scatter: work
-    splits over (image, band of rows) units u = b * n_bands + band, each with a private accumulator
-    grad_pos_part[u] (V, 4) that the caller sums; each pair's position gradient is added by its left or
-    upper pixel only.
+    grad_color (B, H, W, C) gets each pixel's terms in the forward's order (as antialias_fwd walks the
+    pairs). grad_pos is a scatter: work splits over (image, band of rows) units u = b * n_bands + band,
+    each with a private accumulator grad_pos_part[u] (V, 4) that the caller sums; a pair across two
+    bands is scattered by the band of its upper row only.
     """
     B, H, W, C = color.shape
     for unit in prange(B * n_bands):
         b = unit // n_bands
         band = unit % n_bands
+        r0 = band * H // n_bands
+        r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
         sil_b = sil[pb]
+        tri_id_b = tri_id[b]
+        depth_b = depth[b]
         gp = grad_pos_part[unit]
-        for i in range(band * H // n_bands, (band + 1) * H // n_bands):
+        for i in range(r0, r1):
             for j in range(W):
                 for c in range(C):
                     grad_color[b, i, j, c] = grad_out[b, i, j, c]
-                for d in range(4):
-                    if not _pair_in_image(d, i, j, H, W):
-                        continue
-                    i0, j0, i1, j1, first = _pair_of(d, i, j)
-                    dst, a, sign, va, vb, ef, eo, Xf, Yf, Xo, Yo = _pair(pos_b, tri, sil_b, tri_id[b], depth[b],
-                                                                         H, W, i0, j0, i1, j1)
-                    if dst < 0:
-                        continue
-                    di, dj = (i0, j0) if dst == 0 else (i1, j1)
-                    si, sj = (i1, j1) if dst == 0 else (i0, j0)
-                    if di == i and dj == j:
-                        for c in range(C):
-                            grad_color[b, i, j, c] -= a * grad_out[b, i, j, c]
-                    else:
-                        for c in range(C):
-                            grad_color[b, i, j, c] += a * grad_out[b, di, dj, c]
-                    if first:
-                        ga = pos_b.dtype.type(0)
-                        for c in range(C):
-                            ga += grad_out[b, di, dj, c] * (color[b, si, sj, c] - color[b, di, dj, c])
-                        if ga != 0:
-                            _scatter_edge_grad(pos_b, va, vb, sign * ga, ef, eo, Xf, Yf, Xo, Yo, gp)
+            for j in range(W - 1):
+                _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i, j, i, j + 1, r0, r1,
+                               True, grad_color, gp)
+            if i > 0:
+                for j in range(W):
+                    _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i - 1, j, i, j, r0,
+                                   r1, i > r0, grad_color, gp)
+        if r1 < H:
+            for j in range(W):
+                _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, r1 - 1, j, r1, j, r0, r1,
+                               True, grad_color, gp)
 
 
 def _n_bands(B, H):
@@ -359,7 +418,8 @@ def _n_bands(B, H):
 # --------------------------------------------------------------------------------------------------
 
 # --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's.
-_gpu_kernel = KernelFile("antialias.cu", ("antialias_silhouettes", "antialias_fwd", "antialias_bwd"),
+_gpu_kernel = KernelFile("antialias.cu", ("antialias_facing", "antialias_silhouettes", "antialias_fwd",
+                                          "antialias_bwd"),
                          ("--fmad=false",))
 _BLOCK = 256
 
@@ -389,7 +449,7 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
                         f"{type(topology).__name__}")
     xp = array_module(("color", color), ("pos", pos), ("tri", tri), ("raster.tri_id", raster.tri_id),
                       ("raster.depth", raster.depth), ("grad_out", grad_out),
-                      ("topology.opposite", None if topology is None else topology.opposite))
+                      ("topology.neighbor", None if topology is None else topology.neighbor))
     on_gpu = xp is not np
     dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
     suffix = " (the GPU path takes float32 only)" if on_gpu else ""
@@ -425,19 +485,23 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
     elif topology.n_triangles != T:
         raise ValueError(f"topology was built for {topology.n_triangles} triangles; tri has {T}")
     else:
-        _checks.check_array("topology.opposite", topology.opposite, np.int32, (T, 3))
+        _checks.check_array("topology.neighbor", topology.neighbor, np.int32, (T, 3))
     return xp, B, H, W, C, batched, topology
 
 
-def _silhouettes_cpu(pos3, tri, opposite):
-    sil = np.empty((pos3.shape[0], tri.shape[0]), np.uint8)
-    antialias_silhouettes(pos3, tri, opposite, sil)
+def _silhouettes_cpu(pos3, tri, neighbor):
+    facing = np.empty((pos3.shape[0], tri.shape[0]), np.uint8)
+    antialias_facing(pos3, tri, facing)
+    sil = np.empty_like(facing)
+    antialias_silhouettes(np.ascontiguousarray(neighbor), facing, sil)
     return sil
 
 
-def _silhouettes_gpu(cupy, pos3, tri, opposite, NB, V, T):
+def _silhouettes_gpu(cupy, pos3, tri, neighbor, NB, V, T):
+    facing = cupy.empty((NB, T), dtype=cupy.uint8)
+    _gpu_kernel("antialias_facing")(*_grid(T, NB), (pos3, tri, np.int32(NB), np.int32(V), np.int32(T), facing))
     sil = cupy.empty((NB, T), dtype=cupy.uint8)
-    _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (pos3, tri, opposite, np.int32(NB), np.int32(V),
+    _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (_gpu_input(neighbor, cupy), facing, np.int32(NB),
                                                          np.int32(T), sil))
     return sil
 
@@ -466,7 +530,7 @@ def antialias(color, raster, pos, tri, topology=None):
 
         pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
         NB = B if batched else 1
-        sil = _silhouettes_gpu(cupy, pos3, tri_g, _gpu_input(topology.opposite, cupy), NB, V, T)
+        sil = _silhouettes_gpu(cupy, pos3, tri_g, topology.neighbor, NB, V, T)
         out = cupy.empty((B, H, W, C), dtype=cupy.float32)
         _gpu_kernel("antialias_fwd")(*_grid(H * W, B), (
             _gpu_input(color, cupy), cupy.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, cupy), pos3,
@@ -475,10 +539,10 @@ def antialias(color, raster, pos, tri, topology=None):
         return out
     pos3 = np.ascontiguousarray(pos if batched else pos[None])
     tri = np.ascontiguousarray(tri)
-    sil = _silhouettes_cpu(pos3, tri, np.ascontiguousarray(topology.opposite))
+    sil = _silhouettes_cpu(pos3, tri, topology.neighbor)
     out = np.empty(color.shape, color.dtype)
     antialias_fwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
-                  np.ascontiguousarray(raster.depth), pos3, tri, sil, out)
+                  np.ascontiguousarray(raster.depth), pos3, tri, sil, _n_bands(B, H), out)
     return out
 
 
@@ -501,7 +565,7 @@ def antialias_backward(color, raster, pos, tri, grad_out, topology=None):
 
         pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
         NB = B if batched else 1
-        sil = _silhouettes_gpu(cupy, pos3, tri_g, _gpu_input(topology.opposite, cupy), NB, V, T)
+        sil = _silhouettes_gpu(cupy, pos3, tri_g, topology.neighbor, NB, V, T)
         grad_color = cupy.empty((B, H, W, C), dtype=cupy.float32)
         grad_pos = cupy.zeros(pos.shape, dtype=cupy.float32)
         _gpu_kernel("antialias_bwd")(*_grid(H * W, B), (
@@ -511,7 +575,7 @@ def antialias_backward(color, raster, pos, tri, grad_out, topology=None):
         return grad_color, grad_pos
     pos3 = np.ascontiguousarray(pos if batched else pos[None])
     tri = np.ascontiguousarray(tri)
-    sil = _silhouettes_cpu(pos3, tri, np.ascontiguousarray(topology.opposite))
+    sil = _silhouettes_cpu(pos3, tri, topology.neighbor)
     n_bands = _n_bands(B, H)
     grad_color = np.empty(color.shape, color.dtype)
     grad_pos_part = np.zeros((B * n_bands, V, 4), color.dtype)

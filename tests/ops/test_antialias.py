@@ -17,17 +17,21 @@ def _cross2(ax, ay, bx, by):
 
 
 def reference_topology(tri):
-    """opposite[t, k]: the far vertex of the lowest-numbered other triangle that has edge k of t, or -1."""
+    """opposite[t, k]: the far vertex of the lowest-numbered other triangle that has edge k of t, or -1;
+    neighbor[t, k]: that triangle, n if it runs along the edge the other way, -2 - n the same way, or -1."""
     T = len(tri)
     opposite = -np.ones((T, 3), int)
+    neighbor = -np.ones((T, 3), int)
     for t in range(T):
         for k in range(3):
-            edge = {tri[t][(k + 1) % 3], tri[t][(k + 2) % 3]}
+            a, b = tri[t][(k + 1) % 3], tri[t][(k + 2) % 3]
             for s in range(T):
-                if s != t and edge <= set(tri[s]):
-                    opposite[t, k] = [v for v in tri[s] if v not in edge][0]
+                if s != t and {a, b} <= set(tri[s]):
+                    opposite[t, k] = [v for v in tri[s] if v not in (a, b)][0]
+                    runs = [(tri[s][m], tri[s][(m + 1) % 3]) for m in range(3)]
+                    neighbor[t, k] = s if (b, a) in runs else -2 - s
                     break
-    return opposite
+    return opposite, neighbor
 
 
 def reference_antialias(color, tri_id, depth, pos, tri):
@@ -36,7 +40,7 @@ def reference_antialias(color, tri_id, depth, pos, tri):
     color = np.asarray(color, np.float64)
     pos = np.asarray(pos, np.float64)
     B, H, W, _ = color.shape
-    opposite = reference_topology(tri)
+    opposite, _ = reference_topology(tri)
     out = color.copy()
     for b in range(B):
         p = pos[b] if pos.ndim == 3 else pos
@@ -145,8 +149,8 @@ def test_unbatched_positions_and_a_given_topology_give_the_same_image(rng):
     raster = rasterize(pos[0], tri, res)
     color = _colors(rng, raster)
     topology = antialias_topology(tri)
-    assert isinstance(topology, AntialiasTopology) and topology.opposite.dtype == np.int32
-    np.testing.assert_array_equal(topology.opposite, reference_topology(tri))
+    assert isinstance(topology, AntialiasTopology) and topology.neighbor.dtype == np.int32
+    np.testing.assert_array_equal(topology.neighbor, reference_topology(tri)[1])
     np.testing.assert_array_equal(antialias(color, raster, pos[0], tri, topology=topology),
                                   antialias(color, raster, pos, tri))
 
@@ -193,6 +197,12 @@ def test_an_edge_between_two_front_facing_triangles_is_not_blended(rng):
     assert diagonal.sum() >= 5
     np.testing.assert_array_equal(out[0][interior], color[0][interior])
     assert (np.abs(out[0] - color[0]).max(-1) > 0)[inside & ~interior].sum() >= 10
+    # The same with the second triangle wound the other way (it runs along the diagonal the same way as
+    # the first): still two faces on either side of the edge, still not a silhouette.
+    flipped = tri[:, ::-1].copy()
+    flipped[0] = tri[0]
+    assert antialias_topology(flipped).neighbor[0].min() < -1
+    np.testing.assert_array_equal(antialias(color, raster, pos, flipped), out)
     # The same quad without the shared edge (each triangle has its own vertices): the diagonal is now a
     # silhouette of both triangles and its pixels are blended.
     pos_split, tri_split = _quad(split=True)
@@ -211,9 +221,9 @@ def test_a_fold_where_the_neighbour_faces_away_is_a_silhouette(rng):
     raster = rasterize(pos, tri, res)
     color = _colors(rng, raster)
     topology = antialias_topology(tri)
-    assert (topology.opposite >= 0).sum() > 0.8 * topology.opposite.size  # the fold's edges have neighbours
+    assert (topology.neighbor >= 0).sum() > 0.8 * topology.neighbor.size  # the fold's edges have neighbours
     out = antialias(color, raster, pos, tri, topology=topology)
-    no_neighbours = AntialiasTopology(np.full_like(topology.opposite, -1), tri.shape[0])
+    no_neighbours = AntialiasTopology(np.full_like(topology.neighbor, -1), tri.shape[0])
     # Every edge treated as a boundary blends at least as many pixels; the fold alone blends the fold's.
     changed = np.abs(out - color).max(-1) > 0
     changed_all = np.abs(antialias(color, raster, pos, tri, topology=no_neighbours) - color).max(-1) > 0
@@ -267,8 +277,9 @@ def test_antialias_backward_of_unbatched_positions_sums_the_images(rng, tol):
                                atol=tol["float64_reference_atol"])
 
 
-def test_row_bands_give_the_same_gradients(rng, monkeypatch):
-    """One image split over several row bands (private accumulators summed) against one band."""
+def test_row_bands_give_the_same_image_and_gradients(rng, monkeypatch):
+    """One image split over several row bands (pairs across bands, private accumulators summed) against
+    one band."""
     import sys
     module = sys.modules["fastface.ops.antialias"]
     pos, tri, res = _cap(batch=1)
@@ -277,8 +288,10 @@ def test_row_bands_give_the_same_gradients(rng, monkeypatch):
     grad_out = rng.standard_normal(color.shape)
     monkeypatch.setattr(module, "_n_bands", lambda B, H: 1)
     one = antialias_backward(color, raster, pos, tri, grad_out)
+    image = antialias(color, raster, pos, tri)
     monkeypatch.setattr(module, "_n_bands", lambda B, H: 5)
     banded = antialias_backward(color, raster, pos, tri, grad_out)
+    np.testing.assert_array_equal(antialias(color, raster, pos, tri), image)
     np.testing.assert_array_equal(banded[0], one[0])
     np.testing.assert_allclose(banded[1], one[1], rtol=1e-12, atol=1e-12)
 
