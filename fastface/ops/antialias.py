@@ -8,7 +8,7 @@ positions of the silhouette edges' vertices, with gradients.
 
 The algorithm, the same on both backends (CUDA twin: kernels/antialias.cu):
 
-1. Silhouette edges, per image and triangle, in two passes. `antialias_facing`: which way each
+1. Silhouette edges, per image and triangle, in two passes (on the CPU, inside each unit of work). `antialias_facing`: which way each
    triangle runs on the screen (0 when degenerate or with a vertex at w <= 0: never drawn).
    `antialias_silhouettes`: edge k of triangle t (the edge opposite corner k: v1-v2, v2-v0, v0-v1) is a
    silhouette edge when no other triangle shares it, when the neighbour across it is not drawn, or
@@ -18,7 +18,8 @@ The algorithm, the same on both backends (CUDA twin: kernels/antialias.cu):
    away) is not a silhouette: it is inside the surface, and blending there would blur the image.
    With more than two triangles on an edge, the lowest-numbered other triangle decides. The neighbours
    come from `antialias_topology(tri)` (once per mesh). (The same test written per edge, as the side
-   of the neighbour's far vertex, cost 9 ms against 3 ms for the two passes on the CPU, batch 8.)
+   of the neighbour's far vertex, cost 9 ms against 5 ms for the two passes on the CPU, batch 8, one
+   thread.)
 2. Pixel pairs: every horizontally or vertically adjacent pair of pixels (p0 the left or upper one)
    whose triangle ids differ. The front triangle is the one of the pixel with the smaller depth (an
    empty pixel never is; equal depths: the lower id). Its edge through which the segment from the
@@ -124,7 +125,6 @@ def antialias_topology(tri):
 # constants are made in the working float type (float32 on the hot path, float64 for gradient checks).
 # --------------------------------------------------------------------------------------------------
 
-_TRIANGLE_BLOCK = 4096  # triangles per unit of work of antialias_facing and antialias_silhouettes
 _NEXT = (1, 2, 0)  # edge k of a triangle joins corners _NEXT[k] and _PREV[k]; it is opposite corner k
 _PREV = (2, 0, 1)
 
@@ -142,56 +142,53 @@ def _line_at_vertex(lx, ly, lw, pos_b, v):
     return (lx * pos_b[v, 0] + ly * pos_b[v, 1]) + lw * pos_b[v, 3]
 
 
-@numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_facing(pos, tri, facing):
-    """CPU twin of antialias_facing: facing[b, t] (uint8) is 1 or 2 when triangle t runs one way or the
-    other on the screen of image b (the sign of e, below, of its edge v1-v2 at v0), 0 when it is
-    degenerate or has a vertex at w <= 0 (never drawn). pos (B, V, 4), tri (T, 3). Parallel over (image,
-    block of triangles)."""
-    NB, V = pos.shape[0], pos.shape[1]
-    T = tri.shape[0]
-    zero = pos.dtype.type(0)
-    n_blocks = (T + _TRIANGLE_BLOCK - 1) // _TRIANGLE_BLOCK
-    for unit in prange(NB * n_blocks):
-        b = unit // n_blocks
-        block = unit % n_blocks
-        pos_b = pos[b]
-        for t in range(block * _TRIANGLE_BLOCK, min(T, (block + 1) * _TRIANGLE_BLOCK)):
-            i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
-            f = 0
-            if (i0 >= 0 and i0 < V and i1 >= 0 and i1 < V and i2 >= 0 and i2 < V and pos_b[i0, 3] > zero
-                    and pos_b[i1, 3] > zero and pos_b[i2, 3] > zero):
-                lx, ly, lw = _edge_line(pos_b, i1, i2)
-                e = _line_at_vertex(lx, ly, lw, pos_b, i0)
-                f = 1 if e > zero else (2 if e < zero else 0)
-            facing[b, t] = f
+@numba.njit(cache=True, error_model="numpy")
+def antialias_facing(pos_b, tri, facing_b):
+    """Twin of the CUDA kernel antialias_facing for one image: facing_b[t] (uint8) is 1 or 2 when triangle
+    t runs one way or the other on the screen (the sign of e, below, of its edge v1-v2 at v0), 0 when it
+    is degenerate or has a vertex at w <= 0 (never drawn). pos_b (V, 4), tri (T, 3)."""
+    V = pos_b.shape[0]
+    zero = pos_b.dtype.type(0)
+    for t in range(tri.shape[0]):
+        i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
+        f = 0
+        if (i0 >= 0 and i0 < V and i1 >= 0 and i1 < V and i2 >= 0 and i2 < V and pos_b[i0, 3] > zero
+                and pos_b[i1, 3] > zero and pos_b[i2, 3] > zero):
+            lx, ly, lw = _edge_line(pos_b, i1, i2)
+            e = _line_at_vertex(lx, ly, lw, pos_b, i0)
+            f = 1 if e > zero else (2 if e < zero else 0)
+        facing_b[t] = f
 
 
-@numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_silhouettes(neighbor, facing, sil):
-    """CPU twin of antialias_silhouettes: sil[b, t] (uint8) has bit k when edge k of triangle t is a
-    silhouette edge in image b: t is drawn (facing != 0) and the triangle n across the edge is missing,
-    not drawn, or folded onto t's side of the edge (the other facing when n runs along the edge the
-    other way, as in a consistently oriented mesh; the same facing when it runs the same way). neighbor (T, 3) from antialias_topology, facing
-    (B, T) from antialias_facing. Parallel over (image, block of triangles)."""
-    NB, T = facing.shape
-    n_blocks = (T + _TRIANGLE_BLOCK - 1) // _TRIANGLE_BLOCK
-    for unit in prange(NB * n_blocks):
-        b = unit // n_blocks
-        block = unit % n_blocks
-        for t in range(block * _TRIANGLE_BLOCK, min(T, (block + 1) * _TRIANGLE_BLOCK)):
-            f = facing[b, t]
-            mask = 0
-            if f != 0:
-                for k in range(3):
-                    n = neighbor[t, k]
-                    same_way = n < -1
-                    if same_way:
-                        n = -2 - n
-                    fn = facing[b, n] if n >= 0 and n < T else 0
-                    if fn == 0 or (fn == f) == same_way:
-                        mask |= 1 << k
-            sil[b, t] = mask
+@numba.njit(cache=True, error_model="numpy")
+def antialias_silhouettes(neighbor, facing_b, sil_b):
+    """Twin of the CUDA kernel antialias_silhouettes for one image: sil_b[t] (uint8) has bit k when edge k
+    of triangle t is a silhouette edge: t is drawn (facing != 0) and the triangle n across the edge is
+    missing, not drawn, or folded onto t's side of the edge (the other facing when n runs along the edge
+    the other way, as in a consistently oriented mesh; the same facing when it runs the same way).
+    neighbor (T, 3) from antialias_topology, facing_b (T,) from antialias_facing."""
+    T = facing_b.shape[0]
+    for t in range(T):
+        f = facing_b[t]
+        mask = 0
+        if f != 0:
+            for k in range(3):
+                n = neighbor[t, k]
+                same_way = n < -1
+                if same_way:
+                    n = -2 - n
+                fn = facing_b[n] if n >= 0 and n < T else 0
+                if fn == 0 or (fn == f) == same_way:
+                    mask |= 1 << k
+        sil_b[t] = mask
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _silhouettes_of_image(pos_b, tri, neighbor, scratch_b):
+    """scratch_b (2, T) uint8: facing in row 0, then the silhouette masks in row 1 (returned)."""
+    antialias_facing(pos_b, tri, scratch_b[0])
+    antialias_silhouettes(neighbor, scratch_b[0], scratch_b[1])
+    return scratch_b[1]
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -289,15 +286,17 @@ def _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i0, j0, i1, j1, 
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_fwd(color, tri_id, depth, pos, tri, sil, n_bands, out):
-    """CPU twin of antialias_fwd: color (B, H, W, C), tri_id and depth (B, H, W), pos (1 or B, V, 4),
-    tri (T, 3), sil (1 or B, T) from antialias_silhouettes -> out (B, H, W, C).
+def antialias_fwd(color, tri_id, depth, pos, tri, neighbor, n_bands, scratch, out):
+    """CPU twin of the CUDA kernels antialias_facing + antialias_silhouettes + antialias_fwd, fused per
+    (image, band of rows): color (B, H, W, C), tri_id and depth (B, H, W), pos (1 or B, V, 4), tri and
+    neighbor (T, 3), scratch (B * n_bands, 2, T) uint8 -> out (B, H, W, C).
 
-    Work splits over (image, band of rows). Unlike the GPU's gather (each pixel evaluates its four
-    pairs), each pair is evaluated once, in an order that adds every pixel's blends in the gather's
-    order (left, right, up, down), so the sums round alike: row i's horizontal pairs, then the
-    vertical pairs between rows i - 1 and i. A pair across a band's edge is evaluated by both bands,
-    each adding only to its own row.
+    Each unit finds its image's silhouette edges itself (bands of one image repeat that work rather
+    than wait for each other: one parallel region per call, and the masks stay in cache). Unlike the
+    GPU's gather (each pixel evaluates its four pairs), each pair is evaluated once, in an order that
+    adds every pixel's blends in the gather's order (left, right, up, down), so the sums round alike:
+    row i's horizontal pairs, then the vertical pairs between rows i - 1 and i. A pair across a band's
+    edge is evaluated by both bands, each adding only to its own row.
     """
     B, H, W, C = color.shape
     for unit in prange(B * n_bands):
@@ -307,7 +306,7 @@ def antialias_fwd(color, tri_id, depth, pos, tri, sil, n_bands, out):
         r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
-        sil_b = sil[pb]
+        sil_b = _silhouettes_of_image(pos_b, tri, neighbor, scratch[unit])
         tri_id_b = tri_id[b]
         depth_b = depth[b]
         for i in range(r0, r1):
@@ -370,8 +369,9 @@ def _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i0,
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_bwd(color, tri_id, depth, pos, tri, sil, grad_out, n_bands, grad_color, grad_pos_part):
-    """CPU twin of antialias_bwd.
+def antialias_bwd(color, tri_id, depth, pos, tri, neighbor, grad_out, n_bands, scratch, grad_color, grad_pos_part):
+    """CPU twin of antialias_facing + antialias_silhouettes + antialias_bwd, fused per (image, band of
+    rows) like antialias_fwd.
 
     grad_color (B, H, W, C) gets each pixel's terms in the forward's order (as antialias_fwd walks the
     pairs). grad_pos is a scatter: work splits over (image, band of rows) units u = b * n_bands + band,
@@ -386,7 +386,7 @@ def antialias_bwd(color, tri_id, depth, pos, tri, sil, grad_out, n_bands, grad_c
         r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
-        sil_b = sil[pb]
+        sil_b = _silhouettes_of_image(pos_b, tri, neighbor, scratch[unit])
         tri_id_b = tri_id[b]
         depth_b = depth[b]
         gp = grad_pos_part[unit]
@@ -489,14 +489,6 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
     return xp, B, H, W, C, batched, topology
 
 
-def _silhouettes_cpu(pos3, tri, neighbor):
-    facing = np.empty((pos3.shape[0], tri.shape[0]), np.uint8)
-    antialias_facing(pos3, tri, facing)
-    sil = np.empty_like(facing)
-    antialias_silhouettes(np.ascontiguousarray(neighbor), facing, sil)
-    return sil
-
-
 def _silhouettes_gpu(cupy, pos3, tri, neighbor, NB, V, T):
     facing = cupy.empty((NB, T), dtype=cupy.uint8)
     _gpu_kernel("antialias_facing")(*_grid(T, NB), (pos3, tri, np.int32(NB), np.int32(V), np.int32(T), facing))
@@ -538,11 +530,11 @@ def antialias(color, raster, pos, tri, topology=None):
             np.int32(batched), out))
         return out
     pos3 = np.ascontiguousarray(pos if batched else pos[None])
-    tri = np.ascontiguousarray(tri)
-    sil = _silhouettes_cpu(pos3, tri, topology.neighbor)
+    n_bands = _n_bands(B, H)
     out = np.empty(color.shape, color.dtype)
     antialias_fwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
-                  np.ascontiguousarray(raster.depth), pos3, tri, sil, _n_bands(B, H), out)
+                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri),
+                  np.ascontiguousarray(topology.neighbor), n_bands, np.empty((B * n_bands, 2, T), np.uint8), out)
     return out
 
 
@@ -574,14 +566,13 @@ def antialias_backward(color, raster, pos, tri, grad_out, topology=None):
             np.int32(W), np.int32(C), np.int32(batched), grad_color, grad_pos))
         return grad_color, grad_pos
     pos3 = np.ascontiguousarray(pos if batched else pos[None])
-    tri = np.ascontiguousarray(tri)
-    sil = _silhouettes_cpu(pos3, tri, topology.neighbor)
     n_bands = _n_bands(B, H)
     grad_color = np.empty(color.shape, color.dtype)
     grad_pos_part = np.zeros((B * n_bands, V, 4), color.dtype)
     antialias_bwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
-                  np.ascontiguousarray(raster.depth), pos3, tri, sil, np.ascontiguousarray(grad_out), n_bands,
-                  grad_color, grad_pos_part)
+                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri),
+                  np.ascontiguousarray(topology.neighbor), np.ascontiguousarray(grad_out), n_bands,
+                  np.empty((B * n_bands, 2, T), np.uint8), grad_color, grad_pos_part)
     grad_pos = grad_pos_part.reshape(B, n_bands, V, 4).sum(1) if n_bands > 1 else grad_pos_part
     if not batched:
         grad_pos = grad_pos.sum(0)
