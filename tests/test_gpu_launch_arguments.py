@@ -192,9 +192,12 @@ def scenario_many_images(cp, rng, monkeypatch):
     _on_gpu(fastface.euler_rotation(angles), fastface.euler_rotation_backward(angles, cp.zeros((B, 3, 3), np.float32)))
     points = cp.asarray(np.broadcast_to(np.float32([0, 0, -20]), (B, 1, 3)).copy())
     _on_gpu(fastface.project_to_pixels(points, 100.0, (4, 4)), fastface.perspective_projection(points, 100.0, (4, 4)))
+    _on_gpu(fastface.antialias(out, raster, g_pos, g_tri),
+            *fastface.antialias_backward(out, raster, g_pos, g_tri, cp.zeros_like(out)))
     return (_kernels("rasterize.cu", "rasterize_fwd", "rasterize_resolve<0>", "rasterize_bwd", "rasterize_resolve<3>",
                      "rasterize_interpolate_bwd<3>")
-            | _kernels("interpolate.cu", "interpolate_fwd<3>", "interpolate_bwd<3>"))
+            | _kernels("interpolate.cu", "interpolate_fwd<3>", "interpolate_bwd<3>")
+            | _kernels("antialias.cu", "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd"))
 
 
 def scenario_vertex_normals(cp, rng, monkeypatch):
