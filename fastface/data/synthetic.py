@@ -9,7 +9,7 @@ model's prior, N(0, 1) in standard deviations; a sparse and smaller expression) 
 the base model cannot express, which a learned corrective space (Tewari et al., CVPR 2018) can:
 
 - geometry: a held-back basis of 16 smooth random displacement fields (sums of regional
-  deformations, mostly mirror-symmetric; 2 mm RMS together), forehead lines, frown lines,
+  deformations, mostly mirror-symmetric; 2.5 mm RMS together), forehead lines, frown lines,
   nasolabial folds, crow's feet and local bumps;
 - reflectance: a held-back basis of 8 smooth skin-coloured fields (cosine modes finer than the
   default model's own; 0.035 RMS together), red and brown blotches, moles and freckles.
@@ -71,7 +71,7 @@ TRANSLATION_JITTER = (6.0, 6.0, 30.0)      # x, y, z
 # fewer, larger components one of them made odd ridges.
 N_HELD_BACK_GEOMETRY = 16
 N_HELD_BACK_ALBEDO = 8
-HELD_BACK_GEOMETRY_RMS = 2.0
+HELD_BACK_GEOMETRY_RMS = 2.5
 HELD_BACK_ALBEDO_RMS = 0.035
 
 # The mouth's interior (where the model has a hole between the lips): its depth behind the lips
@@ -179,10 +179,10 @@ def _span_basis(span):
     return (vectors[:, keep].T @ span) / np.sqrt(values[keep])[:, None]
 
 
-def _project_out(rows, basis):
+def _project_out(rows, basis, passes=2):
     """`rows` (M, N) minus their projection onto orthonormal rows `basis` (K, N) (least squares);
-    twice, the second pass removing what the first left to rounding."""
-    for _ in range(2):
+    twice by default, the second pass removing what the first left to rounding."""
+    for _ in range(passes):
         rows = rows - (rows @ basis.T) @ basis
     return rows
 
@@ -408,6 +408,30 @@ def _outline_distance(mean_shape, triangles):
     return cKDTree(mean_shape[longest, :2]).query(mean_shape[:, :2])[0]
 
 
+def _smoother(mean_shape, triangles, length):
+    """A function that smooths per-vertex fields (M, 3V) over the mesh: x -> (I + t L)^-1 x, L the
+    graph Laplacian of the edges and t = (length / median edge length)^2, so that variations finer
+    than about `length` mm are damped. One sparse factorisation, then triangular solves per call."""
+    import scipy.sparse  # noqa: PLC0415
+    import scipy.sparse.linalg  # noqa: PLC0415
+
+    V = len(mean_shape)
+    e = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]]).astype(np.int64)
+    e = np.unique(np.sort(e, axis=1), axis=0)
+    adjacency = scipy.sparse.coo_matrix((np.ones(2 * len(e)), (np.r_[e[:, 0], e[:, 1]], np.r_[e[:, 1], e[:, 0]])),
+                                        shape=(V, V)).tocsc()
+    laplacian = scipy.sparse.diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency
+    edge = float(np.median(np.linalg.norm(mean_shape[e[:, 0]] - mean_shape[e[:, 1]], axis=1)))
+    lu = scipy.sparse.linalg.splu((scipy.sparse.identity(V) + (length / edge) ** 2 * laplacian).tocsc())
+
+    def smooth(rows):
+        x = rows.reshape(len(rows), V, 3).transpose(1, 0, 2).reshape(V, -1)  # (V, M * 3)
+        x = lu.solve(np.asfortranarray(x))
+        return x.reshape(V, len(rows), 3).transpose(1, 0, 2).reshape(len(rows), -1)
+
+    return smooth
+
+
 def _similarity_motions(mean_shape):
     """(7, 3V): the three translations, three infinitesimal rotations and the scaling of the mean shape."""
     p = mean_shape - mean_shape.mean(axis=0)
@@ -430,6 +454,9 @@ def _host(a):
     return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
+ROUNDS = 10  # smoothing-and-projection rounds of the held-back geometry (see _build_detail)
+
+
 def _build_detail(model, seed):
     """The detail dictionaries of `model` (host copies of its arrays are read) for `seed`."""
     rng = np.random.default_rng([20261204, seed])
@@ -450,7 +477,22 @@ def _build_detail(model, seed):
     geometry_span = np.concatenate([geometry_span, _similarity_motions(mean_shape)])
     span = _span_basis(geometry_span)
     held = _regional_fields(rng, mean_shape[:, :2], N_HELD_BACK_GEOMETRY, layout.s, symmetry)
-    held = _orthonormal_rows(_project_out(held.reshape(N_HELD_BACK_GEOMETRY, -1), span))
+    held = _project_out(held.reshape(N_HELD_BACK_GEOMETRY, -1), span)
+    # What the projection subtracts holds sharp copies of the model's designed features (the
+    # lips, the nose, the glabella), so the remainder has their negatives (its Laplacian norm grew
+    # from 0.15 to 0.56 of its norm): smooth them away over ~5 mm and project again, ten times (each
+    # projection brings back a little of them; ten bring it to ~0.2, the model's own rows are 0.15
+    # for identity and 0.31 for expression).
+    # The smooth part of what lies outside the span gathers along the outline (the model's designed
+    # components live inside it), which makes lumpy outlines and pointed foreheads: each round also
+    # tapers the fields toward the outline (to 0.3 of their size at it).
+    smooth = _smoother(mean_shape, triangles, 5.0 * layout.s)
+    taper = 0.3 + 0.7 * _smoothstep(0.0, 20.0 * layout.s, _outline_distance(mean_shape, triangles))
+    taper = np.repeat(taper, 3)
+    for _ in range(ROUNDS):
+        held = _project_out(smooth(held) * taper, span, passes=1)
+    held = _project_out(held, span)
+    held = _orthonormal_rows(held)
     std = (np.arange(N_HELD_BACK_GEOMETRY) + 1.0) ** -0.25  # no one component dominates
     std *= HELD_BACK_GEOMETRY_RMS / np.sqrt(np.sum(std ** 2))
     held *= (std * np.sqrt(V))[:, None]  # a unit row spread over V vertices has RMS 1/sqrt(V)
@@ -584,15 +626,18 @@ class SyntheticFaces:
         seed: selects the detail dictionaries (the held-back bases, where bumps and moles sit) and
             the fine-noise texture; the faces of a seed differ between two values of it.
         supersample: render at this many times the resolution and area-average (1: no antialiasing).
+        detail_scale: multiplies every detail coefficient (geometry and reflectance): 1 gives the
+            sizes documented in the module, 0 the same as detail=False.
 
     Attributes:
-        focal, translation ((3,) float32 numpy, mm): the framing; resolution, model, detail, seed.
+        focal, translation ((3,) float32 numpy, mm): the framing; resolution, model, detail,
+            detail_scale, seed, supersample.
         detail_geometry_basis (K_g, 3V), detail_albedo_basis (K_a, 3V): the detail dictionaries
             (float32, on the model's device), with `detail_geometry_kinds` / `detail_albedo_kinds`.
     """
 
     def __init__(self, model, resolution=(64, 64), focal=None, translation_z=None, detail=True, seed=0,
-                 supersample=2):
+                 supersample=2, detail_scale=1.0):
         if model.landmarks is None:
             raise ValueError("model must have landmarks (68 vertex indices): the faces' landmarks are "
                              "projected from them")
@@ -612,6 +657,10 @@ class SyntheticFaces:
             raise TypeError(f"seed must be a non-negative integer; got {seed!r}")
         self.seed = int(seed)
         self.detail = bool(detail)
+        if isinstance(detail_scale, bool) or not isinstance(detail_scale, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(detail_scale) or detail_scale < 0:
+            raise ValueError(f"detail_scale must be a non-negative number; got {detail_scale!r}")
+        self.detail_scale = float(detail_scale)
         if isinstance(supersample, bool) or not isinstance(supersample, (int, np.integer)) or supersample < 1:
             raise ValueError(f"supersample must be a positive integer; got {supersample!r}")
         self.supersample = int(supersample)
@@ -722,7 +771,7 @@ class SyntheticFaces:
             K = plan.size
             ud = u[name]
             c = plan.coefficients(ud[:, :K], ud[:, K:2 * K], ud[:, 2 * K:], n[name])
-            d[name] = c if self.detail else np.zeros_like(c)
+            d[name] = c * self.detail_scale if self.detail else np.zeros_like(c)
         # Background: two colours along a random direction, blotches at two scales, fine noise.
         ub = u["background"]
         grey, saturation = 0.05 + 0.9 * ub[:, 0:1], 0.1 + 0.7 * ub[:, 1:2]
