@@ -694,6 +694,7 @@ class SyntheticFaces:
             self._triangles_with_mouth = xp.asarray(np.concatenate([triangles, fan]).astype(np.int32))
             layout = _Layout(_host(model.mean_shape).astype(np.float64), _host(model.landmarks))
             self._mouth_depth = np.float32(MOUTH_DEPTH * layout.s)
+            self._mouth_colour = xp.asarray(MOUTH_COLOUR)
 
         # Background pieces: pixel coordinates in [-1, 1], the blotch grids' smoothing matrices and a
         # fine-noise tile, all fixed; each image draws its own colours, amounts and tile offset.
@@ -837,7 +838,7 @@ class SyntheticFaces:
         shaded = xp.empty((B, V + L + 1, 3), dtype=np.float32)
         shaded[:, :V] = colours
         shaded[:, V:V + L] = colours[:, loop] * np.float32(MOUTH_SHADOW)
-        shaded[:, V + L] = xp.asarray(MOUTH_COLOUR)
+        shaded[:, V + L] = self._mouth_colour
         return points, shaded, self._triangles_with_mouth
 
     def batch(self, seeds):
