@@ -16,7 +16,11 @@ the base model cannot express, which a learned corrective space (Tewari et al., 
 
 Every detail row is made orthogonal (least squares, in float64) to the model's own basis (and,
 for geometry, to the seven similarity motions of the mean face, which the pose would absorb), so
-`detail_vertices` and `detail_albedo` lie exactly outside the base model's span. The detail is a
+`detail_vertices` and `detail_albedo` lie exactly outside the base model's span. (What that
+projection leaves of a smooth field carries the negatives of the model's sharp designed
+features; the held-back geometry is smoothed and projected again, ten rounds, see _build_detail.
+Even so, 2.5 mm of geometry outside the span makes faces with bent noses and lumps: the price of
+"outside the span"; `detail_scale` sizes it.) The detail is a
 fixed dictionary (built once per model and `seed`) times sparse per-face coefficients: one GEMM
 per batch on either device, and a linear corrective space of the paper's kind can represent it.
 
@@ -67,7 +71,7 @@ TRANSLATION_JITTER = (6.0, 6.0, 30.0)      # x, y, z
 
 # Held-back bases: the number of components and the RMS (mm / linear RGB per vertex) of them all
 # together at one standard deviation each. Sixteen geometry components of similar size: what lies
-# outside the model's span of a smooth field is peaky (its maximum four times its RMS), and with
+# outside the model's span of a smooth field is peaky (its maximum 3-6 times its RMS), and with
 # fewer, larger components one of them made odd ridges.
 N_HELD_BACK_GEOMETRY = 16
 N_HELD_BACK_ALBEDO = 8
@@ -128,7 +132,8 @@ class SyntheticBatch:
 
     Attributes:
         images: (B, H, W, 3) float32 in [0, 1], the face over its background.
-        mask: (B, H, W) bool, True where the face covers at least half of the pixel.
+        mask: (B, H, W) bool, True where the face covers at least half of the pixel (the model's
+            surface only: the dark mouth interior seen through open lips is not in it).
         coverage: (B, H, W) float32 in [0, 1], the fraction of the pixel's samples the face covers.
         landmarks: (B, 68, 2) float32 pixel coordinates (docs/conventions.md) of the model's
             landmark vertices of the ground-truth geometry.
@@ -227,10 +232,10 @@ def _regional_fields(rng, xy, count, scale, symmetry):
     """`count` smooth random displacement fields (count, V, 3), each the sum of four regional
     deformations: a Gaussian window (8 to 16 mm, times `scale`) around a random point of the face
     times a random direction that varies linearly across the window (a swelling, a shift, a
-    twist). Three in four are mirror-symmetric. Localised, so that most of each lies outside the
-    model's span: smooth global fields (cosine modes) are mostly inside it, and what is left of them
-    after the projection gathered along the outline and undid the model's sharp designed features
-    (the lips, the nose), which looked like melted faces."""
+    twist). Three in four are mirror-symmetric. Localised, so that more of each lies outside the
+    model's span (about half): of smooth global fields (cosine modes) only 10-30% does, and what
+    the projection left of them gathered along the outline and undid the model's sharp designed
+    features (the lips, the nose), which looked like melted faces."""
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     fields = np.zeros((count, len(xy), 3))
     for k in range(count):
