@@ -11,13 +11,15 @@ setup(
     packages=["fastface", "fastface.ops", "fastface.model", "fastface.nn", "fastface.io", "fastface.kernels",
               "fastface.data"],
     package_dir={"fastface.kernels": "kernels"},
-    package_data={"fastface.kernels": ["*.cu", "*.cuh"]},
+    package_data={"fastface.kernels": ["*.cu", "*.cuh"],
+                  "fastface.io": ["cascades/*.xml"]},
     install_requires=[
         "numpy>=1.26",
         "scipy>=1.11",
         "numba>=0.59",
         "h5py>=3.9",
         "opencv-python-headless>=4.8",
+        "tqdm>=4.60",
     ],
     extras_require={
         "gpu": ["cupy-cuda13x>=13; platform_system=='Linux'"],

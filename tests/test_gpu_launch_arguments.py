@@ -301,6 +301,43 @@ def scenario_sample_image_mask(cp, rng, monkeypatch):
 _CPU_MODEL = {}
 
 
+def scenario_photometric_loss(cp, rng, monkeypatch):
+    """Bool and float masks (two template instances), contiguous and strided inputs, one and several bands."""
+    for shape in ((2, 9, 11), (2, 70, 90)):
+        rendered = rng.uniform(size=shape + (3,)).astype(np.float32)
+        target = rng.uniform(size=shape + (3,)).astype(np.float32)
+        for mask in (rng.uniform(size=shape) < 0.5, rng.uniform(size=shape).astype(np.float32)):
+            r, t, m = strided(cp, rendered), cp.asarray(target), cp.asarray(mask)
+            loss = fastface.photometric_loss(r, t, m)
+            grad = fastface.photometric_loss_backward(r, t, m, cp.asarray(np.ones(2, np.float32)))
+            _on_gpu(loss, grad)
+            assert loss.shape == (2,) and grad.shape == rendered.shape
+            out, grad_out = cp.empty(2, np.float32), cp.empty(rendered.shape, np.float32)  # caller's buffers
+            assert fastface.photometric_loss(r, t, m, out=out) is out
+            assert fastface.photometric_loss_backward(r, t, m, loss, out=grad_out) is grad_out
+    return _kernels("losses.cu", *(f"photometric_loss_{d}<{t}>" for d in ("fwd", "bwd")
+                                   for t in ("unsigned char", "float")))
+
+
+def scenario_landmark_loss(cp, rng, monkeypatch):
+    points = rng.uniform(0, 64, size=(3, 68, 2)).astype(np.float32)
+    target = rng.uniform(0, 64, size=(3, 68, 2)).astype(np.float32)
+    for weights in (np.ones(68, np.float32), rng.uniform(size=(3, 68)).astype(np.float32)):
+        p, t, w = strided(cp, points), cp.asarray(target), cp.asarray(weights)
+        _on_gpu(fastface.landmark_loss(p, t, w),
+                fastface.landmark_loss_backward(p, t, w, cp.asarray(np.ones(3, np.float32)),
+                                                out=cp.empty(points.shape, np.float32)))
+    return _kernels("losses.cu", "landmark_loss_fwd", "landmark_loss_bwd")
+
+
+def scenario_prior_loss(cp, rng, monkeypatch):
+    coeffs = cp.asarray(rng.normal(size=(3, 80)).astype(np.float32))
+    for weights in (None, cp.asarray(rng.uniform(size=80).astype(np.float32))):
+        _on_gpu(fastface.prior_loss(coeffs, weights, out=cp.empty(3, np.float32)),
+                fastface.prior_loss_backward(coeffs, weights, cp.asarray(np.ones(3, np.float32))))
+    return _kernels("losses.cu", "prior_loss_fwd", "prior_loss_bwd")
+
+
 def _small_model():
     if "small" not in _CPU_MODEL:
         _CPU_MODEL["small"] = fastface.FaceModel.default(level="small")
@@ -490,6 +527,51 @@ def scenario_value_check_helpers(cp, rng, monkeypatch):
                             offset=1, stride=2, count=3)  # a non-contiguous array is copied first
     return _kernels("checks.cu", *(f"flag_values_outside<{t}>" for t in (
         "double, double", "float, float", "__half, float", "int, int"))) if _checks.value_checks_enabled() else set()
+
+
+def scenario_corrective_space(cp, rng, monkeypatch):
+    """CorrectiveSpace on the GPU: its decoders are cuBLAS GEMMs (checked by the fake cuBLAS), no kernels
+    of their own; the value checks of the codes and gradients launch the check kernels."""
+    from fastface.model import CorrectiveSpace  # noqa: PLC0415
+
+    space = CorrectiveSpace(16, 3, 5, seed=1).to("gpu")
+    _on_gpu(space.flat_params, space.flat_grads, space.geometry_basis)
+    z_geo = strided(cp, rng.normal(size=(2, 3)).astype(np.float32))
+    z_ref = cp.asarray(rng.normal(size=(2, 5)).astype(np.float32))
+    geometry, reflectance = space.evaluate(z_geo, z_ref)
+    _on_gpu(geometry, reflectance)
+    for grads in ((geometry, reflectance), (None, reflectance), (geometry, None)):
+        _on_gpu(*space.backward(z_geo, z_ref, *grads))
+    out = (cp.empty((2, 16, 3), np.float32), cp.empty((2, 16, 3), np.float32))
+    assert space.evaluate(z_geo, z_ref, out=out)[1] is out[1]
+    out_z = (cp.empty((2, 3), np.float32), cp.empty((2, 5), np.float32))
+    assert space.backward(z_geo, z_ref, geometry, reflectance, out=out_z)[0] is out_z[0]
+    opt = fastface.nn.Adam(space, lr=1e-3)
+    opt.step()
+    return _kernels("nn_adam.cu", "adam_prepare", "adam_update")
+
+
+def scenario_corrective_regularizers(cp, rng, monkeypatch):
+    """The corrective regularizers and their backwards on a GPU model's mesh, with a per-image and a shared
+    guide albedo, both mirror modes, and a non-contiguous input (copied before the kernels)."""
+    from fastface.model import corrective as c  # noqa: PLC0415
+
+    model = _small_model().to("gpu")
+    mesh = c.corrective_mesh(model)
+    _on_gpu(mesh.edges, mesh.neighbours, mesh.symmetry, mesh.mirrored_from)
+    B, V = 2, model.n_vertices
+    offsets = strided(cp, rng.normal(size=(B, V, 3)).astype(np.float32))
+    albedo = cp.asarray(rng.uniform(size=(B, V, 3)).astype(np.float32))
+    grad_out = cp.asarray(np.array([1.0, -0.5], np.float32))
+    _on_gpu(c.smoothness_loss(offsets, mesh), c.smoothness_loss_backward(offsets, mesh, grad_out),
+            c.magnitude_loss(offsets), c.magnitude_loss_backward(offsets, grad_out))
+    for guide in (albedo, model.mean_albedo):
+        _on_gpu(c.reflectance_constancy_loss(albedo, guide, mesh, sharpness=20.0),
+                c.reflectance_constancy_loss_backward(albedo, guide, mesh, grad_out, sharpness=20.0))
+    for mirror_x in (True, False):
+        _on_gpu(c.symmetry_loss(offsets, mesh, mirror_x), c.symmetry_loss_backward(offsets, mesh, grad_out, mirror_x))
+    return _kernels("corrective.cu", "smoothness_fwd", "smoothness_bwd", "magnitude_fwd", "magnitude_bwd",
+                    "reflectance_constancy_fwd", "reflectance_constancy_bwd", "symmetry_fwd", "symmetry_bwd")
 
 
 SCENARIOS = {name[len("scenario_"):]: f for name, f in dict(globals()).items() if name.startswith("scenario_")}
