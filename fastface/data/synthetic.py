@@ -252,6 +252,11 @@ def _regional_fields(rng, xy, count, scale, symmetry):
     return fields
 
 
+def _pick(rng, pool, size, p=None):
+    """`size` distinct vertices of `pool` (with repeats only when a small mesh has fewer)."""
+    return rng.choice(pool, size=size, replace=len(pool) < size, p=p)
+
+
 def _segment_distance(points, a, b):
     """Distance (V,) of 2D points to the segment a-b, and the parameter t in [0, 1] of the nearest point."""
     ab = b - a
@@ -348,7 +353,8 @@ def _geometry_features(layout, rng, normals, groove_width):
         add(h, "crows_feet")
     # Bumps: Gaussian bumps (or dents: the coefficient's sign) of 4 to 10 mm at fixed places on the skin.
     skin = np.flatnonzero(layout.eye_weight() > 0.99)
-    for centre in rng.choice(skin, size=48, replace=False):
+    skin = skin if len(skin) else np.arange(len(xy))
+    for centre in _pick(rng, skin, 48):
         radius = rng.uniform(4.0, 10.0) * s
         add(np.exp(-0.5 * np.sum((xy - xy[centre]) ** 2, axis=1) / radius ** 2), "bump")
     return np.stack(rows), kinds
@@ -360,17 +366,18 @@ def _albedo_features(layout, rng):
     skin = layout.eye_weight()
     rows, kinds = [], []
     candidates = np.flatnonzero(skin > 0.99)
+    candidates = candidates if len(candidates) else np.arange(len(xy))
 
     def spot(centre, radius):
         return np.exp(-0.5 * np.sum((xy - xy[centre]) ** 2, axis=1) / radius ** 2)
 
     # Blotches: red (irritation) and brown (pigmentation) patches of 4 to 12 mm.
-    for k, centre in enumerate(rng.choice(candidates, size=24, replace=False)):
+    for k, centre in enumerate(_pick(rng, candidates, 24)):
         colour = np.array([0.07, -0.03, -0.02]) if k % 2 == 0 else np.array([-0.06, -0.06, -0.04])
         rows.append(spot(centre, rng.uniform(4.0, 12.0) * s)[:, None] * colour * skin[:, None])
         kinds.append("blotch")
     # Moles: small dark brown spots centred on a vertex (so the peak is seen at any mesh density).
-    for centre in rng.choice(candidates, size=48, replace=False):
+    for centre in _pick(rng, candidates, 48):
         rows.append(spot(centre, rng.uniform(1.0, 2.0) * s)[:, None] * np.array([-0.40, -0.32, -0.25]))
         kinds.append("mole")
     # Freckles: four patterns of 80 small light-brown spots over the nose and the cheeks.
@@ -379,7 +386,7 @@ def _albedo_features(layout, rng):
                              ((xy[candidates, 1] - centre_xy[1]) / (14.0 * s)) ** 2))
     for _ in range(4):
         f = np.zeros(len(xy))
-        for centre in rng.choice(candidates, size=80, replace=False, p=density / density.sum()):
+        for centre in _pick(rng, candidates, 80, density / density.sum()):
             f += rng.uniform(0.6, 1.2) * spot(centre, rng.uniform(1.0, 1.6) * s)
         rows.append(np.minimum(f, 1.2)[:, None] * np.array([-0.10, -0.09, -0.06]) * skin[:, None])
         kinds.append("freckles")
