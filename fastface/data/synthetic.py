@@ -9,7 +9,7 @@ model's prior, N(0, 1) in standard deviations; a sparse and smaller expression) 
 the base model cannot express, which a learned corrective space (Tewari et al., CVPR 2018) can:
 
 - geometry: a held-back basis of 16 smooth random displacement fields (sums of regional
-  deformations, mostly mirror-symmetric; 2.5 mm RMS together), forehead lines, frown lines,
+  deformations, three in four mirror-symmetric; 2 mm RMS together), forehead lines, frown lines,
   nasolabial folds, crow's feet and local bumps;
 - reflectance: a held-back basis of 8 smooth skin-coloured fields (cosine modes finer than the
   default model's own; 0.035 RMS together), red and brown blotches, moles and freckles.
@@ -19,8 +19,8 @@ for geometry, to the seven similarity motions of the mean face, which the pose w
 `detail_vertices` and `detail_albedo` lie exactly outside the base model's span. (What that
 projection leaves of a smooth field carries the negatives of the model's sharp designed
 features; the held-back geometry is smoothed and projected again, ten rounds, see _build_detail.
-Even so, 2.5 mm of geometry outside the span makes faces with bent noses and lumps: the price of
-"outside the span"; `detail_scale` sizes it.) The detail is a
+Even so, 2 mm of geometry outside the span makes lumpy faces: the price of "outside the span";
+`detail_scale` sizes it.) The detail is a
 fixed dictionary (built once per model and `seed`) times sparse per-face coefficients: one GEMM
 per batch on either device, and a linear corrective space of the paper's kind can represent it.
 
@@ -75,7 +75,7 @@ TRANSLATION_JITTER = (6.0, 6.0, 30.0)      # x, y, z
 # fewer, larger components one of them made odd ridges.
 N_HELD_BACK_GEOMETRY = 16
 N_HELD_BACK_ALBEDO = 8
-HELD_BACK_GEOMETRY_RMS = 2.5
+HELD_BACK_GEOMETRY_RMS = 2.0
 HELD_BACK_ALBEDO_RMS = 0.035
 
 # The mouth's interior (where the model has a hole between the lips): its depth behind the lips
@@ -175,13 +175,39 @@ def _mirror(fields, symmetry, negate_x):
     return out
 
 
+def _with_parity(rows, symmetry, negate_x):
+    """Rows (M, 3V) made mirror-symmetric, or (every fourth, k % 4 == 3) mirror-antisymmetric:
+    (f +- mirror(f)) / 2. Faces are mostly symmetric (and the corrective space is regularised
+    toward symmetry); the antisymmetric ones are pure asymmetry, orthogonal to all symmetric rows,
+    so that orthonormalising the rows keeps each one's parity."""
+    if symmetry is None:
+        return rows
+    fields = rows.reshape(len(rows), -1, 3)
+    sign = np.where(np.arange(len(rows)) % 4 == 3, -1.0, 1.0)[:, None, None]
+    return (0.5 * (fields + sign * _mirror(fields, symmetry, negate_x))).reshape(len(rows), -1)
+
+
+def _mirror_closed(span, symmetry, negate_x):
+    """The rows of `span` (K, 3V) and their mirror images: a span that the mirror maps onto itself,
+    so that what lies outside it stays outside when mirrored (and symmetrising keeps it there)."""
+    if symmetry is None:
+        return span
+    return np.concatenate([span, _mirror(span.reshape(len(span), -1, 3), symmetry, negate_x).reshape(len(span), -1)])
+
+
 def _span_basis(span):
     """Orthonormal rows (K', N) spanning the rows of `span` (K, N), float64, dropping the directions
     that the rows do not really span (the default model's rows and the similarity motions are
-    linearly dependent: their Gram matrix's condition number is 1e16, so it cannot be inverted)."""
-    values, vectors = np.linalg.eigh(span @ span.T)
-    keep = values > 1e-10 * values.max()
-    return (vectors[:, keep].T @ span) / np.sqrt(values[keep])[:, None]
+    linearly dependent: their Gram matrix's condition number is 1e16, so it cannot be inverted).
+    Rows are scaled to unit norm first: the similarity motions are thousands of times longer than
+    the model's orthonormal rows, and a threshold relative to the largest eigenvalue then dropped
+    real directions."""
+    span = span / np.maximum(np.linalg.norm(span, axis=1, keepdims=True), 1e-300)  # comparable eigenvalues
+    for _ in range(2):  # the second pass makes the first's rows orthonormal to rounding
+        values, vectors = np.linalg.eigh(span @ span.T)
+        keep = values > 1e-9 * values.max()
+        span = (vectors[:, keep].T @ span) / np.sqrt(values[keep])[:, None]
+    return span
 
 
 def _project_out(rows, basis, passes=2):
@@ -216,23 +242,20 @@ def _smooth_random_fields(rng, xy, count, directions, symmetry, negate_x, width)
     """`count` smooth random fields (count, V, 3): cosine modes up to 12 x 12 over the bounding box
     of `xy` (the default model's own random fields go to 8 x 8) with a Gaussian spectrum of `width`
     in mode number and no constant mode, each channel along a row of `directions` (3, 3); three in
-    four made mirror-symmetric through the model's symmetry map."""
+    four made mirror-symmetric through the model's symmetry map, the fourth antisymmetric."""
     modes, p, q = _cosine_modes(xy, 12)
     f = np.sqrt(p * p + q * q)
     spectrum = np.exp(-0.5 * (f / width) ** 2) * (f > 0)
     coef = rng.standard_normal((count, len(f), 3)) * spectrum[None, :, None]
     fields = np.einsum("vm,kmc->kvc", modes, coef @ directions)
-    if symmetry is not None:
-        symmetric = np.arange(count) % 4 != 3
-        fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, negate_x))
-    return fields
+    return _with_parity(fields.reshape(count, -1), symmetry, negate_x).reshape(count, -1, 3)
 
 
 def _regional_fields(rng, xy, count, scale, symmetry):
     """`count` smooth random displacement fields (count, V, 3), each the sum of four regional
     deformations: a Gaussian window (8 to 16 mm, times `scale`) around a random point of the face
     times a random direction that varies linearly across the window (a swelling, a shift, a
-    twist). Three in four are mirror-symmetric. Localised, so that more of each lies outside the
+    twist). Three in four are mirror-symmetric, the fourth antisymmetric. Localised, so that more of each lies outside the
     model's span (about half): of smooth global fields (cosine modes) only 10-30% does, and what
     the projection left of them gathered along the outline and undid the model's sharp designed
     features (the lips, the nose), which looked like melted faces."""
@@ -246,10 +269,7 @@ def _regional_fields(rng, xy, count, scale, symmetry):
             window = np.exp(-0.5 * np.sum(d * d, axis=1))
             direction = rng.standard_normal((3, 3))  # constant, d/dx and d/dy parts
             fields[k] += window[:, None] * (direction[0] + d[:, 0:1] * direction[1] + d[:, 1:2] * direction[2])
-    if symmetry is not None:
-        symmetric = np.arange(count) % 4 != 3
-        fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, True))
-    return fields
+    return _with_parity(fields.reshape(count, -1), symmetry, True).reshape(count, -1, 3)
 
 
 def _pick(rng, pool, size, p=None):
@@ -488,14 +508,18 @@ def _build_detail(model, seed):
     # motions, then scaled to their RMS), then the local features (outside the same span).
     geometry_span = np.concatenate([_host(model.shape_basis), _host(model.expression_basis)]).astype(np.float64)
     geometry_span = np.concatenate([geometry_span, _similarity_motions(mean_shape)])
-    span = _span_basis(geometry_span)
+    # Outside the span and its mirror image: the default model's span is not mirror-invariant (a
+    # quarter of its random fields are asymmetric), and projecting symmetric fields out of it left
+    # them as asymmetric as random ones (bent noses).
+    span = _span_basis(_mirror_closed(geometry_span, symmetry, True))
     held = _regional_fields(rng, mean_shape[:, :2], N_HELD_BACK_GEOMETRY, layout.s, symmetry)
     held = _project_out(held.reshape(N_HELD_BACK_GEOMETRY, -1), span)
     # What the projection subtracts holds sharp copies of the model's designed features (the
     # lips, the nose, the glabella), so the remainder has their negatives (its Laplacian norm grew
     # from 0.15 to 0.56 of its norm): smooth them away over ~5 mm and project again, ten times (each
-    # projection brings back a little of them; ten bring it to ~0.2, the model's own rows are 0.15
-    # for identity and 0.31 for expression).
+    # projection brings back a little of them). After the final orthonormalisation the rows measure
+    # ~0.3 (the model's own rows: 0.15 for identity, 0.31 for expression). More rounds converge
+    # toward a few dominant smooth modes (a power iteration): the rows then lose their variety.
     # The smooth part of what lies outside the span gathers along the outline (the model's designed
     # components live inside it), which makes lumpy outlines and pointed foreheads: each round also
     # tapers the fields toward the outline (to OUTLINE_TAPER = 0.6 of their size at it: 1 made
@@ -505,9 +529,8 @@ def _build_detail(model, seed):
                                                                 _outline_distance(mean_shape, triangles))
     taper = np.repeat(taper, 3)
     for _ in range(ROUNDS):
-        held = _project_out(smooth(held) * taper, span, passes=1)
-    held = _project_out(held, span)
-    held = _orthonormal_rows(held)
+        held = _with_parity(_project_out(smooth(held) * taper, span, passes=1), symmetry, True)
+    held = _orthonormal_rows(_project_out(held, span))
     std = (np.arange(N_HELD_BACK_GEOMETRY) + 1.0) ** -0.25  # no one component dominates
     std *= HELD_BACK_GEOMETRY_RMS / np.sqrt(np.sum(std ** 2))
     held *= (std * np.sqrt(V))[:, None]  # a unit row spread over V vertices has RMS 1/sqrt(V)
@@ -518,6 +541,7 @@ def _build_detail(model, seed):
 
     # Reflectance, the same way, outside the albedo basis's span.
     albedo_span = _host(model.albedo_basis).astype(np.float64)
+    albedo_span = _mirror_closed(albedo_span, symmetry, False)
     span = _span_basis(albedo_span) if albedo_span.shape[0] else np.zeros((0, 3 * V))  # it may have none
     # Along lightness mostly, less along redness and yellowness: a negative redness is a green cast,
     # which at the model's own proportions made faces look ill.

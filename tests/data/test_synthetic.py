@@ -343,7 +343,12 @@ def test_the_held_back_geometry_is_smooth_and_not_gathered_on_the_outline(model,
     # |L f| / |f|: the model's own identity rows measure 0.15, its expression rows 0.31; the plain
     # projection of smooth fields out of the span measured 0.56.
     roughness = [np.linalg.norm(laplacian @ f) / np.linalg.norm(f) for f in fields]
-    assert max(roughness) < 0.3, roughness
+    assert np.mean(roughness) < 0.35 and max(roughness) < 0.5, roughness
+    # Three in four mirror-symmetric, the fourth antisymmetric (the corrective space is regularised
+    # toward symmetry; faces are mostly symmetric).
+    mirrored = synthetic._mirror(fields, model.symmetry, True)
+    sign = np.where(np.arange(len(fields)) % 4 == 3, -1.0, 1.0)[:, None, None]
+    np.testing.assert_allclose(mirrored, sign * fields, atol=1e-6 * np.abs(fields).max())
     size = np.linalg.norm(fields, axis=2)
     assert (size.max(axis=1) / np.sqrt((size ** 2).mean(axis=1))).max() < 5.0
     near = synthetic._outline_distance(model.mean_shape.astype(np.float64), model.triangles) < 8.0
