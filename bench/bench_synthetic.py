@@ -12,7 +12,8 @@ Measured on the shared 2-core development machine (AMD EPYC, load average 5-8 fr
 (time.process_time; wall time was 2-3x that under the load, and with two threads worse still):
 small model, 64x64, B=8: 13 ms (supersample=1: 11 ms; B=1: 3.1 ms; B=64: 84 ms); default model,
 224x224, B=8: 110 ms. Host time to draw a face's random numbers and parameters: ~40 us.
-Building the detail dictionaries once per model: 0.5 s (small), 5 s (default). Not run on a GPU.
+Building the detail dictionaries once per model: ~1 s (small), ~7 s (default) of CPU time. Not run on
+a GPU.
 """
 import pytest
 
