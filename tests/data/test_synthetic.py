@@ -354,3 +354,10 @@ def test_the_held_back_geometry_is_smooth_and_not_gathered_on_the_outline(model,
     near = synthetic._outline_distance(model.mean_shape.astype(np.float64), model.triangles) < 8.0
     share = (size[:, near] ** 2).sum(axis=1) / (size ** 2).sum(axis=1)
     assert share.mean() < 2 * near.mean(), (share.mean(), near.mean())  # no more than twice its area's share
+
+
+def test_the_detail_dictionaries_rebuild_bit_for_bit(model, faces):
+    rebuilt = synthetic._build_detail(model, 0)
+    np.testing.assert_array_equal(rebuilt.geometry, faces.detail_geometry_basis)
+    np.testing.assert_array_equal(rebuilt.albedo, faces.detail_albedo_basis)
+    assert rebuilt.geometry_kinds == faces.detail_geometry_kinds
