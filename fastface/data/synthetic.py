@@ -255,10 +255,10 @@ def _regional_fields(rng, xy, count, scale, symmetry):
     """`count` smooth random displacement fields (count, V, 3), each the sum of four regional
     deformations: a Gaussian window (8 to 16 mm, times `scale`) around a random point of the face
     times a random direction that varies linearly across the window (a swelling, a shift, a
-    twist). Three in four are mirror-symmetric, the fourth antisymmetric. Localised, so that more of each lies outside the
-    model's span (about half): of smooth global fields (cosine modes) only 10-30% does, and what
-    the projection left of them gathered along the outline and undid the model's sharp designed
-    features (the lips, the nose), which looked like melted faces."""
+    twist). Three in four are mirror-symmetric, the fourth antisymmetric. Localised, so that more
+    of each lies outside the model's span (about half): of smooth global fields (cosine modes) only
+    10-30% does, and what the projection left of them gathered along the outline and undid the
+    model's sharp designed features (the lips, the nose), which looked like melted faces."""
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     fields = np.zeros((count, len(xy), 3))
     for k in range(count):
@@ -748,6 +748,12 @@ class SyntheticFaces:
     @property
     def device(self):
         return self.model.device
+
+    @property
+    def framing(self):
+        """(focal, translation): what `fastface.data.FaceFolder(framing=...)` and a Reconstructor
+        trained on these faces share."""
+        return self.focal, self.translation
 
     # ------------------------------------------------------------------------------------------
 

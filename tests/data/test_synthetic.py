@@ -163,6 +163,7 @@ def test_default_framing_fills_about_80_percent_of_the_height(model):
     assert default_framing((64, 48), -1300.0)[0] == pytest.approx(2 * focal)
     faces = SyntheticFaces(model, resolution=(64, 48))
     assert faces.focal == focal and np.array_equal(faces.translation, translation)
+    assert faces.framing[0] == focal and faces.framing[1] is faces.translation
     rows = SyntheticFaces(model, resolution=(64, 64)).batch(TRAIN_SEEDS[:16]).mask.any(axis=2)
     heights = [np.ptp(np.flatnonzero(r)) + 1 for r in rows]
     assert 0.65 < np.mean(heights) / 64 < 0.9, heights
@@ -314,7 +315,8 @@ def test_gpu_path_matches_the_cpu_in_emulation(monkeypatch, rng, tol):
 
 def test_batched_lighting_equals_directional_sh_and_is_lit_from_the_front():
     rng = np.random.default_rng(3)
-    direction, tint, ambient_tint = rng.normal(size=(4, 3)), rng.uniform(0.9, 1.1, (4, 3)), rng.uniform(0.9, 1.1, (4, 3))
+    direction = rng.normal(size=(4, 3))
+    tint, ambient_tint = rng.uniform(0.9, 1.1, (4, 3)), rng.uniform(0.9, 1.1, (4, 3))
     intensity, ambient = rng.uniform(0.3, 0.9, 4), rng.uniform(0.3, 0.6, 4)
     got = synthetic._directional_sh_batch(direction, intensity, ambient, tint, ambient_tint)
     for b in range(4):
