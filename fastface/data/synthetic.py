@@ -562,9 +562,10 @@ def _build_detail(model, seed):
     return _Detail(geometry=geometry, albedo=albedo, geometry_kinds=geometry_kinds, albedo_kinds=albedo_kinds)
 
 
-# Built once per (model, seed): the default model's dictionaries take ~1 s to build. Keyed on the
-# model object (weakly) and on the identity of its mean shape (a model whose arrays are replaced
-# gets new ones).
+# Built once per (model, seed): ~1 s of CPU for the small default model, ~7 s for the default one.
+# Keyed on the model object (weakly) and on the identity of its mean shape and triangles (a model
+# whose arrays are replaced gets new ones); another FaceModel object (FaceModel.default() again,
+# model.to("gpu")) builds its own.
 _detail_cache = weakref.WeakKeyDictionary()
 
 
