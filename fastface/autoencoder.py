@@ -44,7 +44,7 @@ class CodeLayout:
     comparable pace. The corrective codes are scaled too: Adam moves every basis entry of the
     corrective space by about its learning rate per step in the entry's own units, millimetres for
     the geometry and albedo for the reflectance; a code scale s makes the offsets learn s times
-    faster (geometry_code_scale 10: the geometry basis learns at the pace a face's millimetre detail
+    faster (geometry_code_scale 30: the geometry basis learns at the pace a face's millimetre detail
     needs; measured in README's training table).
     """
     n_shape: int = 80
@@ -56,7 +56,7 @@ class CodeLayout:
     angle_scale: float = 0.5
     translation_scale: tuple = (20.0, 20.0, 60.0)
     sh_scale: float = 0.5
-    geometry_code_scale: float = 10.0
+    geometry_code_scale: float = 30.0
     reflectance_code_scale: float = 1.0
 
     def __post_init__(self):

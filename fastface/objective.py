@@ -42,11 +42,11 @@ class LossWeights:
     prior_shape: float = 2e-3
     prior_expression: float = 4e-3
     prior_albedo: float = 2e-3
-    geometry_smoothness: float = 2e-2
+    geometry_smoothness: float = 2e-3
     geometry_magnitude: float = 1e-4
     geometry_symmetry: float = 1e-3
-    reflectance_constancy: float = 0.2
-    reflectance_magnitude: float = 0.5
+    reflectance_constancy: float = 0.05
+    reflectance_magnitude: float = 0.05
     reflectance_symmetry: float = 0.2
 
     def to_dict(self):

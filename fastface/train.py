@@ -45,8 +45,8 @@ class TrainSettings:
     steps: int = 6000
     seed: int = 0
     lr: float = 3e-4
-    corrective_lr: float = 1e-3
-    base_fraction: float = 0.4
+    corrective_lr: float = 3e-3
+    base_fraction: float = 0.3
     checkpoint_every: int = 500
     preview_every: int = 1000
     n_geometry: int = 64
@@ -54,7 +54,7 @@ class TrainSettings:
     data: str = None
     widths: tuple = (32, 64, 128, 256)
     weights: dict = None
-    geometry_code_scale: float = 10.0
+    geometry_code_scale: float = 30.0
     reflectance_code_scale: float = 1.0
 
     def to_dict(self):
