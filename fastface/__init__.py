@@ -19,9 +19,10 @@ from fastface._device_checks import check_device_errors  # noqa: E402
 from fastface.model import IBUG68_GROUPS, IBUG68_MIRROR, FaceModel  # noqa: E402
 from fastface.ops import *  # noqa: E402,F401,F403 - the op pairs, listed in fastface.ops.__all__
 from fastface.ops import __all__ as _ops_all  # noqa: E402
-from fastface.render import FaceParameters, Rendering, render_faces, uniform_light  # noqa: E402
+from fastface.render import (FaceGradients, FaceParameters, Rendering, render_faces,  # noqa: E402
+                             render_faces_backward, uniform_light)
 
 __version__ = "0.1.0"
 __all__ = [*_ops_all, "FaceModel", "IBUG68_GROUPS", "IBUG68_MIRROR",
-           "FaceParameters", "Rendering", "render_faces", "uniform_light", "value_checks",
+           "FaceGradients", "FaceParameters", "Rendering", "render_faces", "render_faces_backward", "uniform_light", "value_checks",
            "check_device_errors"]

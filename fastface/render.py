@@ -8,13 +8,17 @@ import weakref
 from dataclasses import dataclass
 
 from fastface._backend import array_module
-from fastface._checks import check_finite, value_checks
-from fastface.ops.camera import euler_rotation, perspective_projection, rigid_transform
-from fastface.ops.normals import vertex_adjacency, vertex_normals
-from fastface.ops.rasterize import Raster, rasterize_interpolate
-from fastface.ops.shading import sh_shade
+import numpy as np
 
-__all__ = ["FaceParameters", "Rendering", "render_faces", "uniform_light"]
+from fastface._checks import check_array, check_finite, value_checks
+from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
+                                 perspective_projection_backward, project_to_pixels, project_to_pixels_backward,
+                                 rigid_transform, rigid_transform_backward)
+from fastface.ops.normals import vertex_adjacency, vertex_normals
+from fastface.ops.rasterize import Raster, rasterize_interpolate, rasterize_interpolate_backward
+from fastface.ops.shading import sh_shade, shade_vertices_backward
+
+__all__ = ["FaceGradients", "FaceParameters", "Rendering", "render_faces", "render_faces_backward", "uniform_light"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,16 @@ class Rendering:
     normals: object        # (B, V, 3) camera-space unit normals
     albedo: object         # (B, V, 3) per-vertex reflectance
     colors: object         # (B, V, 3) shaded per-vertex colours
+    rotation: object = None   # (B, 3, 3) the pose's rotation matrices
+    landmarks: object = None  # (B, 68, 2) pixel coordinates of the model's landmarks, or None
+
+
+@dataclass(frozen=True)
+class FaceGradients:
+    """What `render_faces_backward` returns: the gradients of a loss with respect to the inputs."""
+    params: FaceParameters  # gradients of every parameter, shaped like them
+    vertices: object        # (B, V, 3) gradient of the model-space vertices (base plus offsets)
+    albedo: object          # (B, V, 3) gradient of the per-vertex reflectance (base plus offsets)
 
 
 # The vertex -> triangle lists of each model's mesh, built once per triangle array instead of per call:
@@ -67,7 +81,6 @@ def _adjacency(model):
 
 def uniform_light(batch, xp=None, dtype="float32"):
     """(B, 9, 3) SH coefficients under which a surface's colour equals its albedo."""
-    import numpy as np
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)):
         raise TypeError(f"batch must be a positive integer; got {batch!r}")
     if batch < 1:
@@ -80,7 +93,7 @@ def uniform_light(batch, xp=None, dtype="float32"):
     return sh
 
 
-def render_faces(model, params, resolution, focal):
+def render_faces(model, params, resolution, focal, geometry_offsets=None, reflectance_offsets=None):
     """Renders a batch of faces of `model` under `params`.
 
     Args:
@@ -88,9 +101,12 @@ def render_faces(model, params, resolution, focal):
         params: `FaceParameters`, float32 arrays with a common batch size B.
         resolution: (H, W) of the images.
         focal: focal length in pixels (float).
+        geometry_offsets: optional (B, V, 3) model-space offsets (mm) added to the morphable
+            model's vertices before the pose: the corrective level of the multi-level model.
+        reflectance_offsets: optional (B, V, 3) offsets added to the model's albedo.
 
     Returns:
-        `Rendering`.
+        `Rendering`; its `vertices` and `albedo` include the offsets.
     """
     array_module(("params.shape", params.shape), ("model.triangles", model.triangles))
     # Value checks where bad numbers can enter: the caller's parameters, the camera-space points
@@ -104,6 +120,9 @@ def render_faces(model, params, resolution, focal):
             check_finite(f"params.{name}", value)
     with value_checks(False):
         vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
+    vertices = _add_offsets("geometry_offsets", vertices, geometry_offsets)
+    albedo = _add_offsets("reflectance_offsets", albedo, reflectance_offsets)
+    with value_checks(False):
         rotation = euler_rotation(params.angles)
         camera_vertices = rigid_transform(vertices, rotation, params.translation)
     clip = perspective_projection(camera_vertices, focal, resolution)
@@ -113,6 +132,95 @@ def render_faces(model, params, resolution, focal):
     check_finite("colors", colors)
     with value_checks(False):
         raster, image = rasterize_interpolate(clip, model.triangles, resolution, colors)
+        landmarks = None
+        if model.landmarks is not None:
+            landmarks = project_to_pixels(camera_vertices[:, model.landmarks], focal, resolution)
     return Rendering(image=image, mask=raster.tri_id >= 0, raster=raster, vertices=vertices,
                      camera_vertices=camera_vertices, clip=clip, normals=normals, albedo=albedo,
-                     colors=colors)
+                     colors=colors, rotation=rotation, landmarks=landmarks)
+
+
+def _add_offsets(name, base, offsets):
+    """base + offsets, the offsets checked against the base's shape, dtype and device."""
+    if offsets is None:
+        return base
+    array_module((name, offsets), ("the model's arrays", base))
+    check_array(name, offsets, base.dtype, tuple(base.shape))
+    check_finite(name, offsets)
+    return base + offsets
+
+
+def render_faces_backward(model, params, rendering, resolution, focal, grad_image=None, grad_landmarks=None):
+    """Gradients of a loss through `render_faces`, from its image and its landmarks back to the inputs.
+
+    The chain of `render_faces` walked in reverse: interpolation and rasterization (coverage held
+    fixed), projection, the fused normals + SH shading, landmark projection, the pose, and the
+    morphable model.
+
+    Args:
+        model, params, resolution, focal: as given to `render_faces`.
+        rendering: the `Rendering` it returned.
+        grad_image: (B, H, W, 3) gradient of the loss with respect to `rendering.image`, or None.
+        grad_landmarks: (B, 68, 2) gradient with respect to `rendering.landmarks`, or None.
+
+    Returns:
+        `FaceGradients`. The gradient of the offsets given to `render_faces` equals
+        `vertices` (geometry) and `albedo` (reflectance): they enter by addition.
+    """
+    if grad_image is None and grad_landmarks is None:
+        raise ValueError("render_faces_backward needs grad_image or grad_landmarks (or both)")
+    r = rendering
+    xp = array_module(("rendering.camera_vertices", r.camera_vertices), ("grad_image", grad_image),
+                      ("grad_landmarks", grad_landmarks))
+    B, V = r.camera_vertices.shape[0], r.camera_vertices.shape[1]
+    if grad_image is not None:
+        check_array("grad_image", grad_image, r.image.dtype, tuple(r.image.shape))
+        check_finite("grad_image", grad_image)
+    if grad_landmarks is not None:
+        if r.landmarks is None:
+            raise ValueError("grad_landmarks is given but the model has no landmarks")
+        check_array("grad_landmarks", grad_landmarks, r.landmarks.dtype, tuple(r.landmarks.shape))
+        check_finite("grad_landmarks", grad_landmarks)
+    dtype = r.camera_vertices.dtype
+    with value_checks(False):
+        if grad_image is not None:
+            grad_clip, grad_colors = rasterize_interpolate_backward(r.clip, model.triangles, r.colors, r.raster,
+                                                                    grad_image)
+            grad_camera = perspective_projection_backward(r.camera_vertices, focal, resolution, grad_clip)
+            grad_shaded, grad_albedo, grad_sh = shade_vertices_backward(
+                r.camera_vertices, model.triangles, r.albedo, params.sh, grad_colors, adjacency=_adjacency(model))
+            grad_camera += grad_shaded
+        else:
+            grad_camera = xp.zeros((B, V, 3), dtype=dtype)
+            grad_albedo = xp.zeros((B, V, 3), dtype=dtype)
+            grad_sh = xp.zeros((B, 9, 3), dtype=dtype)
+        if grad_landmarks is not None:
+            index = model.landmarks
+            grad_points = project_to_pixels_backward(r.camera_vertices[:, index], focal, resolution, grad_landmarks)
+            _scatter_add_rows(xp, grad_camera, index, grad_points, model)
+        grad_vertices, grad_rotation, grad_translation = rigid_transform_backward(
+            r.vertices, r.rotation, params.translation, grad_camera)
+        grad_angles = euler_rotation_backward(params.angles, grad_rotation)
+        grad_shape, grad_expression, grad_albedo_coeffs = model.evaluate_backward(grad_vertices, grad_albedo)
+    grads = FaceParameters(shape=grad_shape, expression=grad_expression, albedo=grad_albedo_coeffs, sh=grad_sh,
+                           angles=grad_angles, translation=grad_translation)
+    return FaceGradients(params=grads, vertices=grad_vertices, albedo=grad_albedo)
+
+
+# Whether each model's landmark indices are distinct (then a fancy-indexed += adds every row once);
+# checked once per landmark array, on the host.
+_landmarks_distinct = weakref.WeakKeyDictionary()
+
+
+def _scatter_add_rows(xp, target, index, rows, model):
+    """target[:, index] += rows, adding repeated indices as many times as they occur."""
+    cached = _landmarks_distinct.get(model)
+    if cached is None or cached[0] is not index:
+        host = index.get() if hasattr(index, "get") else index
+        cached = (index, len(np.unique(host)) == len(host))
+        _landmarks_distinct[model] = cached
+    if cached[1]:
+        target[:, index] += rows
+    else:
+        for k in range(rows.shape[1]):  # rare: a model whose landmark list repeats a vertex
+            target[:, index[k]] += rows[:, k]

@@ -50,10 +50,11 @@ BUDGETS = {
     ("rasterize_interpolate + backward", False): 7,
     ("rasterize_interpolate + backward", True): 15,
     # model (2 GEMVs), Euler, rigid transform, projection, normals, shading, memset, triangle pass,
-    # resolve, and the mask (tri_id >= 0).
-    ("render_faces", False): 11,
+    # resolve, the mask (tri_id >= 0), and the landmarks (gather of 68 camera points, projection):
+    # every loss of the training step and of fitting reads them.
+    ("render_faces", False): 13,
     # + 9 value checks: 6 parameters, the camera points (finite, in front) and the colours.
-    ("render_faces", True): 20,
+    ("render_faces", True): 22,
 }
 
 

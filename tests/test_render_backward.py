@@ -1,0 +1,114 @@
+"""render_faces_backward: the whole render chain's gradient against central differences in float64."""
+import numpy as np
+import pytest
+
+import fastface
+from tests.gradcheck import assert_gradient_matches
+
+RES = (24, 24)
+FOCAL = 60.0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fastface.FaceModel.default(level="small").truncated(n_shape=6, n_expression=4, n_albedo=5)
+
+
+def _params(model, rng, dtype=np.float64, batch=2):
+    sh = fastface.uniform_light(batch, dtype=dtype)
+    sh += rng.normal(0, 0.1, sh.shape)
+    return fastface.FaceParameters(
+        shape=rng.normal(0, 1, (batch, model.n_shape)).astype(dtype),
+        expression=rng.normal(0, 0.5, (batch, model.n_expression)).astype(dtype),
+        albedo=rng.normal(0, 1, (batch, model.n_albedo)).astype(dtype),
+        sh=sh.astype(dtype),
+        angles=rng.uniform(-0.2, 0.2, (batch, 3)).astype(dtype),
+        translation=np.array([[3.0, -2.0, -560.0], [-4.0, 1.0, -600.0]], dtype)[:batch])
+
+
+def _replace(params, name, value):
+    fields = {k: getattr(params, k) for k in ("shape", "expression", "albedo", "sh", "angles", "translation")}
+    fields[name] = value
+    return fastface.FaceParameters(**fields)
+
+
+def _loss_weights(rng, model, params, offsets):
+    r = fastface.render_faces(model, params, RES, FOCAL, *offsets)
+    return rng.normal(0, 1, r.image.shape), rng.normal(0, 1, r.landmarks.shape)
+
+
+@pytest.mark.parametrize("name", ["shape", "expression", "albedo", "sh", "angles", "translation"])
+def test_render_faces_backward_matches_central_differences(model, name, tol):
+    rng = np.random.default_rng(1)
+    params = _params(model, rng)
+    offsets = (rng.normal(0, 0.5, (2, model.n_vertices, 3)), rng.normal(0, 0.02, (2, model.n_vertices, 3)))
+    w_image, w_landmarks = _loss_weights(rng, model, params, offsets)
+
+    def f(x):
+        r = fastface.render_faces(model, _replace(params, name, x), RES, FOCAL, *offsets)
+        return np.concatenate([r.image.reshape(-1), r.landmarks.reshape(-1)])
+
+    r = fastface.render_faces(model, params, RES, FOCAL, *offsets)
+    g = fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=w_image, grad_landmarks=w_landmarks)
+    grad_out = np.concatenate([w_image.reshape(-1), w_landmarks.reshape(-1)])
+    assert_gradient_matches(f, getattr(params, name), grad_out, getattr(g.params, name), tol, n_samples=12,
+                            rng=rng)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_offset_gradients_are_the_vertex_and_albedo_gradients(model, which, tol):
+    rng = np.random.default_rng(2)
+    params = _params(model, rng)
+    offsets = [rng.normal(0, 0.5, (2, model.n_vertices, 3)), rng.normal(0, 0.02, (2, model.n_vertices, 3))]
+    w_image, w_landmarks = _loss_weights(rng, model, params, offsets)
+
+    def f(x):
+        o = list(offsets)
+        o[which] = x
+        r = fastface.render_faces(model, params, RES, FOCAL, *o)
+        return np.concatenate([r.image.reshape(-1), r.landmarks.reshape(-1)])
+
+    r = fastface.render_faces(model, params, RES, FOCAL, *offsets)
+    g = fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=w_image, grad_landmarks=w_landmarks)
+    analytic = g.vertices if which == 0 else g.albedo
+    # Sample vertices that the image sees (a gradient of exactly zero proves little).
+    seen = np.flatnonzero(np.abs(analytic).reshape(-1) > 0)
+    idx = rng.choice(seen, 12, replace=False)
+    from tests.gradcheck import numerical_gradient
+    numeric = numerical_gradient(f, offsets[which], grad_out=np.concatenate([w_image.reshape(-1), w_landmarks.reshape(-1)]),
+                                 indices=idx)
+    np.testing.assert_allclose(analytic.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_landmarks_are_the_projected_landmark_vertices(model):
+    rng = np.random.default_rng(3)
+    params = _params(model, rng, np.float32)
+    r = fastface.render_faces(model, params, RES, FOCAL)
+    expected = fastface.project_to_pixels(r.camera_vertices[:, model.landmarks], FOCAL, RES)
+    np.testing.assert_array_equal(r.landmarks, expected)
+    assert r.landmarks.shape == (2, 68, 2)
+
+
+def test_offsets_are_added_before_the_pose(model):
+    rng = np.random.default_rng(4)
+    params = _params(model, rng, np.float32)
+    offsets = rng.normal(0, 1, (2, model.n_vertices, 3)).astype(np.float32)
+    base = fastface.render_faces(model, params, RES, FOCAL)
+    moved = fastface.render_faces(model, params, RES, FOCAL, geometry_offsets=offsets)
+    np.testing.assert_allclose(moved.vertices, base.vertices + offsets, rtol=1e-6, atol=1e-5)
+
+
+def test_bad_offsets_and_gradients_are_refused_by_name(model):
+    rng = np.random.default_rng(5)
+    params = _params(model, rng, np.float32)
+    with pytest.raises(ValueError, match="geometry_offsets"):
+        fastface.render_faces(model, params, RES, FOCAL, geometry_offsets=np.zeros((2, 3, 3), np.float32))
+    bad = np.zeros((2, model.n_vertices, 3), np.float32)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="reflectance_offsets"):
+        fastface.render_faces(model, params, RES, FOCAL, reflectance_offsets=bad)
+    r = fastface.render_faces(model, params, RES, FOCAL)
+    with pytest.raises(ValueError, match="grad_image or grad_landmarks"):
+        fastface.render_faces_backward(model, params, r, RES, FOCAL)
+    with pytest.raises(ValueError, match="grad_landmarks"):
+        fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_landmarks=np.zeros((2, 5, 2), np.float32))
