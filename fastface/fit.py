@@ -41,7 +41,7 @@ from fastface.nn.adam import Adam
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, project_to_pixels,
                                  project_to_pixels_backward, rigid_transform, rigid_transform_backward)
 from fastface.ops.interpolate import interpolate
-from fastface.render import FaceParameters, render_faces, uniform_light
+from fastface.render import FaceParameters, render_faces, render_faces_backward, uniform_light
 
 __all__ = ["fit", "FitResult", "FitWeights", "default_pose", "default_focal", "default_model",
            "DEFAULT_RESOLUTION", "DEFAULT_ITERATIONS", "DEFAULT_LANDMARK_ITERATIONS"]
@@ -252,44 +252,6 @@ def _pose_backward(points, angles, translation, rotation, camera_points, focal, 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 3 helpers
-
-def _render_backward(model, params, rendering, resolution, focal, grad_image, grad_landmarks):
-    """(grad of params as a dict, grad_albedo_coeffs) through the render chain.
-
-    The chain of `fastface.render.render_faces` walked backwards op by op: raster and
-    interpolation -> SH shading -> normals and projection -> pose -> model.
-    """
-    from fastface.ops.camera import perspective_projection_backward
-    from fastface.ops.normals import vertex_normals_backward
-    from fastface.ops.rasterize import rasterize_interpolate_backward
-    from fastface.ops.shading import sh_shade_backward
-    from fastface.render import _adjacency
-
-    tri = model.triangles
-    grad_clip, grad_colors = rasterize_interpolate_backward(rendering.clip, tri, rendering.colors, rendering.raster,
-                                                            grad_image)
-    grad_normals, grad_albedo, grad_sh = sh_shade_backward(rendering.normals, rendering.albedo, params.sh, grad_colors)
-    grad_camera = vertex_normals_backward(rendering.camera_vertices, tri, grad_normals, adjacency=_adjacency(model))
-    grad_camera += perspective_projection_backward(rendering.camera_vertices, focal, resolution, grad_clip)
-    if grad_landmarks is not None:
-        idx = model.landmarks
-        grad_camera[:, idx] += project_to_pixels_backward(rendering.camera_vertices[:, idx], focal, resolution,
-                                                          grad_landmarks)
-    rotation = euler_rotation(params.angles)
-    grad_vertices, grad_rotation, grad_translation = rigid_transform_backward(rendering.vertices, rotation,
-                                                                              params.translation, grad_camera)
-    grad_angles = euler_rotation_backward(params.angles, grad_rotation)
-    grad_shape, grad_expression, grad_albedo_coeffs = model.evaluate_backward(grad_vertices, grad_albedo)
-    return dict(shape=grad_shape, expression=grad_expression, albedo=grad_albedo_coeffs, sh=grad_sh,
-                angles=grad_angles, translation=grad_translation)
-
-
-def _model_landmarks(model, rendering, focal, resolution):
-    landmarks = getattr(rendering, "landmarks", None)
-    if landmarks is not None:
-        return landmarks
-    return project_to_pixels(rendering.camera_vertices[:, model.landmarks], focal, resolution)
-
 
 _SH_FACTORS = np.array([np.pi] + [2 * np.pi / 3] * 3 + [np.pi / 4] * 5)
 
@@ -507,12 +469,14 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
             total = weights.photometric * e_photo
             grad_landmarks = None
             if target is not None:
-                pixels = _model_landmarks(model, rendering, focal, resolution)
+                pixels = rendering.landmarks
                 e_land = landmark_loss(pixels * scale, target * scale, lw)
                 grad_landmarks = landmark_loss_backward(pixels * scale, target * scale, lw, ones) * scale
                 total = total + e_land
                 marks.append(e_land)
-            grads = _render_backward(model, params, rendering, resolution, focal, grad_image, grad_landmarks)
+            g = render_faces_backward(model, params, rendering, resolution, focal, grad_image=grad_image,
+                                      grad_landmarks=grad_landmarks).params
+            grads = {k: getattr(g, k) for k in names}
             for k, w in prior_w.items():
                 total = total + w * prior_loss(p[k])
                 grads[k] = grads[k] + w * prior_loss_backward(p[k], None, ones)
