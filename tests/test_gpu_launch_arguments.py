@@ -301,6 +301,39 @@ def scenario_sample_image_mask(cp, rng, monkeypatch):
 _CPU_MODEL = {}
 
 
+def scenario_photometric_loss(cp, rng, monkeypatch):
+    """Bool and float masks (two template instances), contiguous and strided inputs, one and several bands."""
+    for shape in ((2, 9, 11), (2, 70, 90)):
+        rendered = rng.uniform(size=shape + (3,)).astype(np.float32)
+        target = rng.uniform(size=shape + (3,)).astype(np.float32)
+        for mask in (rng.uniform(size=shape) < 0.5, rng.uniform(size=shape).astype(np.float32)):
+            r, t, m = strided(cp, rendered), cp.asarray(target), cp.asarray(mask)
+            loss = fastface.photometric_loss(r, t, m)
+            grad = fastface.photometric_loss_backward(r, t, m, cp.asarray(np.ones(2, np.float32)))
+            _on_gpu(loss, grad)
+            assert loss.shape == (2,) and grad.shape == rendered.shape
+    return _kernels("losses.cu", *(f"photometric_loss_{d}<{t}>" for d in ("fwd", "bwd")
+                                   for t in ("unsigned char", "float")))
+
+
+def scenario_landmark_loss(cp, rng, monkeypatch):
+    points = rng.uniform(0, 64, size=(3, 68, 2)).astype(np.float32)
+    target = rng.uniform(0, 64, size=(3, 68, 2)).astype(np.float32)
+    for weights in (np.ones(68, np.float32), rng.uniform(size=(3, 68)).astype(np.float32)):
+        p, t, w = strided(cp, points), cp.asarray(target), cp.asarray(weights)
+        _on_gpu(fastface.landmark_loss(p, t, w),
+                fastface.landmark_loss_backward(p, t, w, cp.asarray(np.ones(3, np.float32))))
+    return _kernels("losses.cu", "landmark_loss_fwd", "landmark_loss_bwd")
+
+
+def scenario_prior_loss(cp, rng, monkeypatch):
+    coeffs = cp.asarray(rng.normal(size=(3, 80)).astype(np.float32))
+    for weights in (None, cp.asarray(rng.uniform(size=80).astype(np.float32))):
+        _on_gpu(fastface.prior_loss(coeffs, weights),
+                fastface.prior_loss_backward(coeffs, weights, cp.asarray(np.ones(3, np.float32))))
+    return _kernels("losses.cu", "prior_loss_fwd", "prior_loss_bwd")
+
+
 def _small_model():
     if "small" not in _CPU_MODEL:
         _CPU_MODEL["small"] = fastface.FaceModel.default(level="small")

@@ -56,6 +56,8 @@ THREADS_TOGETHER = {
     ("shading.cu", "shade_vertices_bwd_sum"): "__shfl_down_sync",
     ("nn_adam.cu", "adam_prepare"): "__syncthreads",           # block reductions of the gradient norm
     ("nn_adam.cu", "adam_update"): "__syncthreads",
+    ("losses.cu", "photometric_loss_fwd"): "__syncthreads",  # per-image block reduction in shared memory
+    ("losses.cu", "photometric_loss_bwd"): "__syncthreads",  # the image's mask sum, the same way
 }
 # ... and those that cannot run on the host at all: their launches are checked only.
 CHECK_ONLY = {
@@ -398,6 +400,27 @@ def test_sample_image_gpu_path_matches_the_cpu(gpu, rng, tol):
         assert_scatter_close(grad_image, cpu_grad_image, tol)
         assert_close(grad_points, cpu_grad_points, tol)
         assert_all_computed(gpu)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_landmark_and_prior_loss_gpu_paths_match_the_cpu(gpu, rng, tol, per_image):
+    cp = gpu.cupy
+    points = rng.uniform(0, 64, size=(3, 68, 2)).astype(np.float32)
+    target = (points + rng.normal(scale=3.0, size=points.shape)).astype(np.float32)
+    weights = rng.uniform(0, 2, size=(3, 68) if per_image else (68,)).astype(np.float32)
+    grad_out = rng.normal(size=3).astype(np.float32)
+    g = [cp.asarray(a) for a in (points, target, weights, grad_out)]
+    assert_close(fastface.landmark_loss(strided(cp, points), *g[1:3]), fastface.landmark_loss(points, target, weights),
+                 tol)
+    assert_close(fastface.landmark_loss_backward(*g), fastface.landmark_loss_backward(points, target, weights, grad_out),
+                 tol)
+    coeffs = rng.normal(size=(3, 80)).astype(np.float32)
+    for w in (None, rng.uniform(0, 2, size=80).astype(np.float32)):
+        gw = None if w is None else cp.asarray(w)
+        assert_close(fastface.prior_loss(cp.asarray(coeffs), gw), fastface.prior_loss(coeffs, w), tol)
+        assert_close(fastface.prior_loss_backward(cp.asarray(coeffs), gw, g[3]),
+                     fastface.prior_loss_backward(coeffs, w, grad_out), tol)
+    assert_all_computed(gpu, "landmark_loss_fwd", "landmark_loss_bwd", "prior_loss_fwd", "prior_loss_bwd")
 
 
 def test_a_launch_the_signature_check_accepts_but_that_swaps_two_ints_is_caught(gpu, rng, tol, monkeypatch):

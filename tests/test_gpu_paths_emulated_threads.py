@@ -378,6 +378,25 @@ def test_adam_on_a_dict_gpu_path_matches_the_cpu(gpu, rng, tol):
     assert_all_computed(gpu, "adam_prepare", "adam_update")
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_photometric_loss_gpu_path_matches_the_cpu(gpu, rng, tol, mask_kind):
+    # 3 images of 50 x 90 = 4500 pixels (two backward bands of 2250), one with an empty mask.
+    cp = gpu.cupy
+    shape = (3, 50, 90)
+    rendered = rng.uniform(size=shape + (3,)).astype(np.float32)
+    target = rng.uniform(size=shape + (3,)).astype(np.float32)
+    mask = rng.uniform(size=shape) < 0.6 if mask_kind == "bool" else rng.uniform(size=shape).astype(np.float32)
+    mask[1] = 0
+    grad_out = rng.normal(size=3).astype(np.float32)
+    g = [cp.asarray(a) for a in (rendered, target, mask, grad_out)]
+    loss = fastface.photometric_loss(strided(cp, rendered), *g[1:3])
+    assert_close(loss, fastface.photometric_loss(rendered, target, mask), tol)
+    grad = fastface.photometric_loss_backward(*g)
+    assert_close(grad, fastface.photometric_loss_backward(rendered, target, mask, grad_out), tol)
+    assert loss.get()[1] == 0 and np.all(grad.get()[1] == 0)
+    assert_all_computed(gpu, "photometric_loss_fwd", "photometric_loss_bwd")
+
+
 def test_encoder_forward_backward_and_adam_gpu_path_match_the_cpu(gpu, rng, tol):
     cp = gpu.cupy
     settings = dict(resolution=16, widths=(8, 16), stem_width=8)

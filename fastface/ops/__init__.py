@@ -3,6 +3,8 @@ from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspe
                                  perspective_projection_backward, project_to_pixels,
                                  project_to_pixels_backward, rigid_transform, rigid_transform_backward)
 from fastface.ops.interpolate import interpolate, interpolate_backward
+from fastface.ops.losses import (PHOTOMETRIC_EPS, landmark_loss, landmark_loss_backward, photometric_loss,
+                                 photometric_loss_backward, prior_loss, prior_loss_backward)
 from fastface.ops.normals import VertexAdjacency, vertex_adjacency, vertex_normals, vertex_normals_backward
 from fastface.ops.rasterize import (Raster, rasterize, rasterize_backward, rasterize_interpolate,
                                     rasterize_interpolate_backward)
@@ -17,4 +19,6 @@ __all__ = [
     "euler_rotation", "euler_rotation_backward", "rigid_transform", "rigid_transform_backward",
     "perspective_projection", "perspective_projection_backward", "project_to_pixels", "project_to_pixels_backward",
     "sample_image", "sample_image_backward", "sample_image_mask",
+    "PHOTOMETRIC_EPS", "photometric_loss", "photometric_loss_backward", "landmark_loss", "landmark_loss_backward",
+    "prior_loss", "prior_loss_backward",
 ]

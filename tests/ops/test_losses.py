@@ -1,0 +1,393 @@
+"""photometric_loss, landmark_loss, prior_loss: references, gradients, masks, CPU/GPU parity, bad input."""
+import numba
+import numpy as np
+import pytest
+
+import fastface
+from fastface.ops import losses as losses_module
+from fastface.ops.losses import (PHOTOMETRIC_EPS, landmark_loss, landmark_loss_backward, photometric_loss,
+                                 photometric_loss_backward, prior_loss, prior_loss_backward)
+from tests.conftest import TOLERANCES
+from tests.gradcheck import assert_gradient_matches
+
+F64 = dict(rtol=TOLERANCES["float64_reference_rtol"], atol=TOLERANCES["float64_reference_atol"])
+F32 = dict(atol=TOLERANCES["float32_reference_atol"])
+
+
+# ---------------------------------------------------------------------------------------------
+# References, written the slow, obvious way in float64
+
+def reference_photometric(rendered, target, mask, eps=PHOTOMETRIC_EPS):
+    B, H, W, _ = rendered.shape
+    out = np.zeros(B)
+    for b in range(B):
+        total, weight = 0.0, 0.0
+        for i in range(H):
+            for j in range(W):
+                m = float(mask[b, i, j])
+                d = rendered[b, i, j].astype(np.float64) - target[b, i, j].astype(np.float64)
+                total += m * (np.sqrt(d @ d + eps * eps) - eps)
+                weight += m
+        out[b] = total / max(1.0, weight)
+    return out
+
+
+def reference_landmarks(points, target, weights):
+    B, K, _ = points.shape
+    w = np.broadcast_to(np.asarray(weights, np.float64), (B, K))
+    out = np.zeros(B)
+    for b in range(B):
+        for k in range(K):
+            d = points[b, k].astype(np.float64) - target[b, k].astype(np.float64)
+            out[b] += w[b, k] * (d @ d)
+    return out / K
+
+
+def reference_prior(coeffs, weights):
+    B, K = coeffs.shape
+    w = np.ones(K) if weights is None else np.asarray(weights, np.float64)
+    return np.array([sum(w[k] * float(coeffs[b, k]) ** 2 for k in range(K)) for b in range(B)])
+
+
+def photometric_inputs(rng, batch=3, h=6, w=7, c=3, dtype=np.float64, mask="bool"):
+    rendered = rng.uniform(size=(batch, h, w, c)).astype(dtype)
+    target = rng.uniform(size=(batch, h, w, c)).astype(dtype)
+    if mask == "bool":
+        m = rng.uniform(size=(batch, h, w)) < 0.6
+    else:
+        m = rng.uniform(size=(batch, h, w)).astype(dtype)
+        m[rng.uniform(size=m.shape) < 0.3] = 0.0
+    return rendered, target, m
+
+
+def landmark_inputs(rng, batch=3, k=68, dtype=np.float64, per_image=False):
+    points = rng.uniform(0, 64, size=(batch, k, 2)).astype(dtype)
+    target = (points + rng.normal(scale=3.0, size=points.shape)).astype(dtype)
+    weights = rng.uniform(0, 2, size=(batch, k) if per_image else (k,)).astype(dtype)
+    return points, target, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Photometric
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_photometric_matches_the_reference(rng, mask):
+    r, t, m = photometric_inputs(rng, mask=mask)
+    np.testing.assert_allclose(photometric_loss(r, t, m), reference_photometric(r, t, m), **F64)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_photometric_float32_matches_the_reference(rng, mask):
+    r, t, m = photometric_inputs(rng, dtype=np.float32, mask=mask)
+    out = photometric_loss(r, t, m)
+    assert out.dtype == np.float32 and out.shape == (3,)
+    np.testing.assert_allclose(out, reference_photometric(r, t, m), **F32)
+
+
+def test_photometric_images_larger_than_one_band_sum_every_band(rng):
+    # 70 x 70 = 4900 pixels: two CPU bands of 4096.
+    r, t, m = photometric_inputs(rng, batch=2, h=70, w=70, dtype=np.float32)
+    assert 70 * 70 > losses_module._BAND
+    np.testing.assert_allclose(photometric_loss(r, t, m), reference_photometric(r, t, m), rtol=1e-5)
+    g = photometric_loss_backward(r, t, m, np.ones(2, np.float32))
+    assert np.all(g[:, -1][m[:, -1]] != 0)  # the last band's pixels get their gradient too
+
+
+def test_photometric_is_the_colour_distance_not_its_square(rng):
+    # One pixel with distance d: the loss is sqrt(d^2 + eps^2) - eps, about d - eps; doubling the
+    # error doubles the loss (l2,1), it does not quadruple it.
+    r = np.zeros((1, 1, 2, 3))
+    t = np.zeros((1, 1, 2, 3))
+    t[0, 0, 0] = [0.3, 0.4, 0.0]  # distance 0.5
+    m = np.array([[[True, False]]])
+    eps = PHOTOMETRIC_EPS
+    np.testing.assert_allclose(photometric_loss(r, t, m), [np.sqrt(0.25 + eps * eps) - eps], **F64)
+    np.testing.assert_allclose(photometric_loss(r, 2 * t, m), [np.sqrt(1.0 + eps * eps) - eps], **F64)
+    assert abs(photometric_loss(r, t, m)[0] - 0.5) < eps
+
+
+def test_photometric_is_normalised_by_the_mask_sum_of_each_image(rng):
+    r = np.zeros((2, 4, 4, 3))
+    t = np.full((2, 4, 4, 3), 0.2)
+    m = np.zeros((2, 4, 4), bool)
+    m[0, :1] = True   # 4 pixels
+    m[1, :3] = True   # 12 pixels
+    per_pixel = np.sqrt(3 * 0.04 + PHOTOMETRIC_EPS ** 2) - PHOTOMETRIC_EPS
+    np.testing.assert_allclose(photometric_loss(r, t, m), [per_pixel, per_pixel], **F64)
+
+
+def test_photometric_float_mask_summing_below_one_is_not_scaled_up():
+    r, t = np.zeros((1, 1, 2, 3)), np.full((1, 1, 2, 3), 0.5)
+    m = np.array([[[0.25, 0.25]]])
+    per_pixel = np.sqrt(0.75 + PHOTOMETRIC_EPS ** 2) - PHOTOMETRIC_EPS
+    np.testing.assert_allclose(photometric_loss(r, t, m), [0.5 * per_pixel], **F64)
+
+
+def test_photometric_bool_mask_equals_the_same_mask_as_float_weights(rng):
+    r, t, m = photometric_inputs(rng, dtype=np.float32)
+    grad_out = rng.normal(size=3).astype(np.float32)
+    np.testing.assert_array_equal(photometric_loss(r, t, m), photometric_loss(r, t, m.astype(np.float32)))
+    np.testing.assert_array_equal(photometric_loss_backward(r, t, m, grad_out),
+                                  photometric_loss_backward(r, t, m.astype(np.float32), grad_out))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_photometric_empty_mask_gives_zero_loss_and_zero_gradient(rng, dtype):
+    r, t, m = photometric_inputs(rng, dtype=dtype)
+    m[1] = False
+    loss = photometric_loss(r, t, m)
+    grad = photometric_loss_backward(r, t, m, np.ones(3, dtype))
+    assert loss[1] == 0.0 and loss[0] > 0 and np.all(np.isfinite(loss))
+    assert np.all(grad[1] == 0.0) and np.all(np.isfinite(grad))
+    zero = photometric_loss(r, t, np.zeros_like(m, dtype=dtype))
+    np.testing.assert_array_equal(zero, np.zeros(3))
+
+
+def test_photometric_zero_error_gives_zero_loss_and_zero_gradient(rng):
+    r, _, m = photometric_inputs(rng, dtype=np.float32)
+    np.testing.assert_array_equal(photometric_loss(r, r, m), np.zeros(3, np.float32))
+    np.testing.assert_array_equal(photometric_loss_backward(r, r, m, np.ones(3, np.float32)), np.zeros_like(r))
+
+
+def test_photometric_gradient_norm_per_pixel_is_at_most_one_over_the_mask_sum(rng):
+    r, t, m = photometric_inputs(rng)
+    grad = photometric_loss_backward(r, t, m, np.ones(3))
+    bound = 1.0 / np.maximum(1.0, m.sum(axis=(1, 2)))
+    assert np.all(np.linalg.norm(grad, axis=-1).max(axis=(1, 2)) <= bound * (1 + 1e-12))
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_photometric_backward_matches_finite_differences(rng, tol, mask):
+    r, t, m = photometric_inputs(rng, mask=mask)
+    grad_out = rng.normal(size=3)
+    analytic = photometric_loss_backward(r, t, m, grad_out)
+    assert_gradient_matches(lambda x: photometric_loss(x, t, m), r, grad_out, analytic, tol, n_samples=80, rng=rng)
+
+
+def test_photometric_backward_near_zero_distance_matches_finite_differences(rng, tol):
+    # Distances around eps, where the smoothing matters.
+    r, _, m = photometric_inputs(rng)
+    t = r + rng.normal(scale=PHOTOMETRIC_EPS, size=r.shape)
+    grad_out = rng.normal(size=3)
+    analytic = photometric_loss_backward(r, t, m, grad_out)
+    assert_gradient_matches(lambda x: photometric_loss(x, t, m), r, grad_out, analytic, tol, n_samples=80, rng=rng,
+                            eps=1e-8)
+
+
+def test_photometric_result_does_not_depend_on_the_number_of_threads(rng):
+    r, t, m = photometric_inputs(rng, batch=2, h=90, w=100, dtype=np.float32)
+    grad_out = np.ones(2, np.float32)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = photometric_loss(r, t, m), photometric_loss_backward(r, t, m, grad_out)
+    finally:
+        numba.set_num_threads(threads)
+    many = photometric_loss(r, t, m), photometric_loss_backward(r, t, m, grad_out)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_photometric_accepts_non_contiguous_inputs(rng):
+    r, t, m = photometric_inputs(rng, dtype=np.float32)
+    wide = np.zeros(r.shape[:-1] + (6,), np.float32)
+    wide[..., ::2] = r
+    grad_out = np.ones(3, np.float32)
+    np.testing.assert_array_equal(photometric_loss(wide[..., ::2], t, m), photometric_loss(r, t, m))
+    np.testing.assert_array_equal(photometric_loss_backward(wide[..., ::2], t, m, grad_out),
+                                  photometric_loss_backward(r, t, m, grad_out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Landmarks
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_landmarks_match_the_reference(rng, per_image):
+    p, t, w = landmark_inputs(rng, per_image=per_image)
+    np.testing.assert_allclose(landmark_loss(p, t, w), reference_landmarks(p, t, w), **F64)
+    p32, t32, w32 = (a.astype(np.float32) for a in (p, t, w))
+    out = landmark_loss(p32, t32, w32)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, reference_landmarks(p32, t32, w32), rtol=1e-5)
+
+
+def test_landmarks_shared_weights_equal_the_same_weights_per_image(rng):
+    p, t, w = landmark_inputs(rng, dtype=np.float32)
+    grad_out = rng.normal(size=3).astype(np.float32)
+    per_image = np.ascontiguousarray(np.broadcast_to(w, (3, 68)))
+    np.testing.assert_array_equal(landmark_loss(p, t, w), landmark_loss(p, t, per_image))
+    np.testing.assert_array_equal(landmark_loss_backward(p, t, w, grad_out),
+                                  landmark_loss_backward(p, t, per_image, grad_out))
+
+
+def test_landmarks_zero_weights_give_zero(rng):
+    p, t, w = landmark_inputs(rng)
+    np.testing.assert_array_equal(landmark_loss(p, t, 0 * w), np.zeros(3))
+    np.testing.assert_array_equal(landmark_loss_backward(p, t, 0 * w, np.ones(3)), np.zeros_like(p))
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_landmarks_backward_matches_finite_differences(rng, tol, per_image):
+    p, t, w = landmark_inputs(rng, k=10, per_image=per_image)
+    grad_out = rng.normal(size=3)
+    analytic = landmark_loss_backward(p, t, w, grad_out)
+    assert_gradient_matches(lambda x: landmark_loss(x, t, w), p, grad_out, analytic, tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prior
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_prior_matches_the_reference(rng, weighted):
+    c = rng.normal(size=(4, 80))
+    w = rng.uniform(0, 2, size=80) if weighted else None
+    np.testing.assert_allclose(prior_loss(c, w), reference_prior(c, w), **F64)
+    out = prior_loss(c.astype(np.float32), None if w is None else w.astype(np.float32))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, reference_prior(c, w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_prior_backward_matches_finite_differences(rng, tol, weighted):
+    c = rng.normal(size=(3, 12))
+    w = rng.uniform(0, 2, size=12) if weighted else None
+    grad_out = rng.normal(size=3)
+    analytic = prior_loss_backward(c, w, grad_out)
+    assert_gradient_matches(lambda x: prior_loss(x, w), c, grad_out, analytic, tol)
+
+
+def test_losses_are_exported_from_fastface():
+    for name in ("photometric_loss", "photometric_loss_backward", "landmark_loss", "landmark_loss_backward",
+                 "prior_loss", "prior_loss_backward", "PHOTOMETRIC_EPS"):
+        assert getattr(fastface, name) is getattr(losses_module, name)
+        assert name in fastface.__all__
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+def _photometric_bad(rng):
+    return photometric_inputs(rng, dtype=np.float32)
+
+
+@pytest.mark.parametrize("make_bad, exc, pattern", [
+    (lambda r, t, m: (r[0], t, m), ValueError, "rendered must have shape"),
+    (lambda r, t, m: (r.astype(np.int32), t, m), TypeError, "rendered"),
+    (lambda r, t, m: (r, t[:, :-1], m), ValueError, "target"),
+    (lambda r, t, m: (r, t.astype(np.float64), m), TypeError, "target"),
+    (lambda r, t, m: (r, t, m[..., :-1]), ValueError, "mask"),
+    (lambda r, t, m: (r, t, m.astype(np.int32)), TypeError, "mask"),
+    (lambda r, t, m: (r, t, m.astype(np.float64)), TypeError, "mask"),
+    (lambda r, t, m: (r, t, m * 2.0 - 0.5), TypeError, "mask"),
+    (lambda r, t, m: (r, t, (m * np.float32(2)).astype(np.float32)), ValueError, r"mask holds values .* \[0, 1\]"),
+    (lambda r, t, m: (r, t, np.where(m, np.float32(np.nan), np.float32(0))), ValueError, "mask holds"),
+    (lambda r, t, m: (r * np.float32(np.nan), t, m), ValueError, "rendered holds"),
+    (lambda r, t, m: (r, t * np.float32(np.inf), m), ValueError, "target holds"),
+    (lambda r, t, m: (r, t, None), TypeError, "mask"),
+])
+def test_photometric_bad_input_raises_naming_the_argument(rng, make_bad, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        photometric_loss(*make_bad(*_photometric_bad(rng)))
+
+
+@pytest.mark.parametrize("grad_out, exc", [
+    (None, TypeError), (np.ones(2, np.float32), ValueError), (np.ones(3, np.float64), TypeError),
+    (np.array([1, np.nan, 1], np.float32), ValueError)])
+def test_photometric_backward_bad_grad_out_raises(rng, grad_out, exc):
+    with pytest.raises(exc, match="grad_out"):
+        photometric_loss_backward(*_photometric_bad(rng), grad_out)
+
+
+@pytest.mark.parametrize("make_bad, exc, pattern", [
+    (lambda p, t, w: (p[0], t, w), ValueError, "points"),
+    (lambda p, t, w: (p[..., :1], t, w), ValueError, "points"),
+    (lambda p, t, w: (p, t[:2], w), ValueError, "target"),
+    (lambda p, t, w: (p, t, w[:-1]), ValueError, "weights"),
+    (lambda p, t, w: (p, t, w[None].repeat(2, 0)), ValueError, "weights"),
+    (lambda p, t, w: (p, t, w.astype(np.float32)), TypeError, "weights"),
+    (lambda p, t, w: (p, t, -w), ValueError, "weights holds values that are not finite and >= 0"),
+    (lambda p, t, w: (p, t, w * np.inf), ValueError, "weights holds"),
+    (lambda p, t, w: (p * np.nan, t, w), ValueError, "points holds"),
+    (lambda p, t, w: (p, t * np.nan, w), ValueError, "target holds"),
+    (lambda p, t, w: (p, t, None), TypeError, "weights"),
+])
+def test_landmarks_bad_input_raises_naming_the_argument(rng, make_bad, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        landmark_loss(*make_bad(*landmark_inputs(rng)))
+
+
+def test_landmarks_backward_bad_grad_out_raises(rng):
+    with pytest.raises(ValueError, match="grad_out"):
+        landmark_loss_backward(*landmark_inputs(rng), np.ones(4))
+
+
+@pytest.mark.parametrize("coeffs, weights, exc, pattern", [
+    (np.zeros(5), None, ValueError, "coeffs"),
+    (np.zeros((2, 5), np.int64), None, TypeError, "coeffs"),
+    (np.zeros((2, 5)), np.ones(4), ValueError, "weights"),
+    (np.zeros((2, 5)), np.ones(5, np.float32), TypeError, "weights"),
+    (np.zeros((2, 5)), -np.ones(5), ValueError, "weights holds"),
+    (np.full((2, 5), np.nan), None, ValueError, "coeffs holds"),
+])
+def test_prior_bad_input_raises_naming_the_argument(coeffs, weights, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        prior_loss(coeffs, weights)
+
+
+def test_prior_backward_bad_grad_out_raises():
+    with pytest.raises(ValueError, match="grad_out"):
+        prior_loss_backward(np.zeros((2, 5)), None, np.ones((2, 1)))
+
+
+def test_value_checks_off_skip_the_data_checks(rng):
+    r, t, m = _photometric_bad(rng)
+    with fastface.value_checks(False):
+        out = photometric_loss(r, t, (m * np.float32(2)).astype(np.float32))
+    assert np.all(np.isfinite(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU against CPU (real GPU; tests/test_gpu_paths_emulated*.py compare the host emulation)
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_photometric_gpu_matches_cpu(rng, tol, cupy, mask):
+    # 100 x 120: several backward bands; batch 5 with one empty mask.
+    r, t, m = photometric_inputs(rng, batch=5, h=100, w=120, dtype=np.float32, mask=mask)
+    m[3] = 0
+    grad_out = rng.normal(size=5).astype(np.float32)
+    gpu = [cupy.asarray(a) for a in (r, t, m, grad_out)]
+    loss = photometric_loss(*gpu[:3])
+    assert loss.dtype == cupy.float32 and loss.shape == (5,)
+    np.testing.assert_allclose(loss.get(), photometric_loss(r, t, m), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    grad = photometric_loss_backward(*gpu)
+    np.testing.assert_allclose(grad.get(), photometric_loss_backward(r, t, m, grad_out), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+    assert loss.get()[3] == 0 and np.all(grad.get()[3] == 0)
+    # Deterministic: no atomics, so a second run gives the same bits.
+    np.testing.assert_array_equal(photometric_loss(*gpu[:3]).get(), loss.get())
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_landmarks_and_prior_gpu_match_cpu(rng, tol, cupy, per_image):
+    p, t, w = landmark_inputs(rng, dtype=np.float32, per_image=per_image)
+    grad_out = rng.normal(size=3).astype(np.float32)
+    g = [cupy.asarray(a) for a in (p, t, w, grad_out)]
+    close = dict(rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(landmark_loss(*g[:3]).get(), landmark_loss(p, t, w), **close)
+    np.testing.assert_allclose(landmark_loss_backward(*g).get(), landmark_loss_backward(p, t, w, grad_out), **close)
+    c = rng.normal(size=(3, 80)).astype(np.float32)
+    pw = rng.uniform(0, 2, size=80).astype(np.float32)
+    for weights in (None, pw):
+        gw = None if weights is None else cupy.asarray(weights)
+        np.testing.assert_allclose(prior_loss(cupy.asarray(c), gw).get(), prior_loss(c, weights), **close)
+        np.testing.assert_allclose(prior_loss_backward(cupy.asarray(c), gw, g[3]).get(),
+                                   prior_loss_backward(c, weights, grad_out), **close)
+
+
+def test_gpu_losses_reject_float64_and_mixed_devices(rng, cupy):
+    r, t, m = photometric_inputs(rng)
+    with pytest.raises(TypeError, match="float32 only"):
+        photometric_loss(cupy.asarray(r), cupy.asarray(t), cupy.asarray(m))
+    with pytest.raises(TypeError, match="numpy array but"):
+        photometric_loss(cupy.asarray(r.astype(np.float32)), t.astype(np.float32), m)
