@@ -41,6 +41,8 @@ from fastface.nn.adam import Adam
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, project_to_pixels,
                                  project_to_pixels_backward, rigid_transform, rigid_transform_backward)
 from fastface.ops.interpolate import interpolate
+from fastface.ops.losses import (landmark_loss, landmark_loss_backward, photometric_loss,
+                                 photometric_loss_backward, prior_loss, prior_loss_backward)
 from fastface.render import FaceParameters, render_faces, render_faces_backward, uniform_light
 
 __all__ = ["fit", "FitResult", "FitWeights", "default_pose", "default_focal", "default_model",
@@ -139,45 +141,6 @@ def default_pose(batch, resolution, focal, face_width=0.62, model=None):
 
 def _host(a):
     return a.get() if is_cupy_array(a) else np.asarray(a)
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses: the shared ops of fastface.ops.losses; until they are merged, the same formulas here.
-
-try:
-    from fastface.ops.losses import (landmark_loss, landmark_loss_backward, photometric_loss,
-                                     photometric_loss_backward, prior_loss, prior_loss_backward)
-except ImportError:  # pragma: no cover - replaced by the losses branch
-    _EPS = 1e-3
-
-    def photometric_loss(rendered, target, mask):
-        xp = array_module(("rendered", rendered))
-        m = mask.astype(rendered.dtype)
-        d = xp.sqrt(((rendered - target) ** 2).sum(-1) + _EPS * _EPS) - _EPS
-        return (m * d).sum((1, 2)) / xp.maximum(1.0, m.sum((1, 2)))
-
-    def photometric_loss_backward(rendered, target, mask, grad_out):
-        xp = array_module(("rendered", rendered))
-        m = mask.astype(rendered.dtype)
-        diff = rendered - target
-        d = xp.sqrt((diff ** 2).sum(-1, keepdims=True) + _EPS * _EPS)
-        scale = (grad_out / xp.maximum(1.0, m.sum((1, 2))))[:, None, None, None]
-        return (m[..., None] * diff / d * scale).astype(rendered.dtype)
-
-    def landmark_loss(points, target, weights):
-        d = ((points - target) ** 2).sum(-1)
-        return (weights * d).sum(-1) / points.shape[1]
-
-    def landmark_loss_backward(points, target, weights, grad_out):
-        w = weights if weights.ndim == 2 else weights[None]
-        return (2.0 * (points - target) * (w * grad_out[:, None] / points.shape[1])[..., None]).astype(points.dtype)
-
-    def prior_loss(coeffs, weights=None):
-        return (coeffs * coeffs).sum(-1) if weights is None else (weights * coeffs * coeffs).sum(-1)
-
-    def prior_loss_backward(coeffs, weights, grad_out):
-        g = 2.0 * coeffs * grad_out[:, None]
-        return (g if weights is None else g * weights).astype(coeffs.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +291,7 @@ def _to_device(a, device):
 
 def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=DEFAULT_ITERATIONS,
         landmark_iterations=DEFAULT_LANDMARK_ITERATIONS, focal=None, weights=None, landmark_weights=None,
-        lr=None):
+        lr=None, masks=None):
     """Fits the face model to a batch of photos (crops) by analysis by synthesis.
 
     Args:
@@ -350,6 +313,9 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
             points 1, the jaw line 0.3).
         lr: dict of per-group Adam step sizes overriding the defaults (keys shape, expression,
             albedo, sh, angles, translation).
+        masks: (B, H, W) bool or float32 in [0, 1]: the pixels of the crops that show the photo
+            (a crop reaching past the photo's border is black there), or None (all). The
+            photometric term counts only face pixels inside them.
 
     Returns:
         FitResult (arrays on `device`).
@@ -377,6 +343,11 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
     images = _to_device(images, device)
     xp = array_module(("images", images))
     target = _to_device(landmarks, device)
+    if masks is not None:
+        if not hasattr(masks, "shape") or tuple(masks.shape) != (B, H, W):
+            raise ValueError(f"masks must be ({B}, {H}, {W}) bool or float32 (the images' size) or None; got "
+                             f"{getattr(masks, 'shape', type(masks).__name__)}")
+        masks = _to_device(masks, device)
     lw = _LANDMARK_WEIGHTS if landmark_weights is None else np.asarray(_host(landmark_weights), np.float32)
     if lw.shape not in ((68,), (B, 68)) or not np.all(np.isfinite(lw)) or np.any(lw < 0):
         raise ValueError(f"landmark_weights must be (68,) or ({B}, 68) non-negative numbers; got shape {lw.shape}")
@@ -454,7 +425,8 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
 
         if sh_init is None:
             first = render_faces(model, params_now(uniform_light(B, xp)), resolution, focal)
-            sh_init = _solve_light(first, images, first.mask, model.triangles)
+            sh_init = _solve_light(first, images, first.mask if masks is None else first.mask * masks,
+                                   model.triangles)
         p["sh"] = xp.ascontiguousarray(sh_init, dtype=np.float32)
         names = ("shape", "expression", "albedo", "sh", "angles", "translation")
         optimizers = {k: Adam({k: p[k]}, lr=steps[k]) for k in names}
@@ -463,7 +435,7 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
         for _ in range(iterations):
             params = params_now(p["sh"])
             rendering = render_faces(model, params, resolution, focal)
-            mask = rendering.mask
+            mask = rendering.mask if masks is None else rendering.mask * masks
             e_photo = photometric_loss(rendering.image, images, mask)
             grad_image = photometric_loss_backward(rendering.image, images, mask, ones * weights.photometric)
             total = weights.photometric * e_photo
