@@ -1,4 +1,8 @@
-"""Command line: `python -m fastface demo` renders faces of the embedded default model to PNG."""
+"""Command line: `python -m fastface demo | train | evaluate | reconstruct`.
+
+demo renders faces of the embedded default model to PNG; train and evaluate learn and measure the
+multi-level face model (fastface/train.py, fastface/evaluate.py).
+"""
 import argparse
 import pathlib
 import sys
@@ -102,7 +106,15 @@ def main(argv=None):
     demo_parser.add_argument("--size", type=int, default=512, help="image size in pixels (default 512)")
     demo_parser.add_argument("--level", default="default", choices=("default", "small"), help="model level")
     demo_parser.add_argument("--seed", type=int, default=0)
+    from fastface import evaluate as evaluate_command
+    from fastface import train as train_command
+    train_command.add_parser(commands)
+    evaluate_command.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return train_command.run(args)
+    if args.command == "evaluate":
+        return evaluate_command.run(args)
     if args.command == "demo":
         if args.n < 1 or args.size < 16:
             parser.error("--n must be >= 1 and --size >= 16")

@@ -525,6 +525,24 @@ def scenario_value_check_helpers(cp, rng, monkeypatch):
         "double, double", "float, float", "__half, float", "int, int"))) if _checks.value_checks_enabled() else set()
 
 
+def scenario_corrective_space(cp, rng, monkeypatch):
+    """CorrectiveSpace on the GPU: its decoders are cuBLAS GEMMs (checked by the fake cuBLAS), no kernels
+    of their own; the value checks of the codes and gradients launch the check kernels."""
+    from fastface.model import CorrectiveSpace  # noqa: PLC0415
+
+    space = CorrectiveSpace(16, 3, 5, seed=1).to("gpu")
+    _on_gpu(space.flat_params, space.flat_grads, space.geometry_basis)
+    z_geo = strided(cp, rng.normal(size=(2, 3)).astype(np.float32))
+    z_ref = cp.asarray(rng.normal(size=(2, 5)).astype(np.float32))
+    geometry, reflectance = space.evaluate(z_geo, z_ref)
+    _on_gpu(geometry, reflectance)
+    for grads in ((geometry, reflectance), (None, reflectance), (geometry, None)):
+        _on_gpu(*space.backward(z_geo, z_ref, *grads))
+    opt = fastface.nn.Adam(space, lr=1e-3)
+    opt.step()
+    return _kernels("nn_adam.cu", "adam_prepare", "adam_update")
+
+
 SCENARIOS = {name[len("scenario_"):]: f for name, f in dict(globals()).items() if name.startswith("scenario_")}
 
 _LAUNCHED = {}  # scenario -> the (file, kernel) pairs it launched in this session

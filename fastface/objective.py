@@ -1,0 +1,155 @@
+"""The self-supervised training objective of the multi-level model: every loss term, weighted, with its gradient.
+
+Tewari et al. (CVPR 2018), Sec. 5: the same data terms at the base and the final level (robust
+photometric alignment over the rendered face, sparse landmark alignment), statistical priors on the
+morphable model's coefficients, and regularizers that keep the learned corrective space plausible:
+geometric smoothness (mesh Laplacian of the offsets), small offsets, left/right symmetry, and
+reflectance constancy between neighbours of similar base chromaticity with a sparsity-inducing norm.
+
+The pipeline layer: it calls the loss ops (fastface/ops/losses.py) and the corrective regularizers
+(fastface/model/corrective.py) and sums them; each term is a batch mean of per-image values.
+"""
+import dataclasses
+
+import numpy as np
+
+from fastface._backend import array_module
+from fastface.model.corrective import (corrective_mesh, magnitude_loss, magnitude_loss_backward,
+                                       reflectance_constancy_loss, reflectance_constancy_loss_backward,
+                                       smoothness_loss, smoothness_loss_backward, symmetry_loss,
+                                       symmetry_loss_backward)
+from fastface.ops.losses import (landmark_loss, landmark_loss_backward, photometric_loss, photometric_loss_backward,
+                                 prior_loss, prior_loss_backward)
+from fastface.render import FaceParameters
+
+__all__ = ["LossWeights", "MultiLevelObjective", "TERM_NAMES", "landmark_point_weights"]
+
+# The columns of the training log, in order.
+TERM_NAMES = ("photometric_base", "photometric_final", "landmarks_base", "landmarks_final", "prior_shape",
+              "prior_expression", "prior_albedo", "geometry_smoothness", "geometry_magnitude", "geometry_symmetry",
+              "reflectance_constancy", "reflectance_magnitude", "reflectance_symmetry")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The weight of every term (0 turns it off). Chosen on the synthetic training data (README).
+
+    The landmark term is in units of the image height: its per-image value (pixels squared) is
+    divided by H^2 before the weight applies, so the weights mean the same at every resolution.
+    """
+    photometric: float = 1.0
+    landmarks: float = 60.0
+    prior_shape: float = 2e-3
+    prior_expression: float = 4e-3
+    prior_albedo: float = 2e-3
+    geometry_smoothness: float = 2e-2
+    geometry_magnitude: float = 1e-4
+    geometry_symmetry: float = 1e-3
+    reflectance_constancy: float = 0.2
+    reflectance_magnitude: float = 0.5
+    reflectance_symmetry: float = 0.2
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: float(v) for k, v in d.items() if k in known})
+
+
+def landmark_point_weights():
+    """(68,) float32 per-point weights: the jaw line (0-16) half, since on photos its points slide
+    along the outline; the eyes, nose and mouth full."""
+    w = np.ones(68, np.float32)
+    w[:17] = 0.5
+    return w
+
+
+class MultiLevelObjective:
+    """Evaluates every term on one forward's output and returns the gradients `FaceAutoencoder.backward` takes.
+
+    Args:
+        model: the base FaceModel (its mesh and symmetry feed the regularizers).
+        resolution: (H, W) of the images.
+        weights: `LossWeights`.
+    """
+
+    def __init__(self, model, resolution, weights=None):
+        self.model = model
+        self.resolution = tuple(int(r) for r in resolution)
+        self.weights = weights or LossWeights()
+        self.mesh = corrective_mesh(model)
+        xp = array_module(("model", model.mean_shape))
+        self._point_weights = xp.asarray(landmark_point_weights())
+        self._inverse_height2 = 1.0 / float(self.resolution[0]) ** 2
+
+    def __call__(self, out, images, target_landmarks, final=True):
+        """Loss terms and gradients of one batch.
+
+        Args:
+            out: `AutoencoderOutput` (out.final may be None: base level only, the first stage).
+            images: (B, H, W, 3) the input images. target_landmarks: (B, 68, 2) pixels, or None.
+            final: include the final level's terms and the corrective regularizers.
+
+        Returns:
+            (terms, grads): terms maps TERM_NAMES (those computed) to (B,) per-image weighted values
+            (their batch means sum to the loss); grads is the dict `FaceAutoencoder.backward` takes.
+        """
+        w = self.weights
+        B = images.shape[0]
+        terms, grads = {}, {}
+        scale = 1.0 / B
+        xp = array_module(("images", images))
+
+        def weight_vector(weight):
+            return xp.full(B, weight * scale, dtype=np.float32)
+
+        levels = [("base", out.base)] + ([("final", out.final)] if final and out.final is not None else [])
+        for level, r in levels:
+            if w.photometric:
+                terms[f"photometric_{level}"] = w.photometric * photometric_loss(r.image, images, r.mask)
+                grads[f"{level}_image"] = photometric_loss_backward(r.image, images, r.mask, weight_vector(w.photometric))
+            if w.landmarks and target_landmarks is not None:
+                lw = w.landmarks * self._inverse_height2
+                terms[f"landmarks_{level}"] = lw * landmark_loss(r.landmarks, target_landmarks, self._point_weights)
+                grads[f"{level}_landmarks"] = landmark_loss_backward(r.landmarks, target_landmarks, self._point_weights,
+                                                                     weight_vector(lw))
+        prior_grads = {}
+        for name in ("shape", "expression", "albedo"):
+            weight = getattr(w, f"prior_{name}")
+            if weight:
+                coeffs = getattr(out.params, name)
+                terms[f"prior_{name}"] = weight * prior_loss(coeffs)
+                prior_grads[name] = prior_loss_backward(coeffs, None, weight_vector(weight))
+        grads["params"] = FaceParameters(shape=prior_grads.get("shape"), expression=prior_grads.get("expression"),
+                                         albedo=prior_grads.get("albedo"), sh=None, angles=None, translation=None)
+        if final and out.final is not None:
+            geo, ref = out.geometry_offsets, out.reflectance_offsets
+            g_geo, g_ref = xp.zeros_like(geo), xp.zeros_like(ref)
+            if w.geometry_smoothness:
+                terms["geometry_smoothness"] = w.geometry_smoothness * smoothness_loss(geo, self.mesh)
+                g_geo += smoothness_loss_backward(geo, self.mesh, weight_vector(w.geometry_smoothness))
+            if w.geometry_magnitude:
+                terms["geometry_magnitude"] = w.geometry_magnitude * magnitude_loss(geo)
+                g_geo += magnitude_loss_backward(geo, weight_vector(w.geometry_magnitude))
+            if w.geometry_symmetry:
+                terms["geometry_symmetry"] = w.geometry_symmetry * symmetry_loss(geo, self.mesh, True)
+                g_geo += symmetry_loss_backward(geo, self.mesh, weight_vector(w.geometry_symmetry), True)
+            if w.reflectance_constancy:
+                # On the final albedo, weighted by the base albedo's chromaticity: neighbours of one
+                # material keep one reflectance, edges between materials (lips, brows) may stay.
+                final_albedo, base_albedo = out.final.albedo, out.base.albedo if out.base is not None else None
+                guide = base_albedo if base_albedo is not None else final_albedo - ref
+                terms["reflectance_constancy"] = w.reflectance_constancy * reflectance_constancy_loss(
+                    final_albedo, guide, self.mesh)
+                g_ref += reflectance_constancy_loss_backward(final_albedo, guide, self.mesh,
+                                                             weight_vector(w.reflectance_constancy))
+            if w.reflectance_magnitude:
+                terms["reflectance_magnitude"] = w.reflectance_magnitude * magnitude_loss(ref)
+                g_ref += magnitude_loss_backward(ref, weight_vector(w.reflectance_magnitude))
+            if w.reflectance_symmetry:
+                terms["reflectance_symmetry"] = w.reflectance_symmetry * symmetry_loss(ref, self.mesh, False)
+                g_ref += symmetry_loss_backward(ref, self.mesh, weight_vector(w.reflectance_symmetry), False)
+            grads["geometry_offsets"], grads["reflectance_offsets"] = g_geo, g_ref
+        return terms, grads

@@ -1,0 +1,394 @@
+"""`python -m fastface train`: self-supervised training of the multi-level face model.
+
+The loop only feeds batches, sums the weighted losses (fastface/objective.py), steps Adam, logs and
+checkpoints; the numbers come from the pipeline (fastface/autoencoder.py).
+
+Schedule (Tewari et al. train the base level first as well): for the first `base_fraction` of the
+steps only the base level is rendered and trained (encoder alone: the morphable model, pose and light
+must explain the images as far as they can before a corrective space may explain the rest); then
+both levels are trained jointly with every term, the corrective space with its own Adam. The
+learning rates drop by 10x for the last 15% of the steps.
+
+Faults: a step whose loss or gradients are not finite is skipped (logged, weights untouched); the
+checkpoint is written atomically every `checkpoint_every` steps, at the end and on Ctrl-C, so a
+`kill -9` loses at most the steps since the last one. The data of step s depends only on (seed, s),
+so `--resume` continues exactly as an uninterrupted run would from that checkpoint.
+"""
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["TrainSettings", "train", "default_settings", "add_parser", "run"]
+
+# Per-device defaults: the configuration a user should run.
+# cpu: shows the method on two cores in well under 15 minutes (the small model, 64x64).
+# gpu: the full configuration (the default model, 224x224, batch 64).
+DEFAULTS = {
+    "cpu": dict(level="small", resolution=64, batch=8, steps=6000, checkpoint_every=500, preview_every=1000),
+    "gpu": dict(level="default", resolution=224, batch=64, steps=40000, checkpoint_every=2000, preview_every=2000),
+}
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    device: str = "cpu"
+    level: str = "small"
+    resolution: int = 64
+    batch: int = 8
+    steps: int = 6000
+    seed: int = 0
+    lr: float = 3e-4
+    corrective_lr: float = 1e-3
+    base_fraction: float = 0.4
+    checkpoint_every: int = 500
+    preview_every: int = 1000
+    n_geometry: int = 64
+    n_reflectance: int = 64
+    data: str = None
+    widths: tuple = (32, 64, 128, 256)
+    weights: dict = None
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "widths" in d:
+            d["widths"] = tuple(int(w) for w in d["widths"])
+        return cls(**d)
+
+
+def default_settings(device="cpu", **overrides):
+    """TrainSettings with the device's defaults, then `overrides` (None values ignored)."""
+    values = dict(DEFAULTS[device])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainSettings(device=device, **values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces
+# ----------------------------------------------------------------------------------------------
+
+def build(settings, checkpoint=None):
+    """(autoencoder, objective, optimizers, data) for `settings`, from `checkpoint` where given."""
+    from fastface.autoencoder import CodeLayout, FaceAutoencoder
+    from fastface.data.synthetic import default_framing
+    from fastface.model import FaceModel
+    from fastface.model.corrective import CorrectiveSpace
+    from fastface.nn import Adam, Encoder
+    from fastface.objective import LossWeights, MultiLevelObjective
+
+    resolution = (settings.resolution, settings.resolution)
+    model = FaceModel.default(level=settings.level)
+    focal, translation = default_framing(resolution)
+    layout = CodeLayout(n_shape=model.n_shape, n_expression=model.n_expression, n_albedo=model.n_albedo,
+                        n_geometry=settings.n_geometry, n_reflectance=settings.n_reflectance,
+                        translation=tuple(float(t) for t in translation))
+    if checkpoint is not None:
+        encoder, correctives = checkpoint.encoder(), checkpoint.correctives()
+    else:
+        encoder = Encoder(n_outputs=layout.size, resolution=settings.resolution, seed=settings.seed,
+                          widths=settings.widths)
+        correctives = CorrectiveSpace(model.n_vertices, n_geometry=settings.n_geometry,
+                                      n_reflectance=settings.n_reflectance, seed=settings.seed)
+    if settings.device == "gpu":
+        model = model.to("gpu")
+        encoder.to("gpu")
+        correctives.to("gpu")
+    autoencoder = FaceAutoencoder(model, encoder, correctives, layout, resolution, focal)
+    objective = MultiLevelObjective(model, resolution, LossWeights.from_dict(settings.weights or {}))
+    optimizers = {"encoder": Adam(encoder, lr=settings.lr, clip_norm=10.0),
+                  "correctives": Adam(correctives, lr=settings.corrective_lr, clip_norm=10.0)}
+    if checkpoint is not None:
+        for name, opt in optimizers.items():
+            checkpoint.restore_optimizer(name, opt)
+    return autoencoder, objective, optimizers
+
+
+class _Data:
+    """The batches of a run: synthetic faces (default) or a folder of photos with .pts files.
+
+    The batch of step s depends only on (seed, s), never on the steps before: a resumed run sees the
+    same data as an uninterrupted one.
+    """
+
+    def __init__(self, settings, model, focal, translation):
+        from fastface.data.synthetic import TRAIN_SEEDS, SyntheticFaces
+        resolution = (settings.resolution, settings.resolution)
+        self.seed, self.batch = settings.seed, settings.batch
+        self.folder = None
+        if settings.data:
+            from fastface.data.folder import FaceFolder
+            self.folder = FaceFolder(settings.data, resolution, framing=(focal, translation))
+            if len(self.folder) == 0:
+                raise ValueError(f"{settings.data} holds no photo with a .pts file")
+        else:
+            self.train_seeds = TRAIN_SEEDS
+            self.faces = SyntheticFaces(model, resolution=resolution)
+            self.xp = np if model.device == "cpu" else __import__("cupy")
+
+    def __call__(self, step):
+        rng = np.random.default_rng([self.seed, step])
+        if self.folder is not None:
+            idx = rng.integers(0, len(self.folder), size=self.batch)
+            images, landmarks = self.folder.batch(idx)
+            return images, landmarks
+        seeds = [self.train_seeds[int(i)] for i in rng.integers(0, len(self.train_seeds), size=self.batch)]
+        b = self.faces.batch(seeds)
+        return b.images, b.landmarks
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def _lr_factor(step, steps):
+    return 0.1 if step >= int(0.85 * steps) else 1.0
+
+
+def _finite(xp, *arrays):
+    return all(bool(xp.isfinite(a).all()) for a in arrays)
+
+
+class _Log:
+    """DIR/log.csv: step, loss, every term, images/s; on resume, rows past the checkpoint are dropped."""
+
+    COLUMNS = None
+
+    def __init__(self, path, resume_step):
+        from fastface.objective import TERM_NAMES
+        self.columns = ["step", "loss", *TERM_NAMES, "images_per_s", "skipped"]
+        self.path = pathlib.Path(path)
+        rows = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.columns} for r in rows)
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, self.columns)
+
+    def write(self, row):
+        self._writer.writerow({k: row.get(k, "") for k in self.columns})
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def train(settings, out_dir, resume=False, progress=True, stop_after=None):
+    """Trains (or resumes) a run into `out_dir`; returns the path of the final checkpoint.
+
+    Args:
+        settings: TrainSettings (ignored for the architecture when resuming: the checkpoint's win,
+            except `steps`, which may extend the run).
+        out_dir: folder for checkpoint.h5, log.csv and preview_STEP.png.
+        resume: continue from out_dir/checkpoint.h5.
+        progress: show a tqdm progress bar.
+        stop_after: stop (with a checkpoint) after this many steps of this call (tests).
+    """
+    from fastface._checks import value_checks
+    from fastface.checkpoint import load_checkpoint, save_checkpoint
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.h5"
+    checkpoint = None
+    start = 0
+    if resume:
+        checkpoint = load_checkpoint(ckpt_path)
+        saved = TrainSettings.from_dict(checkpoint.settings)
+        saved.steps = settings.steps if settings.steps else saved.steps
+        saved.device = settings.device
+        settings = saved
+        start = checkpoint.step
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    autoencoder, objective, optimizers = build(settings, checkpoint)
+    xp = np if settings.device == "cpu" else __import__("cupy")
+    data = _Data(settings, autoencoder.model, autoencoder.focal, autoencoder.layout.translation)
+    log = _Log(out_dir / "log.csv", start if resume else None)
+    base_steps = int(settings.base_fraction * settings.steps)
+    base_lrs = {name: opt.lr for name, opt in optimizers.items()}
+    (out_dir / "settings.json").write_text(json.dumps(settings.to_dict(), indent=2, sort_keys=True))
+
+    def save(step):
+        save_checkpoint(ckpt_path, step, settings.to_dict(), autoencoder.encoder, autoencoder.correctives, optimizers)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=settings.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+    interrupted = False
+    previous_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # a polite kill: checkpoint and stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    step = start
+    done_here = 0
+    try:
+        while step < settings.steps:
+            t0 = time.perf_counter()
+            final = step >= base_steps
+            for name, opt in optimizers.items():
+                lr = base_lrs[name] * _lr_factor(step, settings.steps)
+                if opt.lr != lr:
+                    opt.lr = lr
+            images, landmarks = data(step)
+            with value_checks(step == start):  # the first batch is checked; then the loop runs unchecked
+                out = autoencoder.forward(images, final=final)
+                terms, grads = objective(out, images, landmarks, final=final)
+            means = {k: float(v.mean()) for k, v in terms.items()}
+            loss = float(sum(means.values()))
+            skipped = not np.isfinite(loss)
+            if not skipped:
+                with value_checks(False):
+                    autoencoder.backward(out, grads)
+                skipped = not _finite(xp, autoencoder.encoder.flat_grads, autoencoder.correctives.flat_grads)
+            if not skipped:
+                optimizers["encoder"].step()
+                if final:
+                    optimizers["correctives"].step()
+            else:
+                print(f"step {step}: non-finite loss or gradient, step skipped (weights untouched)", file=sys.stderr)
+            step += 1
+            done_here += 1
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": f"{loss:.6g}", "images_per_s": f"{settings.batch / dt:.1f}",
+                   "skipped": int(skipped), **{k: f"{v:.6g}" for k, v in means.items()}}
+            log.write(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{settings.batch / dt:.0f}",
+                                level="both" if final else "base", refresh=False)
+                bar.update(1)
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                save(step)
+            if settings.preview_every and (step % settings.preview_every == 0 or step == settings.steps):
+                write_preview(autoencoder, images, out_dir / f"preview_{step:06d}.png")
+            if stop_after is not None and done_here >= stop_after:
+                save(step)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        save(step)
+        print(f"\ninterrupted: checkpoint at step {step} written to {ckpt_path}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        log.close()
+        if bar is not None:
+            bar.close()
+    if interrupted:
+        raise KeyboardInterrupt
+    return ckpt_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------
+
+def _grey_light(batch, xp):
+    """(B, 9, 3) SH of an ambient term and a light from the upper left front: shows the shape."""
+    from fastface.render import uniform_light
+    sh = uniform_light(batch, xp) * 0.45
+    d = np.array([-0.4, 0.5, 1.0])
+    d = d / np.linalg.norm(d)
+    x, y, z = d
+    basis = np.array([0.282095, 0.488603 * y, 0.488603 * z, 0.488603 * x, 1.092548 * x * y, 1.092548 * y * z,
+                      0.315392 * (3 * z * z - 1), 1.092548 * x * z, 0.546274 * (x * x - y * y)])
+    sh += xp.asarray((0.7 * basis / np.pi)[None, :, None].astype(np.float32))
+    return sh
+
+
+def render_levels(autoencoder, images):
+    """(input, base, final, grey final geometry) images (B, H, W, 3) on the host, composited on the input."""
+    import dataclasses as dc
+
+    from fastface._backend import is_cupy_array
+    from fastface.render import render_faces
+    host = lambda a: a.get() if is_cupy_array(a) else np.asarray(a)  # noqa: E731
+    out = autoencoder.forward(images, final=True)
+    xp = np if autoencoder.device == "cpu" else __import__("cupy")
+    B = images.shape[0]
+    grey = xp.full_like(out.final.albedo, 0.7) - (out.final.albedo - out.reflectance_offsets)
+    params = dc.replace(out.params, sh=_grey_light(B, xp))
+    shaded = render_faces(autoencoder.model, params, autoencoder.resolution, autoencoder.focal,
+                          geometry_offsets=out.geometry_offsets, reflectance_offsets=grey)
+    over = lambda r: host(xp.where(r.mask[..., None], r.image, images))  # noqa: E731
+    geometry = host(xp.where(shaded.mask[..., None], shaded.image, 0.15))
+    return host(images), over(out.base), over(out.final), geometry
+
+
+def write_preview(autoencoder, images, path, n=4, tile=128):
+    """A PNG: one row per face, columns input | base reconstruction | final reconstruction | final geometry."""
+    import cv2
+
+    from fastface._files import atomic_write
+    columns = render_levels(autoencoder, images[:n])
+    rows = []
+    for b in range(columns[0].shape[0]):
+        tiles = [cv2.resize(np.clip(c[b], 0, 1), (tile, tile), interpolation=cv2.INTER_LINEAR) for c in columns]
+        rows.append(np.concatenate(tiles, axis=1))
+    picture = (np.concatenate(rows, axis=0)[..., ::-1] * 255 + 0.5).astype(np.uint8)
+    with atomic_write(path) as tmp:
+        if not cv2.imwrite(tmp, picture):
+            raise OSError(f"OpenCV could not write the preview {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def add_parser(commands):
+    p = commands.add_parser("train", help="train the multi-level face model on synthetic faces (or photos)",
+                            description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.h5, log.csv, preview_STEP.png")
+    p.add_argument("--level", choices=("small", "default"), help="face model level (cpu: small, gpu: default)")
+    p.add_argument("--resolution", type=int, help="image size (cpu: 64, gpu: 224)")
+    p.add_argument("--steps", type=int, help="training steps (cpu: 6000, gpu: 40000)")
+    p.add_argument("--batch", type=int, help="images per step (cpu: 8, gpu: 64)")
+    p.add_argument("--data", help="a folder of face photos with iBUG .pts files (default: synthetic faces)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args):
+    if args.resolution is not None and (args.resolution < 16 or args.resolution % 4):
+        raise SystemExit("--resolution must be a multiple of 4, at least 16")
+    for name in ("steps", "batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name} must be at least 1")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise SystemExit(f"--data {args.data}: no such folder")
+    settings = default_settings(args.device, level=args.level, resolution=args.resolution, steps=args.steps,
+                                batch=args.batch, data=args.data, seed=args.seed)
+    start = time.perf_counter()
+    try:
+        path = train(settings, args.out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"fastface train: {e}", file=sys.stderr)
+        return 2
+    print(f"trained in {time.perf_counter() - start:.0f} s; checkpoint: {path}")
+    print(f"evaluate it: python -m fastface evaluate --checkpoint {path}")
+    return 0
