@@ -17,6 +17,7 @@ setup(
         "numba>=0.59",
         "h5py>=3.9",
         "opencv-python-headless>=4.8",
+        "tqdm>=4.60",
     ],
     extras_require={
         "gpu": ["cupy-cuda13x>=13; platform_system=='Linux'"],
