@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.11",
     packages=["fastface", "fastface.ops", "fastface.model", "fastface.nn", "fastface.io", "fastface.kernels"],
     package_dir={"fastface.kernels": "kernels"},
-    package_data={"fastface.kernels": ["*.cu", "*.cuh"]},
+    package_data={"fastface.kernels": ["*.cu", "*.cuh"],
+                  "fastface.io": ["cascades/*.xml"]},
     install_requires=[
         "numpy>=1.26",
         "scipy>=1.11",

@@ -107,7 +107,7 @@ def test_crop_from_box_frames_like_the_landmark_estimate():
     image = np.zeros((400, 400, 3), np.float32)
     _, crop = crop_from_box(image, (100, 120, 200, 220), 64)
     from fastface.io.crop import BOX_CENTRE_DY, BOX_SIZE
-    centre = np.array([150.0, 170.0 + BOX_CENTRE_DY * 100])
+    centre = np.array([149.5, 169.5 + BOX_CENTRE_DY * 100])  # pixels 100..199, 120..219
     np.testing.assert_allclose(crop.apply(centre[None]), [[31.5, 31.5]], atol=1e-9)
     assert math.isclose(crop.scale, 64 / (1.6 * BOX_SIZE * 100), rel_tol=1e-12)
 
