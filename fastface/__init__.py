@@ -22,7 +22,9 @@ from fastface.ops import __all__ as _ops_all  # noqa: E402
 from fastface.render import (FaceGradients, FaceParameters, Rendering, render_faces,  # noqa: E402
                              render_faces_backward, uniform_light)
 
+from fastface.reconstructor import Reconstruction, Reconstructor  # noqa: E402
+
 __version__ = "0.1.0"
 __all__ = [*_ops_all, "FaceModel", "IBUG68_GROUPS", "IBUG68_MIRROR",
            "FaceGradients", "FaceParameters", "Rendering", "render_faces", "render_faces_backward", "uniform_light", "value_checks",
-           "check_device_errors"]
+           "check_device_errors", "Reconstructor", "Reconstruction"]

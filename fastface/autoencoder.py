@@ -158,7 +158,7 @@ class FaceAutoencoder:
     def decode(self, code):
         """(FaceParameters, z_geo, z_ref) from a (B, P) raw code."""
         xp = array_module(("code", code), ("model", self.model.mean_shape))
-        check_array("code", code, np.float32, ("B", self.layout.size))
+        check_array("code", code, (np.float32, np.float64) if xp is np else np.float32, ("B", self.layout.size))
         full = self._offset + self._scale * code
         s, B = self.layout.slices, code.shape[0]
         take = lambda name: xp.ascontiguousarray(full[:, s[name]])  # noqa: E731
@@ -167,10 +167,10 @@ class FaceAutoencoder:
                                 translation=take("translation"))
         return params, take("z_geo"), take("z_ref")
 
-    def decode_backward(self, grad_params, grad_z_geo, grad_z_ref, batch):
+    def decode_backward(self, grad_params, grad_z_geo, grad_z_ref, batch, dtype=np.float32):
         """(B, P) gradient of the raw code from the gradients of what `decode` returned (None: zero)."""
         xp = array_module(("model", self.model.mean_shape))
-        grad = xp.zeros((batch, self.layout.size), dtype=np.float32)
+        grad = xp.zeros((batch, self.layout.size), dtype=dtype)
         s = self.layout.slices
         for name in _PARAMETER_NAMES:
             g = None if grad_params is None else getattr(grad_params, name)
@@ -252,6 +252,6 @@ class FaceAutoencoder:
             grad_z_geo, grad_z_ref = self.correctives.backward(out.z_geo, out.z_ref, grad_geometry, grad_reflectance)
         else:
             self.correctives.flat_grads[...] = 0
-        grad_code = self.decode_backward(FaceParameters(**total), grad_z_geo, grad_z_ref, B)
+        grad_code = self.decode_backward(FaceParameters(**total), grad_z_geo, grad_z_ref, B, out.code.dtype)
         self.encoder.backward(grad_code, need_grad_x=False)
         return grad_code

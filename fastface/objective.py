@@ -80,8 +80,8 @@ class MultiLevelObjective:
         self.resolution = tuple(int(r) for r in resolution)
         self.weights = weights or LossWeights()
         self.mesh = corrective_mesh(model)
-        xp = array_module(("model", model.mean_shape))
-        self._point_weights = xp.asarray(landmark_point_weights())
+        self._xp = array_module(("model", model.mean_shape))
+        self._point_weights = {}  # dtype -> (68,) weights on the model's device
         self._inverse_height2 = 1.0 / float(self.resolution[0]) ** 2
 
     def __call__(self, out, images, target_landmarks, final=True):
@@ -103,8 +103,12 @@ class MultiLevelObjective:
         xp = array_module(("images", images))
 
         def weight_vector(weight):
-            return xp.full(B, weight * scale, dtype=np.float32)
+            return xp.full(B, weight * scale, dtype=images.dtype)
 
+        point_weights = self._point_weights.get(np.dtype(images.dtype))
+        if point_weights is None:
+            point_weights = self._xp.asarray(landmark_point_weights().astype(images.dtype))
+            self._point_weights[np.dtype(images.dtype)] = point_weights
         levels = [("base", out.base)] + ([("final", out.final)] if final and out.final is not None else [])
         for level, r in levels:
             if w.photometric:
@@ -112,8 +116,8 @@ class MultiLevelObjective:
                 grads[f"{level}_image"] = photometric_loss_backward(r.image, images, r.mask, weight_vector(w.photometric))
             if w.landmarks and target_landmarks is not None:
                 lw = w.landmarks * self._inverse_height2
-                terms[f"landmarks_{level}"] = lw * landmark_loss(r.landmarks, target_landmarks, self._point_weights)
-                grads[f"{level}_landmarks"] = landmark_loss_backward(r.landmarks, target_landmarks, self._point_weights,
+                terms[f"landmarks_{level}"] = lw * landmark_loss(r.landmarks, target_landmarks, point_weights)
+                grads[f"{level}_landmarks"] = landmark_loss_backward(r.landmarks, target_landmarks, point_weights,
                                                                      weight_vector(lw))
         prior_grads = {}
         for name in ("shape", "expression", "albedo"):

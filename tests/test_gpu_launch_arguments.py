@@ -543,6 +543,29 @@ def scenario_corrective_space(cp, rng, monkeypatch):
     return _kernels("nn_adam.cu", "adam_prepare", "adam_update")
 
 
+def scenario_corrective_regularizers(cp, rng, monkeypatch):
+    """The corrective regularizers and their backwards on a GPU model's mesh, with a per-image and a shared
+    guide albedo, both mirror modes, and a non-contiguous input (copied before the kernels)."""
+    from fastface.model import corrective as c  # noqa: PLC0415
+
+    model = _small_model().to("gpu")
+    mesh = c.corrective_mesh(model)
+    _on_gpu(mesh.edges, mesh.neighbours, mesh.symmetry, mesh.mirrored_from)
+    B, V = 2, model.n_vertices
+    offsets = strided(cp, rng.normal(size=(B, V, 3)).astype(np.float32))
+    albedo = cp.asarray(rng.uniform(size=(B, V, 3)).astype(np.float32))
+    grad_out = cp.asarray(np.array([1.0, -0.5], np.float32))
+    _on_gpu(c.smoothness_loss(offsets, mesh), c.smoothness_loss_backward(offsets, mesh, grad_out),
+            c.magnitude_loss(offsets), c.magnitude_loss_backward(offsets, grad_out))
+    for guide in (albedo, model.mean_albedo):
+        _on_gpu(c.reflectance_constancy_loss(albedo, guide, mesh, sharpness=20.0),
+                c.reflectance_constancy_loss_backward(albedo, guide, mesh, grad_out, sharpness=20.0))
+    for mirror_x in (True, False):
+        _on_gpu(c.symmetry_loss(offsets, mesh, mirror_x), c.symmetry_loss_backward(offsets, mesh, grad_out, mirror_x))
+    return _kernels("corrective.cu", "smoothness_fwd", "smoothness_bwd", "magnitude_fwd", "magnitude_bwd",
+                    "reflectance_constancy_fwd", "reflectance_constancy_bwd", "symmetry_fwd", "symmetry_bwd")
+
+
 SCENARIOS = {name[len("scenario_"):]: f for name, f in dict(globals()).items() if name.startswith("scenario_")}
 
 _LAUNCHED = {}  # scenario -> the (file, kernel) pairs it launched in this session

@@ -58,6 +58,11 @@ THREADS_TOGETHER = {
     ("nn_adam.cu", "adam_update"): "__syncthreads",
     ("losses.cu", "photometric_loss_fwd"): "__syncthreads",  # per-image block reduction in shared memory
     ("losses.cu", "photometric_loss_bwd"): "__syncthreads",  # the image's mask sum, the same way
+    # Per-image sums of the corrective regularizers: a fixed-order shared-memory tree per block.
+    ("corrective.cu", "smoothness_fwd"): "__syncthreads",
+    ("corrective.cu", "magnitude_fwd"): "__syncthreads",
+    ("corrective.cu", "reflectance_constancy_fwd"): "__syncthreads",
+    ("corrective.cu", "symmetry_fwd"): "__syncthreads",
 }
 # ... and those that cannot run on the host at all: their launches are checked only.
 CHECK_ONLY = {

@@ -33,13 +33,20 @@ A note for training: Adam moves each basis entry by about `lr` per step in the e
 one learning rate the geometry basis (mm) learns ~100 times more slowly, relative to its scale, than the
 reflectance basis; scaling z_geo's raw encoder output (or its learning rate) makes up for it.
 """
+import dataclasses
+import weakref
+
+import numba
 import numpy as np
 
-from fastface._backend import array_module, cupy_or_none, is_cupy_array
+from fastface._backend import KernelFile, array_module, cupy_or_none, grid_1d, is_cupy_array
 from fastface._checks import check_array, check_finite, check_same_batch, describe
 from fastface.nn._gemm import gemm
 
-__all__ = ["CorrectiveSpace", "DEFAULT_GEOMETRY", "DEFAULT_REFLECTANCE", "DEFAULT_INIT_STD", "FORMAT_VERSION"]
+__all__ = ["CorrectiveSpace", "DEFAULT_GEOMETRY", "DEFAULT_REFLECTANCE", "DEFAULT_INIT_STD", "FORMAT_VERSION",
+           "CorrectiveMesh", "corrective_mesh", "smoothness_loss", "smoothness_loss_backward", "magnitude_loss",
+           "magnitude_loss_backward", "reflectance_constancy_loss", "reflectance_constancy_loss_backward",
+           "symmetry_loss", "symmetry_loss_backward", "DEFAULT_SHARPNESS", "REFLECTANCE_EPS", "CHROMA_EPS"]
 
 DEFAULT_GEOMETRY = 64
 DEFAULT_REFLECTANCE = 64
@@ -321,3 +328,535 @@ class CorrectiveSpace:
         for name, a in arrays.items():
             space.params[name][...] = a
         return space
+
+
+# =============================================================================================
+# The mesh data the regularizers read
+# =============================================================================================
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CorrectiveMesh:
+    """What the corrective regularizers need of a face model's mesh, on the model's device.
+
+    Attributes:
+        n_vertices: V. n_edges: E.
+        edges: (E, 2) int32 unique mesh edges, i < j (FaceModel.edges).
+        neighbour_offsets: (V + 1,) int32 and neighbours: (2E,) int32, the CSR neighbour lists (ascending
+            per vertex): the graph Laplacian is (L o)_v = deg(v) o_v - sum over v's neighbours of o_j, the
+            rows of FaceModel.laplacian() (D - A).
+        symmetry: (V,) int32, the mirror vertex of each vertex (FaceModel.symmetry), or None.
+        mirror_offsets: (V + 1,) int32 and mirrored_from: (V,) int32, the CSR of symmetry's inverse (the u
+            with symmetry[u] == v, ascending), which the symmetry backward gathers from; None without one.
+        device: "cpu" or "gpu".
+    """
+
+    n_vertices: int
+    n_edges: int
+    edges: object
+    neighbour_offsets: object
+    neighbours: object
+    symmetry: object
+    mirror_offsets: object
+    mirrored_from: object
+    device: str
+
+
+def _csr(rows, cols, n):
+    """(offsets (n + 1,), cols sorted by (row, col)) as int32."""
+    order = np.lexsort((cols, rows))
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=offsets[1:])
+    return offsets.astype(np.int32), np.ascontiguousarray(cols[order], dtype=np.int32)
+
+
+def _build_mesh(edges, n_vertices, symmetry):
+    edges = np.ascontiguousarray(edges, dtype=np.int32)
+    e = edges.astype(np.int64)
+    neighbour_offsets, neighbours = _csr(np.concatenate([e[:, 0], e[:, 1]]), np.concatenate([e[:, 1], e[:, 0]]),
+                                         n_vertices)
+    mirror_offsets = mirrored_from = None
+    if symmetry is not None:
+        symmetry = np.ascontiguousarray(symmetry, dtype=np.int32)
+        mirror_offsets, mirrored_from = _csr(symmetry.astype(np.int64), np.arange(n_vertices, dtype=np.int64),
+                                             n_vertices)
+    return dict(n_vertices=int(n_vertices), n_edges=int(edges.shape[0]), edges=edges,
+                neighbour_offsets=neighbour_offsets, neighbours=neighbours, symmetry=symmetry,
+                mirror_offsets=mirror_offsets, mirrored_from=mirrored_from)
+
+
+_MESHES = weakref.WeakKeyDictionary()  # model -> (triangles, symmetry, n_vertices, CorrectiveMesh)
+
+
+def corrective_mesh(model):
+    """The CorrectiveMesh of a FaceModel, on the model's device.
+
+    Computed once per model and triangle array (a GPU model's first call copies its triangles and
+    symmetry to the host: one synchronisation) and cached: assigning new `triangles` or `symmetry` to the
+    model makes a new one; editing those arrays in place does not.
+    """
+    from fastface.model.face_model import FaceModel  # noqa: PLC0415 - face_model does not import this module
+
+    if not isinstance(model, FaceModel):
+        raise TypeError(f"model must be a FaceModel; got {type(model).__name__}")
+    cached = _MESHES.get(model)
+    if (cached is not None and cached[0] is model.triangles and cached[1] is model.symmetry
+            and cached[2] == model.n_vertices):
+        return cached[3]
+    arrays = _build_mesh(model.edges, model.n_vertices,
+                         None if model.symmetry is None else _host(model.symmetry))
+    device = model.device
+    if device == "gpu":
+        cupy = cupy_or_none()
+        arrays = {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+    else:
+        for v in arrays.values():
+            if isinstance(v, np.ndarray):
+                v.setflags(write=False)
+    mesh = CorrectiveMesh(device=device, **arrays)
+    _MESHES[model] = (model.triangles, model.symmetry, model.n_vertices, mesh)
+    return mesh
+
+
+# =============================================================================================
+# The regularizers: Numba twins of kernels/corrective.cu (same names and argument order)
+# =============================================================================================
+
+FWD_THREADS = 256          # FWD_THREADS in kernels/corrective.cu: one block of these per image
+REFLECTANCE_EPS = 1e-3     # smoothing of the l2,1 norm at 0, albedo units (see reflectance_constancy_loss)
+CHROMA_EPS = 1e-3          # the smallest brightness a chromaticity divides by
+DEFAULT_SHARPNESS = 50.0   # of the chromaticity weights (see reflectance_constancy_loss)
+
+
+@numba.njit(cache=True, inline="always")
+def _laplacian_at(ob, nbr_offsets, nbrs, v):
+    V = ob.shape[0]
+    sx = sy = sz = ob[v, 0] * 0
+    for e in range(nbr_offsets[v], nbr_offsets[v + 1]):
+        j = nbrs[e]
+        if j < 0 or j >= V:
+            continue
+        sx += ob[v, 0] - ob[j, 0]
+        sy += ob[v, 1] - ob[j, 1]
+        sz += ob[v, 2] - ob[j, 2]
+    return sx, sy, sz
+
+
+@numba.njit(cache=True, parallel=True)
+def smoothness_fwd(offsets, nbr_offsets, nbrs, out):
+    B, V = offsets.shape[0], offsets.shape[1]
+    for b in numba.prange(B):
+        acc = 0.0
+        for v in range(V):
+            lx, ly, lz = _laplacian_at(offsets[b], nbr_offsets, nbrs, v)
+            acc += np.float64(lx) * lx + np.float64(ly) * ly + np.float64(lz) * lz
+        out[b] = acc / V
+
+
+@numba.njit(cache=True, parallel=True)
+def smoothness_bwd(offsets, nbr_offsets, nbrs, grad_out, grad_offsets):
+    B, V = offsets.shape[0], offsets.shape[1]
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        ob = offsets[b]
+        lx, ly, lz = _laplacian_at(ob, nbr_offsets, nbrs, v)
+        sx = sy = sz = lx * 0
+        for e in range(nbr_offsets[v], nbr_offsets[v + 1]):
+            j = nbrs[e]
+            if j < 0 or j >= V:
+                continue
+            jx, jy, jz = _laplacian_at(ob, nbr_offsets, nbrs, j)
+            sx += lx - jx
+            sy += ly - jy
+            sz += lz - jz
+        scale = 2.0 * grad_out[b] / V
+        grad_offsets[b, v, 0] = scale * sx
+        grad_offsets[b, v, 1] = scale * sy
+        grad_offsets[b, v, 2] = scale * sz
+
+
+@numba.njit(cache=True, parallel=True)
+def magnitude_fwd(offsets, out):
+    B, V = offsets.shape[0], offsets.shape[1]
+    for b in numba.prange(B):
+        acc = 0.0
+        for v in range(V):
+            for c in range(3):
+                acc += np.float64(offsets[b, v, c]) * offsets[b, v, c]
+        out[b] = acc / V
+
+
+@numba.njit(cache=True, parallel=True)
+def magnitude_bwd(offsets, grad_out, grad_offsets):
+    B, V = offsets.shape[0], offsets.shape[1]
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        scale = 2.0 * grad_out[b] / V
+        for c in range(3):
+            grad_offsets[b, v, c] = scale * offsets[b, v, c]
+
+
+@numba.njit(cache=True, inline="always")
+def _chroma(gb, i, chroma_eps):
+    r, g, b = max(gb[i, 0], 0.0), max(gb[i, 1], 0.0), max(gb[i, 2], 0.0)
+    inv = 1.0 / max(r + g + b, chroma_eps)
+    return r * inv, g * inv, b * inv
+
+
+@numba.njit(cache=True, inline="always")
+def _edge_weight(gb, i, j, sharpness, chroma_eps):
+    ix, iy, iz = _chroma(gb, i, chroma_eps)
+    jx, jy, jz = _chroma(gb, j, chroma_eps)
+    dx, dy, dz = ix - jx, iy - jy, iz - jz
+    return np.exp(-sharpness * np.sqrt(dx * dx + dy * dy + dz * dz))
+
+
+@numba.njit(cache=True, parallel=True)
+def reflectance_constancy_fwd(albedo, guide, edges, out, sharpness, eps, chroma_eps):
+    """guide: (B, V, 3), or (1, V, 3) shared by every image."""
+    B, V, E = albedo.shape[0], albedo.shape[1], edges.shape[0]
+    guide_step = 1 if guide.shape[0] > 1 else 0
+    for b in numba.prange(B):
+        ab, gb = albedo[b], guide[b * guide_step]
+        acc = 0.0
+        for e in range(E):
+            i, j = edges[e, 0], edges[e, 1]
+            if i < 0 or i >= V or j < 0 or j >= V:
+                continue
+            dx, dy, dz = ab[i, 0] - ab[j, 0], ab[i, 1] - ab[j, 1], ab[i, 2] - ab[j, 2]
+            r = np.sqrt(dx * dx + dy * dy + dz * dz + eps * eps)
+            acc += _edge_weight(gb, i, j, sharpness, chroma_eps) * r
+        out[b] = acc / E
+
+
+@numba.njit(cache=True, parallel=True)
+def reflectance_constancy_bwd(albedo, guide, nbr_offsets, nbrs, grad_out, grad_albedo, sharpness, eps, chroma_eps):
+    B, V = albedo.shape[0], albedo.shape[1]
+    E = nbrs.shape[0] // 2
+    guide_step = 1 if guide.shape[0] > 1 else 0
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        ab, gb = albedo[b], guide[b * guide_step]
+        sx = sy = sz = 0.0
+        for e in range(nbr_offsets[v], nbr_offsets[v + 1]):
+            j = nbrs[e]
+            if j < 0 or j >= V:
+                continue
+            dx, dy, dz = ab[v, 0] - ab[j, 0], ab[v, 1] - ab[j, 1], ab[v, 2] - ab[j, 2]
+            r = np.sqrt(dx * dx + dy * dy + dz * dz + eps * eps)
+            w = _edge_weight(gb, min(v, j), max(v, j), sharpness, chroma_eps)
+            f = w / r
+            sx += f * dx
+            sy += f * dy
+            sz += f * dz
+        scale = grad_out[b] / E
+        grad_albedo[b, v, 0] = scale * sx
+        grad_albedo[b, v, 1] = scale * sy
+        grad_albedo[b, v, 2] = scale * sz
+
+
+@numba.njit(cache=True, inline="always")
+def _symmetry_residual(ob, symmetry, v, mx):
+    V = ob.shape[0]
+    dx, dy, dz = ob[v, 0], ob[v, 1], ob[v, 2]
+    s = symmetry[v]
+    if 0 <= s < V:
+        dx -= mx * ob[s, 0]
+        dy -= ob[s, 1]
+        dz -= ob[s, 2]
+    return dx, dy, dz
+
+
+@numba.njit(cache=True, parallel=True)
+def symmetry_fwd(offsets, symmetry, out, mirror_x):
+    B, V = offsets.shape[0], offsets.shape[1]
+    mx = -1.0 if mirror_x else 1.0
+    for b in numba.prange(B):
+        acc = 0.0
+        for v in range(V):
+            dx, dy, dz = _symmetry_residual(offsets[b], symmetry, v, mx)
+            acc += np.float64(dx) * dx + np.float64(dy) * dy + np.float64(dz) * dz
+        out[b] = acc / V
+
+
+@numba.njit(cache=True, parallel=True)
+def symmetry_bwd(offsets, symmetry, mirror_offsets, mirrored_from, grad_out, grad_offsets, mirror_x):
+    B, V = offsets.shape[0], offsets.shape[1]
+    mx = -1.0 if mirror_x else 1.0
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        ob = offsets[b]
+        gx, gy, gz = _symmetry_residual(ob, symmetry, v, mx)
+        for e in range(mirror_offsets[v], mirror_offsets[v + 1]):
+            u = mirrored_from[e]
+            if u < 0 or u >= V:
+                continue
+            dx, dy, dz = _symmetry_residual(ob, symmetry, u, mx)
+            gx -= mx * dx
+            gy -= dy
+            gz -= dz
+        scale = 2.0 * grad_out[b] / V
+        grad_offsets[b, v, 0] = scale * gx
+        grad_offsets[b, v, 1] = scale * gy
+        grad_offsets[b, v, 2] = scale * gz
+
+
+_KERNELS = KernelFile("corrective.cu", (
+    "smoothness_fwd", "smoothness_bwd", "magnitude_fwd", "magnitude_bwd", "reflectance_constancy_fwd",
+    "reflectance_constancy_bwd", "symmetry_fwd", "symmetry_bwd"))
+
+
+# =============================================================================================
+# The public pairs
+# =============================================================================================
+
+def _check_field(name, a, mesh=None, needs_mesh=True):
+    """xp after checking a (B, V, 3) float field (float32; float64 too on the CPU) against the mesh."""
+    if needs_mesh and not isinstance(mesh, CorrectiveMesh):
+        raise TypeError(f"mesh must be a CorrectiveMesh (from corrective_mesh(model)); got {type(mesh).__name__}")
+    xp = array_module((name, a), ("mesh", None if mesh is None else mesh.edges))
+    dtypes = (np.float32, np.float64) if xp is np else (np.float32,)
+    v = mesh.n_vertices if mesh is not None else "V"
+    try:
+        check_array(name, a, dtypes, ("B", v, 3))
+    except TypeError as e:
+        if xp is not np and getattr(a, "dtype", None) == np.float64:
+            raise TypeError(f"{name} must be float32 on the GPU (float64 is accepted on the CPU only); got "
+                            f"{describe(a)}") from e
+        raise
+    check_finite(name, a)
+    return xp
+
+
+def _check_grad_out(grad_out, field, xp):
+    array_module(("grad_out", grad_out), ("the first argument", field))
+    check_array("grad_out", grad_out, field.dtype, (field.shape[0],))
+    check_finite("grad_out", grad_out)
+    return xp.ascontiguousarray(grad_out)
+
+
+def _contiguous(xp, a):
+    return xp.ascontiguousarray(a)
+
+
+def _launch_fwd(name, batch, args):
+    _KERNELS(name)((int(batch),), (FWD_THREADS,), args)
+
+
+def _launch_bwd(name, n_threads, args):
+    _KERNELS(name)(*grid_1d(n_threads), args)
+
+
+def smoothness_loss(offsets, mesh):
+    """Per-image smoothness of an offset field: ||L offsets||^2 / V, L the mesh's graph Laplacian (D - A).
+
+    Args:
+        offsets: (B, V, 3) float32 (float64 also on the CPU), numpy or cupy like the mesh.
+        mesh: corrective_mesh(model).
+
+    Returns:
+        (B,) of offsets' dtype: sum over vertices and channels of (deg(v) o_v - sum_j o_j)^2, divided by V.
+        Zero for a constant field; for a linear field, zero at every vertex whose neighbours are
+        placed symmetrically around it.
+    """
+    xp = _check_field("offsets", offsets, mesh)
+    offsets = _contiguous(xp, offsets)
+    B, V = offsets.shape[0], offsets.shape[1]
+    out = xp.empty(B, dtype=offsets.dtype)
+    if xp is np:
+        smoothness_fwd(offsets, mesh.neighbour_offsets, mesh.neighbours, out)
+    else:
+        _launch_fwd("smoothness_fwd", B, (offsets, mesh.neighbour_offsets, mesh.neighbours, out, np.int32(B),
+                                          np.int32(V)))
+    return out
+
+
+def smoothness_loss_backward(offsets, mesh, grad_out):
+    """Gradient of sum_b grad_out[b] smoothness_loss(offsets)[b]: (2 grad_out[b] / V) L^T L offsets.
+
+    Args: as smoothness_loss; grad_out (B,) of offsets' dtype. Returns (B, V, 3).
+    """
+    xp = _check_field("offsets", offsets, mesh)
+    grad_out = _check_grad_out(grad_out, offsets, xp)
+    offsets = _contiguous(xp, offsets)
+    B, V = offsets.shape[0], offsets.shape[1]
+    grad = xp.empty(offsets.shape, dtype=offsets.dtype)
+    if xp is np:
+        smoothness_bwd(offsets, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad)
+    else:
+        _launch_bwd("smoothness_bwd", B * V, (offsets, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad,
+                                              np.int32(B), np.int32(V)))
+    return grad
+
+
+def magnitude_loss(offsets):
+    """Per-image magnitude of an offset field: the mean over vertices of ||o_v||^2.
+
+    Args:
+        offsets: (B, V, 3) float32 (float64 also on the CPU), numpy or cupy.
+
+    Returns:
+        (B,) of offsets' dtype.
+    """
+    xp = _check_field("offsets", offsets, needs_mesh=False)
+    offsets = _contiguous(xp, offsets)
+    B, V = offsets.shape[0], offsets.shape[1]
+    out = xp.empty(B, dtype=offsets.dtype)
+    if xp is np:
+        magnitude_fwd(offsets, out)
+    else:
+        _launch_fwd("magnitude_fwd", B, (offsets, out, np.int32(B), np.int32(V)))
+    return out
+
+
+def magnitude_loss_backward(offsets, grad_out):
+    """Gradient of sum_b grad_out[b] magnitude_loss(offsets)[b]: (2 grad_out[b] / V) offsets. (B, V, 3)."""
+    xp = _check_field("offsets", offsets, needs_mesh=False)
+    grad_out = _check_grad_out(grad_out, offsets, xp)
+    offsets = _contiguous(xp, offsets)
+    B, V = offsets.shape[0], offsets.shape[1]
+    grad = xp.empty(offsets.shape, dtype=offsets.dtype)
+    if xp is np:
+        magnitude_bwd(offsets, grad_out, grad)
+    else:
+        _launch_bwd("magnitude_bwd", B * V * 3, (offsets, grad_out, grad, np.int32(B), np.int32(V)))
+    return grad
+
+
+def _check_sharpness(sharpness):
+    if isinstance(sharpness, bool) or not isinstance(sharpness, (int, float, np.integer, np.floating)):
+        raise TypeError(f"sharpness must be a number; got {sharpness!r}")
+    if not 0.0 <= float(sharpness) < np.inf:
+        raise ValueError(f"sharpness must be finite and >= 0; got {sharpness!r}")
+    return float(sharpness)
+
+
+def _check_guide(guide_albedo, albedo, mesh, xp):
+    array_module(("guide_albedo", guide_albedo), ("albedo", albedo))
+    which = check_array("guide_albedo", guide_albedo, albedo.dtype, ("B", mesh.n_vertices, 3), (mesh.n_vertices, 3))
+    if which == 0:
+        check_same_batch(["albedo", "guide_albedo"], [albedo, guide_albedo])
+    check_finite("guide_albedo", guide_albedo)
+    guide = _contiguous(xp, guide_albedo)
+    return guide if which == 0 else guide.reshape(1, mesh.n_vertices, 3)
+
+
+def _reflectance_args(albedo, guide_albedo, mesh, sharpness):
+    if mesh is not None and isinstance(mesh, CorrectiveMesh) and mesh.n_edges == 0:
+        raise ValueError("mesh has no edges: reflectance constancy is a sum over edges")
+    xp = _check_field("albedo", albedo, mesh)
+    sharpness = _check_sharpness(sharpness)
+    guide = _check_guide(guide_albedo, albedo, mesh, xp)
+    return xp, _contiguous(xp, albedo), guide, sharpness
+
+
+def reflectance_constancy_loss(albedo, guide_albedo, mesh, sharpness=DEFAULT_SHARPNESS):
+    """Per-image local reflectance constancy: a chromaticity-weighted, sparsity-inducing l2,1 norm over edges.
+
+        loss[b] = (1 / E) sum over mesh edges (i, j) of w_ij sqrt(||a_i - a_j||^2 + REFLECTANCE_EPS^2)
+        w_ij = exp(-sharpness ||chroma(guide_i) - chroma(guide_j)||)
+        chroma(c) = max(c, 0) / max(max(r, 0) + max(g, 0) + max(b, 0), CHROMA_EPS)
+
+    (Tewari et al. 2018, the local reflectance constancy of the final albedo, weighted by the chromaticity
+    similarity of the base albedo.) The norm of each edge's colour DIFFERENCE, not its square, is the
+    sparsity-inducing l2,1 norm: it drives most differences to exactly (nearly) zero and lets a few
+    edges (skin to lips, brows, blemishes) differ a lot, where a square would blur everything a little.
+    REFLECTANCE_EPS = 1e-3 (albedo units, a quarter of an 8-bit level, below what an image can show)
+    rounds the norm's kink at 0 so that the gradient is continuous; the constant w_ij * eps it adds to an
+    edge of equal colours has no gradient.
+    The chromaticity (r, g, b) / (r + g + b) is the colour without its brightness, so shading baked into
+    the guide does not split regions; negative albedo (a morphable model can produce it) is clamped to 0
+    and CHROMA_EPS = 1e-3 keeps black from dividing by zero (black has chromaticity 0).
+    DEFAULT_SHARPNESS = 50: on fastface's default model (mean albedo and random albedos of its prior),
+    the chromaticity differences across edges have a median of ~1e-3 and a 90th percentile of ~4e-3
+    (skin next to skin: weights 0.95 and 0.83), and a 99th percentile of ~0.07 to a largest ~0.15 (skin
+    next to lips or brows: weights 0.03 to 5e-4), so edges inside a region are smoothed and region
+    boundaries left free.
+
+    Args:
+        albedo: (B, V, 3) float32 (float64 also on the CPU), the final albedo (base + reflectance offsets).
+        guide_albedo: (B, V, 3) or (V, 3), albedo's dtype and device: the base albedo the weights come
+            from; a constant (no gradient flows to it).
+        mesh: corrective_mesh(model).
+        sharpness: the weights' sharpness, >= 0 (0: every weight 1).
+
+    Returns:
+        (B,) of albedo's dtype.
+    """
+    xp, albedo, guide, sharpness = _reflectance_args(albedo, guide_albedo, mesh, sharpness)
+    B, V, E = albedo.shape[0], albedo.shape[1], mesh.n_edges
+    out = xp.empty(B, dtype=albedo.dtype)
+    if xp is np:
+        reflectance_constancy_fwd(albedo, guide, mesh.edges, out, sharpness, REFLECTANCE_EPS, CHROMA_EPS)
+    else:
+        _launch_fwd("reflectance_constancy_fwd", B, (
+            albedo, guide, mesh.edges, out, np.float32(sharpness), np.float32(REFLECTANCE_EPS), np.float32(CHROMA_EPS),
+            np.int64(0 if guide.shape[0] == 1 else 3 * V), np.int32(B), np.int32(V), np.int32(E)))
+    return out
+
+
+def reflectance_constancy_loss_backward(albedo, guide_albedo, mesh, grad_out, sharpness=DEFAULT_SHARPNESS):
+    """Gradient of sum_b grad_out[b] reflectance_constancy_loss(...)[b] with respect to albedo (B, V, 3):
+    (grad_out[b] / E) sum over v's neighbours j of w_vj (a_v - a_j) / sqrt(||a_v - a_j||^2 + eps^2).
+    The guide is a constant: no gradient is returned for it."""
+    xp, albedo, guide, sharpness = _reflectance_args(albedo, guide_albedo, mesh, sharpness)
+    grad_out = _check_grad_out(grad_out, albedo, xp)
+    B, V, E = albedo.shape[0], albedo.shape[1], mesh.n_edges
+    grad = xp.empty(albedo.shape, dtype=albedo.dtype)
+    if xp is np:
+        reflectance_constancy_bwd(albedo, guide, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad, sharpness,
+                                  REFLECTANCE_EPS, CHROMA_EPS)
+    else:
+        _launch_bwd("reflectance_constancy_bwd", B * V, (
+            albedo, guide, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad, np.float32(sharpness),
+            np.float32(REFLECTANCE_EPS), np.float32(CHROMA_EPS), np.int64(0 if guide.shape[0] == 1 else 3 * V),
+            np.int32(B), np.int32(V), np.int32(E)))
+    return grad
+
+
+def _check_symmetry(mesh, mirror_x):
+    if isinstance(mesh, CorrectiveMesh) and mesh.symmetry is None:
+        raise ValueError("mesh has no symmetry map (the model's symmetry is None): symmetry_loss needs one")
+    if not isinstance(mirror_x, (bool, np.bool_)):
+        raise TypeError(f"mirror_x must be True (geometry: mirror x) or False (reflectance); got {mirror_x!r}")
+    return bool(mirror_x)
+
+
+def symmetry_loss(offsets, mesh, mirror_x):
+    """Per-image left/right symmetry of an offset field: the mean over v of ||o_v - M o_sym(v)||^2.
+
+    Args:
+        offsets: (B, V, 3) float32 (float64 also on the CPU), numpy or cupy like the mesh.
+        mesh: corrective_mesh(model) of a model with a symmetry map.
+        mirror_x: True for geometry offsets (M = diag(-1, 1, 1): the mirror image of an offset across the
+            plane x = 0 negates its x), False for reflectance offsets (M = identity).
+
+    Returns:
+        (B,) of offsets' dtype; zero for a field that is its own mirror image.
+    """
+    xp = _check_field("offsets", offsets, mesh)
+    mirror_x = _check_symmetry(mesh, mirror_x)
+    offsets = _contiguous(xp, offsets)
+    B, V = offsets.shape[0], offsets.shape[1]
+    out = xp.empty(B, dtype=offsets.dtype)
+    if xp is np:
+        symmetry_fwd(offsets, mesh.symmetry, out, mirror_x)
+    else:
+        _launch_fwd("symmetry_fwd", B, (offsets, mesh.symmetry, out, np.int32(mirror_x), np.int32(B), np.int32(V)))
+    return out
+
+
+def symmetry_loss_backward(offsets, mesh, grad_out, mirror_x):
+    """Gradient of sum_b grad_out[b] symmetry_loss(offsets, mesh, mirror_x)[b] (B, V, 3):
+    (2 grad_out[b] / V) (d_v - sum over the u with sym(u) = v of M d_u), d_u = o_u - M o_sym(u)."""
+    xp = _check_field("offsets", offsets, mesh)
+    mirror_x = _check_symmetry(mesh, mirror_x)
+    grad_out = _check_grad_out(grad_out, offsets, xp)
+    offsets = _contiguous(xp, offsets)
+    B, V = offsets.shape[0], offsets.shape[1]
+    grad = xp.empty(offsets.shape, dtype=offsets.dtype)
+    if xp is np:
+        symmetry_bwd(offsets, mesh.symmetry, mesh.mirror_offsets, mesh.mirrored_from, grad_out, grad, mirror_x)
+    else:
+        _launch_bwd("symmetry_bwd", B * V, (offsets, mesh.symmetry, mesh.mirror_offsets, mesh.mirrored_from, grad_out,
+                                            grad, np.int32(mirror_x), np.int32(B), np.int32(V)))
+    return grad

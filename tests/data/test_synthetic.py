@@ -1,0 +1,253 @@
+"""Synthetic faces: deterministic per seed, detail outside the base model's span, consistent ground truth."""
+import numpy as np
+import pytest
+
+from fastface import FaceModel
+from fastface.data import EVAL_SEEDS, TRAIN_SEEDS, SyntheticBatch, SyntheticFaces, default_framing
+from fastface.data import synthetic
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FaceModel.default(level="small")
+
+
+@pytest.fixture(scope="module")
+def faces(model):
+    return SyntheticFaces(model, resolution=(48, 40))
+
+
+@pytest.fixture(scope="module")
+def batch(faces):
+    return faces.batch(TRAIN_SEEDS[:6])
+
+
+# Across batch compositions the model's GEMM (BLAS) may round the last bit of a vertex differently
+# (module docstring): vertices of ~100 mm agree to a few float32 ulps, pixels to 1e-6.
+_ACROSS_BATCHES = {"vertices": 1e-4, "detail_vertices": 1e-5, "albedo": 1e-6, "detail_albedo": 1e-6,
+                   "landmarks": 1e-4, "images": 1e-5, "coverage": 1e-6, "background": 0.0}
+
+
+def test_train_and_eval_seeds_are_disjoint_ranges():
+    assert len(TRAIN_SEEDS) >= 100_000 and len(EVAL_SEEDS) >= 1_000
+    assert set(TRAIN_SEEDS[-1000:]).isdisjoint(EVAL_SEEDS) and max(TRAIN_SEEDS) < min(EVAL_SEEDS)
+
+
+def test_a_seed_gives_the_same_face_in_any_batch(faces, batch):
+    alone = faces.batch([TRAIN_SEEDS[4]])
+    mixed = faces.batch([EVAL_SEEDS[0], TRAIN_SEEDS[4], TRAIN_SEEDS[1]])
+    for other, index in ((alone, 0), (mixed, 1)):
+        for name, atol in _ACROSS_BATCHES.items():
+            np.testing.assert_allclose(getattr(other, name)[index], getattr(batch, name)[4], rtol=0, atol=atol,
+                                       err_msg=name)
+        for name in ("shape", "expression", "albedo", "sh", "angles", "translation"):
+            np.testing.assert_array_equal(getattr(other.params, name)[index], getattr(batch.params, name)[4])
+        assert (other.mask[index] != batch.mask[4]).mean() < 1e-3
+    np.testing.assert_array_equal(mixed.seeds, [EVAL_SEEDS[0], TRAIN_SEEDS[4], TRAIN_SEEDS[1]])
+
+
+def test_the_same_seeds_give_identical_batches_in_a_new_generator(model, batch):
+    again = SyntheticFaces(model, resolution=(48, 40)).batch(TRAIN_SEEDS[:6])
+    for name in ("images", "mask", "landmarks", "vertices", "albedo", "detail_vertices", "detail_albedo"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(batch, name), err_msg=name)
+
+
+def test_different_seeds_give_different_faces(batch):
+    assert np.abs(batch.vertices[0] - batch.vertices[1]).max() > 1.0
+    assert np.abs(batch.images[0] - batch.images[1]).mean() > 0.02
+
+
+def test_outputs_have_the_documented_shapes_and_dtypes(model, batch):
+    B, V = 6, model.n_vertices
+    assert isinstance(batch, SyntheticBatch)
+    expected = {"images": ((B, 48, 40, 3), np.float32), "mask": ((B, 48, 40), np.bool_),
+                "coverage": ((B, 48, 40), np.float32), "landmarks": ((B, 68, 2), np.float32),
+                "vertices": ((B, V, 3), np.float32), "albedo": ((B, V, 3), np.float32),
+                "detail_vertices": ((B, V, 3), np.float32), "detail_albedo": ((B, V, 3), np.float32),
+                "background": ((B, 48, 40, 3), np.float32)}
+    for name, (shape, dtype) in expected.items():
+        a = getattr(batch, name)
+        assert a.shape == shape and a.dtype == dtype, (name, a.shape, a.dtype)
+    p = batch.params
+    assert p.shape.shape == (B, model.n_shape) and p.expression.shape == (B, model.n_expression)
+    assert p.albedo.shape == (B, model.n_albedo) and p.sh.shape == (B, 9, 3)
+    assert p.angles.shape == (B, 3) and p.translation.shape == (B, 3)
+    assert all(getattr(p, n).dtype == np.float32 for n in ("shape", "expression", "albedo", "sh", "angles",
+                                                           "translation"))
+
+
+def test_images_are_finite_in_the_unit_range_and_the_mask_matches_the_coverage(batch):
+    assert np.isfinite(batch.images).all()
+    assert batch.images.min() >= 0.0 and batch.images.max() <= 1.0
+    np.testing.assert_array_equal(batch.mask, batch.coverage >= 0.5)
+    assert 0.15 < batch.mask.mean() < 0.7
+    # Where no sample touches the face (or the mouth's interior) the image is the background.
+    outside = batch.coverage == 0
+    far = outside & np.roll(outside, 1, 1) & np.roll(outside, -1, 1) & np.roll(outside, 1, 2) & \
+        np.roll(outside, -1, 2)
+    np.testing.assert_allclose(batch.images[far], batch.background[far], atol=1e-6)
+    # On the face, the image is the face: not the background.
+    inside = batch.coverage == 1
+    assert np.abs(batch.images[inside] - batch.background[inside]).mean() > 0.05
+    # The outline is antialiased: some pixels are partly covered.
+    partial = (batch.coverage > 0) & (batch.coverage < 1)
+    assert partial.sum() > 0
+
+
+def test_vertices_and_albedo_are_the_base_model_plus_the_detail(model, batch):
+    p = batch.params
+    base_vertices, base_albedo = model.evaluate(p.shape, p.expression, p.albedo)
+    np.testing.assert_allclose(batch.vertices, base_vertices + batch.detail_vertices, atol=1e-4)
+    np.testing.assert_allclose(batch.albedo, base_albedo + batch.detail_albedo, atol=1e-6)
+
+
+def _rms(a):
+    return float(np.sqrt(np.mean(np.sum(np.asarray(a, np.float64) ** 2, axis=-1))))
+
+
+def test_detail_lies_outside_the_base_models_span_and_is_a_few_millimetres(model, batch):
+    geometry = np.concatenate([model.shape_basis, model.expression_basis]).astype(np.float64)
+    albedo = model.albedo_basis.astype(np.float64)
+    for detail, basis in ((batch.detail_vertices, geometry), (batch.detail_albedo, albedo)):
+        d = detail.reshape(len(detail), -1).astype(np.float64)
+        coef = np.linalg.lstsq(basis.T, d.T, rcond=None)[0]
+        left = d - (basis.T @ coef).T
+        ratio = np.linalg.norm(left, axis=1) / np.linalg.norm(d, axis=1)
+        assert (ratio > 0.999).all(), ratio  # the base model can express none of it
+    rms = [_rms(v) for v in batch.detail_vertices]
+    assert 1.0 < np.mean(rms) < 5.0, rms
+    albedo_rms = [_rms(a) for a in batch.detail_albedo]
+    assert 0.01 < np.mean(albedo_rms) < 0.1, albedo_rms
+
+
+def test_the_detail_moves_the_landmarks_and_the_outline(model):
+    with_detail = SyntheticFaces(model, resolution=(96, 96)).batch(TRAIN_SEEDS[:4])
+    without = SyntheticFaces(model, resolution=(96, 96), detail=False).batch(TRAIN_SEEDS[:4])
+    for name in ("shape", "expression", "albedo", "sh", "angles", "translation"):
+        np.testing.assert_array_equal(getattr(with_detail.params, name), getattr(without.params, name))
+    assert not without.detail_vertices.any() and not without.detail_albedo.any()
+    shift = np.linalg.norm(with_detail.landmarks - without.landmarks, axis=-1)
+    assert shift.mean() > 0.3, shift.mean()  # pixels, at 96 x 96
+    assert (with_detail.mask != without.mask).mean() > 0.002
+
+
+def test_landmarks_are_the_projected_ground_truth_landmark_vertices(model, faces, batch):
+    p = batch.params
+    angles = p.angles.astype(np.float64)
+    H, W = faces.resolution
+    for b in range(len(angles)):
+        pitch, yaw, roll = angles[b]
+        rx = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
+        ry = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
+        rz = np.array([[np.cos(roll), -np.sin(roll), 0], [np.sin(roll), np.cos(roll), 0], [0, 0, 1]])
+        cam = batch.vertices[b, model.landmarks].astype(np.float64) @ (rz @ ry @ rx).T + p.translation[b]
+        x = faces.focal * cam[:, 0] / -cam[:, 2] + W / 2 - 0.5
+        y = -faces.focal * cam[:, 1] / -cam[:, 2] + H / 2 - 0.5
+        np.testing.assert_allclose(batch.landmarks[b], np.stack([x, y], 1), atol=2e-3)
+    assert (batch.landmarks[..., 0] > 0).all() and (batch.landmarks[..., 0] < W - 1).all()
+    assert (batch.landmarks[..., 1] > 0).all() and (batch.landmarks[..., 1] < H - 1).all()
+
+
+def test_default_framing_fills_about_80_percent_of_the_height(model):
+    focal, translation = default_framing((64, 48))
+    assert focal == pytest.approx(2.81 * 64, rel=1e-3)
+    np.testing.assert_array_equal(translation, np.float32([0.0, 2.5, -650.0]))
+    p = model.mean_shape.astype(np.float64) + translation
+    y = -focal * p[:, 1] / -p[:, 2] + 32 - 0.5
+    assert 0.78 < (y.max() - y.min()) / 64 < 0.82 and abs((y.max() + y.min()) / 2 - 31.5) < 0.5
+    # Twice as far: twice the focal, the same framing.
+    assert default_framing((64, 48), -1300.0)[0] == pytest.approx(2 * focal)
+    faces = SyntheticFaces(model, resolution=(64, 48))
+    assert faces.focal == focal and np.array_equal(faces.translation, translation)
+    rows = SyntheticFaces(model, resolution=(64, 64)).batch(TRAIN_SEEDS[:16]).mask.any(axis=2)
+    heights = [np.ptp(np.flatnonzero(r)) + 1 for r in rows]
+    assert 0.65 < np.mean(heights) / 64 < 0.9, heights
+
+
+def test_faces_vary_in_pose_lighting_and_background(batch):
+    p = batch.params
+    assert np.ptp(p.angles[:, 1]) > 0.3 and np.abs(p.angles[:, 1]).max() <= 0.6
+    assert np.abs(p.angles[:, 0]).max() <= 0.25 and np.abs(p.angles[:, 2]).max() <= 0.15
+    assert np.ptp(p.sh[:, 1:4, 0], axis=0).max() > 0.05  # the light comes from different directions
+    means = batch.background.mean(axis=(1, 2))
+    assert np.ptp(means, axis=0).max() > 0.2
+    # Not a constant colour: every background has texture at the pixel scale.
+    fine = np.abs(np.diff(batch.background, axis=2)).mean(axis=(1, 2, 3))
+    assert (fine > 1e-3).all() and np.ptp(batch.background, axis=(1, 2)).min() > 0.05
+
+
+def test_the_mouths_interior_is_dark_and_outside_the_mask(model):
+    faces = SyntheticFaces(model, resolution=(128, 128))
+    assert faces._mouth_loop is not None and len(faces._mouth_loop) > 10
+    # A frontal face with the jaw wide open: the pixels between the lips are dark and not in the mask.
+    jaw = model.expression_names.index("jaw_open")
+    draw = faces._draw
+
+    def open_mouth(seed):
+        d = draw(seed)
+        d["expression"][:] = 0.0
+        d["expression"][jaw] = 3.0
+        d["angles"][:] = 0.0
+        return d
+
+    faces._draw = open_mouth
+    b = faces.batch([1, 2])
+    for k in range(2):
+        lips = b.landmarks[k, [62, 66]]
+        x, y0, y1 = int(round(lips[:, 0].mean())), int(np.ceil(lips[0, 1])), int(np.floor(lips[1, 1]))
+        assert y1 - y0 >= 4, (y0, y1)
+        column = slice(y0 + 1, y1 - 1)
+        assert not b.mask[k, column, x].any()
+        assert b.images[k, column, x].max() < 0.2
+        assert (b.coverage[k, column, x] == 0).all()
+
+
+@pytest.mark.parametrize("seeds, exc, text", [
+    ([-1], ValueError, "non-negative"), ([1.5], TypeError, "integers"), ([], ValueError, "at least one"),
+    (3, TypeError, "sequence"), (None, TypeError, "sequence"), ([True], TypeError, "integers")])
+def test_bad_seeds_are_refused_naming_the_argument(faces, seeds, exc, text):
+    with pytest.raises(exc, match="seeds") as err:
+        faces.batch(seeds)
+    assert text in str(err.value)
+
+
+def test_bad_constructor_arguments_are_refused(model):
+    with pytest.raises(ValueError, match="resolution"):
+        SyntheticFaces(model, resolution=(0, 64))
+    with pytest.raises(TypeError, match="resolution"):
+        SyntheticFaces(model, resolution=64)
+    with pytest.raises(ValueError, match="focal"):
+        SyntheticFaces(model, focal=-3.0)
+    with pytest.raises(ValueError, match="translation_z"):
+        SyntheticFaces(model, translation_z=100.0)
+    with pytest.raises(ValueError, match="supersample"):
+        SyntheticFaces(model, supersample=0)
+    bare = model.truncated()
+    bare.landmarks = None
+    with pytest.raises(ValueError, match="landmarks"):
+        SyntheticFaces(bare)
+
+
+def test_the_detail_dictionaries_are_built_once_per_model_and_seed(model, faces):
+    again = SyntheticFaces(model, resolution=(32, 32))
+    assert again.detail_geometry_basis is not None
+    assert synthetic._detail_of(model, 0) is synthetic._detail_of(model, 0)
+    other = SyntheticFaces(model, resolution=(48, 40), seed=1)
+    assert not np.allclose(other.detail_geometry_basis, faces.detail_geometry_basis)
+    kinds = set(faces.detail_geometry_kinds) | set(faces.detail_albedo_kinds)
+    assert {"held_back", "bump", "nasolabial", "forehead", "mole", "freckles", "blotch"} <= kinds
+
+
+def test_gpu_synthetic_faces_match_the_cpu(model, cupy, tol):
+    cpu = SyntheticFaces(model, resolution=(64, 64)).batch(TRAIN_SEEDS[:4])
+    gpu = SyntheticFaces(model.to("gpu"), resolution=(64, 64)).batch(TRAIN_SEEDS[:4])
+    assert isinstance(gpu.images, cupy.ndarray) and isinstance(gpu.params.shape, cupy.ndarray)
+    for name in ("vertices", "detail_vertices"):
+        np.testing.assert_allclose(cupy.asnumpy(getattr(gpu, name)), getattr(cpu, name), atol=2e-3, err_msg=name)
+    for name in ("albedo", "detail_albedo", "background"):
+        np.testing.assert_allclose(cupy.asnumpy(getattr(gpu, name)), getattr(cpu, name), atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(cupy.asnumpy(gpu.landmarks), cpu.landmarks, atol=2e-3)
+    mask = cupy.asnumpy(gpu.mask)
+    assert (mask != cpu.mask).mean() < 2e-3
+    same = (cupy.asnumpy(gpu.coverage) == cpu.coverage)
+    np.testing.assert_allclose(cupy.asnumpy(gpu.images)[same], cpu.images[same], atol=1e-3)

@@ -1,0 +1,232 @@
+"""The multi-level training pipeline: the code layout, the whole step's gradient, checkpoints, faults, resume."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fastface
+from fastface.autoencoder import CodeLayout, FaceAutoencoder
+from fastface.checkpoint import load_checkpoint, save_checkpoint
+from fastface.model.corrective import CorrectiveSpace
+from fastface.nn import Adam, Encoder
+from fastface.objective import LossWeights, MultiLevelObjective
+from fastface.train import TrainSettings, train
+from tests.gradcheck import numerical_gradient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RES = 16
+
+
+def _tiny(dtype=np.float64, seed=0):
+    model = fastface.FaceModel.default(level="small").truncated(n_shape=4, n_expression=3, n_albedo=4)
+    layout = CodeLayout(n_shape=4, n_expression=3, n_albedo=4, n_geometry=3, n_reflectance=2,
+                        translation=(0.0, 0.0, -600.0))
+    encoder = Encoder(n_outputs=layout.size, resolution=RES, widths=(4, 8), stem_width=4, seed=seed,
+                      fc_init_scale=0.3, precision="float64" if dtype == np.float64 else "float32")
+    correctives = CorrectiveSpace(model.n_vertices, 3, 2, seed=seed, init_std=(0.5, 0.02), dtype=dtype)
+    ae = FaceAutoencoder(model, encoder, correctives, layout, (RES, RES), focal=30.0)
+    return ae
+
+
+def _images(rng, batch, dtype):
+    return rng.uniform(0.1, 0.9, (batch, RES, RES, 3)).astype(dtype)
+
+
+def test_an_untrained_encoder_predicts_the_mean_face_frontal_centred_under_ambient_light():
+    layout = CodeLayout(translation=(0.0, 0.0, -650.0))
+    model = fastface.FaceModel.default(level="small")
+    encoder = Encoder(n_outputs=layout.size, resolution=32, widths=(8, 16))
+    ae = FaceAutoencoder(model, encoder, CorrectiveSpace(model.n_vertices), layout, (32, 32), 80.0)
+    params, z_geo, z_ref = ae.decode(encoder.forward(np.full((2, 32, 32, 3), 0.5, np.float32)))
+    for coeffs in (params.shape, params.expression, params.albedo, params.angles, z_geo, z_ref):
+        assert np.abs(coeffs).max() < 0.05
+    np.testing.assert_allclose(params.translation, [[0, 0, -650.0]] * 2, atol=1.0)
+    np.testing.assert_allclose(params.sh, fastface.uniform_light(2), atol=0.03)
+    assert layout.size == 257 + 64 + 64
+
+
+def test_layout_refuses_a_model_or_encoder_of_other_sizes():
+    model = fastface.FaceModel.default(level="small")
+    layout = CodeLayout(n_shape=80, n_expression=64, n_albedo=80)
+    with pytest.raises(ValueError, match="outputs"):
+        FaceAutoencoder(model, Encoder(n_outputs=10, resolution=16, widths=(4,)), CorrectiveSpace(model.n_vertices),
+                        layout, (16, 16), 30.0)
+    with pytest.raises(ValueError, match="truncate"):
+        FaceAutoencoder(model.truncated(n_shape=5), Encoder(n_outputs=layout.size, resolution=16, widths=(4,)),
+                        CorrectiveSpace(model.n_vertices), layout, (16, 16), 30.0)
+
+
+def _step_loss(ae, objective, images, landmarks):
+    out = ae.forward(images, final=True)
+    terms, _ = objective(out, images, landmarks, final=True)
+    return sum(float(v.mean()) for v in terms.values())
+
+
+@pytest.mark.parametrize("which", ["encoder", "correctives"])
+def test_the_whole_training_step_gradient_matches_central_differences(which):
+    """Encoder -> code -> both levels rendered -> every loss and regularizer, against float64 differences."""
+    rng = np.random.default_rng(0)
+    ae = _tiny(np.float64)
+    # Reflectance constancy is a regularizer of the corrective level: its gradient goes to the
+    # reflectance offsets only, the base albedo (in the final albedo and as the chromaticity guide)
+    # held constant. The encoder's finite differences would see through that stop-gradient, so the
+    # term is checked on the corrective space's weights, which the base albedo does not depend on.
+    weights = LossWeights(photometric=1.0, landmarks=5.0, prior_shape=0.1, prior_expression=0.1, prior_albedo=0.1,
+                          geometry_smoothness=0.1, geometry_magnitude=0.1, geometry_symmetry=0.1,
+                          reflectance_constancy=0.5 if which == "correctives" else 0.0, reflectance_magnitude=0.5,
+                          reflectance_symmetry=0.5)
+    objective = MultiLevelObjective(ae.model, (RES, RES), weights)
+    images = _images(rng, 2, np.float64)
+    landmarks = rng.uniform(4, 12, (2, 68, 2))
+    out = ae.forward(images, final=True)
+    terms, grads = objective(out, images, landmarks, final=True)
+    assert set(terms) == set(fastface.objective.TERM_NAMES) - ({"reflectance_constancy"} if which == "encoder" else set())
+    ae.backward(out, grads)
+    owner = ae.encoder if which == "encoder" else ae.correctives
+    analytic = owner.flat_grads.copy()
+    flat = owner.flat_params
+    candidates = np.flatnonzero(np.abs(analytic) > 1e-6 * np.abs(analytic).max())
+    idx = rng.choice(candidates, 10, replace=False)
+
+    def f(x):
+        saved = flat.copy()
+        flat[...] = x
+        try:
+            return np.array([_step_loss(ae, objective, images, landmarks)])
+        finally:
+            flat[...] = saved
+
+    # The corrective gradients are ~1e-8 (each basis entry moves one vertex of a few pixels): a larger
+    # step keeps the differences' rounding (1e-16 / eps of a loss of order 1) far below them.
+    numeric = numerical_gradient(f, flat.copy(), np.ones(1), eps=1e-6 if which == "encoder" else 1e-4, indices=idx)
+    np.testing.assert_allclose(analytic[idx], numeric, rtol=1e-4, atol=1e-4 * np.abs(numeric).max())
+    assert not np.allclose(-analytic[idx], numeric, rtol=1e-4)  # negative control
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    ae = _tiny(np.float32)
+    optimizers = {"encoder": Adam(ae.encoder), "correctives": Adam(ae.correctives)}
+    ae.encoder.flat_grads[...] = 0.01
+    optimizers["encoder"].step()
+    path = tmp_path / "checkpoint.h5"
+    save_checkpoint(path, 7, {"level": "small"}, ae.encoder, ae.correctives, optimizers)
+    ck = load_checkpoint(path)
+    assert ck.step == 7 and ck.settings == {"level": "small"}
+    np.testing.assert_array_equal(ck.encoder().flat_params, ae.encoder.flat_params)
+    np.testing.assert_array_equal(ck.correctives().flat_params, ae.correctives.flat_params)
+    fresh = Adam(ae.encoder)
+    ck.restore_optimizer("encoder", fresh)
+    np.testing.assert_array_equal(fresh.m[0], optimizers["encoder"].m[0])
+    assert fresh.steps == 1
+    with pytest.raises(ValueError, match="optimizer"):
+        ck.restore_optimizer("encoder", Adam(Encoder(n_outputs=3, resolution=16, widths=(4,))))
+    import h5py
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(ValueError, match="format version 99"):
+        load_checkpoint(path)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="junk.h5"):
+        load_checkpoint(tmp_path / "junk.h5")
+    with pytest.raises(FileNotFoundError, match="nothing.h5"):
+        load_checkpoint(tmp_path / "nothing.h5")
+
+
+def _settings(**kw):
+    base = dict(level="small", resolution=24, batch=2, steps=12, checkpoint_every=4, preview_every=0,
+                n_geometry=4, n_reflectance=4, widths=(4, 8), base_fraction=0.25)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights_untouched(tmp_path, monkeypatch):
+    from fastface import objective as objective_module
+    real = objective_module.MultiLevelObjective.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, out, images, landmarks, final=True):
+        terms, grads = real(self, out, images, landmarks, final)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["photometric_base"] = terms["photometric_base"] * np.nan
+        return terms, grads
+
+    monkeypatch.setattr(objective_module.MultiLevelObjective, "__call__", poisoned)
+    seen = {}
+    real_step = Adam.step
+
+    def step(self, grads=None):
+        seen.setdefault(calls["n"], 0)
+        seen[calls["n"]] += 1
+        return real_step(self, grads)
+
+    monkeypatch.setattr(Adam, "step", step)
+    train(_settings(steps=4, checkpoint_every=4), tmp_path, progress=False)
+    assert 3 not in seen and seen.get(2) and seen.get(4)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[3].split(",")[-1] == "1"  # step 3 is logged as skipped
+
+
+def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    train(_settings(steps=2), tmp_path, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_settings(steps=2), tmp_path, progress=False)
+
+
+def _weights(path):
+    ck = load_checkpoint(path)
+    return ck.step, ck.encoder_params, ck.correctives().flat_params, ck.optimizers["encoder"]["m"]
+
+
+def test_kill_9_then_resume_loses_no_checkpoint_and_continues_exactly(tmp_path):
+    settings = _settings(steps=24, checkpoint_every=4)
+    straight = tmp_path / "straight"
+    train(settings, straight, progress=False)
+    killed = tmp_path / "killed"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from fastface.train import TrainSettings, train; "
+            f"train(TrainSettings(**{json.dumps(dataclasses.asdict(settings))}), {str(killed)!r}, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code.replace("null", "None")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = killed / "checkpoint.h5"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if ckpt.exists() and load_checkpoint(ckpt).step >= 8:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    step_at_kill = load_checkpoint(ckpt).step  # readable: the kill cannot have left half a file
+    assert 8 <= step_at_kill < 24
+    assert not [p for p in os.listdir(killed) if p.startswith(".") or p.endswith(".tmp")], os.listdir(killed)
+    train(settings, killed, resume=True, progress=False)
+    a, b = _weights(straight / "checkpoint.h5"), _weights(ckpt)
+    assert a[0] == b[0] == 24
+    for x, y in zip(a[1:], b[1:]):
+        np.testing.assert_array_equal(x, y)
+    steps = [int(r.split(",")[0]) for r in (killed / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 25))
+
+
+def test_train_then_evaluate_gives_finite_numbers_for_both_levels(tmp_path):
+    from fastface.evaluate import evaluate
+    path = train(_settings(steps=6, preview_every=6), tmp_path, progress=False)
+    assert (tmp_path / "preview_000006.png").exists()
+    result = evaluate(path, n=4, progress=False)
+    for key in ("geometric_error_mm_base", "geometric_error_mm_final", "photometric_error_base",
+                "photometric_error_final", "landmark_error_px_base", "landmark_error_px_final"):
+        assert np.isfinite(result[key]) and result[key] >= 0
+    rec = fastface.Reconstructor(path)
+    out = rec(np.full((1, 24, 24, 3), 0.5, np.float32))
+    assert out.vertices_final.shape == (1, rec.model.n_vertices, 3)
+    assert out.landmarks.shape == (1, 68, 2)
+    assert out.render("final").image.shape == (1, 24, 24, 3)
