@@ -247,17 +247,17 @@ def _solve_light(rendering, images, mask, tri, regularization=1e-2):
     m = mask.astype(images.dtype)[..., None]
     B = images.shape[0]
     sh = xp.zeros((B, 9, 3), images.dtype)
-    eye = xp.eye(9, dtype=xp.float64)
+    eye = xp.asarray(np.eye(9))
     for c in range(3):
         a = (basis * albedo_px[..., c:c + 1] * m).reshape(B, -1, 9).astype(xp.float64)
         t = (images[..., c:c + 1] * m).reshape(B, -1, 1).astype(xp.float64)
         n = xp.maximum(m.reshape(B, -1).sum(1), 1.0)[:, None, None]
         ata = xp.matmul(a.transpose(0, 2, 1), a) / n
         atb = xp.matmul(a.transpose(0, 2, 1), t) / n
-        # Prior: gamma_0 = brightness ratio, the others 0.
-        ratio = (t.sum(1) / xp.maximum((a[..., :1]).sum(1), 1e-6))[:, 0] * _SH_FACTORS[0] * 0.282095
+        # Prior: the uniform light that matches the mean brightness (a[..., 0] = A_0 Y_0 albedo,
+        # so gamma_0 = sum(photo) / sum(a[..., 0])), the other coefficients 0.
         prior = xp.zeros((B, 9, 1), xp.float64)
-        prior[:, 0, 0] = ratio / (_SH_FACTORS[0] * 0.282095)
+        prior[:, 0, 0] = (t.sum(1) / xp.maximum(a[..., :1].sum(1), 1e-6))[:, 0]
         ata = ata + regularization * eye
         atb = atb + regularization * prior
         sh[:, :, c] = xp.linalg.solve(ata, atb)[..., 0].astype(images.dtype)

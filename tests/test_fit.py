@@ -1,4 +1,6 @@
 """fastface.fit: recovering known parameters from photos rendered by the model, batching, bad input."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,24 @@ def test_fit_on_gpu_matches_cpu(model, known):
     gpu = fit(cupy.asarray(images), cupy.asarray(landmarks), model=model, device="gpu", iterations=30)
     # Adam amplifies float32 reordering over the steps: the fits agree to a fraction of a pixel.
     assert np.abs(cupy.asnumpy(gpu.landmarks) - cpu.landmarks).max() < 0.25
+
+
+def test_fit_gpu_path_launches_valid_kernels_on_the_fake_gpu(monkeypatch):
+    """The GPU branch of fit on tests/fake_cupy.py (check-only: every kernel launch is checked
+    against its C signature, nothing is computed): arrays stay on the device, the cupy API it
+    uses exists, and the results come back as (fake) cupy arrays of the right shapes."""
+    from fastface._backend import is_cupy_array
+    from fastface.model import FaceModel
+    from tests.fake_cupy import install
+    fake = install(monkeypatch)
+    cp = sys.modules["cupy"]
+    model = FaceModel.default("small")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    landmarks = np.stack([rng.uniform(8, 24, (68, 2))] * 2).astype(np.float32)
+    with np.errstate(all="ignore"):  # check-only kernels leave garbage (NaN) in their outputs
+        out = fit(cp.asarray(images), cp.asarray(landmarks), model=model, device="gpu", iterations=2,
+                  landmark_iterations=2)
+    assert is_cupy_array(out.vertices) and is_cupy_array(out.params.shape) and is_cupy_array(out.landmarks)
+    assert out.vertices.shape == (2, model.n_vertices, 3) and out.landmarks.shape == (2, 68, 2)
+    assert fake.launches, "fit on the GPU launched no kernel"
