@@ -132,19 +132,28 @@ def _openblas_thread_functions():
 
 
 @contextlib.contextmanager
-def _blas_threads(n):
-    """Runs the block with OpenBLAS limited to n threads, then restores the previous count.
+def _one_thread():
+    """Runs the block with OpenBLAS and Numba on one thread each, then restores their counts.
 
-    One photo's fit multiplies (1, 144) coefficients by the bases: too little work to share, and
-    OpenBLAS's threads spin while they wait, so on a busy machine two threads made each photo
-    ~7x slower in CPU time (0.2 s against 1.4 s measured on 2 shared cores)."""
+    Speed: one photo's fit multiplies (1, 144) coefficients by the bases, too little work to
+    share, and OpenBLAS's threads spin while they wait: on the busy 2-core machine two BLAS threads
+    made each photo ~5x slower in CPU time (0.3 s against 1.4 s measured). Photos run in parallel
+    over Dask workers instead.
+    Identical results: some CPU kernels split their sums by thread, so a photo fitted with two
+    Numba threads differed in the last bits (and, through Adam, in the written files) from one
+    fitted with one. With one thread everywhere a photo gives the same files on any machine.
+    """
+    import numba
     functions = _openblas_thread_functions()
     before = [get() for get, _ in functions]
+    numba_before = numba.get_num_threads()
     for _, set_ in functions:
-        set_(n)
+        set_(1)
+    numba.set_num_threads(1)
     try:
         yield
     finally:
+        numba.set_num_threads(numba_before)
         for (_, set_), count in zip(functions, before):
             set_(count)
 
@@ -278,7 +287,7 @@ def reconstruct_photo(photo, landmarks_path, settings):
     status: "done", "skipped" (complete outputs already there) or "failed" (message says why).
     seconds: the process's CPU time for the photo. Never raises for a bad photo; a bug still raises.
     """
-    with _blas_threads(1):
+    with _one_thread():
         return _reconstruct_photo(photo, landmarks_path, settings)
 
 
