@@ -12,15 +12,19 @@
 // image's mask sum in every block that needs it (the mask is 1 or 4 bytes a pixel against 36 bytes
 // of colours read and written, and its blocks share it through L2).
 
-#define PHOTOMETRIC_THREADS 256
+// Threads per block: the forward gives one block a whole image, so it takes the most threads a block
+// can have (more loads in flight per SM); the backward's blocks each take a band of an image.
+#define PHOTOMETRIC_FWD_THREADS 1024
+#define PHOTOMETRIC_BWD_THREADS 256
 
-// The sum of x[t] over the block's threads (blockDim.x == PHOTOMETRIC_THREADS), in a fixed order: a
-// tree over shared memory. Every thread gets the sum. `s` is the block's shared buffer; the
-// barrier at the end lets the caller reuse it.
+// The sum of x[t] over the block's THREADS threads (blockDim.x == THREADS, a power of two), in a
+// fixed order: a tree over shared memory. Every thread gets the sum. `s` is the block's shared
+// buffer of THREADS floats; the barrier at the end lets the caller reuse it.
+template <int THREADS>
 __device__ __forceinline__ float block_sum(float x, float* s) {
     s[threadIdx.x] = x;
     __syncthreads();
-    for (int w = PHOTOMETRIC_THREADS / 2; w > 0; w >>= 1) {
+    for (int w = THREADS / 2; w > 0; w >>= 1) {
         if ((int)threadIdx.x < w) s[threadIdx.x] += s[threadIdx.x + w];
         __syncthreads();
     }
@@ -29,31 +33,31 @@ __device__ __forceinline__ float block_sum(float x, float* s) {
     return total;
 }
 
-// The sum of the mask of one image (n pixels from mb), made by the whole block in a fixed order.
+// The sum of the mask of one image (n pixels from mb), made by a backward block in a fixed order.
 template <typename M>
 __device__ __forceinline__ float image_mask_sum(const M* __restrict__ mb, long long n, float* s) {
     float acc = 0.f;
-    for (long long p = threadIdx.x; p < n; p += PHOTOMETRIC_THREADS) acc += (float)mb[p];
-    return block_sum(acc, s);
+    for (long long p = threadIdx.x; p < n; p += PHOTOMETRIC_BWD_THREADS) acc += (float)mb[p];
+    return block_sum<PHOTOMETRIC_BWD_THREADS>(acc, s);
 }
 
-// One block of PHOTOMETRIC_THREADS threads per image (blockIdx.x = b; a grid of B blocks): thread t
-// sums mask * (sqrt(|r - t|^2 + eps^2) - eps) and the mask over pixels t, t + 256, ... (consecutive
+// One block of PHOTOMETRIC_FWD_THREADS threads per image (blockIdx.x = b; a grid of B blocks): thread t
+// sums mask * (sqrt(|r - t|^2 + eps^2) - eps) and the mask over pixels t, t + 1024, ... (consecutive
 // threads read consecutive pixels), then the block reduces both in a fixed order and thread 0 writes
 // out[b] = loss / max(1, mask sum). One block per image keeps the reduction in one pass with no
 // partial sums in memory; batches of 64 or more images give every SM work.
 template <typename M>
-__global__ void __launch_bounds__(PHOTOMETRIC_THREADS)
+__global__ void __launch_bounds__(PHOTOMETRIC_FWD_THREADS)
 photometric_loss_fwd(const float* __restrict__ rendered, const float* __restrict__ target,
                      const M* __restrict__ mask, float* __restrict__ out, int B, int HW, int C, float eps) {
-    __shared__ float s[PHOTOMETRIC_THREADS];
+    __shared__ float s[PHOTOMETRIC_FWD_THREADS];
     const long long b = blockIdx.x;
     if (b >= B) return;  // uniform over the block
     const float* rb = rendered + b * HW * C;
     const float* tb = target + b * HW * C;
     const M* mb = mask + b * HW;
     float loss = 0.f, weight = 0.f;
-    for (long long p = threadIdx.x; p < HW; p += PHOTOMETRIC_THREADS) {
+    for (long long p = threadIdx.x; p < HW; p += PHOTOMETRIC_FWD_THREADS) {
         const float m = (float)mb[p];
         if (m == 0.f) continue;
         float d2 = 0.f;
@@ -64,21 +68,21 @@ photometric_loss_fwd(const float* __restrict__ rendered, const float* __restrict
         loss += m * (sqrtf(d2 + eps * eps) - eps);
         weight += m;
     }
-    loss = block_sum(loss, s);
-    weight = block_sum(weight, s);
+    loss = block_sum<PHOTOMETRIC_FWD_THREADS>(loss, s);
+    weight = block_sum<PHOTOMETRIC_FWD_THREADS>(weight, s);
     if (threadIdx.x == 0) out[b] = loss / fmaxf(1.f, weight);
 }
 
-// A grid of (B, n_bands) blocks of PHOTOMETRIC_THREADS threads: blockIdx.x = image, blockIdx.y = band
+// A grid of (B, n_bands) blocks of PHOTOMETRIC_BWD_THREADS threads: blockIdx.x = image, blockIdx.y = band
 // of `band` consecutive pixels. Each block first sums its image's mask (the same sum, in the same
 // order, in every block of the image), then writes the gradient of its band's pixels:
 // grad_out[b] * m * (r - t) / sqrt(|r - t|^2 + eps^2) / max(1, mask sum); zero where m = 0.
 template <typename M>
-__global__ void __launch_bounds__(PHOTOMETRIC_THREADS)
+__global__ void __launch_bounds__(PHOTOMETRIC_BWD_THREADS)
 photometric_loss_bwd(const float* __restrict__ rendered, const float* __restrict__ target,
                      const M* __restrict__ mask, const float* __restrict__ grad_out,
                      float* __restrict__ grad_rendered, int B, int HW, int C, float eps, int band) {
-    __shared__ float s[PHOTOMETRIC_THREADS];
+    __shared__ float s[PHOTOMETRIC_BWD_THREADS];
     const long long b = blockIdx.x;
     if (b >= B) return;  // uniform over the block
     const M* mb = mask + b * HW;
@@ -88,14 +92,18 @@ photometric_loss_bwd(const float* __restrict__ rendered, const float* __restrict
     float* gb = grad_rendered + b * HW * C;
     const long long begin = (long long)blockIdx.y * band;
     const long long end = begin + band < HW ? begin + band : HW;
-    for (long long p = begin + threadIdx.x; p < end; p += PHOTOMETRIC_THREADS) {
+    for (long long p = begin + threadIdx.x; p < end; p += PHOTOMETRIC_BWD_THREADS) {
         const float m = (float)mb[p];
+        if (m == 0.f) {  // no colour reads outside the mask (the background is usually half the image)
+            for (int c = 0; c < C; ++c) gb[p * C + c] = 0.f;
+            continue;
+        }
         float d2 = 0.f;
         for (int c = 0; c < C; ++c) {
             const float d = rb[p * C + c] - tb[p * C + c];
             d2 += d * d;
         }
-        const float k = m == 0.f ? 0.f : scale * m / sqrtf(d2 + eps * eps);
+        const float k = scale * m / sqrtf(d2 + eps * eps);
         for (int c = 0; c < C; ++c) gb[p * C + c] = k * (rb[p * C + c] - tb[p * C + c]);
     }
 }

@@ -1,8 +1,10 @@
 """Adam: against a plain numpy transcription of the formula, clipping, skipping, GPU parity."""
+import numba
 import numpy as np
 import pytest
 
 from fastface.nn import Adam, Encoder
+from fastface.nn import adam as adam_module
 
 
 def adam_reference(params, grads_per_step, lr, betas, eps, weight_decay, clip_norm):
@@ -208,3 +210,77 @@ def test_adam_rejects_parameters_and_grads_that_are_no_writeable_arrays():
     for bad in (None, "0.1", float("nan"), float("inf")):
         with pytest.raises((TypeError, ValueError), match="lr must be"):
             opt.lr = bad
+
+
+# --- the parallel CPU twins (fixed chunks: results independent of the number of threads) ----------
+
+@numba.njit
+def _serial_update(param, grad, m, v, norm, hyper, t):
+    """The serial loop the parallel adam_update replaced, element arithmetic written out the same way."""
+    lr, beta1, beta2, eps = hyper[0], hyper[1], hyper[2], hyper[3]
+    weight_decay, clip_norm = hyper[4], hyper[5]
+    clip = clip_norm / norm if (clip_norm > 0.0 and norm > clip_norm) else 1.0
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    decay = 1.0 - lr * weight_decay
+    for i in range(param.shape[0]):
+        g = grad[i] * clip
+        mi = beta1 * m[i] + (1.0 - beta1) * g
+        vi = beta2 * v[i] + (1.0 - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        param[i] = param[i] * decay - lr * (mi / bc1) / (np.sqrt(vi / bc2) + eps)
+
+
+def _cpu_state(rng, n, dtype=np.float32):
+    return (rng.normal(size=n).astype(dtype), rng.normal(size=n).astype(dtype),
+            (0.1 * rng.normal(size=n)).astype(dtype), rng.uniform(0, 0.1, size=n).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_partial_sums_cover_fixed_contiguous_chunks(rng, dtype):
+    n = 1000 * 256 + 77  # chunks of 1001, the last one shorter
+    grad = rng.normal(size=n).astype(dtype)
+    partial, step = np.zeros(256, dtype), np.zeros(1, np.int32)
+    adam_module.adam_prepare(grad, n, partial, step)
+    chunk = -(-n // 256)
+    want = [np.sum(grad[k * chunk:(k + 1) * chunk].astype(np.float64) ** 2) for k in range(256)]
+    np.testing.assert_allclose(partial, np.array(want).astype(dtype), rtol=1e-6 if dtype == np.float32 else 1e-13)
+    assert step[0] == 1
+    few = np.full(256, 7, dtype)  # fewer elements than partials: one each, then empty sums
+    adam_module.adam_prepare(np.ones(3, dtype), 3, few, step)
+    np.testing.assert_array_equal(few, np.r_[np.ones(3), np.zeros(253)].astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_update_equals_the_serial_loop_bit_for_bit(rng, dtype):
+    n = 3 * adam_module._UPDATE_CHUNK + 17  # several chunks and a short last one
+    param, grad, m, v = _cpu_state(rng, n, dtype)
+    hyper = np.array([1e-2, 0.9, 0.999, 1e-8, 1e-2, 0.5], dtype)
+    partial = np.zeros(256, dtype)
+    step = np.array([2], np.int32)  # adam_prepare makes it 3
+    adam_module.adam_prepare(grad, n, partial, step)
+    norm = np.sqrt(dtype(adam_module._sum_in_order(partial)))  # the partials in index order, as the kernel
+    want = [a.copy() for a in (param, grad, m, v)]
+    _serial_update(want[0], want[1], want[2], want[3], norm, hyper, 3)
+    adam_module.adam_update(param, grad, m, v, param, n, partial, 256, step, hyper)
+    for got, expected in zip((param, m, v), (want[0], want[2], want[3])):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_cpu_step_does_not_depend_on_the_number_of_threads(rng):
+    n = 5 * adam_module._UPDATE_CHUNK + 3
+    results = []
+    threads = numba.get_num_threads()
+    for count in sorted({1, threads}):
+        params = {"a": _cpu_state(np.random.default_rng(5), n)[0]}
+        opt = Adam(params, lr=1e-2, weight_decay=1e-3, clip_norm=10.0)
+        try:
+            numba.set_num_threads(count)
+            for k in range(3):
+                opt.step({"a": np.random.default_rng(k).normal(size=n).astype(np.float32)})
+        finally:
+            numba.set_num_threads(threads)
+        results.append((params["a"], opt.m[0], opt.v[0], opt._partial.copy()))
+    for a, b in zip(results[0], results[-1]):
+        np.testing.assert_array_equal(a, b)
