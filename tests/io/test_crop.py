@@ -139,3 +139,33 @@ def test_real_photo_crops_hold_their_landmarks(photos, tmp_path):
         nose = q[30]
         back = crop.invert(np.round(nose)[None])[0]
         assert np.all(np.abs(back - lm[30]) <= 0.5 / crop.scale + 1e-9)
+
+
+def test_rotation_flag_levels_the_eyes(rng):
+    lm = rng.uniform(0, 10, size=(68, 2)) + 100
+    lm[36:42] += (-30, 0)  # the eye on the image's left
+    lm[42:48] += (30, 0)
+    a = 0.3
+    r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    tilted = (lm - 100) @ r.T + 150
+    image = np.zeros((300, 300, 3), np.float32)
+    _, crop = crop_from_landmarks(image, tilted, 64, rotation=True)
+    q = crop.apply(tilted)
+    assert abs(q[36:42, 1].mean() - q[42:48, 1].mean()) < 1e-9
+    assert q[36:42, 0].mean() < q[42:48, 0].mean()
+    _, upright = crop_from_landmarks(image, tilted, 64)
+    assert upright.rotation == 0.0
+
+
+@pytest.mark.gpu
+def test_apply_and_invert_keep_cupy_points_on_the_device(rng):
+    cupy = pytest.importorskip("cupy")
+    from fastface._backend import gpu_available
+    if not gpu_available():
+        pytest.skip("no CUDA GPU")
+    crop = Crop(scale=0.5, translation=(3.0, -2.0), size=(64, 64), rotation=0.1)
+    p = rng.uniform(0, 500, size=(4, 68, 2)).astype(np.float32)
+    q = crop.apply(cupy.asarray(p))
+    assert isinstance(q, cupy.ndarray) and q.dtype == np.float32
+    np.testing.assert_allclose(q.get(), crop.apply(p), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(crop.invert(q).get(), p, rtol=1e-6, atol=1e-3)

@@ -138,3 +138,72 @@ def test_einstein_is_grey_on_disk_and_read_as_three_equal_channels(photos):
     assert out.shape == raw.shape + (3,)
     np.testing.assert_array_equal(out[:, :, 0], out[:, :, 1])
     np.testing.assert_array_equal(out[:, :, 0], out[:, :, 2])
+
+
+@pytest.mark.parametrize("params", [[], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]],
+                         ids=["baseline", "progressive", "restart-markers"])
+def test_jpeg_kinds_read_whole_and_refused_at_every_cut(tmp_path, params):
+    img = _pattern(64, 80)
+    ok, buf = cv2.imencode(".jpg", img, params)
+    data = buf.tobytes()
+    path = tmp_path / "kind.jpg"
+    path.write_bytes(data)
+    assert read_image(path).shape == (64, 80, 3)
+    for cut in (len(data) - 1, len(data) - 2, len(data) * 3 // 4, len(data) // 3, 40):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"kind\.jpg.*truncated JPEG"):
+            read_image(path)
+
+
+def test_jpeg_with_data_after_its_end_marker_reads(tmp_path):
+    # Motion photos append a whole video after the JPEG's end-of-image marker.
+    rgb = _pattern(30, 40)
+    ok, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 100])
+    path = tmp_path / "motion.jpg"
+    path.write_bytes(jpeg.tobytes() + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 400)
+    plain = tmp_path / "plain.jpg"
+    plain.write_bytes(jpeg.tobytes())
+    np.testing.assert_array_equal(read_image(path), read_image(plain))
+
+
+def test_unicode_file_name(tmp_path):
+    rgb = _pattern()
+    path = tmp_path / "visage_é_顔.png"
+    cv2.imencode(".png", rgb[:, :, ::-1])[1].tofile(str(path))
+    np.testing.assert_array_equal(np.round(read_image(path) * 255).astype(np.uint8), rgb)
+
+
+def test_write_image_round_trips_png_8_and_16_bit(tmp_path, rng):
+    from fastface.io import write_image
+    rgb = rng.integers(0, 256, size=(10, 12, 3)).astype(np.float32) / 255
+    write_image(tmp_path / "a.png", rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), rgb)
+    deep = rng.integers(0, 65536, size=(10, 12, 3)).astype(np.float64) / 65535
+    write_image(tmp_path / "d.png", deep, bits=16)
+    np.testing.assert_allclose(read_image(tmp_path / "d.png"), deep, atol=1e-7)
+    write_image(tmp_path / "g.jpg", np.full((8, 8), 0.5, np.float32))
+    assert abs(read_image(tmp_path / "g.jpg").mean() - 0.5) < 0.01
+
+
+def test_write_image_bad_arguments_are_named(tmp_path):
+    from fastface.io import write_image
+    with pytest.raises(ValueError, match=r"x\.gif"):
+        write_image(tmp_path / "x.gif", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="image"):
+        write_image(tmp_path / "x.png", np.zeros((4, 4, 2), np.float32))
+    with pytest.raises(ValueError, match="16-bit"):
+        write_image(tmp_path / "x.jpg", np.zeros((4, 4, 3), np.float32), bits=16)
+    assert not list(tmp_path.iterdir())
+
+
+def test_16bit_grey_and_rgba_and_float_tiff(tmp_path):
+    g16 = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "g16.png"), g16)
+    out = read_image(tmp_path / "g16.png")
+    np.testing.assert_allclose(out, np.repeat((g16 / 65535)[:, :, None], 3, axis=2), atol=1e-7)
+    bgra = np.dstack([g16 // 3, g16 // 2, g16, np.full_like(g16, 7)])
+    cv2.imwrite(str(tmp_path / "rgba16.png"), bgra)
+    np.testing.assert_allclose(read_image(tmp_path / "rgba16.png")[:, :, 2], (g16 // 3) / 65535, atol=1e-7)
+    hdr = np.dstack([g16 / 65535.0 * 1.5] * 3).astype(np.float32)
+    cv2.imwrite(str(tmp_path / "f.tiff"), hdr)
+    np.testing.assert_allclose(read_image(tmp_path / "f.tiff"), np.clip(hdr, 0, 1))

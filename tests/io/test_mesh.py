@@ -168,3 +168,21 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
     with pytest.raises(ValueError):
         save_obj(path, np.full((4, 3), np.nan), TRIANGLES)
     assert path.read_bytes() == before
+
+
+def test_bulk_and_line_by_line_readers_agree(tmp_path, rng):
+    # save_obj's output takes the bulk path; a comment-free polygon file the general one
+    v = rng.normal(size=(20, 3)).astype(np.float32)
+    t = rng.integers(0, 20, size=(30, 3)).astype(np.int32)
+    path = tmp_path / "bulk.obj"
+    save_obj(path, v, t)
+    bulk = load_obj(path)
+    general = tmp_path / "general.obj"
+    general.write_text(path.read_text() + "f 1/1 2/2 3/3\n")  # one v/vt face forces the general path
+    slow = load_obj(general)
+    np.testing.assert_array_equal(bulk[0], slow[0])
+    np.testing.assert_array_equal(bulk[1], slow[1][:-1])
+    np.testing.assert_array_equal(slow[1][-1], [0, 1, 2])
+    path.write_text(path.read_text() + "f 1 2 99\n")  # out of range: named by the general path
+    with pytest.raises(ValueError, match=r"bulk\.obj, line \d+: vertex index 99 out of range"):
+        load_obj(path)
