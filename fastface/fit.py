@@ -191,18 +191,20 @@ def _solve_pose(model_points, image_points, focal, resolution, init_translation=
 class _LandmarkGeometry:
     """The model restricted to its 68 landmark vertices: vertices = mean + (c * std) @ basis."""
 
-    def __init__(self, model, xp):
+    def __init__(self, model, xp, geometry_offsets=None):
         idx = _host(model.landmarks)
         basis = _host(model._geometry_basis).reshape(-1, model.n_vertices, 3)[:, idx, :].reshape(-1, 68 * 3)
         self.basis = xp.asarray(np.ascontiguousarray(basis))
         self.std = xp.asarray(_host(model._geometry_std))
         self.mean = xp.asarray(np.ascontiguousarray(_host(model.mean_shape)[idx]))
         self.n_shape = model.n_shape
+        self.offsets = None if geometry_offsets is None else xp.ascontiguousarray(geometry_offsets[:, xp.asarray(idx)])
 
     def evaluate(self, shape, expression):
         xp = array_module(("shape", shape))
         coeffs = xp.concatenate([shape, expression], axis=1) * self.std
-        return self.mean + (coeffs @ self.basis).reshape(-1, 68, 3)
+        points = self.mean + (coeffs @ self.basis).reshape(-1, 68, 3)
+        return points if self.offsets is None else points + self.offsets
 
     def backward(self, grad_points):
         g = (grad_points.reshape(grad_points.shape[0], -1) @ self.basis.T) * self.std
@@ -295,7 +297,7 @@ def _to_device(a, device):
 
 def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=DEFAULT_ITERATIONS,
         landmark_iterations=DEFAULT_LANDMARK_ITERATIONS, focal=None, weights=None, landmark_weights=None,
-        lr=None, masks=None):
+        lr=None, masks=None, geometry_offsets=None, reflectance_offsets=None):
     """Fits the face model to a batch of photos (crops) by analysis by synthesis.
 
     Args:
@@ -320,6 +322,9 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
         masks: (B, H, W) bool or float32 in [0, 1]: the pixels of the crops that show the photo
             (a crop reaching past the photo's border is black there), or None (all). The
             photometric term counts only face pixels inside them.
+        geometry_offsets, reflectance_offsets: optional (B, V, 3) float32 offsets added to the
+            model's vertices (mm) and albedo, held fixed (a trained model's corrective level,
+            `Reconstructor`'s vertices_final - vertices_base); the result includes them.
 
     Returns:
         FitResult (arrays on `device`).
@@ -363,6 +368,14 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
             raise ValueError(f"lr has unknown keys {sorted(unknown)}; the groups are {sorted(steps)}")
         steps.update(lr)
 
+    offsets = {}
+    for name, value in (("geometry_offsets", geometry_offsets), ("reflectance_offsets", reflectance_offsets)):
+        if value is not None:
+            if not hasattr(value, "shape") or tuple(value.shape) != (B, model.n_vertices, 3):
+                raise ValueError(f"{name} must be ({B}, {model.n_vertices}, 3) float32 or None; got "
+                                 f"{getattr(value, 'shape', type(value).__name__)}")
+            offsets[name] = _to_device(value, device)
+
     # --- the starting point ---
     def start(name, shape, fill=None):
         value = getattr(init, name, None) if init is not None else None
@@ -397,7 +410,7 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
     with value_checks(False):
         # --- stage 2: landmarks only ---
         if target is not None and landmark_iterations > 0:
-            geometry = _LandmarkGeometry(model, xp)
+            geometry = _LandmarkGeometry(model, xp, offsets.get("geometry_offsets"))
             names = ("shape", "expression", "angles", "translation")
             optimizers = {k: Adam({k: p[k]}, lr=steps[k]) for k in names}
             history = []
@@ -428,7 +441,7 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
                                   angles=p["angles"], translation=p["translation"])
 
         if sh_init is None:
-            first = render_faces(model, params_now(uniform_light(B, xp)), resolution, focal)
+            first = render_faces(model, params_now(uniform_light(B, xp)), resolution, focal, **offsets)
             sh_init = _solve_light(first, images, first.mask if masks is None else first.mask * masks,
                                    model.triangles)
         p["sh"] = xp.ascontiguousarray(sh_init, dtype=np.float32)
@@ -438,7 +451,7 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
         ones = xp.ones(B, np.float32)
         for _ in range(iterations):
             params = params_now(p["sh"])
-            rendering = render_faces(model, params, resolution, focal)
+            rendering = render_faces(model, params, resolution, focal, **offsets)
             mask = rendering.mask if masks is None else rendering.mask * masks
             e_photo = photometric_loss(rendering.image, images, mask)
             grad_image = photometric_loss_backward(rendering.image, images, mask, ones * weights.photometric)
@@ -468,6 +481,10 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
 
         params = params_now(p["sh"])
         vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
+        if "geometry_offsets" in offsets:
+            vertices = vertices + offsets["geometry_offsets"]
+        if "reflectance_offsets" in offsets:
+            albedo = albedo + offsets["reflectance_offsets"]
         rotation = euler_rotation(params.angles)
         camera = rigid_transform(vertices[:, model.landmarks], rotation, params.translation)
         projected = project_to_pixels(camera, focal, resolution)

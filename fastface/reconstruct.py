@@ -202,13 +202,18 @@ def _locate(image, landmarks_path, resolution, target):
 def _fit_crop(settings, crop_image, crop_landmarks, valid):
     from fastface.fit import fit
     model, resolution, focal, _, reconstructor = _state(settings)
-    init = None
+    init, offsets = None, {}
     images = crop_image[None]
     if reconstructor is not None:
+        # The encoder's parameters start the fit; its corrective level (the final level's offsets
+        # from the base model) is kept fixed, so the mesh is the final level refined by fitting.
         xp = np if settings.device == "cpu" else __import__("cupy")
-        init = reconstructor(xp.asarray(images)).params
+        encoded = reconstructor(xp.asarray(images))
+        init = encoded.params
+        offsets = dict(geometry_offsets=encoded.vertices_final - encoded.vertices_base,
+                       reflectance_offsets=encoded.albedo_final - encoded.albedo_base)
     return fit(images, None if crop_landmarks is None else crop_landmarks[None], model=model, init=init,
-               device=settings.device, focal=focal, masks=valid[None], **settings.fit_options())
+               device=settings.device, focal=focal, masks=valid[None], **offsets, **settings.fit_options())
 
 
 def _params_json(result, model, crop, photo_path, photo_shape, source, photo_landmarks, settings):
@@ -257,10 +262,13 @@ def _overlay(image, result, model, crop, given_landmarks, photo_landmarks):
                           albedo=np.zeros_like(_host(params.albedo)), sh=light,
                           angles=_host(params.angles), translation=_host(params.translation))
     cpu_model = model if model.device == "cpu" else model.to("cpu")
-    # A uniform light grey albedo (the model's mean albedo replaced): only the shape shows.
-    base_albedo = cpu_model.evaluate(None, None, view.albedo)[1]
+    # A uniform light grey albedo (the model's mean albedo replaced): only the shape shows. The
+    # geometry is the result's (with a checkpoint's corrective offsets, the final level).
+    base_vertices, base_albedo = cpu_model.evaluate(view.shape, view.expression, view.albedo)
     grey_albedo = (np.float32(0.75) - base_albedo).astype(np.float32)
-    rendering = render_faces(cpu_model, view, (k * h, k * w), k * result.focal, reflectance_offsets=grey_albedo)
+    detail = np.ascontiguousarray(_host(result.vertices) - base_vertices, dtype=np.float32)
+    rendering = render_faces(cpu_model, view, (k * h, k * w), k * result.focal, geometry_offsets=detail,
+                             reflectance_offsets=grey_albedo)
     grey = rendering.image[0] * np.float32([0.95, 1.0, 1.08])  # a cool grey, apart from skin
     layer = np.concatenate([grey, rendering.mask[0][..., None].astype(np.float32)], axis=-1)
     # photo pixel p -> crop pixel q = M p -> enlarged crop pixel k (q + 0.5) - 0.5

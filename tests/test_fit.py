@@ -128,6 +128,18 @@ def test_fit_accepts_weights_and_landmark_weights(model, known):
     assert np.all(np.isfinite(out.landmarks))
 
 
+def test_fit_with_fixed_offsets_includes_them_in_the_result(model, known):
+    images, landmarks, _, _ = known
+    rng = np.random.default_rng(5)
+    geometry = rng.normal(0, 0.5, (1, model.n_vertices, 3)).astype(np.float32)
+    reflectance = rng.normal(0, 0.02, (1, model.n_vertices, 3)).astype(np.float32)
+    out = fit(images[:1], landmarks[:1], model=model, iterations=3, geometry_offsets=geometry,
+              reflectance_offsets=reflectance)
+    base_vertices, base_albedo = model.evaluate(out.params.shape, out.params.expression, out.params.albedo)
+    np.testing.assert_allclose(out.vertices - base_vertices, geometry, atol=1e-4)
+    np.testing.assert_allclose(out.albedo - base_albedo, reflectance, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(images=np.zeros((1, 64, 64), np.float32)), ValueError, "images"),
     (dict(images=np.zeros((1, 64, 64, 3), np.float64)), TypeError, "images"),
@@ -141,6 +153,7 @@ def test_fit_accepts_weights_and_landmark_weights(model, known):
     (dict(weights={"landmark": 1}), TypeError, "weights"),
     (dict(landmark_weights=np.ones(67)), ValueError, "landmark_weights"),
     (dict(lr={"speed": 1.0}), ValueError, "lr"),
+    (dict(geometry_offsets=np.zeros((1, 5, 3), np.float32)), ValueError, "geometry_offsets"),
 ])
 def test_fit_rejects_bad_input_naming_the_argument(kwargs, error, words):
     args = dict(images=np.full((1, 64, 64, 3), 0.5, np.float32), landmarks=None)

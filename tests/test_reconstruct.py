@@ -286,3 +286,29 @@ def test_real_photos_without_landmarks_report_the_error(tmp_path):
     # Reported, not bounded: the photometric fit from a detector's box (bench/RESULTS.md). Every
     # photo in which the detector finds a face is reconstructed.
     assert status in (0, 1) and len(errors) >= 7
+
+
+# ---------------------------------------------------------------------------------------------
+# With a trained model (a checkpoint of one training step: the path, not the training, is tested)
+
+def test_reconstruct_with_a_checkpoint_starts_from_the_encoder(photos, tmp_path, capsys):
+    pytest.importorskip("fastface.reconstructor")
+    folder, truth = photos
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--steps", "1", "--batch", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    status = main(["reconstruct", str(folder / "face0.png"), "--landmarks", str(folder / "face0.pts"), "--out", str(out),
+                   "--checkpoint", str(run / "checkpoint.h5"), "--quiet"])
+    assert status == 0, capsys.readouterr().err
+    record = json.loads((out / "face0_params.json").read_text())
+    assert record["fit"]["checkpoint"] == str(run / "checkpoint.h5")
+    projected = read_pts(out / "face0_landmarks.pts")
+    eyes = np.linalg.norm(truth[0][45] - truth[0][36])
+    assert np.linalg.norm(projected - truth[0], axis=1).mean() < 0.03 * eyes
+
+
+def test_reconstruct_with_a_missing_checkpoint_exits_2(photos, tmp_path, capsys):
+    folder, _ = photos
+    status = main(["reconstruct", str(folder), "--out", str(tmp_path), "--checkpoint", str(tmp_path / "none.h5")])
+    assert status == 2 and "no such checkpoint file" in capsys.readouterr().err
