@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 
+from fastface._backend import array_module
 from fastface._checks import check_array, check_finite, value_checks
 
 __all__ = ["Reconstructor", "Reconstruction"]
@@ -79,7 +80,7 @@ class Reconstructor:
 
     def __call__(self, images):
         """Reconstructs a batch: (B, H, W, 3) float32 RGB in [0, 1] on the reconstructor's device."""
-        xp = np if self.device == "cpu" else __import__("cupy")
+        xp = array_module(("images", images), ("the reconstructor's model", self.model.mean_shape))
         H, W = self.resolution
         check_array("images", images, np.float32, ("B", H, W, 3))
         check_finite("images", images)

@@ -130,20 +130,21 @@ class _Data:
         self.folder = None
         if settings.data:
             from fastface.data.folder import FaceFolder
-            self.folder = FaceFolder(settings.data, resolution, framing=(focal, translation))
+            host_model = model if model.device == "cpu" else model.to("cpu")
+            self.folder = FaceFolder(settings.data, resolution, framing=(focal, translation), model=host_model)
+            self.xp = np if model.device == "cpu" else __import__("cupy")
             if len(self.folder) == 0:
                 raise ValueError(f"{settings.data} holds no photo with a .pts file")
         else:
             self.train_seeds = TRAIN_SEEDS
             self.faces = SyntheticFaces(model, resolution=resolution)
-            self.xp = np if model.device == "cpu" else __import__("cupy")
 
     def __call__(self, step):
         rng = np.random.default_rng([self.seed, step])
         if self.folder is not None:
             idx = rng.integers(0, len(self.folder), size=self.batch)
             images, landmarks = self.folder.batch(idx)
-            return images, landmarks
+            return self.xp.asarray(images), self.xp.asarray(landmarks)
         seeds = [self.train_seeds[int(i)] for i in rng.integers(0, len(self.train_seeds), size=self.batch)]
         b = self.faces.batch(seeds)
         return b.images, b.landmarks

@@ -13,8 +13,10 @@
 // Forward kernels (*_fwd): one block per image, FWD_THREADS threads striding over its vertices or
 // edges, each summing its terms in double in a fixed order, then a shared-memory tree in a fixed
 // order: the per-image value is deterministic, needs no atomics and no buffer beyond out (B).
-// One block per image leaves an H200 partly idle at small batches; the terms are a few hundred
-// thousand gathers, microseconds either way, and a second pass over partial sums would need scratch.
+// Why 1024 threads: with one block per image, a batch of 64 fills 64 SMs, and only a full block keeps
+// enough loads in flight on each (32 warps; at 35,709 vertices each thread gathers ~35 vertices'
+// neighbourhoods). More blocks per image would need a scratch buffer of partial sums and a second pass
+// (or atomics, whose order is not fixed). At small batches the H200 is partly idle: a few microseconds.
 //
 // Backward kernels (*_bwd): one thread per (image, vertex), flat index b * V + v (consecutive threads,
 // consecutive vertices: coalesced own reads and writes), each GATHERING its whole gradient from its
@@ -24,7 +26,7 @@
 //
 // Memory safety: neighbour and mirror indices outside [0, V) are skipped.
 
-#define FWD_THREADS 256
+#define FWD_THREADS 1024
 
 struct V3 {
     float x, y, z;

@@ -538,6 +538,10 @@ def scenario_corrective_space(cp, rng, monkeypatch):
     _on_gpu(geometry, reflectance)
     for grads in ((geometry, reflectance), (None, reflectance), (geometry, None)):
         _on_gpu(*space.backward(z_geo, z_ref, *grads))
+    out = (cp.empty((2, 16, 3), np.float32), cp.empty((2, 16, 3), np.float32))
+    assert space.evaluate(z_geo, z_ref, out=out)[1] is out[1]
+    out_z = (cp.empty((2, 3), np.float32), cp.empty((2, 5), np.float32))
+    assert space.backward(z_geo, z_ref, geometry, reflectance, out=out_z)[0] is out_z[0]
     opt = fastface.nn.Adam(space, lr=1e-3)
     opt.step()
     return _kernels("nn_adam.cu", "adam_prepare", "adam_update")

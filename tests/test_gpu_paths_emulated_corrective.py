@@ -79,3 +79,12 @@ def test_mixing_a_cpu_mesh_with_gpu_offsets_is_refused(gpu, rng):
         c.smoothness_loss(offsets, c.corrective_mesh(model))
     with pytest.raises(TypeError, match="float32 on the GPU"):
         c.magnitude_loss(offsets.astype(np.float64))
+
+
+def test_the_block_size_matches_the_kernels():
+    import re  # noqa: PLC0415
+
+    from fastface._backend import read_kernel_source  # noqa: PLC0415
+
+    m = re.search(r"#define FWD_THREADS (\d+)", read_kernel_source("corrective.cu"))
+    assert int(m.group(1)) == c.FWD_THREADS

@@ -32,6 +32,24 @@ Defaults (the paper does not publish the sizes of its corrective codes):
 A note for training: Adam moves each basis entry by about `lr` per step in the entry's own units, so at
 one learning rate the geometry basis (mm) learns ~100 times more slowly, relative to its scale, than the
 reflectance basis; scaling z_geo's raw encoder output (or its learning rate) makes up for it.
+
+The regularizers of the offsets (the paper's corrective regularizers), each per image (B,) with its
+backward beside it (`op(...)`, `op_backward(..., grad_out)` -> the gradient of the first argument):
+- smoothness_loss(offsets, mesh): ||L o||^2 / V, L = D - A the mesh's graph Laplacian (FaceModel.laplacian);
+- magnitude_loss(offsets): the mean over vertices of ||o_v||^2;
+- reflectance_constancy_loss(albedo, guide_albedo, mesh, sharpness): a chromaticity-weighted l2,1 norm of
+  the albedo differences over mesh edges, divided by E (definitions and defaults in its docstring);
+- symmetry_loss(offsets, mesh, mirror_x): the mean over v of ||o_v - M o_sym(v)||^2.
+`corrective_mesh(model)` gathers what they read (edges, CSR neighbour lists, the symmetry map and its
+inverse) on the model's device, once per model.
+
+Backends: Numba twins here and kernels/corrective.cu on the GPU, same names and argument order. Forward
+passes sum each image in one block (fixed order, in double), backward passes gather each vertex's
+gradient from its neighbours: no atomics, so every result is deterministic, and nothing is allocated
+but the outputs (and a contiguous copy of a non-contiguous input). No GPU call synchronises with the
+host, except the first corrective_mesh of a GPU model (it copies the triangles to the host once): make
+the mesh before capturing a CUDA graph, and keep one GPU model (model.to("gpu") makes a new model, whose
+mesh is made again).
 """
 import dataclasses
 import weakref
@@ -205,33 +223,51 @@ class CorrectiveSpace:
             check_finite(name, a)
         return xp
 
-    def evaluate(self, z_geo, z_ref):
+    def _check_out(self, out, shapes, xp):
+        """The caller's output pair, checked; None when none was given."""
+        if out is None:
+            return None
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out must be a pair of arrays or None; got {type(out).__name__}")
+        for i, (a, shape) in enumerate(zip(out, shapes)):
+            array_module((f"out[{i}]", a), ("the corrective bases", self.flat_params))
+            check_array(f"out[{i}]", a, self.dtype, shape)
+            if not a.flags.c_contiguous:
+                raise ValueError(f"out[{i}] must be C-contiguous (the GEMM writes it in place)")
+        return tuple(out)
+
+    def evaluate(self, z_geo, z_ref, *, out=None):
         """Per-vertex offsets of a batch of codes.
 
         Args:
             z_geo: (B, n_geometry) float32 (the space's dtype), numpy or cupy like the bases.
             z_ref: (B, n_reflectance), same dtype and device.
+            out: keyword only, optional pair of C-contiguous (B, V, 3) arrays to write the offsets into (a
+                training step's workspace: nothing is allocated then, as a CUDA graph capture wants).
 
         Returns:
-            (geometry_offsets (B, V, 3) in mm, reflectance_offsets (B, V, 3) in albedo units), new arrays
-            of the space's dtype on its device.
+            (geometry_offsets (B, V, 3) in mm, reflectance_offsets (B, V, 3) in albedo units), of the space's
+            dtype on its device (`out` when given, else new arrays).
         """
         xp = self._check_codes(z_geo, z_ref)
         batch, n = z_geo.shape[0], 3 * self.n_vertices
-        out = []
-        for z, basis in ((z_geo, self.geometry_basis), (z_ref, self.reflectance_basis)):
-            offsets = xp.empty((batch, n), dtype=self.dtype)
+        out = self._check_out(out, [(batch, self.n_vertices, 3)] * 2, xp)
+        results = []
+        for i, (z, basis) in enumerate(((z_geo, self.geometry_basis), (z_ref, self.reflectance_basis))):
+            offsets = xp.empty((batch, n), dtype=self.dtype) if out is None else out[i].reshape(batch, n)
             gemm(xp.ascontiguousarray(z), basis, offsets)
-            out.append(offsets.reshape(batch, self.n_vertices, 3))
-        return out[0], out[1]
+            results.append(offsets.reshape(batch, self.n_vertices, 3) if out is None else out[i])
+        return results[0], results[1]
 
-    def backward(self, z_geo, z_ref, grad_geometry, grad_reflectance):
+    def backward(self, z_geo, z_ref, grad_geometry, grad_reflectance, *, out=None):
         """Gradients of the codes; OVERWRITES `flat_grads` (`grads`) with the gradients of the bases.
 
         Args:
             z_geo, z_ref: the codes given to `evaluate`.
             grad_geometry, grad_reflectance: (B, V, 3) gradients of `evaluate`'s outputs, the space's dtype
                 and device; either may be None (zero).
+            out: keyword only, optional pair of C-contiguous (B, n_geometry), (B, n_reflectance) arrays for
+                the code gradients.
 
         Returns:
             (grad_z_geo (B, n_geometry), grad_z_ref (B, n_reflectance)):
@@ -240,10 +276,11 @@ class CorrectiveSpace:
         xp = self._check_codes(z_geo, z_ref, (("grad_geometry", grad_geometry),
                                                ("grad_reflectance", grad_reflectance)))
         batch, n = z_geo.shape[0], 3 * self.n_vertices
+        given = self._check_out(out, [(batch, self.n_geometry), (batch, self.n_reflectance)], xp)
         out = []
-        for z, grad, name in ((z_geo, grad_geometry, "geometry_basis"),
-                              (z_ref, grad_reflectance, "reflectance_basis")):
-            grad_z = xp.empty(z.shape, dtype=self.dtype)
+        for i, (z, grad, name) in enumerate(((z_geo, grad_geometry, "geometry_basis"),
+                                             (z_ref, grad_reflectance, "reflectance_basis"))):
+            grad_z = xp.empty(z.shape, dtype=self.dtype) if given is None else given[i]
             if grad is None:
                 grad_z[...] = 0
                 self.grads[name][...] = 0
@@ -376,7 +413,7 @@ def _build_mesh(edges, n_vertices, symmetry):
                                          n_vertices)
     mirror_offsets = mirrored_from = None
     if symmetry is not None:
-        symmetry = np.ascontiguousarray(symmetry, dtype=np.int32)
+        symmetry = np.array(symmetry, dtype=np.int32)  # a copy: the mesh's arrays are made read-only
         mirror_offsets, mirrored_from = _csr(symmetry.astype(np.int64), np.arange(n_vertices, dtype=np.int64),
                                              n_vertices)
     return dict(n_vertices=int(n_vertices), n_edges=int(edges.shape[0]), edges=edges,
@@ -421,7 +458,7 @@ def corrective_mesh(model):
 # The regularizers: Numba twins of kernels/corrective.cu (same names and argument order)
 # =============================================================================================
 
-FWD_THREADS = 256          # FWD_THREADS in kernels/corrective.cu: one block of these per image
+FWD_THREADS = 1024         # FWD_THREADS in kernels/corrective.cu: one block of these per image
 REFLECTANCE_EPS = 1e-3     # smoothing of the l2,1 norm at 0, albedo units (see reflectance_constancy_loss)
 CHROMA_EPS = 1e-3          # the smallest brightness a chromaticity divides by
 DEFAULT_SHARPNESS = 50.0   # of the chromaticity weights (see reflectance_constancy_loss)

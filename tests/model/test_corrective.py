@@ -340,6 +340,12 @@ def test_corrective_mesh_is_cached_per_model_and_triangle_array():
         corrective_mesh("model")
 
 
+def test_corrective_mesh_leaves_the_models_arrays_writeable():
+    model, _ = _grid_model(4)
+    corrective_mesh(model)
+    assert model.symmetry.flags.writeable and model.triangles.flags.writeable
+
+
 def _field(rng, B, V, dtype=np.float64):
     return rng.normal(size=(B, V, 3)).astype(dtype)
 
@@ -563,7 +569,8 @@ def test_regularizers_gpu_match_cpu(cupy, rng, tol):
     g = cupy.asarray
     pairs = [
         (smoothness_loss(g(offsets), gpu_mesh), smoothness_loss(offsets, mesh)),
-        (smoothness_loss_backward(g(offsets), gpu_mesh, g(grad_out)), smoothness_loss_backward(offsets, mesh, grad_out)),
+        (smoothness_loss_backward(g(offsets), gpu_mesh, g(grad_out)),
+         smoothness_loss_backward(offsets, mesh, grad_out)),
         (magnitude_loss(g(offsets)), magnitude_loss(offsets)),
         (magnitude_loss_backward(g(offsets), g(grad_out)), magnitude_loss_backward(offsets, grad_out)),
         (reflectance_constancy_loss(g(albedo), g(guide), gpu_mesh), reflectance_constancy_loss(albedo, guide, mesh)),
@@ -579,3 +586,70 @@ def test_regularizers_gpu_match_cpu(cupy, rng, tol):
                                    atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(want).max())
     # Deterministic: a second call gives the same bits.
     np.testing.assert_array_equal(smoothness_loss(g(offsets), gpu_mesh).get(), pairs[0][0].get())
+
+
+def test_evaluate_and_backward_write_into_given_outputs(rng):
+    space = CorrectiveSpace(10, 3, 4)
+    z_geo, z_ref = _codes(rng, space, 2)
+    want = space.evaluate(z_geo, z_ref)
+    out = (np.empty((2, 10, 3), np.float32), np.empty((2, 10, 3), np.float32))
+    got = space.evaluate(z_geo, z_ref, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    want_z = space.backward(z_geo, z_ref, want[0], want[1])
+    out_z = (np.empty((2, 3), np.float32), np.empty((2, 4), np.float32))
+    got_z = space.backward(z_geo, z_ref, want[0], None, out=out_z)
+    assert got_z[0] is out_z[0] and got_z[1] is out_z[1]
+    np.testing.assert_array_equal(got_z[0], want_z[0])
+    assert not got_z[1].any()
+    with pytest.raises(ValueError, match=r"out\[1\] must have shape \(2, 10, 3\)"):
+        space.evaluate(z_geo, z_ref, out=(out[0], out[1][:, :9]))
+    with pytest.raises(ValueError, match=r"out\[0\] must be C-contiguous"):
+        space.evaluate(z_geo, z_ref, out=(np.empty((2, 3, 10), np.float32).transpose(0, 2, 1), out[1]))
+    with pytest.raises(TypeError, match="out must be a pair"):
+        space.backward(z_geo, z_ref, None, None, out=out_z[0])
+
+
+def test_regularizers_of_decoded_offsets_backpropagate_to_the_codes(rng, tol):
+    """The chain a training step runs: codes -> decoders -> every regularizer, back to the codes."""
+    model, _ = _grid_model(5, symmetry="random")
+    mesh = corrective_mesh(model)
+    space = CorrectiveSpace(25, 3, 4, seed=1, init_std=0.5, dtype=np.float64)
+    z_geo, z_ref = _codes(rng, space, 2)
+    base_albedo = rng.uniform(0.2, 0.8, size=(2, 25, 3))
+    weights = rng.uniform(0.5, 2.0, size=2)
+
+    def loss(zg, zr):
+        geometry, reflectance = space.evaluate(zg, zr)
+        albedo = base_albedo + reflectance
+        return (smoothness_loss(geometry, mesh) + 0.5 * magnitude_loss(geometry)
+                + symmetry_loss(geometry, mesh, True)
+                + reflectance_constancy_loss(albedo, base_albedo, mesh, sharpness=4.0)
+                + magnitude_loss(reflectance) + symmetry_loss(reflectance, mesh, False))
+
+    geometry, reflectance = space.evaluate(z_geo, z_ref)
+    albedo = base_albedo + reflectance
+    grad_geometry = (smoothness_loss_backward(geometry, mesh, weights)
+                     + magnitude_loss_backward(geometry, 0.5 * weights)
+                     + symmetry_loss_backward(geometry, mesh, weights, True))
+    grad_reflectance = (reflectance_constancy_loss_backward(albedo, base_albedo, mesh, weights, sharpness=4.0)
+                        + magnitude_loss_backward(reflectance, weights)
+                        + symmetry_loss_backward(reflectance, mesh, weights, False))
+    grad_z_geo, grad_z_ref = space.backward(z_geo, z_ref, grad_geometry, grad_reflectance)
+    assert_gradient_matches(lambda z: loss(z, z_ref), z_geo, weights, grad_z_geo, tol)
+    assert_gradient_matches(lambda z: loss(z_geo, z), z_ref, weights, grad_z_ref, tol)
+
+
+def test_to_gpu_refuses_float64_and_a_missing_cupy(monkeypatch):
+    from tests.fake_cupy import install  # noqa: PLC0415
+
+    with monkeypatch.context() as m:
+        m.setattr(corrective, "cupy_or_none", lambda: None)
+        with pytest.raises(RuntimeError, match="needs cupy"):
+            CorrectiveSpace(5, 2, 2).to("gpu")
+    install(monkeypatch)
+    with pytest.raises(TypeError, match="CPU only"):
+        CorrectiveSpace(5, 2, 2, dtype=np.float64).to("gpu")
+    space = CorrectiveSpace(5, 2, 2).to("gpu")
+    assert space.device == "gpu" and space.to("cpu").device == "cpu"

@@ -1,0 +1,60 @@
+"""The training step, synthetic data and inference take their GPU paths, checked on the CPU with the fake cupy.
+
+Every kernel launch of a whole multi-level step (encoder, both levels rendered, every loss and
+regularizer, their backwards, both Adam updates) is checked against its CUDA signature
+(tests/fake_cupy.py), and nothing is read back to the host inside the step. The values are compared
+on a real GPU by the `gpu` tests of each op and by tests/test_train.py::test_gpu_step_equals_cpu_step.
+"""
+import numpy as np
+import pytest
+
+import fastface
+from fastface._backend import is_cupy_array
+from fastface.train import TrainSettings, build
+from tests.fake_cupy import install
+
+SETTINGS = dict(device="gpu", level="small", resolution=16, batch=2, n_geometry=3, n_reflectance=2, widths=(4, 8))
+
+
+def test_a_training_step_launches_valid_kernels_and_reads_nothing_back(monkeypatch):
+    gpu = install(monkeypatch)
+    cp = gpu.cupy
+    autoencoder, objective, optimizers = build(TrainSettings(**SETTINGS))
+    rng = np.random.default_rng(0)
+    images = cp.asarray(rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32))
+    landmarks = cp.asarray(rng.uniform(2, 14, (2, 68, 2)).astype(np.float32))
+
+    def step():
+        out = autoencoder.forward(images, final=True)
+        terms, grads = objective(out, images, landmarks, final=True)
+        autoencoder.backward(out, grads)
+        for opt in optimizers.values():
+            opt.step()
+        return out, terms
+
+    with fastface.value_checks(False):
+        step()  # the first step builds per-model caches (adjacency, landmark bookkeeping) on the host
+        gpu.device_work.clear()
+        out, terms = step()
+    assert "device-to-host copy" not in gpu.device_work
+    for a in (out.base.image, out.final.image, autoencoder.encoder.flat_grads, autoencoder.correctives.flat_grads,
+              *terms.values()):
+        assert is_cupy_array(a)
+    assert set(terms) == set(fastface.objective.TERM_NAMES)
+
+
+def test_synthetic_faces_and_inference_run_on_the_gpu_model(monkeypatch, tmp_path):
+    from fastface.checkpoint import save_checkpoint
+    from fastface.data.synthetic import TRAIN_SEEDS, SyntheticFaces
+    settings = TrainSettings(**{**SETTINGS, "device": "cpu"})
+    autoencoder, _, optimizers = build(settings)
+    path = tmp_path / "checkpoint.h5"
+    save_checkpoint(path, 0, settings.to_dict(), autoencoder.encoder, autoencoder.correctives, optimizers)
+    gpu = install(monkeypatch)
+    rec = fastface.Reconstructor(path, device="gpu")
+    batch = SyntheticFaces(rec.model, resolution=rec.resolution).batch([TRAIN_SEEDS[0], TRAIN_SEEDS[1]])
+    assert is_cupy_array(batch.images) and is_cupy_array(batch.landmarks)
+    out = rec(gpu.cupy.asarray(np.full((2, 16, 16, 3), 0.5, np.float32)))
+    assert is_cupy_array(out.vertices_final) and out.vertices_final.shape == (2, rec.model.n_vertices, 3)
+    with pytest.raises(TypeError, match="images"):
+        rec(np.zeros((2, 16, 16, 3), np.float32))
