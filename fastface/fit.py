@@ -244,11 +244,11 @@ def _solve_light(rendering, images, mask, tri, regularization=1e-2):
     xp = array_module(("images", images))
     albedo_px = interpolate(rendering.albedo, rendering.raster, tri)            # (B, H, W, 3)
     normals_px = interpolate(rendering.normals, rendering.raster, tri)
-    normals_px /= xp.maximum(xp.linalg.norm(normals_px, axis=-1, keepdims=True), 1e-6)
+    normals_px /= xp.maximum(xp.sqrt((normals_px * normals_px).sum(axis=-1, keepdims=True)), 1e-6)
     basis = _sh_basis(xp, normals_px)                                            # (B, H, W, 9)
     m = mask.astype(images.dtype)[..., None]
     B = images.shape[0]
-    sh = xp.zeros((B, 9, 3), images.dtype)
+    sh = np.zeros((B, 9, 3), np.float32)
     eye = xp.asarray(np.eye(9))
     for c in range(3):
         a = (basis * albedo_px[..., c:c + 1] * m).reshape(B, -1, 9).astype(xp.float64)
@@ -262,8 +262,9 @@ def _solve_light(rendering, images, mask, tri, regularization=1e-2):
         prior[:, 0, 0] = (t.sum(1) / xp.maximum(a[..., :1].sum(1), 1e-6))[:, 0]
         ata = ata + regularization * eye
         atb = atb + regularization * prior
-        sh[:, :, c] = xp.linalg.solve(ata, atb)[..., 0].astype(images.dtype)
-    return sh
+        # B small 9 x 9 systems: solved on the host (one copy of 9 x 10 numbers per image).
+        sh[:, :, c] = np.linalg.solve(_host(ata), _host(atb))[..., 0]
+    return xp.asarray(sh)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,9 +51,9 @@ class Settings:
     landmark_iterations: int = None
 
     def fit_options(self):
-        from fastface import fit as fit_module
-        return dict(iterations=fit_module.DEFAULT_ITERATIONS if self.iterations is None else self.iterations,
-                    landmark_iterations=(fit_module.DEFAULT_LANDMARK_ITERATIONS if self.landmark_iterations is None
+        from fastface.fit import DEFAULT_ITERATIONS, DEFAULT_LANDMARK_ITERATIONS
+        return dict(iterations=DEFAULT_ITERATIONS if self.iterations is None else self.iterations,
+                    landmark_iterations=(DEFAULT_LANDMARK_ITERATIONS if self.landmark_iterations is None
                                          else self.landmark_iterations))
 
 
@@ -72,7 +72,8 @@ def _state(settings):
     key = (settings.device, settings.checkpoint, settings.resolution)
     state = _CACHE.get(key)
     if state is None:
-        from fastface import fit as fit_module
+        import importlib
+        fit_module = importlib.import_module("fastface.fit")  # the module: fastface.fit is the function
         reconstructor = None
         if settings.checkpoint:
             from fastface.reconstructor import Reconstructor
