@@ -205,6 +205,20 @@ def test_reconstruct_with_two_workers_gives_identical_outputs(photos, single_run
     assert not different, different
 
 
+def test_reconstruct_on_a_running_scheduler_gives_identical_outputs(photos, single_run, tmp_path):
+    folder, _ = photos
+    out, _ = single_run
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        status = main(["reconstruct", str(folder), "--landmarks", str(folder), "--out", str(tmp_path),
+                       "--scheduler", cluster.scheduler_address, "--quiet"])
+    finally:
+        cluster.close()
+    assert status == 0
+    mine, theirs = _outputs(out), _outputs(tmp_path)
+    assert set(mine) == set(theirs) and all(mine[n] == theirs[n] for n in mine)
+
+
 def test_reconstruct_loses_no_photo_when_a_worker_dies(photos, single_run, tmp_path):
     folder, _ = photos
     out, _ = single_run
