@@ -101,7 +101,8 @@ def _framing_landmarks(model, angles, translation, focal, resolution):
     """(68, 2) crop pixels of the mean face's landmarks at the starting pose: the crop's framing."""
     from fastface.ops.camera import euler_rotation, project_to_pixels, rigid_transform
     points = np.ascontiguousarray(_host(model.mean_shape)[_host(model.landmarks)][None], np.float32)
-    camera = rigid_transform(points, euler_rotation(np.asarray(angles, np.float32)), np.asarray(translation, np.float32))
+    rotation = euler_rotation(np.asarray(angles, np.float32))
+    camera = rigid_transform(points, rotation, np.asarray(translation, np.float32))
     return project_to_pixels(camera, focal, resolution)[0].astype(np.float64)
 
 
@@ -123,7 +124,8 @@ def _openblas_thread_functions():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix, suffix in (("openblas", ""), ("scipy_openblas", "64_"), ("openblas", "64_"), ("scipy_openblas", "")):
+        names = (("openblas", ""), ("scipy_openblas", "64_"), ("openblas", "64_"), ("scipy_openblas", ""))
+        for prefix, suffix in names:
             get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
             set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
             if get is not None and set_ is not None:

@@ -29,7 +29,8 @@ def _known_faces(model, batch, seed):
                                   rng.uniform(-700, -600, batch)], 1)))
     focal = default_focal(RESOLUTION)
     rendering = render_faces(model, params, RESOLUTION, focal)
-    background = np.float32(0.3) + np.float32(0.1) * np.linspace(0, 1, RESOLUTION[1], dtype=np.float32)[None, None, :, None]
+    ramp = np.linspace(0, 1, RESOLUTION[1], dtype=np.float32)[None, None, :, None]
+    background = np.float32(0.3) + np.float32(0.1) * ramp
     images = np.ascontiguousarray(np.where(rendering.mask[..., None], rendering.image, background), np.float32)
     return images, rendering.landmarks, params, rendering
 
@@ -55,7 +56,8 @@ def test_fit_recovers_landmarks_pose_and_shape_of_rendered_faces(model, known, f
     assert isinstance(fitted, FitResult)
     error = np.linalg.norm(fitted.landmarks - landmarks, axis=-1).mean(axis=1)
     assert np.all(error < tol["fit_landmark_px"]), error
-    assert np.all(np.abs(fitted.params.angles - truth.angles) < tol["fit_angles_rad"]), fitted.params.angles - truth.angles
+    angle_error = np.abs(fitted.params.angles - truth.angles)
+    assert np.all(angle_error < tol["fit_angles_rad"]), angle_error
     vertices, _ = model.evaluate(truth.shape, truth.expression, truth.albedo)
     rms = np.sqrt(((fitted.vertices - vertices) ** 2).sum(-1).mean(-1))
     # The mean face is the prior's answer (2-3 mm off here): the fit must be well closer than that.

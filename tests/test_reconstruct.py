@@ -312,8 +312,8 @@ def test_reconstruct_with_a_checkpoint_starts_from_the_encoder(photos, tmp_path,
     assert main(["train", "--out", str(run), "--steps", "1", "--batch", "1", "--no-progress"]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
-    status = main(["reconstruct", str(folder / "face0.png"), "--landmarks", str(folder / "face0.pts"), "--out", str(out),
-                   "--checkpoint", str(run / "checkpoint.h5"), "--quiet"])
+    status = main(["reconstruct", str(folder / "face0.png"), "--landmarks", str(folder / "face0.pts"),
+                   "--out", str(out), "--checkpoint", str(run / "checkpoint.h5"), "--quiet"])
     assert status == 0, capsys.readouterr().err
     record = json.loads((out / "face0_params.json").read_text())
     assert record["fit"]["checkpoint"] == str(run / "checkpoint.h5")
