@@ -424,6 +424,23 @@ def reconstruct_paths(photos, landmarks, settings, client=None, progress=True, o
     return results
 
 
+@contextlib.contextmanager
+def _environment_kept():
+    """Restores os.environ as it was when the block ends.
+
+    Dask's nanny sets OMP_NUM_THREADS, MKL_NUM_THREADS and OPENBLAS_NUM_THREADS to 1 in this
+    process's own os.environ (its pre-spawn environment, for the workers it starts) and leaves
+    them there, so every process started afterwards (a training run, a test's subprocess) would
+    run BLAS single-threaded and round differently from this one."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
 def _client(args):
     """A Dask client for --workers / --scheduler, or None; exits with a clear line without dask."""
     if not args.workers and not args.scheduler:
@@ -500,14 +517,15 @@ def run(args):
                         checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
                         resolution=args.resolution, iterations=args.iterations)
     start = time.perf_counter()
-    client, cluster = _client(args)
-    try:
-        results = reconstruct_paths(photos, landmarks, settings, client=client, progress=not args.quiet)
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
+    with _environment_kept():
+        client, cluster = _client(args)
+        try:
+            results = reconstruct_paths(photos, landmarks, settings, client=client, progress=not args.quiet)
+        finally:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
     elapsed = time.perf_counter() - start
     counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "failed")}
     done_seconds = [r["seconds"] for r in results if r["status"] == "done"]

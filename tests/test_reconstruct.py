@@ -193,12 +193,25 @@ def test_reconstruct_without_dask_says_how_to_install_it(photos, tmp_path, monke
 distributed = pytest.importorskip("distributed")
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Dask's nanny leaves OMP/MKL/OPENBLAS_NUM_THREADS=1 in os.environ (fastface.reconstruct
+    undoes it around its own clusters; these tests make clusters themselves): restore it, or every
+    later test's subprocess would run BLAS on one thread and round differently from its parent."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def test_reconstruct_with_two_workers_gives_identical_outputs(photos, single_run, tmp_path):
     folder, _ = photos
     out, _ = single_run
+    environment = dict(os.environ)
     status = main(["reconstruct", str(folder), "--landmarks", str(folder), "--out", str(tmp_path), "--workers", "2",
                    "--quiet"])
     assert status == 0
+    assert dict(os.environ) == environment, "the Dask cluster's thread settings leaked into this process"
     mine, theirs = _outputs(out), _outputs(tmp_path)
     assert set(mine) == set(theirs)
     different = [name for name in mine if mine[name] != theirs[name]]
