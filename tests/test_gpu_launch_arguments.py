@@ -312,6 +312,9 @@ def scenario_photometric_loss(cp, rng, monkeypatch):
             grad = fastface.photometric_loss_backward(r, t, m, cp.asarray(np.ones(2, np.float32)))
             _on_gpu(loss, grad)
             assert loss.shape == (2,) and grad.shape == rendered.shape
+            out, grad_out = cp.empty(2, np.float32), cp.empty(rendered.shape, np.float32)  # caller's buffers
+            assert fastface.photometric_loss(r, t, m, out=out) is out
+            assert fastface.photometric_loss_backward(r, t, m, loss, out=grad_out) is grad_out
     return _kernels("losses.cu", *(f"photometric_loss_{d}<{t}>" for d in ("fwd", "bwd")
                                    for t in ("unsigned char", "float")))
 
@@ -322,14 +325,15 @@ def scenario_landmark_loss(cp, rng, monkeypatch):
     for weights in (np.ones(68, np.float32), rng.uniform(size=(3, 68)).astype(np.float32)):
         p, t, w = strided(cp, points), cp.asarray(target), cp.asarray(weights)
         _on_gpu(fastface.landmark_loss(p, t, w),
-                fastface.landmark_loss_backward(p, t, w, cp.asarray(np.ones(3, np.float32))))
+                fastface.landmark_loss_backward(p, t, w, cp.asarray(np.ones(3, np.float32)),
+                                                out=cp.empty(points.shape, np.float32)))
     return _kernels("losses.cu", "landmark_loss_fwd", "landmark_loss_bwd")
 
 
 def scenario_prior_loss(cp, rng, monkeypatch):
     coeffs = cp.asarray(rng.normal(size=(3, 80)).astype(np.float32))
     for weights in (None, cp.asarray(rng.uniform(size=80).astype(np.float32))):
-        _on_gpu(fastface.prior_loss(coeffs, weights),
+        _on_gpu(fastface.prior_loss(coeffs, weights, out=cp.empty(3, np.float32)),
                 fastface.prior_loss_backward(coeffs, weights, cp.asarray(np.ones(3, np.float32))))
     return _kernels("losses.cu", "prior_loss_fwd", "prior_loss_bwd")
 

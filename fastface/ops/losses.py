@@ -3,7 +3,9 @@ point distance and the quadratic prior, each a forward and a backward side by si
 
 Every loss returns one value per image, (B,), in the inputs' float dtype and on their device (no
 host synchronisation on the GPU), and every backward takes `grad_out` (B,), the weight of each
-image's value in the scalar being differentiated, last. A training step sums
+image's value in the scalar being differentiated, last (before the keyword-only `out`: every loss
+and backward can write into a buffer the caller owns, so that a step recorded in a CUDA graph
+allocates nothing). A training step sums
 `weight * loss(...).sum()` (or a mean) on its side and passes `grad_out = weight * ones(B)`.
 
 Photometric (robust l2,1, as in MoFA / Tewari et al. 2018): for image b,
@@ -33,7 +35,7 @@ but the outputs.
 import numba
 import numpy as np
 
-from fastface._backend import KernelFile, NULL_POINTER, array_module, grid_1d
+from fastface._backend import KernelFile, NULL_POINTER, array_module, grid_1d, is_cupy_array
 from fastface._checks import check_array, check_finite, queue_on_device, value_checks_enabled
 
 __all__ = ["PHOTOMETRIC_EPS", "photometric_loss", "photometric_loss_backward", "landmark_loss",
@@ -197,6 +199,20 @@ def _check_range(name, a, lo, hi, what):
         raise ValueError(f"{name} holds values that are not {what}")
 
 
+def _output(xp, out, dtype, shape):
+    """A new output array, or the caller's `out` once checked (same device, dtype, shape, C-contiguous):
+    a training step that records a CUDA graph passes buffers it owns, so that the step allocates nothing."""
+    if out is None:
+        return xp.empty(shape, dtype=dtype)
+    device = "numpy" if xp is np else "cupy"
+    if not hasattr(out, "flags") or is_cupy_array(out) != (xp is not np):
+        raise TypeError(f"out must be a {device} array like the inputs; got {type(out).__name__}")
+    check_array("out", out, dtype, shape)
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous (the kernels write it in place)")
+    return out
+
+
 def _check_grad_out(grad_out, dtype, batch):
     check_array("grad_out", grad_out, dtype, (batch,))
     check_finite("grad_out", grad_out)
@@ -231,7 +247,7 @@ def _gpu_mask(m):
     return m.view(np.uint8) if m.dtype == np.bool_ else m
 
 
-def photometric_loss(rendered, target, mask):
+def photometric_loss(rendered, target, mask, *, out=None):
     """Robust masked l2,1 photometric loss per image (see the module docstring for the formula).
 
     Args:
@@ -239,14 +255,15 @@ def photometric_loss(rendered, target, mask):
         target: (B, H, W, C), the dtype of rendered: the images to match.
         mask: (B, H, W) bool, or float weights in [0, 1] of rendered's dtype: the pixels that count
             (usually those the rendered face covers).
+        out: optional (B,) C-contiguous array of rendered's dtype and device to write the result to.
 
     Returns:
-        (B,) of rendered's dtype: sum_p m_p (sqrt(|r_p - t_p|^2 + PHOTOMETRIC_EPS^2) -
+        (B,) of rendered's dtype (`out` when given): sum_p m_p (sqrt(|r_p - t_p|^2 + PHOTOMETRIC_EPS^2) -
         PHOTOMETRIC_EPS) / max(1, sum_p m_p); 0 for an empty mask.
     """
     xp, r, t, m, _ = _prepare_photometric(rendered, target, mask)
     B, HW, C = r.shape
-    out = xp.empty(B, dtype=r.dtype)
+    out = _output(xp, out, r.dtype, (B,))
     if xp is np:
         photometric_loss_fwd(r, t, m, out, r.dtype.type(PHOTOMETRIC_EPS))
     else:
@@ -255,20 +272,22 @@ def photometric_loss(rendered, target, mask):
     return out
 
 
-def photometric_loss_backward(rendered, target, mask, grad_out):
+def photometric_loss_backward(rendered, target, mask, grad_out, *, out=None):
     """Gradient of `photometric_loss` with respect to `rendered` (the mask sum held constant).
 
     Args:
         rendered, target, mask: as for `photometric_loss`.
         grad_out: (B,) of rendered's dtype, the weight of each image's loss.
+        out: optional (B, H, W, C) C-contiguous array like rendered to write the gradient to.
 
     Returns:
-        grad_rendered (B, H, W, C): grad_out[b] m_p (r_p - t_p) / sqrt(|r_p - t_p|^2 + eps^2) /
+        grad_rendered (B, H, W, C) (`out` when given): grad_out[b] m_p (r_p - t_p) / sqrt(|r_p - t_p|^2 + eps^2) /
         max(1, sum m); zero where the mask is 0.
     """
     xp, r, t, m, g = _prepare_photometric(rendered, target, mask, grad_out, backward=True)
     B, HW, C = r.shape
-    grad = xp.empty_like(r)
+    result = _output(xp, out, r.dtype, tuple(rendered.shape))
+    grad = result.reshape(r.shape)  # a view: result is C-contiguous
     if xp is np:
         photometric_loss_bwd(r, t, m, g, grad, r.dtype.type(PHOTOMETRIC_EPS))
     else:
@@ -277,7 +296,7 @@ def photometric_loss_backward(rendered, target, mask, grad_out):
         _photometric_kernel("bwd", m)((B, n_bands), (_GPU_BWD_THREADS,), (
             r, t, _gpu_mask(m), g, grad, np.int32(B), np.int32(HW), np.int32(C), np.float32(PHOTOMETRIC_EPS),
             np.int32(band)))
-    return grad.reshape(rendered.shape)
+    return result
 
 
 def _prepare_landmarks(points, target, weights, grad_out=None, backward=False):
@@ -296,20 +315,21 @@ def _prepare_landmarks(points, target, weights, grad_out=None, backward=False):
     return xp, c(points), c(target), w, (None if grad_out is None else c(grad_out))
 
 
-def landmark_loss(points, target, weights):
+def landmark_loss(points, target, weights, *, out=None):
     """Weighted squared 2D distance per image: sum_k w_k |p_k - t_k|^2 / K.
 
     Args:
         points: (B, K, 2) float32 (float64 also on the CPU) pixel coordinates, numpy or cupy.
         target: (B, K, 2) of points' dtype.
         weights: (K,) (the same for every image) or (B, K), >= 0, of points' dtype.
+        out: optional (B,) C-contiguous array of points' dtype and device to write the result to.
 
     Returns:
-        (B,) of points' dtype.
+        (B,) of points' dtype (`out` when given).
     """
     xp, p, t, w, _ = _prepare_landmarks(points, target, weights)
     B, K = p.shape[0], p.shape[1]
-    out = xp.empty(B, dtype=p.dtype)
+    out = _output(xp, out, p.dtype, (B,))
     if xp is np:
         landmark_loss_fwd(p, t, w, out)
     else:
@@ -318,19 +338,20 @@ def landmark_loss(points, target, weights):
     return out
 
 
-def landmark_loss_backward(points, target, weights, grad_out):
+def landmark_loss_backward(points, target, weights, grad_out, *, out=None):
     """Gradient of `landmark_loss` with respect to `points` (target and weights are constants).
 
     Args:
         points, target, weights: as for `landmark_loss`.
         grad_out: (B,) of points' dtype.
+        out: optional (B, K, 2) C-contiguous array like points to write the gradient to.
 
     Returns:
-        grad_points (B, K, 2): 2 grad_out[b] w_k (p_k - t_k) / K.
+        grad_points (B, K, 2) (`out` when given): 2 grad_out[b] w_k (p_k - t_k) / K.
     """
     xp, p, t, w, g = _prepare_landmarks(points, target, weights, grad_out, backward=True)
     B, K = p.shape[0], p.shape[1]
-    grad = xp.empty_like(p)
+    grad = _output(xp, out, p.dtype, (B, K, 2))
     if xp is np:
         landmark_loss_bwd(p, t, w, g, grad)
     else:
@@ -357,20 +378,21 @@ def _prepare_prior(coeffs, weights, grad_out=None, backward=False):
     return xp, c(coeffs), w, (None if grad_out is None else c(grad_out))
 
 
-def prior_loss(coeffs, weights=None):
+def prior_loss(coeffs, weights=None, *, out=None):
     """Quadratic prior per image: sum_k w_k c_k^2.
 
     Args:
         coeffs: (B, K) float32 (float64 also on the CPU), numpy or cupy; for a statistical prior the
             coefficients in units of their standard deviations.
         weights: (K,) >= 0 of coeffs' dtype, or None for ones.
+        out: optional (B,) C-contiguous array of coeffs' dtype and device to write the result to.
 
     Returns:
-        (B,) of coeffs' dtype.
+        (B,) of coeffs' dtype (`out` when given).
     """
     xp, c, w, _ = _prepare_prior(coeffs, weights)
     B, K = c.shape
-    out = xp.empty(B, dtype=c.dtype)
+    out = _output(xp, out, c.dtype, (B,))
     if xp is np:
         prior_loss_fwd(c, w, out)
     else:
@@ -379,19 +401,20 @@ def prior_loss(coeffs, weights=None):
     return out
 
 
-def prior_loss_backward(coeffs, weights, grad_out):
+def prior_loss_backward(coeffs, weights, grad_out, *, out=None):
     """Gradient of `prior_loss` with respect to `coeffs`.
 
     Args:
         coeffs, weights: as for `prior_loss` (weights may be None).
         grad_out: (B,) of coeffs' dtype.
+        out: optional (B, K) C-contiguous array like coeffs to write the gradient to.
 
     Returns:
-        grad_coeffs (B, K): 2 grad_out[b] w_k c_k.
+        grad_coeffs (B, K) (`out` when given): 2 grad_out[b] w_k c_k.
     """
     xp, c, w, g = _prepare_prior(coeffs, weights, grad_out, backward=True)
     B, K = c.shape
-    grad = xp.empty_like(c)
+    grad = _output(xp, out, c.dtype, (B, K))
     if xp is np:
         prior_loss_bwd(c, w, g, grad)
     else:

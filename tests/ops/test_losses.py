@@ -339,6 +339,36 @@ def test_prior_backward_bad_grad_out_raises():
         prior_loss_backward(np.zeros((2, 5)), None, np.ones((2, 1)))
 
 
+def _all_calls(rng, dtype=np.float32):
+    """(function, args, output shape) for every loss and backward, on small inputs."""
+    r, t, m = photometric_inputs(rng, dtype=dtype)
+    p, lt, w = landmark_inputs(rng, dtype=dtype)
+    c = rng.normal(size=(3, 8)).astype(dtype)
+    g = np.ones(3, dtype)
+    return [(photometric_loss, (r, t, m), (3,)), (photometric_loss_backward, (r, t, m, g), r.shape),
+            (landmark_loss, (p, lt, w), (3,)), (landmark_loss_backward, (p, lt, w, g), p.shape),
+            (prior_loss, (c, None), (3,)), (prior_loss_backward, (c, None, g), c.shape)]
+
+
+def test_every_loss_writes_into_a_given_out_buffer(rng):
+    for fn, args, shape in _all_calls(rng):
+        out = np.full(shape, np.nan, np.float32)
+        assert fn(*args, out=out) is out, fn.__name__
+        np.testing.assert_array_equal(out, fn(*args), err_msg=fn.__name__)
+
+
+@pytest.mark.parametrize("make_bad, exc, pattern", [
+    (lambda shape: np.zeros(shape, np.float64), TypeError, "out must be float32"),
+    (lambda shape: np.zeros((1,) + shape, np.float32), ValueError, "out must have shape"),
+    (lambda shape: np.zeros(shape + (2,), np.float32)[..., 0], ValueError, "out must be C-contiguous"),
+    (lambda shape: [0.0] * shape[0], TypeError, "out must be a numpy array like the inputs"),
+])
+def test_a_bad_out_buffer_raises_naming_it(rng, make_bad, exc, pattern):
+    for fn, args, shape in _all_calls(rng):
+        with pytest.raises(exc, match=pattern):
+            fn(*args, out=make_bad(shape))
+
+
 def test_value_checks_off_skip_the_data_checks(rng):
     r, t, m = _photometric_bad(rng)
     with fastface.value_checks(False):
@@ -383,6 +413,48 @@ def test_landmarks_and_prior_gpu_match_cpu(rng, tol, cupy, per_image):
         np.testing.assert_allclose(prior_loss(cupy.asarray(c), gw).get(), prior_loss(c, weights), **close)
         np.testing.assert_allclose(prior_loss_backward(cupy.asarray(c), gw, g[3]).get(),
                                    prior_loss_backward(c, weights, grad_out), **close)
+
+
+def test_gpu_losses_record_in_a_cuda_graph_with_out_buffers(rng, tol, cupy):
+    """With value checks off and buffers passed as `out`, the losses neither wait for the GPU nor
+    allocate: recorded once in a CUDA graph, replays follow new inputs written into the same arrays."""
+    r, t, m = photometric_inputs(rng, batch=4, h=64, w=64, dtype=np.float32)
+    p, lt, w = landmark_inputs(rng, batch=4, dtype=np.float32)
+    c = rng.normal(size=(4, 80)).astype(np.float32)
+    host = dict(r=r, t=t, m=m, p=p, lt=lt, w=w, c=c, g=np.ones(4, np.float32))
+    dev = {k: cupy.asarray(v) for k, v in host.items()}
+    outs = {"photo": cupy.empty(4, cupy.float32), "photo_grad": cupy.empty_like(dev["r"]),
+            "lm": cupy.empty(4, cupy.float32), "lm_grad": cupy.empty_like(dev["p"]),
+            "prior": cupy.empty(4, cupy.float32), "prior_grad": cupy.empty_like(dev["c"])}
+
+    def step(a):
+        photometric_loss(a["r"], a["t"], a["m"], out=outs["photo"])
+        photometric_loss_backward(a["r"], a["t"], a["m"], a["g"], out=outs["photo_grad"])
+        landmark_loss(a["p"], a["lt"], a["w"], out=outs["lm"])
+        landmark_loss_backward(a["p"], a["lt"], a["w"], a["g"], out=outs["lm_grad"])
+        prior_loss(a["c"], out=outs["prior"])
+        prior_loss_backward(a["c"], None, a["g"], out=outs["prior_grad"])
+
+    with fastface.value_checks(False):
+        step(dev)  # compiles the kernels outside the capture
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                step(dev)
+            finally:
+                graph = stream.end_capture()
+    new = dict(host, r=rng.uniform(size=r.shape).astype(np.float32), c=rng.normal(size=c.shape).astype(np.float32))
+    for k in ("r", "c"):
+        dev[k][...] = cupy.asarray(new[k])
+    graph.launch(stream)
+    stream.synchronize()
+    close = dict(rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(outs["photo"].get(), photometric_loss(new["r"], t, m), **close)
+    np.testing.assert_allclose(outs["photo_grad"].get(), photometric_loss_backward(new["r"], t, m, new["g"]), **close)
+    np.testing.assert_allclose(outs["prior"].get(), prior_loss(new["c"]), **close)
+    np.testing.assert_allclose(outs["prior_grad"].get(), prior_loss_backward(new["c"], None, new["g"]), **close)
+    np.testing.assert_allclose(outs["lm"].get(), landmark_loss(p, lt, w), **close)
 
 
 def test_gpu_losses_reject_float64_and_mixed_devices(rng, cupy):
