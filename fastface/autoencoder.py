@@ -41,7 +41,11 @@ class CodeLayout:
     range (1 standard deviation for the coefficients, 0.5 rad for the angles, 20 / 20 / 60 mm for
     the translation, 0.5 for the SH coefficients): with Adam, whose weight steps do not depend on
     the gradient's scale, they set how fast each output moves, so that all of them learn at a
-    comparable pace.
+    comparable pace. The corrective codes are scaled too: Adam moves every basis entry of the
+    corrective space by about its learning rate per step in the entry's own units, millimetres for
+    the geometry and albedo for the reflectance; a code scale s makes the offsets learn s times
+    faster (geometry_code_scale 10: the geometry basis learns at the pace a face's millimetre detail
+    needs; measured in README's training table).
     """
     n_shape: int = 80
     n_expression: int = 64
@@ -52,6 +56,8 @@ class CodeLayout:
     angle_scale: float = 0.5
     translation_scale: tuple = (20.0, 20.0, 60.0)
     sh_scale: float = 0.5
+    geometry_code_scale: float = 10.0
+    reflectance_code_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("n_shape", "n_expression", "n_albedo", "n_geometry", "n_reflectance"):
@@ -90,6 +96,8 @@ class CodeLayout:
         scale[s["angles"]] = self.angle_scale
         offset[s["translation"]] = self.translation
         scale[s["translation"]] = self.translation_scale
+        scale[s["z_geo"]] = self.geometry_code_scale
+        scale[s["z_ref"]] = self.reflectance_code_scale
         return offset, scale
 
     def to_dict(self):

@@ -54,6 +54,8 @@ class TrainSettings:
     data: str = None
     widths: tuple = (32, 64, 128, 256)
     weights: dict = None
+    geometry_code_scale: float = 10.0
+    reflectance_code_scale: float = 1.0
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -94,7 +96,9 @@ def build(settings, checkpoint=None):
     focal, translation = default_framing(resolution)
     layout = CodeLayout(n_shape=model.n_shape, n_expression=model.n_expression, n_albedo=model.n_albedo,
                         n_geometry=settings.n_geometry, n_reflectance=settings.n_reflectance,
-                        translation=tuple(float(t) for t in translation))
+                        translation=tuple(float(t) for t in translation),
+                        geometry_code_scale=settings.geometry_code_scale,
+                        reflectance_code_scale=settings.reflectance_code_scale)
     if checkpoint is not None:
         encoder, correctives = checkpoint.encoder(), checkpoint.correctives()
     else:

@@ -8,11 +8,11 @@ Each face is a face of the morphable model (identity and albedo coefficients dra
 model's prior, N(0, 1) in standard deviations; a sparse and smaller expression) PLUS detail that
 the base model cannot express, which a learned corrective space (Tewari et al., CVPR 2018) can:
 
-- geometry: a held-back basis of smooth random displacement fields (built like the default
-  model's own random fields, from another seed and finer cosine modes, mostly mirror-symmetric),
-  forehead lines, frown lines, nasolabial folds, crow's feet and local bumps;
-- reflectance: a held-back basis of smooth skin-coloured fields, red and brown blotches, moles
-  and freckles.
+- geometry: a held-back basis of 16 smooth random displacement fields (sums of regional
+  deformations, mostly mirror-symmetric; 2 mm RMS together), forehead lines, frown lines,
+  nasolabial folds, crow's feet and local bumps;
+- reflectance: a held-back basis of 8 smooth skin-coloured fields (cosine modes finer than the
+  default model's own; 0.035 RMS together), red and brown blotches, moles and freckles.
 
 Every detail row is made orthogonal (least squares, in float64) to the model's own basis (and,
 for geometry, to the seven similarity motions of the mean face, which the pose would absorb), so
@@ -66,10 +66,12 @@ ANGLE_RANGE = (0.25, 0.6, 0.15)            # pitch, yaw, roll
 TRANSLATION_JITTER = (6.0, 6.0, 30.0)      # x, y, z
 
 # Held-back bases: the number of components and the RMS (mm / linear RGB per vertex) of them all
-# together at one standard deviation each.
-N_HELD_BACK_GEOMETRY = 10
+# together at one standard deviation each. Sixteen geometry components of similar size: what lies
+# outside the model's span of a smooth field is peaky (its maximum four times its RMS), and with
+# fewer, larger components one of them made odd ridges.
+N_HELD_BACK_GEOMETRY = 16
 N_HELD_BACK_ALBEDO = 8
-HELD_BACK_GEOMETRY_RMS = 2.5
+HELD_BACK_GEOMETRY_RMS = 2.0
 HELD_BACK_ALBEDO_RMS = 0.035
 
 # The mouth's interior (where the model has a hole between the lips): its depth behind the lips
@@ -106,6 +108,17 @@ def directional_sh(direction, intensity, ambient, tint=(1.0, 1.0, 1.0), ambient_
                       0.546274 * (x * x - y * y)])
     sh = intensity * basis[:, None] * np.asarray(tint, dtype=np.float64)[None, :] / np.pi
     sh[0] += ambient * np.asarray(ambient_tint, dtype=np.float64) / (np.pi * 0.282095)
+    return sh
+
+
+def _directional_sh_batch(direction, intensity, ambient, tint, ambient_tint):
+    """`directional_sh` for a batch: direction (B, 3), intensity and ambient (B,), tints (B, 3) -> (B, 9, 3)."""
+    x, y, z = (direction / np.linalg.norm(direction, axis=1, keepdims=True)).T
+    basis = np.stack([np.full_like(x, 0.282095), 0.488603 * y, 0.488603 * z, 0.488603 * x, 1.092548 * x * y,
+                      1.092548 * y * z, 0.315392 * (3 * z * z - 1), 1.092548 * x * z, 0.546274 * (x * x - y * y)],
+                     axis=1)
+    sh = intensity[:, None, None] * basis[:, :, None] * tint[:, None, :] / np.pi
+    sh[:, 0] += ambient[:, None] * ambient_tint / (np.pi * 0.282095)
     return sh
 
 
@@ -194,18 +207,43 @@ def _cosine_modes(xy, n):
     return (cu[:, :, None] * cv[:, None, :]).reshape(len(xy), n * n), p.ravel(), q.ravel()
 
 
-def _smooth_random_fields(rng, xy, count, colour_rows, symmetry, negate_x, width):
-    """`count` smooth random fields (count, V, 3): cosine modes up to 12 x 12 (the default model's
-    own go to 8 x 8) with a Gaussian spectrum of `width` in mode number, without the constant mode;
-    each channel along `colour_rows` (3, 3); three in four made mirror-symmetric."""
+def _smooth_random_fields(rng, xy, count, directions, symmetry, negate_x, width):
+    """`count` smooth random fields (count, V, 3): cosine modes up to 12 x 12 over the bounding box
+    of `xy` (the default model's own random fields go to 8 x 8) with a Gaussian spectrum of `width`
+    in mode number and no constant mode, each channel along a row of `directions` (3, 3); three in
+    four made mirror-symmetric through the model's symmetry map."""
     modes, p, q = _cosine_modes(xy, 12)
     f = np.sqrt(p * p + q * q)
     spectrum = np.exp(-0.5 * (f / width) ** 2) * (f > 0)
     coef = rng.standard_normal((count, len(f), 3)) * spectrum[None, :, None]
-    fields = np.einsum("vm,kmc->kvc", modes, coef @ colour_rows)
+    fields = np.einsum("vm,kmc->kvc", modes, coef @ directions)
     if symmetry is not None:
         symmetric = np.arange(count) % 4 != 3
         fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, negate_x))
+    return fields
+
+
+def _regional_fields(rng, xy, count, scale, symmetry):
+    """`count` smooth random displacement fields (count, V, 3), each the sum of four regional
+    deformations: a Gaussian window (8 to 16 mm, times `scale`) around a random point of the face
+    times a random direction that varies linearly across the window (a swelling, a shift, a
+    twist). Three in four are mirror-symmetric. Localised, so that most of each lies outside the
+    model's span: smooth global fields (cosine modes) are mostly inside it, and what is left of them
+    after the projection gathered along the outline and undid the model's sharp designed features
+    (the lips, the nose), which looked like melted faces."""
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    fields = np.zeros((count, len(xy), 3))
+    for k in range(count):
+        for _ in range(4):
+            centre = lo + (hi - lo) * rng.uniform(0.15, 0.85, 2)
+            sigma = rng.uniform(8.0, 16.0) * scale
+            d = (xy - centre) / sigma
+            window = np.exp(-0.5 * np.sum(d * d, axis=1))
+            direction = rng.standard_normal((3, 3))  # constant, d/dx and d/dy parts
+            fields[k] += window[:, None] * (direction[0] + d[:, 0:1] * direction[1] + d[:, 1:2] * direction[2])
+    if symmetry is not None:
+        symmetric = np.arange(count) % 4 != 3
+        fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, True))
     return fields
 
 
@@ -274,12 +312,12 @@ def _geometry_features(layout, rng, normals, groove_width):
             yk = layout.brow_top + (first + spacing * k) * s + 0.004 * x * x / s
             h -= np.exp(-0.5 * ((y - yk) / w) ** 2)
         add(h * fade_x * fade_top, "forehead")
-    # Frown lines: two short vertical grooves between the brows.
+    # Frown lines: two short vertical grooves between the brows, closer together at the bottom.
     h = np.zeros_like(x)
     for sx in (-1.0, 1.0):
-        h -= np.exp(-0.5 * ((x - sx * 5.0 * s) / w) ** 2)
-    h *= _smoothstep(layout.brow_inner_y - 8.0 * s, layout.brow_inner_y - 2.0 * s, y) * \
-        _smoothstep(layout.brow_inner_y + 14.0 * s, layout.brow_inner_y + 6.0 * s, y)
+        h -= np.exp(-0.5 * ((x - sx * (7.0 * s + 0.15 * (y - layout.brow_inner_y))) / w) ** 2)
+    h *= _smoothstep(layout.brow_inner_y - 6.0 * s, layout.brow_inner_y - 1.0 * s, y) * \
+        _smoothstep(layout.brow_inner_y + 12.0 * s, layout.brow_inner_y + 5.0 * s, y)
     add(h, "frown")
     # Nasolabial folds, one row per side: a crease from beside the nose's ala to below the mouth
     # corner, with the cheek bulging over it on the outside.
@@ -410,17 +448,10 @@ def _build_detail(model, seed):
     # motions, then scaled to their RMS), then the local features (outside the same span).
     geometry_span = np.concatenate([_host(model.shape_basis), _host(model.expression_basis)]).astype(np.float64)
     geometry_span = np.concatenate([geometry_span, _similarity_motions(mean_shape)])
-    held = _smooth_random_fields(rng, mean_shape[:, :2], N_HELD_BACK_GEOMETRY, np.diag([1.0, 1.0, 0.8]),
-                                 symmetry, True, width=3.0).reshape(N_HELD_BACK_GEOMETRY, -1)
     span = _span_basis(geometry_span)
-    # What the model's basis leaves of smooth fields concentrates along the outline (the model's
-    # designed components live inside it), which made pointed foreheads and chins: taper toward the
-    # outline and project again, twice (the outline still moves, by about a third of the inside).
-    taper = np.repeat(0.35 + 0.65 * _smoothstep(0.0, 25.0 * layout.s, _outline_distance(mean_shape, triangles)), 3)
-    for _ in range(2):
-        held = _project_out(held, span) * taper
-    held = _orthonormal_rows(_project_out(held, span))
-    std = (np.arange(N_HELD_BACK_GEOMETRY) + 1.0) ** -0.5
+    held = _regional_fields(rng, mean_shape[:, :2], N_HELD_BACK_GEOMETRY, layout.s, symmetry)
+    held = _orthonormal_rows(_project_out(held.reshape(N_HELD_BACK_GEOMETRY, -1), span))
+    std = (np.arange(N_HELD_BACK_GEOMETRY) + 1.0) ** -0.25  # no one component dominates
     std *= HELD_BACK_GEOMETRY_RMS / np.sqrt(np.sum(std ** 2))
     held *= (std * np.sqrt(V))[:, None]  # a unit row spread over V vertices has RMS 1/sqrt(V)
     local, local_kinds = _geometry_features(layout, rng, normals, groove_width)
@@ -430,21 +461,19 @@ def _build_detail(model, seed):
 
     # Reflectance, the same way, outside the albedo basis's span.
     albedo_span = _host(model.albedo_basis).astype(np.float64)
-    span = _span_basis(albedo_span) if albedo_span.shape[0] else None
-    skin_colours = np.array([[0.80, 0.60, 0.50], [0.45, -0.20, -0.25], [0.06, 0.06, -0.15]])
-    held = _smooth_random_fields(rng, mean_shape[:, :2], N_HELD_BACK_ALBEDO, skin_colours, symmetry, False,
-                                 width=4.0)
+    span = _span_basis(albedo_span) if albedo_span.shape[0] else np.zeros((0, 3 * V))  # it may have none
+    # Along lightness mostly, less along redness and yellowness: a negative redness is a green cast,
+    # which at the model's own proportions made faces look ill.
+    skin_colours = np.array([[0.80, 0.60, 0.50], [0.25, -0.10, -0.12], [0.03, 0.03, -0.08]])
+    held = _smooth_random_fields(rng, mean_shape[:, :2], N_HELD_BACK_ALBEDO, skin_colours, symmetry, False, 4.0)
     held = (held * layout.eye_weight()[None, :, None]).reshape(N_HELD_BACK_ALBEDO, -1)
-    if albedo_span.shape[0]:
-        held = _project_out(held, span)
-    held = _orthonormal_rows(held)
+    held = _orthonormal_rows(_project_out(held, span))
     std = (np.arange(N_HELD_BACK_ALBEDO) + 1.0) ** -0.5
     std *= HELD_BACK_ALBEDO_RMS / np.sqrt(np.sum(std ** 2))
     held *= (std * np.sqrt(V))[:, None]
     local, local_kinds = _albedo_features(layout, rng)
     local = local.reshape(len(local), -1)
-    if albedo_span.shape[0]:
-        local = _project_out(local, span)
+    local = _project_out(local, span)
     albedo = np.concatenate([held, local]).astype(np.float32)
     albedo_kinds = ("held_back",) * N_HELD_BACK_ALBEDO + tuple(local_kinds)
     for a in (geometry, albedo):
@@ -471,44 +500,48 @@ def _detail_of(model, seed):
 # 15% of each other; "one": at most one of the kind's patterns; "each": every row on its own.
 _LOCAL_DETAIL = {
     "bump": ("each", 0.05, 0.3, 1.0),      # signed: bumps and dents
-    "frown": ("each", 0.3, 0.3, 1.0),
+    "frown": ("each", 0.3, 0.2, 0.6),
     "nasolabial": ("pair", 0.8, 0.4, 2.0),
     "crows_feet": ("pair", 0.35, 0.2, 0.7),
     "forehead": ("one", 0.6, 0.3, 1.0),
-    "blotch": ("each", 0.12, 0.4, 1.2),
+    "blotch": ("each", 0.08, 0.3, 1.0),
     "mole": ("each", 0.06, 0.6, 1.0),
     "freckles": ("one", 0.3, 0.5, 1.4),
 }
 
 
 class _CoefficientPlan:
-    """Draws the per-face coefficients (K,) of a detail dictionary's rows: the held-back ones
-    N(0, 1), the local ones sparse (_LOCAL_DETAIL). The same number of draws per face whatever is
-    active, in a fixed order, so that a face's later random numbers never depend on them."""
+    """The per-face coefficients (B, K) of a detail dictionary's rows from raw random numbers: the
+    held-back ones N(0, 1), the local ones sparse (_LOCAL_DETAIL). Vectorised over the batch and
+    the rows: a group's "pair" and "one" rows read the uniforms of the group's first row."""
 
     def __init__(self, kinds):
         kinds = np.asarray(kinds)
-        self.size = len(kinds)
-        self.held = np.flatnonzero(kinds == "held_back")
-        self.groups = [(np.flatnonzero(kinds == kind),) + rule for kind, rule in _LOCAL_DETAIL.items()
-                       if np.any(kinds == kind)]
-        self.signed = np.flatnonzero(kinds == "bump")
+        K = self.size = len(kinds)
+        self.held = kinds == "held_back"
+        self.signed = kinds == "bump"
+        self.chance, self.lo, self.hi = np.zeros(K), np.zeros(K), np.zeros(K)
+        self.lead, self.spread = np.arange(K), np.zeros(K)  # whose uniforms a row reads; pairs' spread
+        self.one, self.position, self.count = np.zeros(K, bool), np.zeros(K), np.ones(K)
+        for kind, (how, chance, lo, hi) in _LOCAL_DETAIL.items():
+            rows = np.flatnonzero(kinds == kind)
+            if not len(rows):
+                continue
+            self.chance[rows], self.lo[rows], self.hi[rows] = chance, lo, hi
+            if how != "each":
+                self.lead[rows] = rows[0]
+            if how == "pair":
+                self.spread[rows] = 0.15
+            if how == "one":
+                self.one[rows], self.position[rows], self.count[rows] = True, np.arange(len(rows)), len(rows)
 
-    def draw(self, rng):
-        u, a, n = rng.random(self.size), rng.random(self.size), rng.standard_normal(self.size)
-        pick = rng.random()
-        c = np.zeros(self.size)
-        c[self.held] = n[self.held]
-        for rows, how, chance, lo, hi in self.groups:
-            if how == "each":
-                c[rows] = np.where(u[rows] < chance, lo + (hi - lo) * a[rows], 0.0)
-            elif how == "pair":
-                if u[rows[0]] < chance:
-                    c[rows] = (lo + (hi - lo) * a[rows[0]]) * (1.0 + 0.15 * n[rows])
-            elif u[rows[0]] < chance:  # "one": which pattern from a second uniform
-                c[rows[int(pick * len(rows)) % len(rows)]] = lo + (hi - lo) * a[rows[0]]
-        c[self.signed] *= np.sign(n[self.signed])
-        return c
+    def coefficients(self, u, a, w, n):
+        """u, a, w: (B, K) uniforms in [0, 1); n: (B, K) standard normals. Returns (B, K) float64."""
+        u, a, w = u[:, self.lead], a[:, self.lead], w[:, self.lead]
+        c = np.where(u < self.chance, self.lo + (self.hi - self.lo) * a, 0.0) * (1.0 + self.spread * n)
+        c *= ~self.one | (np.floor(w * self.count) == self.position)  # "one": the pattern w picks
+        c *= np.where(self.signed, np.sign(n), 1.0)
+        return np.where(self.held, n, c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,58 +662,92 @@ class SyntheticFaces:
 
     # ------------------------------------------------------------------------------------------
 
-    def _draw(self, face_seed):
-        """Every random number of one face, from its own generator, in a fixed order (host, float64)."""
+    def _layout_of_draws(self):
+        """The raw random numbers of one face: (name, count) of its normals, then of its uniforms."""
+        model, Kg, Ka = self.model, self._geometry_plan.size, self._albedo_plan.size
+        normals = (("shape", model.n_shape), ("expression", model.n_expression), ("albedo", model.n_albedo),
+                   ("detail_geometry", Kg), ("detail_albedo", Ka), ("bg_coarse", _COARSE * _COARSE * 3),
+                   ("bg_medium", _MEDIUM * _MEDIUM * 3), ("bg_c1", 3))
+        uniforms = (("expression", 7), ("angles", 3), ("translation", 3), ("sh", 11), ("detail_geometry", 3 * Kg),
+                    ("detail_albedo", 3 * Ka), ("background", 13))
+        return normals, uniforms
+
+    def _raw(self, seeds):
+        """(B, N) standard normals and (B, U) uniforms in [0, 1): every random number of each face,
+        from the face's own generator seeded by (seed, face seed), two draws per face."""
+        normals, uniforms = self._layout_of_draws()
+        n_total, u_total = sum(c for _, c in normals), sum(c for _, c in uniforms)
+        n, u = np.empty((len(seeds), n_total)), np.empty((len(seeds), u_total))
+        for b, face_seed in enumerate(seeds):
+            rng = np.random.default_rng([self.seed, face_seed])
+            n[b] = rng.standard_normal(n_total)
+            u[b] = rng.random(u_total)
+
+        def split(a, layout):
+            out, start = {}, 0
+            for name, count in layout:
+                out[name], start = a[:, start:start + count], start + count
+            return out
+
+        return split(n, normals), split(u, uniforms)
+
+    def _draw_batch(self, seeds):
+        """The faces' parameters (host, float64, by name) from their random numbers, vectorised."""
         model = self.model
-        rng = np.random.default_rng([self.seed, face_seed])
-        d = {}
-        d["shape"] = rng.standard_normal(model.n_shape)
+        n, u = self._raw(seeds)
+        B = len(seeds)
+        d = {"shape": n["shape"], "albedo": n["albedo"]}
         # Expressions: sparser and smaller than identity: a little of everything, and up to three
         # components (the default model's first 22 are named ones: jaw_open, smile, ...) clearly.
-        expression = 0.2 * rng.standard_normal(model.n_expression)
-        n_active = rng.integers(0, 4)
-        active = rng.choice(max(model.n_expression, 1), size=3, replace=True)[:n_active]
-        amounts = rng.uniform(0.4, 1.6, size=3)[:n_active]
+        expression = 0.2 * n["expression"]
+        ue = u["expression"]
         if model.n_expression:
-            expression[active] += amounts
+            which = np.minimum((ue[:, 1:4] * model.n_expression).astype(np.int64), model.n_expression - 1)
+            amount = (0.4 + 1.2 * ue[:, 4:7]) * (np.arange(3)[None, :] < np.floor(4.0 * ue[:, 0:1]))
+            np.add.at(expression, (np.repeat(np.arange(B), 3), which.ravel()), amount.ravel())
         d["expression"] = expression
-        d["albedo"] = rng.standard_normal(model.n_albedo)
-        d["angles"] = rng.uniform(-1.0, 1.0, 3) * np.asarray(ANGLE_RANGE)
-        d["translation"] = self.translation + rng.uniform(-1.0, 1.0, 3) * np.asarray(TRANSLATION_JITTER)
-        direction = (rng.uniform(-1.0, 1.0), rng.uniform(-0.3, 1.0), rng.uniform(0.5, 1.2))
-        d["sh"] = directional_sh(direction, intensity=rng.uniform(0.3, 0.9), ambient=rng.uniform(0.3, 0.65),
-                                 tint=1.0 + rng.uniform(-0.12, 0.12, 3), ambient_tint=1.0 + rng.uniform(-0.06, 0.06, 3))
-        geometry = self._geometry_plan.draw(rng)
-        albedo = self._albedo_plan.draw(rng)
-        d["detail_geometry"] = geometry if self.detail else np.zeros_like(geometry)
-        d["detail_albedo"] = albedo if self.detail else np.zeros_like(albedo)
+        d["angles"] = (2.0 * u["angles"] - 1.0) * np.asarray(ANGLE_RANGE)
+        d["translation"] = self.translation + (2.0 * u["translation"] - 1.0) * np.asarray(TRANSLATION_JITTER)
+        # Light: an ambient term and one directional light from the front half, slightly tinted.
+        us = u["sh"]
+        direction = np.stack([2.0 * us[:, 0] - 1.0, -0.3 + 1.3 * us[:, 1], 0.5 + 0.7 * us[:, 2]], axis=1)
+        # Tints along the warm-cool (blackbody-like) direction, plus a little of anything: a green or
+        # magenta cast of 12%, as drawn before, made faces look ill.
+        warm = np.array([1.0, 0.0, -1.0])
+        tint = 1.0 + 0.10 * (2.0 * us[:, 5:6] - 1.0) * warm + 0.03 * (2.0 * us[:, 6:9] - 1.0)
+        ambient_tint = 1.0 + 0.06 * (2.0 * us[:, 9:10] - 1.0) * warm + 0.02 * (2.0 * us[:, 10:11] - 1.0)
+        d["sh"] = _directional_sh_batch(direction, intensity=0.3 + 0.6 * us[:, 3], ambient=0.3 + 0.35 * us[:, 4],
+                                        tint=tint, ambient_tint=ambient_tint)
+        for name, plan in (("detail_geometry", self._geometry_plan), ("detail_albedo", self._albedo_plan)):
+            K = plan.size
+            ud = u[name]
+            c = plan.coefficients(ud[:, :K], ud[:, K:2 * K], ud[:, 2 * K:], n[name])
+            d[name] = c if self.detail else np.zeros_like(c)
         # Background: two colours along a random direction, blotches at two scales, fine noise.
-        grey, saturation = rng.uniform(0.05, 0.95), rng.uniform(0.1, 0.8)
-        c0 = grey + saturation * (rng.uniform(0.03, 0.97, 3) - grey)
-        c1 = np.clip(c0 + rng.normal(0.0, 0.25, 3), 0.0, 1.0)
-        angle = rng.uniform(0.0, 2.0 * np.pi)
-        d["bg_colours"] = np.concatenate([c0, c1, [np.cos(angle), np.sin(angle), rng.uniform(0.3, 1.5)]])
-        d["bg_coarse"] = rng.standard_normal((_COARSE, _COARSE, 3)) * rng.uniform(0.02, 0.15)
-        d["bg_medium"] = rng.standard_normal((_MEDIUM, _MEDIUM, 3)) * rng.uniform(0.0, 0.08)
-        d["bg_noise"] = np.array([rng.uniform(0.0, 0.06), rng.integers(_TILE), rng.integers(_TILE)], dtype=np.float64)
+        ub = u["background"]
+        grey, saturation = 0.05 + 0.9 * ub[:, 0:1], 0.1 + 0.7 * ub[:, 1:2]
+        c0 = grey + saturation * (0.03 + 0.94 * ub[:, 2:5] - grey)
+        c1 = np.clip(c0 + 0.25 * n["bg_c1"], 0.0, 1.0)
+        angle = 2.0 * np.pi * ub[:, 5]
+        d["bg_colours"] = np.concatenate([c0, c1, np.cos(angle)[:, None], np.sin(angle)[:, None],
+                                          0.3 + 1.2 * ub[:, 6:7]], axis=1)
+        d["bg_coarse"] = (n["bg_coarse"] * (0.02 + 0.13 * ub[:, 7:8])).reshape(B, _COARSE, _COARSE, 3)
+        d["bg_medium"] = (n["bg_medium"] * (0.08 * ub[:, 8:9])).reshape(B, _MEDIUM, _MEDIUM, 3)
+        d["bg_noise"] = np.concatenate([0.06 * ub[:, 9:10], np.floor(_TILE * ub[:, 10:12])], axis=1)
         return d
 
     def _upload(self, draws):
-        """Stacks the faces' draws into one float32 host buffer, moves it to the device once, and
+        """Packs the batch's arrays into one float32 host buffer, moves it to the device once, and
         returns C-contiguous views of it by name (each view starts on a 256-byte boundary)."""
-        names = list(draws[0])
-        B = len(draws)
-        shapes = {k: (B,) + np.shape(draws[0][k]) for k in names}
-        sizes = {k: int(np.prod(shapes[k])) for k in names}
         offsets, total = {}, 0
-        for k in names:
-            offsets[k] = total
-            total += -(-sizes[k] // 64) * 64
+        for name, a in draws.items():
+            offsets[name] = total
+            total += -(-a.size // 64) * 64
         host = np.zeros(total, dtype=np.float32)
-        for k in names:
-            host[offsets[k]:offsets[k] + sizes[k]] = np.stack([d[k] for d in draws]).reshape(-1)
+        for name, a in draws.items():
+            host[offsets[name]:offsets[name] + a.size] = a.reshape(-1)
         device = self._xp.asarray(host)
-        return {k: device[offsets[k]:offsets[k] + sizes[k]].reshape(shapes[k]) for k in names}
+        return {name: device[offsets[name]:offsets[name] + a.size].reshape(a.shape) for name, a in draws.items()}
 
     def _background(self, a):
         """(B, H, W, 3) backgrounds from the drawn numbers `a` (on the device)."""
@@ -730,7 +797,7 @@ class SyntheticFaces:
         seeds = _check_seeds(seeds)
         model, xp = self.model, self._xp
         B, (H, W), ss = len(seeds), self.resolution, self.supersample
-        a = self._upload([self._draw(int(s)) for s in seeds])
+        a = self._upload(self._draw_batch(seeds))
         V = model.n_vertices
         with value_checks(False):  # every input is made here, finite and in front of the camera
             base_vertices, base_albedo = model.evaluate(a["shape"], a["expression"], a["albedo"])

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import fastface
 from fastface import FaceModel
 from fastface.data import EVAL_SEEDS, TRAIN_SEEDS, SyntheticBatch, SyntheticFaces, default_framing
 from fastface.data import synthetic
@@ -181,16 +182,16 @@ def test_the_mouths_interior_is_dark_and_outside_the_mask(model):
     assert faces._mouth_loop is not None and len(faces._mouth_loop) > 10
     # A frontal face with the jaw wide open: the pixels between the lips are dark and not in the mask.
     jaw = model.expression_names.index("jaw_open")
-    draw = faces._draw
+    draw = faces._draw_batch
 
-    def open_mouth(seed):
-        d = draw(seed)
+    def open_mouth(seeds):
+        d = draw(seeds)
         d["expression"][:] = 0.0
-        d["expression"][jaw] = 3.0
+        d["expression"][:, jaw] = 3.0
         d["angles"][:] = 0.0
         return d
 
-    faces._draw = open_mouth
+    faces._draw_batch = open_mouth
     b = faces.batch([1, 2])
     for k in range(2):
         lips = b.landmarks[k, [62, 66]]
@@ -251,3 +252,69 @@ def test_gpu_synthetic_faces_match_the_cpu(model, cupy, tol):
     assert (mask != cpu.mask).mean() < 2e-3
     same = (cupy.asnumpy(gpu.coverage) == cpu.coverage)
     np.testing.assert_allclose(cupy.asnumpy(gpu.images)[same], cpu.images[same], atol=1e-3)
+
+
+def _tiny_face_model(rng):
+    """A small face-like model that the emulated GPU kernels render quickly: a 17 x 19 grid over the
+    default model's face box, a dome for z, a two-cell hole for the mouth, the default model's
+    landmark positions snapped to the grid (the inner lips onto the hole's rim), mirror symmetry."""
+    nx, ny = 17, 19
+    xs, ys = np.linspace(-70.0, 70.0, nx), np.linspace(-92.0, 95.0, ny)
+    gx, gy = np.meshgrid(xs, ys)
+    z = 40.0 * np.sqrt(np.clip(1.0 - (gx / 90.0) ** 2 - (gy / 120.0) ** 2, 0.0, None))
+    mean = np.stack([gx.ravel(), gy.ravel(), z.ravel()], axis=1)
+    V = len(mean)
+    mouth_row, mouth_cols = int(np.argmin(np.abs(ys + 45.0))), (7, 8)  # the cells left of and right of x = 0
+    tri = []
+    for i in range(ny - 1):
+        for j in range(nx - 1):
+            if i == mouth_row and j in mouth_cols:
+                continue
+            a = i * nx + j
+            tri += [(a, a + 1, a + nx + 1), (a, a + nx + 1, a + nx)]
+    symmetry = (np.arange(V) // nx) * nx + (nx - 1 - np.arange(V) % nx)
+    default = FaceModel.default(level="small")
+    target = default.mean_shape[default.landmarks, :2]
+    landmarks = np.argmin(np.linalg.norm(mean[None, :, :2] - target[:, None, :], axis=2), axis=1)
+    rim_top, rim_bottom = (mouth_row + 1) * nx + np.arange(7, 10), mouth_row * nx + np.arange(7, 10)
+    landmarks[[60, 61, 62, 63, 64]] = [rim_top[0], rim_top[0], rim_top[1], rim_top[2], rim_top[2]]
+    landmarks[[65, 66, 67]] = [rim_bottom[2], rim_bottom[1], rim_bottom[0]]
+    basis = lambda k, s: (rng.standard_normal((k, 3 * V)) * s).astype(np.float32)  # noqa: E731
+    return FaceModel(mean, np.array(tri, np.int32), basis(4, 0.05), np.ones(4, np.float32), basis(2, 0.05),
+                     np.ones(2, np.float32), np.full((V, 3), 0.6, np.float32), basis(3, 0.003),
+                     np.ones(3, np.float32), landmarks=landmarks, symmetry=symmetry)
+
+
+def test_gpu_path_matches_the_cpu_in_emulation(monkeypatch, rng, tol):
+    from tests.fake_cupy import assert_all_computed, install  # noqa: PLC0415
+
+    model = _tiny_face_model(rng)
+    want = SyntheticFaces(model, resolution=(20, 16)).batch([3, 8])
+    assert want.mask.mean() > 0.3
+    gpu = install(monkeypatch, compute=True)
+    faces = SyntheticFaces(model.to("gpu"), resolution=(20, 16))
+    assert faces._mouth_loop is not None
+    got = faces.batch([3, 8])
+    for name in ("images", "coverage", "landmarks", "vertices", "albedo", "detail_vertices", "detail_albedo",
+                 "background"):
+        a = getattr(got, name)
+        assert type(a).__module__.startswith("cupy"), name
+        np.testing.assert_allclose(a.get(), getattr(want, name), rtol=tol["pipeline_gpu_cpu_rtol"],
+                                   atol=tol["pipeline_gpu_cpu_atol"], err_msg=name)
+    np.testing.assert_array_equal(got.mask.get(), want.mask)
+    for name in ("shape", "expression", "albedo", "sh", "angles", "translation"):
+        np.testing.assert_array_equal(getattr(got.params, name).get(), getattr(want.params, name))
+    assert_all_computed(gpu, "morphable_fwd_gemv", "sh_shade_fwd", "rasterize_resolve", "project_to_pixels_fwd")
+
+
+def test_batched_lighting_equals_directional_sh_and_is_lit_from_the_front():
+    rng = np.random.default_rng(3)
+    direction, tint, ambient_tint = rng.normal(size=(4, 3)), rng.uniform(0.9, 1.1, (4, 3)), rng.uniform(0.9, 1.1, (4, 3))
+    intensity, ambient = rng.uniform(0.3, 0.9, 4), rng.uniform(0.3, 0.6, 4)
+    got = synthetic._directional_sh_batch(direction, intensity, ambient, tint, ambient_tint)
+    for b in range(4):
+        np.testing.assert_allclose(got[b], synthetic.directional_sh(direction[b], intensity[b], ambient[b], tint[b],
+                                                                    ambient_tint[b]), rtol=1e-12)
+    # Ambient 1, no directional light: colour = albedo (docs/conventions.md).
+    np.testing.assert_allclose(synthetic.directional_sh((0, 0, 1), 0.0, 1.0), fastface.uniform_light(1)[0],
+                               rtol=1e-5)

@@ -1,0 +1,56 @@
+"""Synthetic training faces (fastface.data.SyntheticFaces): one batch generated and rendered.
+
+Workloads: the CPU training configuration (small model, 64x64, batch 8) and a larger CPU one; on
+the GPU the full configuration (default model, 224x224, batch 64). Each batch draws its faces'
+random numbers on the host, moves them once, evaluates the model and the detail, renders at 2x
+and area-averages, and composes the background.
+
+    python -m pytest bench/bench_synthetic.py
+"""
+import pytest
+
+import fastface
+from fastface import FaceModel
+from fastface.data import TRAIN_SEEDS, SyntheticFaces
+
+needs_gpu = pytest.mark.skipif(not fastface._backend.gpu_available(), reason="needs cupy and a CUDA GPU")
+
+
+def _record(benchmark, batch):
+    if benchmark.stats is not None:
+        benchmark.extra_info["ms"] = round(benchmark.stats["median"] * 1e3, 3)
+        benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats["median"], 1)
+
+
+@pytest.mark.parametrize("level, size, batch", [("small", 64, 8), ("default", 224, 8)])
+def test_cpu_synthetic_batch(benchmark, level, size, batch):
+    faces = SyntheticFaces(FaceModel.default(level), resolution=(size, size))
+    benchmark.group = f"synthetic faces, {level} model, B={batch} {size}x{size} (CPU)"
+    faces.batch(TRAIN_SEEDS[:batch])  # compile and build outside the timing
+    starts = iter(range(0, 10 ** 6, batch))
+
+    def run():
+        start = next(starts)
+        return faces.batch(range(start, start + batch))
+
+    benchmark(run)
+    _record(benchmark, batch)
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch", [64])
+def test_gpu_synthetic_batch(benchmark, batch):
+    import cupy
+    faces = SyntheticFaces(FaceModel.default().to("gpu"), resolution=(224, 224))
+    benchmark.group = f"synthetic faces, default model, B={batch} 224x224 (GPU)"
+    starts = iter(range(0, 10 ** 6, batch))
+
+    def run():
+        start = next(starts)
+        out = faces.batch(range(start, start + batch))
+        cupy.cuda.get_current_stream().synchronize()
+        return out
+
+    run()
+    benchmark(run)
+    _record(benchmark, batch)
