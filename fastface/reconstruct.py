@@ -247,6 +247,17 @@ def _params_json(result, model, crop, photo_path, photo_shape, source, photo_lan
     }
 
 
+def _cpu_model(model):
+    """The model on the CPU, copied once per process (the overlay renders there, at photo size)."""
+    if model.device == "cpu":
+        return model
+    cached = _CACHE.get(("cpu copy", id(model)))
+    if cached is None or cached[0] is not model:
+        cached = (model, model.to("cpu"))
+        _CACHE[("cpu copy", id(model))] = cached
+    return cached[1]
+
+
 def _overlay(image, result, model, crop, given_landmarks, photo_landmarks):
     """(H0, W0, 3) uint8 BGR: the face rendered in grey-skin under a fixed light, blended over the photo."""
     import cv2
@@ -264,7 +275,7 @@ def _overlay(image, result, model, crop, given_landmarks, photo_landmarks):
     view = FaceParameters(shape=_host(params.shape), expression=_host(params.expression),
                           albedo=np.zeros_like(_host(params.albedo)), sh=light,
                           angles=_host(params.angles), translation=_host(params.translation))
-    cpu_model = model if model.device == "cpu" else model.to("cpu")
+    cpu_model = _cpu_model(model)
     # A uniform light grey albedo (the model's mean albedo replaced): only the shape shows. The
     # geometry is the result's (with a checkpoint's corrective offsets, the final level).
     base_vertices, base_albedo = cpu_model.evaluate(view.shape, view.expression, view.albedo)
