@@ -83,6 +83,10 @@ TOLERANCES = {
     # The acceptance bar of issue 9 on the real annotated photos: mean 68-point error over the
     # outer-eye-corner distance |p36 - p45|.
     "fit_real_landmark_error": 0.05,
+    # fit's GPU branch in host emulation against the CPU, 2 + 2 Adam steps: float32 sums in
+    # another order (1e-6 px measured) that Adam, normalising each step, can turn into a few
+    # 1e-4 px; a wrong kernel argument or a host/device mix-up moves pixels.
+    "fit_gpu_emulated_px": 1e-2,
 }
 
 

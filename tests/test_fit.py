@@ -6,7 +6,7 @@ import pytest
 
 from fastface._backend import gpu_available
 from fastface.fit import FitResult, FitWeights, default_focal, default_model, default_pose, fit
-from fastface.render import FaceParameters, render_faces
+from fastface.render import FaceParameters, render_faces, uniform_light
 
 RESOLUTION = (128, 128)
 
@@ -162,6 +162,32 @@ def test_fit_rejects_bad_input_naming_the_argument(kwargs, error, words):
     args.update(kwargs)
     with pytest.raises(error, match=words):
         fit(args.pop("images"), args.pop("landmarks"), iterations=args.pop("iterations", 1), **args)
+
+
+def test_fit_gpu_path_computes_the_cpu_result_in_host_emulation(monkeypatch, tol):
+    """fit on tests/fake_cupy.py in compute mode: the CUDA kernels run on the host (emulated), so
+    the GPU branch's numbers are compared with the CPU's on one small rendered face."""
+    from fastface.model import FaceModel
+    from tests.fake_cupy import install
+    model = FaceModel.default("small")
+    size = (48, 48)
+    truth = FaceParameters(shape=np.zeros((1, model.n_shape), np.float32),
+                           expression=np.zeros((1, model.n_expression), np.float32),
+                           albedo=np.zeros((1, model.n_albedo), np.float32),
+                           sh=uniform_light(1),
+                           angles=np.float32([[0.1, -0.2, 0.05]]), translation=np.float32([[3.0, -2.0, -640.0]]))
+    rendering = render_faces(model, truth, size, default_focal(size))
+    images = np.where(rendering.mask[..., None], rendering.image, np.float32(0.3)).astype(np.float32)
+    landmarks = rendering.landmarks + np.float32(0.7)  # off by a little, so that the steps move
+    cpu = fit(images, landmarks, model=model, iterations=2, landmark_iterations=2)
+    install(monkeypatch, compute=True)
+    cp = sys.modules["cupy"]
+    gpu = fit(cp.asarray(images), cp.asarray(landmarks), model=model, device="gpu", iterations=2,
+              landmark_iterations=2)
+    assert np.abs(gpu.landmarks.get() - cpu.landmarks).max() < tol["fit_gpu_emulated_px"]
+    for name in ("angles", "translation", "sh", "shape"):
+        np.testing.assert_allclose(getattr(gpu.params, name).get(), getattr(cpu.params, name), atol=1e-3,
+                                   err_msg=name)
 
 
 @pytest.mark.gpu
