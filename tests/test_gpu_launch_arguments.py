@@ -153,6 +153,27 @@ def scenario_interpolate(cp, rng, monkeypatch):
             | _kernels("rasterize.cu", "float4_to_float3"))
 
 
+def scenario_antialias(cp, rng, monkeypatch):
+    pos, tri = _clip_positions(rng, 2)
+    g_pos, g_tri = cp.asarray(pos), cp.asarray(tri)
+    raster = fastface.rasterize(g_pos, g_tri, (9, 11))
+    topology = fastface.antialias_topology(g_tri)
+    _on_gpu(topology.neighbor)
+    # Batched and unbatched positions, positions the kernels cannot take as they are (float4 loads),
+    # a topology given and built in the call, and 3 or 5 channels.
+    for p, t, C in ((g_pos, topology, 3), (misaligned(cp, pos), None, 5), (strided(cp, pos[:1]), topology, 3),
+                    (cp.asarray(pos[0]), topology, 1)):
+        B = 1 if p.ndim == 2 or p.shape[0] == 1 else 2
+        r = raster if B == 2 else fastface.Raster(raster.tri_id[:1], raster.bary[:1], raster.depth[:1])
+        color = cp.asarray(rng.uniform(size=(B, 9, 11, C)).astype(np.float32))
+        out = fastface.antialias(color, r, p, g_tri, topology=t)
+        grad_color, grad_pos = fastface.antialias_backward(color, r, p, g_tri, cp.asarray(
+            rng.normal(size=out.shape).astype(np.float32)), topology=t)
+        _on_gpu(out, grad_color, grad_pos)
+        assert grad_pos.shape == p.shape
+    return _kernels("antialias.cu", "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
+
+
 def scenario_many_images(cp, rng, monkeypatch):
     """More images than a grid's y dimension takes (65535): the pixel kernels loop over gridDim.y."""
     B = 70000
@@ -171,9 +192,12 @@ def scenario_many_images(cp, rng, monkeypatch):
     _on_gpu(fastface.euler_rotation(angles), fastface.euler_rotation_backward(angles, cp.zeros((B, 3, 3), np.float32)))
     points = cp.asarray(np.broadcast_to(np.float32([0, 0, -20]), (B, 1, 3)).copy())
     _on_gpu(fastface.project_to_pixels(points, 100.0, (4, 4)), fastface.perspective_projection(points, 100.0, (4, 4)))
+    _on_gpu(fastface.antialias(out, raster, g_pos, g_tri),
+            *fastface.antialias_backward(out, raster, g_pos, g_tri, cp.zeros_like(out)))
     return (_kernels("rasterize.cu", "rasterize_fwd", "rasterize_resolve<0>", "rasterize_bwd", "rasterize_resolve<3>",
                      "rasterize_interpolate_bwd<3>")
-            | _kernels("interpolate.cu", "interpolate_fwd<3>", "interpolate_bwd<3>"))
+            | _kernels("interpolate.cu", "interpolate_fwd<3>", "interpolate_bwd<3>")
+            | _kernels("antialias.cu", "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd"))
 
 
 def scenario_vertex_normals(cp, rng, monkeypatch):

@@ -310,6 +310,45 @@ def test_more_images_than_grid_rows_are_all_computed(gpu, rng, tol):
 
 
 # ---------------------------------------------------------------------------------------------
+# Antialiasing
+
+def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
+    """Forward and grad_color are per-pixel gathers in the Numba twin's arithmetic: bit for bit; grad_pos is
+    summed with atomics in another order."""
+    cp = gpu.cupy
+    for pos, tri in _meshes(rng):
+        raster = fastface.rasterize(pos, tri, _RES)
+        graster = fastface.Raster(*(cp.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
+        g_tri = cp.asarray(tri)
+        topology = fastface.antialias_topology(g_tri)
+        assert_equal(topology.neighbor, fastface.antialias_topology(tri).neighbor)
+        color = rng.uniform(size=raster.tri_id.shape + (3,)).astype(np.float32)
+        want = fastface.antialias(color, raster, pos, tri)
+        assert (want != color).any(), "a test image should have silhouettes to blend"
+        assert_equal(fastface.antialias(misaligned(cp, color), graster, cp.asarray(pos), g_tri, topology=topology),
+                     want)
+        grad_out = rng.standard_normal(color.shape).astype(np.float32)
+        want_color, want_pos = fastface.antialias_backward(color, raster, pos, tri, grad_out)
+        got_color, got_pos = fastface.antialias_backward(cp.asarray(color), graster, strided(cp, pos), g_tri,
+                                                         cp.asarray(grad_out), topology=topology)
+        assert_equal(got_color, want_color)
+        assert_scatter_close(got_pos, want_pos, tol)
+        # Unbatched positions (one image), 5 channels: the run-time channel count.
+        one = fastface.Raster(*(a[1:] for a in (raster.tri_id, raster.bary, raster.depth)))
+        g_one = fastface.Raster(*(a[1:] for a in (graster.tri_id, graster.bary, graster.depth)))
+        color5 = rng.uniform(size=(1,) + _RES + (5,)).astype(np.float32)
+        assert_equal(fastface.antialias(cp.asarray(color5), g_one, cp.asarray(pos[1]), g_tri),
+                     fastface.antialias(color5, one, pos[1], tri))
+        grad5 = rng.standard_normal(color5.shape).astype(np.float32)
+        want_color, want_pos = fastface.antialias_backward(color5, one, pos[1], tri, grad5)
+        got_color, got_pos = fastface.antialias_backward(cp.asarray(color5), g_one, cp.asarray(pos[1]), g_tri,
+                                                         cp.asarray(grad5))
+        assert_equal(got_color, want_color)
+        assert_scatter_close(got_pos, want_pos, tol)
+        assert_all_computed(gpu, "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
+
+
+# ---------------------------------------------------------------------------------------------
 # Normals, camera, sampling
 
 def _grid_mesh(rng, n=6, B=2):

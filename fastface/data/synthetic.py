@@ -9,14 +9,18 @@ model's prior, N(0, 1) in standard deviations; a sparse and smaller expression) 
 the base model cannot express, which a learned corrective space (Tewari et al., CVPR 2018) can:
 
 - geometry: a held-back basis of 16 smooth random displacement fields (sums of regional
-  deformations, mostly mirror-symmetric; 2 mm RMS together), forehead lines, frown lines,
+  deformations, three in four mirror-symmetric; 2 mm RMS together), forehead lines, frown lines,
   nasolabial folds, crow's feet and local bumps;
 - reflectance: a held-back basis of 8 smooth skin-coloured fields (cosine modes finer than the
   default model's own; 0.035 RMS together), red and brown blotches, moles and freckles.
 
 Every detail row is made orthogonal (least squares, in float64) to the model's own basis (and,
 for geometry, to the seven similarity motions of the mean face, which the pose would absorb), so
-`detail_vertices` and `detail_albedo` lie exactly outside the base model's span. The detail is a
+`detail_vertices` and `detail_albedo` lie exactly outside the base model's span. (What that
+projection leaves of a smooth field carries the negatives of the model's sharp designed
+features; the held-back geometry is smoothed and projected again, ten rounds, see _build_detail.
+Even so, 2 mm of geometry outside the span makes lumpy faces: the price of "outside the span";
+`detail_scale` sizes it.) The detail is a
 fixed dictionary (built once per model and `seed`) times sparse per-face coefficients: one GEMM
 per batch on either device, and a linear corrective space of the paper's kind can represent it.
 
@@ -67,12 +71,18 @@ TRANSLATION_JITTER = (6.0, 6.0, 30.0)      # x, y, z
 
 # Held-back bases: the number of components and the RMS (mm / linear RGB per vertex) of them all
 # together at one standard deviation each. Sixteen geometry components of similar size: what lies
-# outside the model's span of a smooth field is peaky (its maximum four times its RMS), and with
+# outside the model's span of a smooth field is peaky (its maximum 3-6 times its RMS), and with
 # fewer, larger components one of them made odd ridges.
 N_HELD_BACK_GEOMETRY = 16
 N_HELD_BACK_ALBEDO = 8
 HELD_BACK_GEOMETRY_RMS = 2.0
 HELD_BACK_ALBEDO_RMS = 0.035
+# The population's mean face differs from the base model's mean outside the model's span, as real
+# faces differ from a morphable model built from a few hundred scans (the gap that motivates the
+# learned corrective space of Tewari et al. 2018): a fixed combination of the held-back fields,
+# added to every face on top of its own detail.
+POPULATION_GEOMETRY_RMS = 2.5
+POPULATION_ALBEDO_RMS = 0.03
 
 # The mouth's interior (where the model has a hole between the lips): its depth behind the lips
 # (mm of the default model) and its colour.
@@ -128,7 +138,8 @@ class SyntheticBatch:
 
     Attributes:
         images: (B, H, W, 3) float32 in [0, 1], the face over its background.
-        mask: (B, H, W) bool, True where the face covers at least half of the pixel.
+        mask: (B, H, W) bool, True where the face covers at least half of the pixel (the model's
+            surface only: the dark mouth interior seen through open lips is not in it).
         coverage: (B, H, W) float32 in [0, 1], the fraction of the pixel's samples the face covers.
         landmarks: (B, 68, 2) float32 pixel coordinates (docs/conventions.md) of the model's
             landmark vertices of the ground-truth geometry.
@@ -170,19 +181,45 @@ def _mirror(fields, symmetry, negate_x):
     return out
 
 
+def _with_parity(rows, symmetry, negate_x):
+    """Rows (M, 3V) made mirror-symmetric, or (every fourth, k % 4 == 3) mirror-antisymmetric:
+    (f +- mirror(f)) / 2. Faces are mostly symmetric (and the corrective space is regularised
+    toward symmetry); the antisymmetric ones are pure asymmetry, orthogonal to all symmetric rows,
+    so that orthonormalising the rows keeps each one's parity."""
+    if symmetry is None:
+        return rows
+    fields = rows.reshape(len(rows), -1, 3)
+    sign = np.where(np.arange(len(rows)) % 4 == 3, -1.0, 1.0)[:, None, None]
+    return (0.5 * (fields + sign * _mirror(fields, symmetry, negate_x))).reshape(len(rows), -1)
+
+
+def _mirror_closed(span, symmetry, negate_x):
+    """The rows of `span` (K, 3V) and their mirror images: a span that the mirror maps onto itself,
+    so that what lies outside it stays outside when mirrored (and symmetrising keeps it there)."""
+    if symmetry is None:
+        return span
+    return np.concatenate([span, _mirror(span.reshape(len(span), -1, 3), symmetry, negate_x).reshape(len(span), -1)])
+
+
 def _span_basis(span):
     """Orthonormal rows (K', N) spanning the rows of `span` (K, N), float64, dropping the directions
     that the rows do not really span (the default model's rows and the similarity motions are
-    linearly dependent: their Gram matrix's condition number is 1e16, so it cannot be inverted)."""
-    values, vectors = np.linalg.eigh(span @ span.T)
-    keep = values > 1e-10 * values.max()
-    return (vectors[:, keep].T @ span) / np.sqrt(values[keep])[:, None]
+    linearly dependent: their Gram matrix's condition number is 1e16, so it cannot be inverted).
+    Rows are scaled to unit norm first: the similarity motions are thousands of times longer than
+    the model's orthonormal rows, and a threshold relative to the largest eigenvalue then dropped
+    real directions."""
+    span = span / np.maximum(np.linalg.norm(span, axis=1, keepdims=True), 1e-300)  # comparable eigenvalues
+    for _ in range(2):  # the second pass makes the first's rows orthonormal to rounding
+        values, vectors = np.linalg.eigh(span @ span.T)
+        keep = values > 1e-9 * values.max()
+        span = (vectors[:, keep].T @ span) / np.sqrt(values[keep])[:, None]
+    return span
 
 
-def _project_out(rows, basis):
+def _project_out(rows, basis, passes=2):
     """`rows` (M, N) minus their projection onto orthonormal rows `basis` (K, N) (least squares);
-    twice, the second pass removing what the first left to rounding."""
-    for _ in range(2):
+    twice by default, the second pass removing what the first left to rounding."""
+    for _ in range(passes):
         rows = rows - (rows @ basis.T) @ basis
     return rows
 
@@ -211,26 +248,23 @@ def _smooth_random_fields(rng, xy, count, directions, symmetry, negate_x, width)
     """`count` smooth random fields (count, V, 3): cosine modes up to 12 x 12 over the bounding box
     of `xy` (the default model's own random fields go to 8 x 8) with a Gaussian spectrum of `width`
     in mode number and no constant mode, each channel along a row of `directions` (3, 3); three in
-    four made mirror-symmetric through the model's symmetry map."""
+    four made mirror-symmetric through the model's symmetry map, the fourth antisymmetric."""
     modes, p, q = _cosine_modes(xy, 12)
     f = np.sqrt(p * p + q * q)
     spectrum = np.exp(-0.5 * (f / width) ** 2) * (f > 0)
     coef = rng.standard_normal((count, len(f), 3)) * spectrum[None, :, None]
     fields = np.einsum("vm,kmc->kvc", modes, coef @ directions)
-    if symmetry is not None:
-        symmetric = np.arange(count) % 4 != 3
-        fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, negate_x))
-    return fields
+    return _with_parity(fields.reshape(count, -1), symmetry, negate_x).reshape(count, -1, 3)
 
 
 def _regional_fields(rng, xy, count, scale, symmetry):
     """`count` smooth random displacement fields (count, V, 3), each the sum of four regional
     deformations: a Gaussian window (8 to 16 mm, times `scale`) around a random point of the face
     times a random direction that varies linearly across the window (a swelling, a shift, a
-    twist). Three in four are mirror-symmetric. Localised, so that most of each lies outside the
-    model's span: smooth global fields (cosine modes) are mostly inside it, and what is left of them
-    after the projection gathered along the outline and undid the model's sharp designed features
-    (the lips, the nose), which looked like melted faces."""
+    twist). Three in four are mirror-symmetric, the fourth antisymmetric. Localised, so that more
+    of each lies outside the model's span (about half): of smooth global fields (cosine modes) only
+    10-30% does, and what the projection left of them gathered along the outline and undid the
+    model's sharp designed features (the lips, the nose), which looked like melted faces."""
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     fields = np.zeros((count, len(xy), 3))
     for k in range(count):
@@ -241,10 +275,12 @@ def _regional_fields(rng, xy, count, scale, symmetry):
             window = np.exp(-0.5 * np.sum(d * d, axis=1))
             direction = rng.standard_normal((3, 3))  # constant, d/dx and d/dy parts
             fields[k] += window[:, None] * (direction[0] + d[:, 0:1] * direction[1] + d[:, 1:2] * direction[2])
-    if symmetry is not None:
-        symmetric = np.arange(count) % 4 != 3
-        fields[symmetric] = 0.5 * (fields[symmetric] + _mirror(fields[symmetric], symmetry, True))
-    return fields
+    return _with_parity(fields.reshape(count, -1), symmetry, True).reshape(count, -1, 3)
+
+
+def _pick(rng, pool, size, p=None):
+    """`size` distinct vertices of `pool` (with repeats only when a small mesh has fewer)."""
+    return rng.choice(pool, size=size, replace=len(pool) < size, p=p)
 
 
 def _segment_distance(points, a, b):
@@ -343,7 +379,8 @@ def _geometry_features(layout, rng, normals, groove_width):
         add(h, "crows_feet")
     # Bumps: Gaussian bumps (or dents: the coefficient's sign) of 4 to 10 mm at fixed places on the skin.
     skin = np.flatnonzero(layout.eye_weight() > 0.99)
-    for centre in rng.choice(skin, size=48, replace=False):
+    skin = skin if len(skin) else np.arange(len(xy))
+    for centre in _pick(rng, skin, 48):
         radius = rng.uniform(4.0, 10.0) * s
         add(np.exp(-0.5 * np.sum((xy - xy[centre]) ** 2, axis=1) / radius ** 2), "bump")
     return np.stack(rows), kinds
@@ -355,17 +392,18 @@ def _albedo_features(layout, rng):
     skin = layout.eye_weight()
     rows, kinds = [], []
     candidates = np.flatnonzero(skin > 0.99)
+    candidates = candidates if len(candidates) else np.arange(len(xy))
 
     def spot(centre, radius):
         return np.exp(-0.5 * np.sum((xy - xy[centre]) ** 2, axis=1) / radius ** 2)
 
     # Blotches: red (irritation) and brown (pigmentation) patches of 4 to 12 mm.
-    for k, centre in enumerate(rng.choice(candidates, size=24, replace=False)):
+    for k, centre in enumerate(_pick(rng, candidates, 24)):
         colour = np.array([0.07, -0.03, -0.02]) if k % 2 == 0 else np.array([-0.06, -0.06, -0.04])
         rows.append(spot(centre, rng.uniform(4.0, 12.0) * s)[:, None] * colour * skin[:, None])
         kinds.append("blotch")
     # Moles: small dark brown spots centred on a vertex (so the peak is seen at any mesh density).
-    for centre in rng.choice(candidates, size=48, replace=False):
+    for centre in _pick(rng, candidates, 48):
         rows.append(spot(centre, rng.uniform(1.0, 2.0) * s)[:, None] * np.array([-0.40, -0.32, -0.25]))
         kinds.append("mole")
     # Freckles: four patterns of 80 small light-brown spots over the nose and the cheeks.
@@ -374,7 +412,7 @@ def _albedo_features(layout, rng):
                              ((xy[candidates, 1] - centre_xy[1]) / (14.0 * s)) ** 2))
     for _ in range(4):
         f = np.zeros(len(xy))
-        for centre in rng.choice(candidates, size=80, replace=False, p=density / density.sum()):
+        for centre in _pick(rng, candidates, 80, density / density.sum()):
             f += rng.uniform(0.6, 1.2) * spot(centre, rng.uniform(1.0, 1.6) * s)
         rows.append(np.minimum(f, 1.2)[:, None] * np.array([-0.10, -0.09, -0.06]) * skin[:, None])
         kinds.append("freckles")
@@ -408,6 +446,30 @@ def _outline_distance(mean_shape, triangles):
     return cKDTree(mean_shape[longest, :2]).query(mean_shape[:, :2])[0]
 
 
+def _smoother(mean_shape, triangles, length):
+    """A function that smooths per-vertex fields (M, 3V) over the mesh: x -> (I + t L)^-1 x, L the
+    graph Laplacian of the edges and t = (length / median edge length)^2, so that variations finer
+    than about `length` mm are damped. One sparse factorisation, then triangular solves per call."""
+    import scipy.sparse  # noqa: PLC0415
+    import scipy.sparse.linalg  # noqa: PLC0415
+
+    V = len(mean_shape)
+    e = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]]).astype(np.int64)
+    e = np.unique(np.sort(e, axis=1), axis=0)
+    adjacency = scipy.sparse.coo_matrix((np.ones(2 * len(e)), (np.r_[e[:, 0], e[:, 1]], np.r_[e[:, 1], e[:, 0]])),
+                                        shape=(V, V)).tocsc()
+    laplacian = scipy.sparse.diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency
+    edge = float(np.median(np.linalg.norm(mean_shape[e[:, 0]] - mean_shape[e[:, 1]], axis=1)))
+    lu = scipy.sparse.linalg.splu((scipy.sparse.identity(V) + (length / edge) ** 2 * laplacian).tocsc())
+
+    def smooth(rows):
+        x = rows.reshape(len(rows), V, 3).transpose(1, 0, 2).reshape(V, -1)  # (V, M * 3)
+        x = lu.solve(np.asfortranarray(x))
+        return x.reshape(V, len(rows), 3).transpose(1, 0, 2).reshape(len(rows), -1)
+
+    return smooth
+
+
 def _similarity_motions(mean_shape):
     """(7, 3V): the three translations, three infinitesimal rotations and the scaling of the mean shape."""
     p = mean_shape - mean_shape.mean(axis=0)
@@ -424,10 +486,16 @@ class _Detail:
     albedo: np.ndarray         # (K_a, 3V) float32
     geometry_kinds: tuple      # (K_g,) the kind of each row: "held_back", "forehead", ...
     albedo_kinds: tuple
+    population_geometry: np.ndarray = None  # (3V,) float32, the population's offset (mm)
+    population_albedo: np.ndarray = None    # (3V,) float32
 
 
 def _host(a):
     return a.get() if is_cupy_array(a) else np.asarray(a)
+
+
+OUTLINE_TAPER = 0.6  # the held-back geometry's size at the outline, relative to inside
+ROUNDS = 10  # smoothing-and-projection rounds of the held-back geometry (see _build_detail)
 
 
 def _build_detail(model, seed):
@@ -448,9 +516,29 @@ def _build_detail(model, seed):
     # motions, then scaled to their RMS), then the local features (outside the same span).
     geometry_span = np.concatenate([_host(model.shape_basis), _host(model.expression_basis)]).astype(np.float64)
     geometry_span = np.concatenate([geometry_span, _similarity_motions(mean_shape)])
-    span = _span_basis(geometry_span)
+    # Outside the span and its mirror image: the default model's span is not mirror-invariant (a
+    # quarter of its random fields are asymmetric), and projecting symmetric fields out of it left
+    # them as asymmetric as random ones (bent noses).
+    span = _span_basis(_mirror_closed(geometry_span, symmetry, True))
     held = _regional_fields(rng, mean_shape[:, :2], N_HELD_BACK_GEOMETRY, layout.s, symmetry)
-    held = _orthonormal_rows(_project_out(held.reshape(N_HELD_BACK_GEOMETRY, -1), span))
+    held = _project_out(held.reshape(N_HELD_BACK_GEOMETRY, -1), span)
+    # What the projection subtracts holds sharp copies of the model's designed features (the
+    # lips, the nose, the glabella), so the remainder has their negatives (its Laplacian norm grew
+    # from 0.15 to 0.56 of its norm): smooth them away over ~5 mm and project again, ten times (each
+    # projection brings back a little of them). After the final orthonormalisation the rows measure
+    # ~0.3 (the model's own rows: 0.15 for identity, 0.31 for expression). More rounds converge
+    # toward a few dominant smooth modes (a power iteration): the rows then lose their variety.
+    # The smooth part of what lies outside the span gathers along the outline (the model's designed
+    # components live inside it), which makes lumpy outlines and pointed foreheads: each round also
+    # tapers the fields toward the outline (to OUTLINE_TAPER = 0.6 of their size at it: 1 made
+    # pointed foreheads, 0.3 left the outline and the jaw's landmarks nearly still).
+    smooth = _smoother(mean_shape, triangles, 5.0 * layout.s)
+    taper = OUTLINE_TAPER + (1.0 - OUTLINE_TAPER) * _smoothstep(0.0, 20.0 * layout.s,
+                                                                _outline_distance(mean_shape, triangles))
+    taper = np.repeat(taper, 3)
+    for _ in range(ROUNDS):
+        held = _with_parity(_project_out(smooth(held) * taper, span, passes=1), symmetry, True)
+    held = _orthonormal_rows(_project_out(held, span))
     std = (np.arange(N_HELD_BACK_GEOMETRY) + 1.0) ** -0.25  # no one component dominates
     std *= HELD_BACK_GEOMETRY_RMS / np.sqrt(np.sum(std ** 2))
     held *= (std * np.sqrt(V))[:, None]  # a unit row spread over V vertices has RMS 1/sqrt(V)
@@ -461,6 +549,7 @@ def _build_detail(model, seed):
 
     # Reflectance, the same way, outside the albedo basis's span.
     albedo_span = _host(model.albedo_basis).astype(np.float64)
+    albedo_span = _mirror_closed(albedo_span, symmetry, False)
     span = _span_basis(albedo_span) if albedo_span.shape[0] else np.zeros((0, 3 * V))  # it may have none
     # Along lightness mostly, less along redness and yellowness: a negative redness is a green cast,
     # which at the model's own proportions made faces look ill.
@@ -476,14 +565,22 @@ def _build_detail(model, seed):
     local = _project_out(local, span)
     albedo = np.concatenate([held, local]).astype(np.float32)
     albedo_kinds = ("held_back",) * N_HELD_BACK_ALBEDO + tuple(local_kinds)
-    for a in (geometry, albedo):
+    population = []
+    for rows, n_held, rms in ((geometry, N_HELD_BACK_GEOMETRY, POPULATION_GEOMETRY_RMS),
+                              (albedo, N_HELD_BACK_ALBEDO, POPULATION_ALBEDO_RMS)):
+        field = rng.standard_normal(n_held) @ rows[:n_held].astype(np.float64)
+        field *= rms / np.sqrt(np.mean(np.sum(field.reshape(V, 3) ** 2, axis=1)))
+        population.append(field.astype(np.float32))
+    for a in (geometry, albedo, *population):
         a.setflags(write=False)
-    return _Detail(geometry=geometry, albedo=albedo, geometry_kinds=geometry_kinds, albedo_kinds=albedo_kinds)
+    return _Detail(geometry=geometry, albedo=albedo, geometry_kinds=geometry_kinds, albedo_kinds=albedo_kinds,
+                   population_geometry=population[0], population_albedo=population[1])
 
 
-# Built once per (model, seed): the default model's dictionaries take ~1 s to build. Keyed on the
-# model object (weakly) and on the identity of its mean shape (a model whose arrays are replaced
-# gets new ones).
+# Built once per (model, seed): ~1 s of CPU for the small default model, ~7 s for the default one.
+# Keyed on the model object (weakly) and on the identity of its mean shape and triangles (a model
+# whose arrays are replaced gets new ones); another FaceModel object (FaceModel.default() again,
+# model.to("gpu")) builds its own.
 _detail_cache = weakref.WeakKeyDictionary()
 
 
@@ -584,15 +681,21 @@ class SyntheticFaces:
         seed: selects the detail dictionaries (the held-back bases, where bumps and moles sit) and
             the fine-noise texture; the faces of a seed differ between two values of it.
         supersample: render at this many times the resolution and area-average (1: no antialiasing).
+        population: add the population's offset from the model's mean (POPULATION_GEOMETRY_RMS,
+            POPULATION_ALBEDO_RMS; outside the base model's span, the same in every face) to the
+            detail; off with detail=False or detail_scale=0.
+        detail_scale: multiplies every detail coefficient (geometry and reflectance): 1 gives the
+            sizes documented in the module, 0 the same as detail=False.
 
     Attributes:
-        focal, translation ((3,) float32 numpy, mm): the framing; resolution, model, detail, seed.
+        focal, translation ((3,) float32 numpy, mm): the framing; resolution, model, detail,
+            detail_scale, seed, supersample.
         detail_geometry_basis (K_g, 3V), detail_albedo_basis (K_a, 3V): the detail dictionaries
             (float32, on the model's device), with `detail_geometry_kinds` / `detail_albedo_kinds`.
     """
 
     def __init__(self, model, resolution=(64, 64), focal=None, translation_z=None, detail=True, seed=0,
-                 supersample=2):
+                 supersample=2, detail_scale=1.0, population=True):
         if model.landmarks is None:
             raise ValueError("model must have landmarks (68 vertex indices): the faces' landmarks are "
                              "projected from them")
@@ -612,6 +715,10 @@ class SyntheticFaces:
             raise TypeError(f"seed must be a non-negative integer; got {seed!r}")
         self.seed = int(seed)
         self.detail = bool(detail)
+        if isinstance(detail_scale, bool) or not isinstance(detail_scale, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(detail_scale) or detail_scale < 0:
+            raise ValueError(f"detail_scale must be a non-negative number; got {detail_scale!r}")
+        self.detail_scale = float(detail_scale)
         if isinstance(supersample, bool) or not isinstance(supersample, (int, np.integer)) or supersample < 1:
             raise ValueError(f"supersample must be a positive integer; got {supersample!r}")
         self.supersample = int(supersample)
@@ -625,6 +732,13 @@ class SyntheticFaces:
         self._albedo_plan = _CoefficientPlan(self.detail_albedo_kinds)
         self.detail_geometry_basis = xp.asarray(detail_bases.geometry)
         self.detail_albedo_basis = xp.asarray(detail_bases.albedo)
+        # The population's offset from the model's mean (POPULATION_GEOMETRY_RMS), in every face.
+        self.population = bool(population) and self.detail and self.detail_scale > 0
+        V = model.n_vertices
+        self.population_vertices = xp.asarray(detail_bases.population_geometry.reshape(V, 3)) \
+            if self.population else xp.zeros((V, 3), np.float32)
+        self.population_albedo = xp.asarray(detail_bases.population_albedo.reshape(V, 3)) \
+            if self.population else xp.zeros((V, 3), np.float32)
         self._adjacency = vertex_adjacency(model.triangles, model.n_vertices)
         self._landmarks = xp.ascontiguousarray(model.landmarks)
         # The mouth's interior: where the model has a hole between the lips (the default model's
@@ -642,6 +756,7 @@ class SyntheticFaces:
             self._triangles_with_mouth = xp.asarray(np.concatenate([triangles, fan]).astype(np.int32))
             layout = _Layout(_host(model.mean_shape).astype(np.float64), _host(model.landmarks))
             self._mouth_depth = np.float32(MOUTH_DEPTH * layout.s)
+            self._mouth_colour = xp.asarray(MOUTH_COLOUR)
 
         # Background pieces: pixel coordinates in [-1, 1], the blotch grids' smoothing matrices and a
         # fine-noise tile, all fixed; each image draws its own colours, amounts and tile offset.
@@ -659,6 +774,12 @@ class SyntheticFaces:
     @property
     def device(self):
         return self.model.device
+
+    @property
+    def framing(self):
+        """(focal, translation): what `fastface.data.FaceFolder(framing=...)` and a Reconstructor
+        trained on these faces share."""
+        return self.focal, self.translation
 
     # ------------------------------------------------------------------------------------------
 
@@ -722,7 +843,7 @@ class SyntheticFaces:
             K = plan.size
             ud = u[name]
             c = plan.coefficients(ud[:, :K], ud[:, K:2 * K], ud[:, 2 * K:], n[name])
-            d[name] = c if self.detail else np.zeros_like(c)
+            d[name] = c * self.detail_scale if self.detail else np.zeros_like(c)
         # Background: two colours along a random direction, blotches at two scales, fine noise.
         ub = u["background"]
         grey, saturation = 0.05 + 0.9 * ub[:, 0:1], 0.1 + 0.7 * ub[:, 1:2]
@@ -785,7 +906,7 @@ class SyntheticFaces:
         shaded = xp.empty((B, V + L + 1, 3), dtype=np.float32)
         shaded[:, :V] = colours
         shaded[:, V:V + L] = colours[:, loop] * np.float32(MOUTH_SHADOW)
-        shaded[:, V + L] = xp.asarray(MOUTH_COLOUR)
+        shaded[:, V + L] = self._mouth_colour
         return points, shaded, self._triangles_with_mouth
 
     def batch(self, seeds):
@@ -802,7 +923,9 @@ class SyntheticFaces:
         with value_checks(False):  # every input is made here, finite and in front of the camera
             base_vertices, base_albedo = model.evaluate(a["shape"], a["expression"], a["albedo"])
             detail_vertices = (a["detail_geometry"] @ self.detail_geometry_basis).reshape(B, V, 3)
+            detail_vertices += self.population_vertices
             detail_albedo = (a["detail_albedo"] @ self.detail_albedo_basis).reshape(B, V, 3)
+            detail_albedo += self.population_albedo
             vertices = base_vertices + detail_vertices
             albedo = base_albedo + detail_albedo
             rotation = euler_rotation(a["angles"])

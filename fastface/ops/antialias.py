@@ -1,0 +1,579 @@
+"""Analytic antialiasing of silhouette edges, and its backward pass (Laine et al. 2020, "Modular
+primitives for high-performance differentiable rendering", the `antialias` op of nvdiffrast).
+
+A rasterized image samples coverage at pixel centres, so it is a step function of the geometry and
+the silhouette pulls on nothing in `rasterize_backward`. This op blends colours across the silhouette
+by where it crosses between pixel centres, which makes the image a continuous function of the
+positions of the silhouette edges' vertices, with gradients.
+
+The algorithm, the same on both backends (CUDA twin: kernels/antialias.cu):
+
+1. Silhouette edges, per image and triangle, in two passes (on the CPU, inside each unit of work). `antialias_facing`: which way each
+   triangle runs on the screen (0 when degenerate or with a vertex at w <= 0: never drawn).
+   `antialias_silhouettes`: edge k of triangle t (the edge opposite corner k: v1-v2, v2-v0, v0-v1) is a
+   silhouette edge when no other triangle shares it, when the neighbour across it is not drawn, or
+   when the neighbour lies on t's side of the edge (the surface folds over the edge: one of the two
+   faces away; for a neighbour that runs along the edge the other way, as in a consistently oriented
+   mesh, that is the other facing). An edge between two triangles that both face the camera (or both
+   away) is not a silhouette: it is inside the surface, and blending there would blur the image.
+   With more than two triangles on an edge, the lowest-numbered other triangle decides. The neighbours
+   come from `antialias_topology(tri)` (once per mesh). (The same test written per edge, as the side
+   of the neighbour's far vertex, cost 9 ms against 5 ms for the two passes on the CPU, batch 8, one
+   thread.)
+2. Pixel pairs: every horizontally or vertically adjacent pair of pixels (p0 the left or upper one)
+   whose triangle ids differ. The front triangle is the one of the pixel with the smaller depth (an
+   empty pixel never is; equal depths: the lower id). Its edge through which the segment from the
+   front pixel's centre to the other centre leaves it (the first crossing, lowest edge on ties) is
+   found in clip space: with a' = (x, y, w) of the edge's vertices, e(P) = (a' x b') . (X, Y, 1) is
+   the edge's line at NDC point (X, Y), exact under perspective without a division, and the segment
+   crosses it at f = e_front / (e_front - e_other) in [0, 1) (in units of the pixel spacing, from the
+   front centre). If that edge is a silhouette edge, one pixel of the pair is blended: the other
+   pixel when f > 1/2 (the front surface reaches past the midpoint into it), by a = f - 1/2 toward
+   the front colour; the front pixel when f < 1/2 (its surface stops short of its half), by
+   a = 1/2 - f toward the other colour; f = 1/2 blends nothing. out[dst] += a (color[src] -
+   color[dst]), with the colours as given (blends do not compound).
+3. Each output pixel adds its own blends from its four pairs in the order left, right, up, down. On
+   the GPU a thread per pixel evaluates its four pairs (each pair twice, once by each pixel, with the
+   same arithmetic, so the same answer): no atomics. On the CPU each pair is evaluated once, in an
+   order that adds every pixel's blends in that same order. Both are deterministic, and the GPU's
+   float32 arithmetic is the Numba twin's (--fmad=false): the same numbers bit for bit.
+
+Backward: out[dst] = (1 - a) color[dst] + a color[src] gives grad_color by the same gather. With
+g_a = sum_c grad_out[dst, c] (color[src, c] - color[dst, c]) and da/df = +1 (f > 1/2) or -1,
+dL/de_front = dL/df (-e_other) / D^2 and dL/de_other = dL/df e_front / D^2 (D = e_front - e_other);
+as e(P) = det(a', b', P), de/da' = b' x P and de/db' = P x a', so with Q = dL/de_front P_front +
+dL/de_other P_other, grad a' = b' x Q and grad b' = Q x a' (the x, y, w columns of pos; z is 0). Each
+pair's position gradient is scattered once (on the GPU by its left or upper pixel, with atomics; on
+the CPU into private buffers per (image, band of rows)).
+
+Speed: the small helpers are inlined into the kernels (`inline="always"`): called per pixel pair, Numba
+passes their array arguments with reference counting, which made the CPU forward 15x slower.
+
+What it does not do (as nvdiffrast): edges crossing the segment between two pixels that both show
+the same triangle, and a silhouette of a triangle that covers no pixel centre, are not seen; the
+blend is one-dimensional per pair, not the pixel's area coverage.
+"""
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import prange
+
+from fastface import _checks
+from fastface._backend import KernelFile, array_module
+from fastface.ops.rasterize import Raster
+
+__all__ = ["AntialiasTopology", "antialias_topology", "antialias", "antialias_backward"]
+
+
+@dataclass(frozen=True)
+class AntialiasTopology:
+    """Edge -> triangle topology of a mesh, for `antialias`; build it with `antialias_topology`.
+
+    Attributes:
+        neighbor: (T, 3) int32 on the device of the mesh's triangles, for edge k of triangle t (the edge
+            opposite corner k): the triangle n across it when n runs along the edge the other way (a
+            consistently oriented mesh), -2 - n when n runs along it the same way, -1 when no other
+            triangle has that edge.
+        n_triangles: T of the triangle array it was built from.
+    """
+    neighbor: object
+    n_triangles: int
+
+
+def antialias_topology(tri):
+    """Finds, for every triangle edge, the triangle on the other side (once per mesh).
+
+    Built on the host with a sort of the 3T edges (tens of milliseconds for the default face model's
+    70k triangles). For a cupy `tri` the triangles are copied to the host and the result back: a
+    one-time, synchronising setup. Build it once per mesh and pass it to `antialias` and
+    `antialias_backward` (the fast path).
+
+    Args:
+        tri: (T, 3) int32 triangle vertex indices, numpy or cupy.
+
+    Returns:
+        `AntialiasTopology` on the device of `tri`. An edge shared by more than two triangles gets the
+        lowest-numbered other one.
+    """
+    xp = array_module(("tri", tri))
+    _checks.check_array("tri", tri, np.int32, ("T", 3))
+    host = np.ascontiguousarray(tri.get() if xp is not np else tri)
+    n = host.shape[0]
+    a = host[:, [1, 2, 0]].reshape(-1).astype(np.int64)  # edge k of t (entry 3t + k) runs from a to b
+    b = host[:, [2, 0, 1]].reshape(-1).astype(np.int64)
+    shift = -min(int(host.min()), 0)  # keys stay non-negative for any int32 indices
+    span = int(host.max()) + shift + 1
+    key = (np.minimum(a, b) + shift) * span + (np.maximum(a, b) + shift)
+    order = np.argsort(key, kind="stable")  # entries of one edge: consecutive, in triangle order
+    sorted_key = key[order]
+    start = np.searchsorted(sorted_key, sorted_key, side="left")
+    end = np.searchsorted(sorted_key, sorted_key, side="right")
+    rank = np.arange(3 * n)
+    other = np.where(rank == start, start + 1, start)  # the first entry of the edge that is not this one
+    found = other < end
+    entry, across = order[found], order[other[found]]
+    neighbor = np.full(3 * n, -1, np.int64)
+    opposite_way = a[across] == b[entry]
+    neighbor[entry] = np.where(opposite_way, across // 3, -2 - across // 3)
+    neighbor = neighbor.astype(np.int32).reshape(n, 3)
+    return AntialiasTopology(neighbor=xp.asarray(neighbor) if xp is not np else neighbor, n_triangles=n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Numba twins of kernels/antialias.cu. Float expressions are written in the same order as there, and
+# constants are made in the working float type (float32 on the hot path, float64 for gradient checks).
+# --------------------------------------------------------------------------------------------------
+
+_NEXT = (1, 2, 0)  # edge k of a triangle joins corners _NEXT[k] and _PREV[k]; it is opposite corner k
+_PREV = (2, 0, 1)
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _edge_line(pos_b, va, vb):
+    """(Lx, Ly, Lw) = a' x b' with a' = (x, y, w) of vertex va: the edge's line, L . (X, Y, 1) = 0."""
+    xa, ya, wa = pos_b[va, 0], pos_b[va, 1], pos_b[va, 3]
+    xb, yb, wb = pos_b[vb, 0], pos_b[vb, 1], pos_b[vb, 3]
+    return ya * wb - wa * yb, wa * xb - xa * wb, xa * yb - ya * xb
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _line_at_vertex(lx, ly, lw, pos_b, v):
+    return (lx * pos_b[v, 0] + ly * pos_b[v, 1]) + lw * pos_b[v, 3]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def antialias_facing(pos_b, tri, facing_b):
+    """Twin of the CUDA kernel antialias_facing for one image: facing_b[t] (uint8) is 1 or 2 when triangle
+    t runs one way or the other on the screen (the sign of e, below, of its edge v1-v2 at v0), 0 when it
+    is degenerate or has a vertex at w <= 0 (never drawn). pos_b (V, 4), tri (T, 3)."""
+    V = pos_b.shape[0]
+    zero = pos_b.dtype.type(0)
+    for t in range(tri.shape[0]):
+        i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
+        f = 0
+        if (i0 >= 0 and i0 < V and i1 >= 0 and i1 < V and i2 >= 0 and i2 < V and pos_b[i0, 3] > zero
+                and pos_b[i1, 3] > zero and pos_b[i2, 3] > zero):
+            lx, ly, lw = _edge_line(pos_b, i1, i2)
+            e = _line_at_vertex(lx, ly, lw, pos_b, i0)
+            f = 1 if e > zero else (2 if e < zero else 0)
+        facing_b[t] = f
+
+
+@numba.njit(cache=True, error_model="numpy")
+def antialias_silhouettes(neighbor, facing_b, sil_b):
+    """Twin of the CUDA kernel antialias_silhouettes for one image: sil_b[t] (uint8) has bit k when edge k
+    of triangle t is a silhouette edge: t is drawn (facing != 0) and the triangle n across the edge is
+    missing, not drawn, or folded onto t's side of the edge (the other facing when n runs along the edge
+    the other way, as in a consistently oriented mesh; the same facing when it runs the same way).
+    neighbor (T, 3) from antialias_topology, facing_b (T,) from antialias_facing."""
+    T = facing_b.shape[0]
+    for t in range(T):
+        f = facing_b[t]
+        mask = 0
+        if f != 0:
+            for k in range(3):
+                n = neighbor[t, k]
+                same_way = n < -1
+                if same_way:
+                    n = -2 - n
+                fn = facing_b[n] if n >= 0 and n < T else 0
+                if fn == 0 or (fn == f) == same_way:
+                    mask |= 1 << k
+        sil_b[t] = mask
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _silhouettes_of_image(pos_b, tri, neighbor, scratch_b):
+    """scratch_b (2, T) uint8: facing in row 0, then the silhouette masks in row 1 (returned)."""
+    antialias_facing(pos_b, tri, scratch_b[0])
+    antialias_silhouettes(neighbor, scratch_b[0], scratch_b[1])
+    return scratch_b[1]
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
+    """The blend of the pixel pair p0 = (i0, j0), p1 = (i1, j1) (p0 left of or above p1).
+
+    Returns (dst, a, sign, va, vb, ef, eo, Xf, Yf, Xo, Yo): dst -1 (no blend), 0 (p0 is blended) or 1
+    (p1); a the blend weight; sign = da/df; the silhouette edge's vertices; the edge function at the
+    front and the other centre and those centres in NDC.
+    """
+    F = pos_b.dtype.type
+    zero = F(0)
+    half = F(0.5)
+    V = pos_b.shape[0]
+    T = tri.shape[0]
+    t0 = tri_id_b[i0, j0]
+    t1 = tri_id_b[i1, j1]
+    nothing = (-1, zero, zero, 0, 0, zero, zero, zero, zero, zero, zero)
+    if t0 == t1:
+        return nothing
+    # The front triangle is one of the two: when neither has a silhouette edge (most pairs of a dense
+    # mesh), nothing more is read.
+    m0 = sil_b[t0] if t0 >= 0 and t0 < T else 0
+    m1 = sil_b[t1] if t1 >= 0 and t1 < T else 0
+    if m0 == 0 and m1 == 0:
+        return nothing
+    if t1 < 0:
+        front1 = False
+    elif t0 < 0:
+        front1 = True
+    else:
+        d0 = depth_b[i0, j0]
+        d1 = depth_b[i1, j1]
+        front1 = d1 < d0 or (d1 == d0 and t1 < t0)
+    t = t1 if front1 else t0
+    mask = m1 if front1 else m0
+    if mask == 0:
+        return nothing
+    if front1:
+        Xf = F(2 * j1 + 1 - W) / F(W)
+        Yf = F(H - 2 * i1 - 1) / F(H)
+        Xo = F(2 * j0 + 1 - W) / F(W)
+        Yo = F(H - 2 * i0 - 1) / F(H)
+    else:
+        Xf = F(2 * j0 + 1 - W) / F(W)
+        Yf = F(H - 2 * i0 - 1) / F(H)
+        Xo = F(2 * j1 + 1 - W) / F(W)
+        Yo = F(H - 2 * i1 - 1) / F(H)
+    best = -1
+    best_f = zero
+    best_ef = zero
+    best_eo = zero
+    for k in range(3):
+        va = tri[t, _NEXT[k]]
+        vb = tri[t, _PREV[k]]
+        vc = tri[t, k]
+        if va < 0 or va >= V or vb < 0 or vb >= V or vc < 0 or vc >= V:
+            return nothing
+        lx, ly, lw = _edge_line(pos_b, va, vb)
+        ec = _line_at_vertex(lx, ly, lw, pos_b, vc)
+        ef = (lx * Xf + ly * Yf) + lw
+        eo = (lx * Xo + ly * Yo) + lw
+        # Inside is where e has the sign of e at the third vertex (all w > 0 for a drawn triangle).
+        crosses = (ef >= zero and eo < zero) if ec > zero else (ef <= zero and eo > zero)
+        if ec == zero or not crosses:
+            continue
+        f = ef / (ef - eo)
+        if best < 0 or f < best_f:
+            best, best_f, best_ef, best_eo = k, f, ef, eo
+    if best < 0 or (mask >> best) & 1 == 0:
+        return nothing
+    va = tri[t, _NEXT[best]]
+    vb = tri[t, _PREV[best]]
+    if best_f >= half:
+        a, sign = best_f - half, F(1)
+        dst = 0 if front1 else 1
+    else:
+        a, sign = half - best_f, F(-1)
+        dst = 1 if front1 else 0
+    return dst, a, sign, va, vb, best_ef, best_eo, Xf, Yf, Xo, Yo
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i0, j0, i1, j1, r0, r1, out):
+    """Adds pair (p0, p1)'s blend to out[b] when its blended pixel lies in the rows [r0, r1)."""
+    H, W, C = color.shape[1], color.shape[2], color.shape[3]
+    dst, a, _, _, _, _, _, _, _, _, _ = _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
+    if dst < 0:
+        return
+    di, dj, si, sj = (i0, j0, i1, j1) if dst == 0 else (i1, j1, i0, j0)
+    if di < r0 or di >= r1:
+        return
+    for c in range(C):
+        out[b, di, dj, c] += a * (color[b, si, sj, c] - color[b, di, dj, c])
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def antialias_fwd(color, tri_id, depth, pos, tri, neighbor, n_bands, scratch, out):
+    """CPU twin of the CUDA kernels antialias_facing + antialias_silhouettes + antialias_fwd, fused per
+    (image, band of rows): color (B, H, W, C), tri_id and depth (B, H, W), pos (1 or B, V, 4), tri and
+    neighbor (T, 3), scratch (B * n_bands, 2, T) uint8 -> out (B, H, W, C).
+
+    Each unit finds its image's silhouette edges itself (bands of one image repeat that work rather
+    than wait for each other: one parallel region per call, and the masks stay in cache). Unlike the
+    GPU's gather (each pixel evaluates its four pairs), each pair is evaluated once, in an order that
+    adds every pixel's blends in the gather's order (left, right, up, down), so the sums round alike:
+    row i's horizontal pairs, then the vertical pairs between rows i - 1 and i. A pair across a band's
+    edge is evaluated by both bands, each adding only to its own row.
+    """
+    B, H, W, C = color.shape
+    for unit in prange(B * n_bands):
+        b = unit // n_bands
+        band = unit % n_bands
+        r0 = band * H // n_bands
+        r1 = (band + 1) * H // n_bands
+        pb = b if pos.shape[0] > 1 else 0
+        pos_b = pos[pb]
+        sil_b = _silhouettes_of_image(pos_b, tri, neighbor, scratch[unit])
+        tri_id_b = tri_id[b]
+        depth_b = depth[b]
+        for i in range(r0, r1):
+            for j in range(W):
+                for c in range(C):
+                    out[b, i, j, c] = color[b, i, j, c]
+            for j in range(W - 1):
+                _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i, j, i, j + 1, r0, r1, out)
+            if i > 0:
+                for j in range(W):
+                    _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i - 1, j, i, j, r0, r1, out)
+        if r1 < H:
+            for j in range(W):
+                _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, r1 - 1, j, r1, j, r0, r1, out)
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _scatter_edge_grad(pos_b, va, vb, gt, ef, eo, Xf, Yf, Xo, Yo, grad_pos_b):
+    """dL/df = gt -> the x, y, w gradients of the edge's vertices (see the module docstring)."""
+    one = pos_b.dtype.type(1)
+    den = ef - eo
+    den2 = den * den
+    gef = gt * (-eo) / den2
+    geo = gt * ef / den2
+    qx = gef * Xf + geo * Xo
+    qy = gef * Yf + geo * Yo
+    qw = gef * one + geo * one
+    xa, ya, wa = pos_b[va, 0], pos_b[va, 1], pos_b[va, 3]
+    xb, yb, wb = pos_b[vb, 0], pos_b[vb, 1], pos_b[vb, 3]
+    # grad a' = b' x Q, grad b' = Q x a'.
+    grad_pos_b[va, 0] += yb * qw - wb * qy
+    grad_pos_b[va, 1] += wb * qx - xb * qw
+    grad_pos_b[va, 3] += xb * qy - yb * qx
+    grad_pos_b[vb, 0] += qy * wa - qw * ya
+    grad_pos_b[vb, 1] += qw * xa - qx * wa
+    grad_pos_b[vb, 3] += qx * ya - qy * xa
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i0, j0, i1, j1, r0, r1, scatter,
+                   grad_color, grad_pos_b):
+    """Pair (p0, p1)'s part of grad_color for its pixels in the rows [r0, r1), and (scatter) of grad_pos."""
+    H, W, C = color.shape[1], color.shape[2], color.shape[3]
+    dst, a, sign, va, vb, ef, eo, Xf, Yf, Xo, Yo = _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
+    if dst < 0:
+        return
+    di, dj, si, sj = (i0, j0, i1, j1) if dst == 0 else (i1, j1, i0, j0)
+    if di >= r0 and di < r1:
+        for c in range(C):
+            grad_color[b, di, dj, c] -= a * grad_out[b, di, dj, c]
+    if si >= r0 and si < r1:
+        for c in range(C):
+            grad_color[b, si, sj, c] += a * grad_out[b, di, dj, c]
+    if scatter:
+        ga = pos_b.dtype.type(0)
+        for c in range(C):
+            ga += grad_out[b, di, dj, c] * (color[b, si, sj, c] - color[b, di, dj, c])
+        if ga != 0:
+            _scatter_edge_grad(pos_b, va, vb, sign * ga, ef, eo, Xf, Yf, Xo, Yo, grad_pos_b)
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def antialias_bwd(color, tri_id, depth, pos, tri, neighbor, grad_out, n_bands, scratch, grad_color, grad_pos_part):
+    """CPU twin of antialias_facing + antialias_silhouettes + antialias_bwd, fused per (image, band of
+    rows) like antialias_fwd.
+
+    grad_color (B, H, W, C) gets each pixel's terms in the forward's order (as antialias_fwd walks the
+    pairs). grad_pos is a scatter: work splits over (image, band of rows) units u = b * n_bands + band,
+    each with a private accumulator grad_pos_part[u] (V, 4) that the caller sums; a pair across two
+    bands is scattered by the band of its upper row only.
+    """
+    B, H, W, C = color.shape
+    for unit in prange(B * n_bands):
+        b = unit // n_bands
+        band = unit % n_bands
+        r0 = band * H // n_bands
+        r1 = (band + 1) * H // n_bands
+        pb = b if pos.shape[0] > 1 else 0
+        pos_b = pos[pb]
+        sil_b = _silhouettes_of_image(pos_b, tri, neighbor, scratch[unit])
+        tri_id_b = tri_id[b]
+        depth_b = depth[b]
+        gp = grad_pos_part[unit]
+        for i in range(r0, r1):
+            for j in range(W):
+                for c in range(C):
+                    grad_color[b, i, j, c] = grad_out[b, i, j, c]
+            for j in range(W - 1):
+                _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i, j, i, j + 1, r0, r1,
+                               True, grad_color, gp)
+            if i > 0:
+                for j in range(W):
+                    _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i - 1, j, i, j, r0,
+                                   r1, i > r0, grad_color, gp)
+        if r1 < H:
+            for j in range(W):
+                _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, r1 - 1, j, r1, j, r0, r1,
+                               True, grad_color, gp)
+
+
+def _n_bands(B, H):
+    """Row bands per image so that small batches still use every CPU thread."""
+    n_threads = numba.get_num_threads()
+    return 1 if B >= n_threads else max(1, min(H, -(-n_threads // B)))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU path: kernels/antialias.cu.
+# --------------------------------------------------------------------------------------------------
+
+# --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's.
+_gpu_kernel = KernelFile("antialias.cu", ("antialias_facing", "antialias_silhouettes", "antialias_fwd",
+                                          "antialias_bwd"),
+                         ("--fmad=false",))
+_BLOCK = 256
+
+
+def _grid(n, B):
+    """x over n items of one image, y over the images (at most 65535; the kernels loop past it)."""
+    return ((n + _BLOCK - 1) // _BLOCK, min(B, 65535)), (_BLOCK,)
+
+
+def _gpu_input(a, cupy):
+    """a itself when C-contiguous and 16-byte aligned (pos is read as float4), else an aligned copy."""
+    if not a.flags.c_contiguous:
+        return cupy.ascontiguousarray(a)
+    return a if a.data.ptr % 16 == 0 else a.copy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Public ops.
+# --------------------------------------------------------------------------------------------------
+
+def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
+    """Checks the inputs; returns (xp, B, H, W, C, pos batched, topology)."""
+    if not isinstance(raster, Raster):
+        raise TypeError(f"raster must be a Raster (the result of rasterize); got {type(raster).__name__}")
+    if topology is not None and not isinstance(topology, AntialiasTopology):
+        raise TypeError(f"topology must be an AntialiasTopology from antialias_topology(); got "
+                        f"{type(topology).__name__}")
+    xp = array_module(("color", color), ("pos", pos), ("tri", tri), ("raster.tri_id", raster.tri_id),
+                      ("raster.depth", raster.depth), ("grad_out", grad_out),
+                      ("topology.neighbor", None if topology is None else topology.neighbor))
+    on_gpu = xp is not np
+    dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
+    suffix = " (the GPU path takes float32 only)" if on_gpu else ""
+    try:
+        _checks.check_array("color", color, dtypes, ("B", "H", "W", "C"))
+        batched = _checks.check_array("pos", pos, dtypes, ("B", "V", 4), ("V", 4)) == 0
+    except TypeError as err:
+        raise TypeError(f"{err}{suffix}") from None
+    if pos.dtype != color.dtype:
+        raise TypeError(f"pos must have the dtype of color ({color.dtype}); got {_checks.describe(pos)}")
+    B, H, W, C = color.shape
+    _checks.check_array("raster.tri_id", raster.tri_id, np.int32, (B, H, W))
+    _checks.check_array("raster.depth", raster.depth, color.dtype, (B, H, W))
+    if batched and pos.shape[0] != B:
+        raise ValueError(f"batch sizes differ: pos has {pos.shape[0]} images, color has {B}")
+    _checks.check_array("tri", tri, np.int32, ("T", 3))
+    T, V = tri.shape[0], pos.shape[-2]
+    if backward:  # a None grad_out fails here with a TypeError naming it
+        _checks.check_array("grad_out", grad_out, color.dtype, tuple(color.shape))
+        _checks.check_finite("grad_out", grad_out)
+    _checks.check_finite("color", color)
+    _checks.check_finite("pos", pos)
+    _checks.check_indices("tri", tri, V)
+    if _checks.value_checks_enabled() and not _checks.queue_on_device(
+            raster.tri_id, -1, T - 1, "raster.tri_id {} holds triangle ids outside [-1, {}] for the {} triangles "
+            "of tri", raster.tri_id.shape, T - 1, T):
+        lo, hi = int(raster.tri_id.min()), int(raster.tri_id.max())
+        if lo < -1 or hi >= T:
+            raise ValueError(f"raster.tri_id holds triangle ids in [{lo}, {hi}], outside [-1, {T - 1}] for the "
+                             f"{T} triangles of tri")
+    if topology is None:
+        topology = antialias_topology(tri)
+    elif topology.n_triangles != T:
+        raise ValueError(f"topology was built for {topology.n_triangles} triangles; tri has {T}")
+    else:
+        _checks.check_array("topology.neighbor", topology.neighbor, np.int32, (T, 3))
+    return xp, B, H, W, C, batched, topology
+
+
+def _silhouettes_gpu(cupy, pos3, tri, neighbor, NB, V, T):
+    facing = cupy.empty((NB, T), dtype=cupy.uint8)
+    _gpu_kernel("antialias_facing")(*_grid(T, NB), (pos3, tri, np.int32(NB), np.int32(V), np.int32(T), facing))
+    sil = cupy.empty((NB, T), dtype=cupy.uint8)
+    _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (_gpu_input(neighbor, cupy), facing, np.int32(NB),
+                                                         np.int32(T), sil))
+    return sil
+
+
+def antialias(color, raster, pos, tri, topology=None):
+    """Blends colours across silhouette edges by where the edges cross between pixel centres.
+
+    Args:
+        color: (B, H, W, C) float32 image to antialias (usually `interpolate`'s output), numpy or cupy
+            (float64 on the CPU, for gradient checks).
+        raster: the `Raster` that `rasterize(pos, tri, ...)` returned (tri_id and depth are read).
+        pos: (B, V, 4) or (V, 4) clip-space positions given to `rasterize`, the dtype of color.
+        tri: (T, 3) int32 triangles given to `rasterize`.
+        topology: optional `antialias_topology(tri)`. Pass it when the mesh is fixed (the fast path):
+            built here otherwise, on every call, on the host (for cupy, with copies both ways).
+
+    Returns:
+        (B, H, W, C), the dtype of color: color where no silhouette edge passes between a pixel and a
+        neighbour, blended toward the neighbour's colour by how far the edge passes into or stops short
+        of the pixel otherwise (see the module docstring).
+    """
+    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology)
+    T, V = tri.shape[0], pos.shape[-2]
+    if xp is not np:
+        import cupy  # noqa: PLC0415
+
+        pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
+        NB = B if batched else 1
+        sil = _silhouettes_gpu(cupy, pos3, tri_g, topology.neighbor, NB, V, T)
+        out = cupy.empty((B, H, W, C), dtype=cupy.float32)
+        _gpu_kernel("antialias_fwd")(*_grid(H * W, B), (
+            _gpu_input(color, cupy), cupy.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, cupy), pos3,
+            tri_g, sil, np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W), np.int32(C),
+            np.int32(batched), out))
+        return out
+    pos3 = np.ascontiguousarray(pos if batched else pos[None])
+    n_bands = _n_bands(B, H)
+    out = np.empty(color.shape, color.dtype)
+    antialias_fwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
+                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri),
+                  np.ascontiguousarray(topology.neighbor), n_bands, np.empty((B * n_bands, 2, T), np.uint8), out)
+    return out
+
+
+def antialias_backward(color, raster, pos, tri, grad_out, topology=None):
+    """Backward of `antialias`.
+
+    Args:
+        color, raster, pos, tri, topology: as given to `antialias`.
+        grad_out: (B, H, W, C), the gradient of a loss with respect to antialias's output.
+
+    Returns:
+        (grad_color, grad_pos): grad_color (B, H, W, C); grad_pos shaped like pos (summed over the
+        images for (V, 4) positions), nonzero only in the x, y and w columns of silhouette edges'
+        vertices. The triangle ids and depths are held fixed (coverage is a step function).
+    """
+    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology, grad_out, backward=True)
+    T, V = tri.shape[0], pos.shape[-2]
+    if xp is not np:
+        import cupy  # noqa: PLC0415
+
+        pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
+        NB = B if batched else 1
+        sil = _silhouettes_gpu(cupy, pos3, tri_g, topology.neighbor, NB, V, T)
+        grad_color = cupy.empty((B, H, W, C), dtype=cupy.float32)
+        grad_pos = cupy.zeros(pos.shape, dtype=cupy.float32)
+        _gpu_kernel("antialias_bwd")(*_grid(H * W, B), (
+            _gpu_input(color, cupy), cupy.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, cupy), pos3,
+            tri_g, sil, _gpu_input(grad_out, cupy), np.int32(B), np.int32(V), np.int32(T), np.int32(H),
+            np.int32(W), np.int32(C), np.int32(batched), grad_color, grad_pos))
+        return grad_color, grad_pos
+    pos3 = np.ascontiguousarray(pos if batched else pos[None])
+    n_bands = _n_bands(B, H)
+    grad_color = np.empty(color.shape, color.dtype)
+    grad_pos_part = np.zeros((B * n_bands, V, 4), color.dtype)
+    antialias_bwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
+                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri),
+                  np.ascontiguousarray(topology.neighbor), np.ascontiguousarray(grad_out), n_bands,
+                  np.empty((B * n_bands, 2, T), np.uint8), grad_color, grad_pos_part)
+    grad_pos = grad_pos_part.reshape(B, n_bands, V, 4).sum(1) if n_bands > 1 else grad_pos_part
+    if not batched:
+        grad_pos = grad_pos.sum(0)
+    return grad_color, grad_pos

@@ -1,0 +1,358 @@
+"""Tests of fastface.ops.antialias: reference, gradients, silhouettes only, GPU parity, bad input."""
+import numpy as np
+import pytest
+
+import fastface
+from bench.workloads import grid_mesh, spherical_cap
+from fastface.ops.antialias import AntialiasTopology, antialias, antialias_backward, antialias_topology
+from fastface.ops.rasterize import Raster, rasterize
+from tests.gradcheck import assert_gradient_matches
+
+
+# --------------------------------------------------------------------------------------------------
+# The slow, obvious reference: float64, NDC geometry with divisions, brute-force topology.
+
+def _cross2(ax, ay, bx, by):
+    return ax * by - ay * bx
+
+
+def reference_topology(tri):
+    """opposite[t, k]: the far vertex of the lowest-numbered other triangle that has edge k of t, or -1;
+    neighbor[t, k]: that triangle, n if it runs along the edge the other way, -2 - n the same way, or -1."""
+    T = len(tri)
+    opposite = -np.ones((T, 3), int)
+    neighbor = -np.ones((T, 3), int)
+    for t in range(T):
+        for k in range(3):
+            a, b = tri[t][(k + 1) % 3], tri[t][(k + 2) % 3]
+            for s in range(T):
+                if s != t and {a, b} <= set(tri[s]):
+                    opposite[t, k] = [v for v in tri[s] if v not in (a, b)][0]
+                    runs = [(tri[s][m], tri[s][(m + 1) % 3]) for m in range(3)]
+                    neighbor[t, k] = s if (b, a) in runs else -2 - s
+                    break
+    return opposite, neighbor
+
+
+def reference_antialias(color, tri_id, depth, pos, tri):
+    """Pair by pair in float64: crossings of the segment between the centres with the front triangle's
+    edges on the screen (NDC), silhouettes from the brute-force topology."""
+    color = np.asarray(color, np.float64)
+    pos = np.asarray(pos, np.float64)
+    B, H, W, _ = color.shape
+    opposite, _ = reference_topology(tri)
+    out = color.copy()
+    for b in range(B):
+        p = pos[b] if pos.ndim == 3 else pos
+        ndc = p[:, :2] / p[:, 3:]
+        pairs = [((i, j), (i, j + 1)) for i in range(H) for j in range(W - 1)]
+        pairs += [((i, j), (i + 1, j)) for i in range(H - 1) for j in range(W)]
+        for p0, p1 in pairs:
+            t0, t1 = tri_id[b][p0], tri_id[b][p1]
+            if t0 == t1:
+                continue
+            if t1 < 0:
+                front, other = p0, p1
+            elif t0 < 0:
+                front, other = p1, p0
+            else:
+                d0, d1 = depth[b][p0], depth[b][p1]
+                front, other = (p1, p0) if (d1 < d0 or (d1 == d0 and t1 < t0)) else (p0, p1)
+            t = tri_id[b][front]
+            centre = lambda q: np.array([(2 * q[1] + 1 - W) / W, (H - 2 * q[0] - 1) / H])  # noqa: E731
+            pf, po = centre(front), centre(other)
+            crossings = []
+            for k in range(3):
+                a, c, third = ndc[tri[t][(k + 1) % 3]], ndc[tri[t][(k + 2) % 3]], ndc[tri[t][k]]
+                side = _cross2(*(c - a), *(third - a))
+                gf, go = _cross2(*(c - a), *(pf - a)) * np.sign(side), _cross2(*(c - a), *(po - a)) * np.sign(side)
+                if side != 0 and gf >= 0 and go < 0:
+                    crossings.append((gf / (gf - go), k))
+            if not crossings:
+                continue
+            f, k = min(crossings)
+            a, c, third = ndc[tri[t][(k + 1) % 3]], ndc[tri[t][(k + 2) % 3]], ndc[tri[t][k]]
+            d = opposite[t, k]
+            silhouette = d < 0 or p[d, 3] <= 0 or (
+                _cross2(*(c - a), *(ndc[d] - a)) * _cross2(*(c - a), *(third - a)) >= 0)
+            if not silhouette:
+                continue
+            dst, src, weight = (other, front, f - 0.5) if f >= 0.5 else (front, other, 0.5 - f)
+            out[b][dst] += weight * (color[b][src] - color[b][dst])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenes: clip positions in float64, triangles, resolution.
+
+def _cap(batch=2, n=7):
+    pos, tri, _ = spherical_cap(n=n, batch=batch, seed=1)
+    return pos.astype(np.float64), tri, (20, 22)
+
+
+def _fold_and_occluder(rng, batch=2):
+    """A grid whose right half is folded back behind its left half (the fold is a silhouette between
+    faces that share vertices), an occluding triangle in front, perspective w in [0.8, 1.3]."""
+    xy, tri = grid_mesh(5)
+    xy = 0.8 * xy
+    x, y = xy[:, 0], xy[:, 1]
+    folded = x > 0
+    sx = np.where(folded, -0.5 * x, x)
+    sz = np.where(folded, 0.4 * x, 0.0)
+    grid = np.stack([sx, y, sz], -1)
+    occluder = np.array([[-0.35, -0.9, -0.5], [0.9, -0.25, -0.5], [0.05, 0.55, -0.5]])
+    verts = np.concatenate([grid, occluder])
+    tri = np.concatenate([tri, [[len(grid), len(grid) + 1, len(grid) + 2]]]).astype(np.int32)
+    pos = np.empty((batch, len(verts), 4))
+    for b in range(batch):
+        v = verts + rng.uniform(-0.04, 0.04, verts.shape)
+        w = rng.uniform(0.8, 1.3, len(verts))
+        pos[b] = np.concatenate([v * w[:, None], w[:, None]], -1)
+    return pos, tri, (19, 23)
+
+
+def _scenes(rng):
+    return [_cap(), _fold_and_occluder(rng)]
+
+
+def _colors(rng, raster, C=3, dtype=np.float64):
+    return rng.uniform(0, 1, raster.tri_id.shape + (C,)).astype(dtype)
+
+
+# 1. Forward against the reference.
+
+def test_antialias_matches_reference_in_float64(rng, tol):
+    for pos, tri, res in _scenes(rng):
+        raster = rasterize(pos, tri, res)
+        color = _colors(rng, raster)
+        out = antialias(color, raster, pos, tri)
+        want = reference_antialias(color, raster.tri_id, raster.depth, pos, tri)
+        assert out.dtype == np.float64 and out.shape == color.shape
+        changed = np.abs(want - color).max(-1) > 0
+        assert changed.sum() >= 8, "the scene should have silhouette pixels to blend"
+        np.testing.assert_allclose(out, want, rtol=tol["float64_reference_rtol"], atol=tol["float64_reference_atol"])
+
+
+def test_antialias_float32_matches_reference(rng, tol):
+    for pos, tri, res in _scenes(rng):
+        pos = pos.astype(np.float32)
+        raster = rasterize(pos, tri, res)
+        color = _colors(rng, raster, C=4, dtype=np.float32)
+        out = antialias(color, raster, pos, tri)
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, reference_antialias(color, raster.tri_id, raster.depth, pos, tri),
+                                   atol=tol["float32_reference_atol"])
+
+
+def test_unbatched_positions_and_a_given_topology_give_the_same_image(rng):
+    pos, tri, res = _fold_and_occluder(rng, batch=1)
+    raster = rasterize(pos[0], tri, res)
+    color = _colors(rng, raster)
+    topology = antialias_topology(tri)
+    assert isinstance(topology, AntialiasTopology) and topology.neighbor.dtype == np.int32
+    np.testing.assert_array_equal(topology.neighbor, reference_topology(tri)[1])
+    np.testing.assert_array_equal(antialias(color, raster, pos[0], tri, topology=topology),
+                                  antialias(color, raster, pos, tri))
+
+
+def test_a_uniform_image_is_unchanged_and_empty_images_too(rng):
+    pos, tri, res = _cap()
+    raster = rasterize(pos, tri, res)
+    color = np.full(raster.tri_id.shape + (3,), 0.25)
+    np.testing.assert_array_equal(antialias(color, raster, pos, tri), color)
+    far = pos.copy()
+    far[..., :2] += 10 * far[..., 3:]  # off screen: nothing is drawn
+    empty = rasterize(far, tri, res)
+    color = _colors(rng, empty)
+    np.testing.assert_array_equal(antialias(color, empty, far, tri), color)
+
+
+def _quad(split):
+    """Two triangles forming a quad with a diagonal that passes between pixel centres; with split=True
+    the second triangle has its own copies of the diagonal's vertices (no shared edge)."""
+    corners = np.array([[-0.62, -0.71], [0.66, -0.58], [0.57, 0.69], [-0.53, 0.61]])
+    verts = np.concatenate([corners, corners[[0, 2]]]) if split else corners
+    pos = np.concatenate([verts, np.zeros((len(verts), 1)), np.ones((len(verts), 1))], -1)[None]
+    return pos, np.array([[0, 1, 2], [4, 5, 3] if split else [0, 2, 3]], np.int32)
+
+
+def test_an_edge_between_two_front_facing_triangles_is_not_blended(rng):
+    res = (16, 16)
+    pos, tri = _quad(split=False)
+    raster = rasterize(pos, tri, res)
+    assert set(np.unique(raster.tri_id)) == {-1, 0, 1}
+    color = _colors(rng, raster)
+    out = antialias(color, raster, pos, tri)
+    inside = (raster.tri_id[0] >= 0)
+    # Pixels away from the quad's outline (all four neighbours covered) keep their colour, the diagonal's
+    # pixels included; the outline's pixels are blended.
+    interior = inside.copy()
+    interior[1:] &= inside[:-1]
+    interior[:-1] &= inside[1:]
+    interior[:, 1:] &= inside[:, :-1]
+    interior[:, :-1] &= inside[:, 1:]
+    diagonal = np.zeros_like(inside)
+    diagonal[:, :-1] |= raster.tri_id[0, :, :-1] != raster.tri_id[0, :, 1:]
+    diagonal &= interior
+    assert diagonal.sum() >= 5
+    np.testing.assert_array_equal(out[0][interior], color[0][interior])
+    assert (np.abs(out[0] - color[0]).max(-1) > 0)[inside & ~interior].sum() >= 10
+    # The same with the second triangle wound the other way (it runs along the diagonal the same way as
+    # the first): still two faces on either side of the edge, still not a silhouette.
+    flipped = tri[:, ::-1].copy()
+    flipped[0] = tri[0]
+    assert antialias_topology(flipped).neighbor[0].min() < -1
+    np.testing.assert_array_equal(antialias(color, raster, pos, flipped), out)
+    # The same quad without the shared edge (each triangle has its own vertices): the diagonal is now a
+    # silhouette of both triangles and its pixels are blended.
+    pos_split, tri_split = _quad(split=True)
+    raster_split = rasterize(pos_split, tri_split, res)
+    np.testing.assert_array_equal(raster_split.tri_id, raster.tri_id)
+    out_split = antialias(color, raster_split, pos_split, tri_split)
+    assert (np.abs(out_split[0] - color[0]).max(-1) > 0)[diagonal].sum() >= 3
+
+
+def test_a_fold_where_the_neighbour_faces_away_is_a_silhouette(rng):
+    """The fold of _fold_and_occluder: the triangles on its two sides share vertices, but the far one faces
+    away; pixels on the fold's right are background and get the front half's colour blended in."""
+    pos, tri, res = _fold_and_occluder(rng, batch=1)
+    pos = pos[:, :-3]  # without the occluder
+    tri = tri[:-1]
+    raster = rasterize(pos, tri, res)
+    color = _colors(rng, raster)
+    topology = antialias_topology(tri)
+    assert (topology.neighbor >= 0).sum() > 0.8 * topology.neighbor.size  # the fold's edges have neighbours
+    out = antialias(color, raster, pos, tri, topology=topology)
+    no_neighbours = AntialiasTopology(np.full_like(topology.neighbor, -1), tri.shape[0])
+    # Every edge treated as a boundary blends at least as many pixels; the fold alone blends the fold's.
+    changed = np.abs(out - color).max(-1) > 0
+    changed_all = np.abs(antialias(color, raster, pos, tri, topology=no_neighbours) - color).max(-1) > 0
+    assert (changed <= changed_all).all() and changed_all.sum() > changed.sum()
+    right_of_covered = np.zeros_like(changed[0])
+    covered = raster.tri_id[0] >= 0
+    right_of_covered[:, 1:] = covered[:, :-1] & ~covered[:, 1:]
+    xs = np.nonzero(right_of_covered)[1]
+    assert xs.size and changed[0][right_of_covered].any()
+
+
+# 2. Backward against central differences (float64).
+
+def _fixed_coverage(f, pos, tri, res):
+    """f(p) that also asserts that rasterize(p) covers the same pixels as at pos (no centre changes
+    coverage under the finite-difference step)."""
+    tri_id = rasterize(pos, tri, res).tri_id
+
+    def g(p):
+        raster = rasterize(p, tri, res)
+        np.testing.assert_array_equal(raster.tri_id, tri_id, err_msg="a pixel centre changed coverage")
+        return f(p, raster)
+
+    return g
+
+
+def test_antialias_backward_matches_finite_differences(rng, tol):
+    for pos, tri, res in _scenes(rng):
+        raster = rasterize(pos, tri, res)
+        color = _colors(rng, raster)
+        grad_out = rng.standard_normal(color.shape)
+        grad_color, grad_pos = antialias_backward(color, raster, pos, tri, grad_out)
+        assert grad_color.shape == color.shape and grad_pos.shape == pos.shape
+        assert (grad_pos[..., 2] == 0).all() and np.abs(grad_pos).max() > 0
+        assert_gradient_matches(lambda c: antialias(c, raster, pos, tri), color, grad_out, grad_color, tol,
+                                n_samples=120, rng=rng)
+        f = _fixed_coverage(lambda p, r: antialias(color, r, p, tri), pos, tri, res)
+        assert_gradient_matches(f, pos, grad_out, grad_pos, tol)
+
+
+def test_antialias_backward_of_unbatched_positions_sums_the_images(rng, tol):
+    pos, tri, res = _cap(batch=1)
+    p = np.repeat(pos, 2, 0)
+    raster = rasterize(p, tri, res)
+    color = _colors(rng, raster)
+    grad_out = rng.standard_normal(color.shape)
+    grad_color, grad_pos = antialias_backward(color, raster, pos[0], tri, grad_out)
+    want_color, want_pos = antialias_backward(color, raster, p, tri, grad_out)
+    np.testing.assert_array_equal(grad_color, want_color)
+    np.testing.assert_allclose(grad_pos, want_pos.sum(0), rtol=tol["float64_reference_rtol"],
+                               atol=tol["float64_reference_atol"])
+
+
+def test_row_bands_give_the_same_image_and_gradients(rng, monkeypatch):
+    """One image split over several row bands (pairs across bands, private accumulators summed) against
+    one band."""
+    import sys
+    module = sys.modules["fastface.ops.antialias"]
+    pos, tri, res = _cap(batch=1)
+    raster = rasterize(pos, tri, res)
+    color = _colors(rng, raster)
+    grad_out = rng.standard_normal(color.shape)
+    monkeypatch.setattr(module, "_n_bands", lambda B, H: 1)
+    one = antialias_backward(color, raster, pos, tri, grad_out)
+    image = antialias(color, raster, pos, tri)
+    monkeypatch.setattr(module, "_n_bands", lambda B, H: 5)
+    banded = antialias_backward(color, raster, pos, tri, grad_out)
+    np.testing.assert_array_equal(antialias(color, raster, pos, tri), image)
+    np.testing.assert_array_equal(banded[0], one[0])
+    np.testing.assert_allclose(banded[1], one[1], rtol=1e-12, atol=1e-12)
+
+
+# 3. GPU against CPU.
+
+def test_gpu_antialias_and_backward_match_cpu(cupy, rng, tol):
+    pos, tri, colors = spherical_cap(n=41, batch=3, seed=8)
+    raster, image = fastface.rasterize_interpolate(pos, tri, (48, 52), colors)
+    graster = Raster(*(cupy.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
+    topology = antialias_topology(cupy.asarray(tri))
+    out = antialias(image, raster, pos, tri)
+    gout = antialias(cupy.asarray(image), graster, cupy.asarray(pos), cupy.asarray(tri), topology=topology)
+    np.testing.assert_allclose(gout.get(), out, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    grad_out = rng.standard_normal(out.shape).astype(np.float32)
+    grad_color, grad_pos = antialias_backward(image, raster, pos, tri, grad_out)
+    g_color, g_pos = antialias_backward(cupy.asarray(image), graster, cupy.asarray(pos), cupy.asarray(tri),
+                                        cupy.asarray(grad_out), topology=topology)
+    np.testing.assert_allclose(g_color.get(), grad_color, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+    np.testing.assert_allclose(g_pos.get(), grad_pos, rtol=tol["gpu_cpu_scatter_rtol"],
+                               atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(grad_pos).max())
+
+
+# 4. Bad input.
+
+def test_bad_inputs_raise_naming_the_argument(rng):
+    pos, tri, res = _cap()
+    pos = pos.astype(np.float32)
+    raster = rasterize(pos, tri, res)
+    color = _colors(rng, raster, dtype=np.float32)
+    with pytest.raises(TypeError, match="raster must be a Raster"):
+        antialias(color, raster.tri_id, pos, tri)
+    with pytest.raises(TypeError, match="color must be"):
+        antialias(color.astype(np.int32), raster, pos, tri)
+    with pytest.raises(ValueError, match="color must have shape"):
+        antialias(color[0], raster, pos, tri)
+    with pytest.raises(TypeError, match="pos must have the dtype of color"):
+        antialias(color, raster, pos.astype(np.float64), tri)
+    with pytest.raises(ValueError, match="raster.tri_id must have shape"):
+        antialias(color[:, :-1], raster, pos, tri)
+    with pytest.raises(TypeError, match="raster.depth must be float32"):
+        antialias(color, Raster(raster.tri_id, raster.bary, raster.depth.astype(np.float64)), pos, tri)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        antialias(color, raster, np.concatenate([pos, pos]), tri)
+    with pytest.raises(ValueError, match="tri must have shape"):
+        antialias(color, raster, pos, tri[:, :2])
+    with pytest.raises(ValueError, match="tri holds vertex indices"):
+        antialias(color, raster, pos[:, :10], tri)
+    with pytest.raises(ValueError, match="raster.tri_id holds triangle ids"):
+        antialias(color, raster, pos, tri[:4])
+    with pytest.raises(TypeError, match="topology must be an AntialiasTopology"):
+        antialias(color, raster, pos, tri, topology=tri)
+    with pytest.raises(ValueError, match="topology was built for 4 triangles"):
+        antialias(color, raster, pos, tri, topology=antialias_topology(tri[:4]))
+    bad = color.copy()
+    bad[0, 1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="color holds 1 NaN"):
+        antialias(bad, raster, pos, tri)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        antialias_backward(color, raster, pos, tri, color[..., :2])
+    with pytest.raises(TypeError, match="grad_out must be"):
+        antialias_backward(color, raster, pos, tri, None)
+    with pytest.raises(TypeError, match="tri must be"):
+        antialias_topology(tri.astype(np.int64))
