@@ -510,6 +510,11 @@ def run(args):
     if args.iterations is not None and args.iterations < 0:
         _error("--iterations must be >= 0")
         return 2
+    if args.device == "gpu":
+        from fastface._backend import gpu_available
+        if not gpu_available():
+            _error("--device gpu needs cupy and a CUDA GPU (pip install 'fastface[gpu]'); none was found")
+            return 2
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         _error(f"{args.checkpoint}: no such checkpoint file")
         return 2

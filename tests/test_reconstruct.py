@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fastface import reconstruct
+from fastface._backend import gpu_available
 from fastface.__main__ import main
 from fastface.fit import default_focal, default_model
 from fastface.io import read_pts, write_pts
@@ -172,6 +173,15 @@ def test_reconstruct_missing_path_and_empty_folder_exit_2_with_a_clear_line(tmp_
     assert status == 2
     assert words in captured.err and "Traceback" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the message of a machine without a GPU")
+def test_reconstruct_on_gpu_without_one_exits_2_with_a_clear_line(photos, tmp_path, capsys):
+    folder, _ = photos
+    status = main(["reconstruct", str(folder), "--out", str(tmp_path), "--device", "gpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 2 and "--device gpu needs cupy and a CUDA GPU" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_reconstruct_one_landmark_file_for_a_folder_is_refused(photos, tmp_path, capsys):
