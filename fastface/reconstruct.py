@@ -532,6 +532,11 @@ def run(args):
     settings = Settings(out=os.path.abspath(args.out), device=args.device,
                         checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
                         resolution=args.resolution, iterations=args.iterations)
+    try:
+        _state(settings)  # here, so that a bad checkpoint is one line, not one per photo (cached for later)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _error(f"cannot load {args.checkpoint}: {e}" if args.checkpoint else f"cannot build the face model: {e}")
+        return 2
     start = time.perf_counter()
     with _environment_kept():
         client, cluster = _client(args)

@@ -345,6 +345,16 @@ def test_reconstruct_with_a_checkpoint_starts_from_the_encoder(photos, tmp_path,
     assert np.linalg.norm(projected - truth[0], axis=1).mean() < 0.03 * eyes
 
 
+def test_reconstruct_with_a_file_that_is_no_checkpoint_exits_2(photos, tmp_path, capsys):
+    folder, _ = photos
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not a checkpoint\n")
+    status = main(["reconstruct", str(folder), "--out", str(tmp_path / "out"), "--checkpoint", str(bad), "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 2 and f"cannot load {bad}" in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
 def test_reconstruct_with_a_missing_checkpoint_exits_2(photos, tmp_path, capsys):
     folder, _ = photos
     status = main(["reconstruct", str(folder), "--out", str(tmp_path), "--checkpoint", str(tmp_path / "none.h5")])
