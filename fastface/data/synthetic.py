@@ -682,8 +682,8 @@ class SyntheticFaces:
             the fine-noise texture; the faces of a seed differ between two values of it.
         supersample: render at this many times the resolution and area-average (1: no antialiasing).
         population: add the population's offset from the model's mean (POPULATION_GEOMETRY_RMS,
-            POPULATION_ALBEDO_RMS; outside the base model's span, the same in every face) to the
-            detail; off with detail=False or detail_scale=0.
+            POPULATION_ALBEDO_RMS; outside the base model's span, the same in every face, times detail_scale) to
+            the detail; off with detail=False or detail_scale=0.
         detail_scale: multiplies every detail coefficient (geometry and reflectance): 1 gives the
             sizes documented in the module, 0 the same as detail=False.
 
@@ -735,9 +735,9 @@ class SyntheticFaces:
         # The population's offset from the model's mean (POPULATION_GEOMETRY_RMS), in every face.
         self.population = bool(population) and self.detail and self.detail_scale > 0
         V = model.n_vertices
-        self.population_vertices = xp.asarray(detail_bases.population_geometry.reshape(V, 3)) \
+        self.population_vertices = xp.asarray(self.detail_scale * detail_bases.population_geometry.reshape(V, 3)) \
             if self.population else xp.zeros((V, 3), np.float32)
-        self.population_albedo = xp.asarray(detail_bases.population_albedo.reshape(V, 3)) \
+        self.population_albedo = xp.asarray(self.detail_scale * detail_bases.population_albedo.reshape(V, 3)) \
             if self.population else xp.zeros((V, 3), np.float32)
         self._adjacency = vertex_adjacency(model.triangles, model.n_vertices)
         self._landmarks = xp.ascontiguousarray(model.landmarks)

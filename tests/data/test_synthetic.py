@@ -363,3 +363,18 @@ def test_the_detail_dictionaries_rebuild_bit_for_bit(model, faces):
     np.testing.assert_array_equal(rebuilt.geometry, faces.detail_geometry_basis)
     np.testing.assert_array_equal(rebuilt.albedo, faces.detail_albedo_basis)
     assert rebuilt.geometry_kinds == faces.detail_geometry_kinds
+
+
+def test_the_population_offset_is_in_every_face_and_outside_the_span(model):
+    with_population = SyntheticFaces(model, resolution=(32, 32)).batch(TRAIN_SEEDS[:3])
+    without = SyntheticFaces(model, resolution=(32, 32), population=False).batch(TRAIN_SEEDS[:3])
+    offset = with_population.detail_vertices - without.detail_vertices
+    np.testing.assert_allclose(offset, np.broadcast_to(offset[:1], offset.shape), atol=1e-4)
+    rms = np.sqrt((offset[0].astype(np.float64) ** 2).sum(-1).mean())
+    assert abs(rms - synthetic.POPULATION_GEOMETRY_RMS) < 1e-3 * synthetic.POPULATION_GEOMETRY_RMS
+    basis = np.concatenate([model.shape_basis, model.expression_basis]).astype(np.float64)
+    q, _ = np.linalg.qr(basis.T)
+    flat = offset[0].reshape(-1).astype(np.float64)
+    assert np.linalg.norm(q.T @ flat) < 1e-3 * np.linalg.norm(flat)
+    albedo_offset = with_population.detail_albedo - without.detail_albedo
+    assert np.sqrt((albedo_offset[0] ** 2).sum(-1).mean()) == pytest.approx(synthetic.POPULATION_ALBEDO_RMS, rel=1e-3)
