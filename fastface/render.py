@@ -11,6 +11,8 @@ from fastface._backend import array_module
 import numpy as np
 
 from fastface._checks import check_array, check_finite, value_checks
+from fastface.ops.antialias import antialias as antialias_op
+from fastface.ops.antialias import antialias_backward, antialias_topology
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
                                  perspective_projection_backward, project_to_pixels, project_to_pixels_backward,
                                  rigid_transform, rigid_transform_backward)
@@ -55,6 +57,7 @@ class Rendering:
     colors: object         # (B, V, 3) shaded per-vertex colours
     rotation: object = None   # (B, 3, 3) the pose's rotation matrices
     landmarks: object = None  # (B, 68, 2) pixel coordinates of the model's landmarks, or None
+    composited: object = None  # with antialias: the face over the background before the blend
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,18 @@ class FaceGradients:
 # model -> (the triangles it was built from, adjacency). Keyed on the array's identity like
 # FaceModel's own topology cache, so assigning new triangles to a model rebuilds it.
 _adjacency_of_model = weakref.WeakKeyDictionary()
+
+
+# Each model's edge -> neighbouring triangle table for antialias, built once per triangle array.
+_antialias_topology_of_model = weakref.WeakKeyDictionary()
+
+
+def _antialias_topology(model):
+    cached = _antialias_topology_of_model.get(model)
+    if cached is None or cached[0] is not model.triangles:
+        cached = (model.triangles, antialias_topology(model.triangles))
+        _antialias_topology_of_model[model] = cached
+    return cached[1]
 
 
 def _adjacency(model):
@@ -93,7 +108,8 @@ def uniform_light(batch, xp=None, dtype="float32"):
     return sh
 
 
-def render_faces(model, params, resolution, focal, geometry_offsets=None, reflectance_offsets=None):
+def render_faces(model, params, resolution, focal, geometry_offsets=None, reflectance_offsets=None, antialias=False,
+                 background=None):
     """Renders a batch of faces of `model` under `params`.
 
     Args:
@@ -104,6 +120,12 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
         geometry_offsets: optional (B, V, 3) model-space offsets (mm) added to the morphable
             model's vertices before the pose: the corrective level of the multi-level model.
         reflectance_offsets: optional (B, V, 3) offsets added to the model's albedo.
+        antialias: blend across the face's outline (fastface.antialias, analytic): the image becomes
+            a continuous function of the outline's vertices, so a loss on it pulls on the outline
+            (render_faces_backward gives those gradients). Off by default: the blend costs about a
+            third of the rasterizer's time.
+        background: with antialias, the (B, H, W, 3) image the outline blends into (a photo being
+            fitted, say); black when None. `image` then shows the face over it.
 
     Returns:
         `Rendering`; its `vertices` and `albedo` include the offsets.
@@ -132,12 +154,25 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
     check_finite("colors", colors)
     with value_checks(False):
         raster, image = rasterize_interpolate(clip, model.triangles, resolution, colors)
+        composited = None
+        if antialias:
+            mask = raster.tri_id >= 0
+            if background is not None:
+                array_module(("background", background), ("the model's arrays", model.mean_shape))
+                check_array("background", background, image.dtype, tuple(image.shape))
+                check_finite("background", background)
+                composited = image + (~mask)[..., None] * background
+            else:
+                composited = image
+            image = antialias_op(composited, raster, clip, model.triangles, topology=_antialias_topology(model))
+        elif background is not None:
+            raise ValueError("background is used with antialias=True only")
         landmarks = None
         if model.landmarks is not None:
             landmarks = project_to_pixels(camera_vertices[:, model.landmarks], focal, resolution)
     return Rendering(image=image, mask=raster.tri_id >= 0, raster=raster, vertices=vertices,
                      camera_vertices=camera_vertices, clip=clip, normals=normals, albedo=albedo,
-                     colors=colors, rotation=rotation, landmarks=landmarks)
+                     colors=colors, rotation=rotation, landmarks=landmarks, composited=composited)
 
 
 def _add_offsets(name, base, offsets):
@@ -184,8 +219,15 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
     dtype = r.camera_vertices.dtype
     with value_checks(False):
         if grad_image is not None:
+            grad_clip_blend = None
+            if r.composited is not None:  # antialiased: through the blend, then to the face's pixels
+                grad_image, grad_clip_blend = antialias_backward(r.composited, r.raster, r.clip, model.triangles,
+                                                                 grad_image, topology=_antialias_topology(model))
+                grad_image = grad_image * r.mask[..., None]
             grad_clip, grad_colors = rasterize_interpolate_backward(r.clip, model.triangles, r.colors, r.raster,
                                                                     grad_image)
+            if grad_clip_blend is not None:
+                grad_clip += grad_clip_blend
             grad_camera = perspective_projection_backward(r.camera_vertices, focal, resolution, grad_clip)
             grad_shaded, grad_albedo, grad_sh = shade_vertices_backward(
                 r.camera_vertices, model.triangles, r.albedo, params.sh, grad_colors, adjacency=_adjacency(model))

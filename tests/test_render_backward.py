@@ -112,3 +112,41 @@ def test_bad_offsets_and_gradients_are_refused_by_name(model):
         fastface.render_faces_backward(model, params, r, RES, FOCAL)
     with pytest.raises(ValueError, match="grad_landmarks"):
         fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_landmarks=np.zeros((2, 5, 2), np.float32))
+
+
+@pytest.mark.parametrize("name", ["shape", "angles", "translation"])
+def test_antialiased_render_backward_matches_central_differences_at_the_outline(model, name, tol):
+    """With antialias the outline's pixels depend on the geometry: their gradient reaches the pose and shape."""
+    rng = np.random.default_rng(6)
+    params = _params(model, rng)
+    background = rng.uniform(0, 1, (2,) + RES + (3,))
+    w_image = rng.normal(0, 1, (2,) + RES + (3,))
+
+    def f(x):
+        r = fastface.render_faces(model, _replace(params, name, x), RES, FOCAL, antialias=True, background=background)
+        return r.image
+
+    r = fastface.render_faces(model, params, RES, FOCAL, antialias=True, background=background)
+    g = fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=w_image)
+    assert_gradient_matches(f, getattr(params, name), w_image, getattr(g.params, name), tol, n_samples=8, rng=rng)
+
+
+def test_antialias_changes_only_the_outline_and_background_needs_it(model):
+    rng = np.random.default_rng(7)
+    params = _params(model, rng, np.float32)
+    background = rng.uniform(0, 1, (2,) + RES + (3,)).astype(np.float32)
+    plain = fastface.render_faces(model, params, RES, FOCAL)
+    blended = fastface.render_faces(model, params, RES, FOCAL, antialias=True, background=background)
+    over = np.where(plain.mask[..., None], plain.image, background)
+    changed = np.abs(blended.image - over).max(-1) > 1e-6
+    assert changed.any()
+    # Every changed pixel is next to a pixel of the other side of the outline.
+    inside = plain.mask
+    edge = np.zeros_like(inside)
+    edge[:, 1:] |= inside[:, 1:] != inside[:, :-1]
+    edge[:, :-1] |= inside[:, 1:] != inside[:, :-1]
+    edge[:, :, 1:] |= inside[:, :, 1:] != inside[:, :, :-1]
+    edge[:, :, :-1] |= inside[:, :, 1:] != inside[:, :, :-1]
+    assert not (changed & ~edge).any()
+    with pytest.raises(ValueError, match="antialias"):
+        fastface.render_faces(model, params, RES, FOCAL, background=background)
