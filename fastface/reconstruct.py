@@ -49,12 +49,13 @@ class Settings:
     resolution: int = None      # None: the fitter's default (or the checkpoint's)
     iterations: int = None      # None: fit.DEFAULT_ITERATIONS
     landmark_iterations: int = None
+    antialias: bool = True      # fit with the outline blended into the photo (see fit's docstring)
 
     def fit_options(self):
         from fastface.fit import DEFAULT_ITERATIONS, DEFAULT_LANDMARK_ITERATIONS
         return dict(iterations=DEFAULT_ITERATIONS if self.iterations is None else self.iterations,
                     landmark_iterations=(DEFAULT_LANDMARK_ITERATIONS if self.landmark_iterations is None
-                                         else self.landmark_iterations))
+                                         else self.landmark_iterations), antialias=self.antialias)
 
 
 class PhotoError(Exception):
