@@ -110,11 +110,15 @@ def main(argv=None):
     from fastface import train as train_command
     train_command.add_parser(commands)
     evaluate_command.add_parser(commands)
+    from fastface import reconstruct as reconstruct_command
+    reconstruct_command.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_command.run(args)
     if args.command == "evaluate":
         return evaluate_command.run(args)
+    if args.command == "reconstruct":
+        return reconstruct_command.run(args)
     if args.command == "demo":
         if args.n < 1 or args.size < 16:
             parser.error("--n must be >= 1 and --size >= 16")

@@ -519,6 +519,8 @@ def _cuda_namespace(runtime):
 FAKE_CUPY_API = ("ndarray", "float16", "float32", "float64", "int32", "int64", "uint8", "uint64", "bool_",
                  "empty", "zeros", "ones", "full", "empty_like", "zeros_like", "asarray", "ascontiguousarray",
                  "cumsum", "where", "multiply", "maximum", "isfinite", "RawModule", "cuda")
+# fastface.fit's GPU path (array arithmetic between the kernels: the landmark stage, the SH solve).
+FAKE_CUPY_API += ("concatenate", "stack", "full_like", "matmul", "sqrt")
 
 
 def _fake_module():
