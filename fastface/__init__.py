@@ -21,12 +21,10 @@ from fastface.ops import *  # noqa: E402,F401,F403 - the op pairs, listed in fas
 from fastface.ops import __all__ as _ops_all  # noqa: E402
 from fastface.render import (FaceGradients, FaceParameters, Rendering, render_faces,  # noqa: E402
                              render_faces_backward, uniform_light)
-
 from fastface.reconstructor import Reconstruction, Reconstructor  # noqa: E402
-from fastface.fit import FitResult, fit  # noqa: E402 - `fastface.fit` is the function; from-imports reach the module
+from fastface.fit import FitResult, fit  # noqa: E402,I001 - `fastface.fit` is the function; from-imports reach the module
 
 __version__ = "0.1.0"
 __all__ = [*_ops_all, "FaceModel", "IBUG68_GROUPS", "IBUG68_MIRROR",
-           "FaceGradients", "FaceParameters", "Rendering", "render_faces", "render_faces_backward", "uniform_light", "value_checks",
-           "check_device_errors", "Reconstructor", "Reconstruction"]
-__all__ += ["fit", "FitResult"]
+           "FaceGradients", "FaceParameters", "Rendering", "render_faces", "render_faces_backward", "uniform_light",
+           "value_checks", "check_device_errors", "Reconstructor", "Reconstruction", "fit", "FitResult"]

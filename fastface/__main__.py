@@ -107,10 +107,10 @@ def main(argv=None):
     demo_parser.add_argument("--level", default="default", choices=("default", "small"), help="model level")
     demo_parser.add_argument("--seed", type=int, default=0)
     from fastface import evaluate as evaluate_command
+    from fastface import reconstruct as reconstruct_command
     from fastface import train as train_command
     train_command.add_parser(commands)
     evaluate_command.add_parser(commands)
-    from fastface import reconstruct as reconstruct_command
     reconstruct_command.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "train":
