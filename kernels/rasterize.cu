@@ -15,10 +15,39 @@
 
 #define EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
 
+// Fixed point (fastface.ops.rasterize: SUBPIXEL_BITS, GUARD_BAND): screen positions snap to 1/256
+// pixel, and the fast path takes only vertices inside the guard band (GUARD_BAND pixels beyond each
+// side of the screen), so a snapped coordinate stays below 2^23, a difference below 2^24 and an edge
+// value below 2^50: exact as long long, from 32 x 32 -> 64-bit products (one instruction each).
+#define SUBPIXEL_BITS 8
+#define SUBPIXEL_SCALE 256
+#define GUARD_BAND 8192
+
 struct ScreenVertex {
     float x, y, z;  // pixel coordinates (y down, centres at integers) and NDC depth
-    bool valid;     // w > 0 and everything finite
+    bool valid;     // w > 0 and x, y, z, w finite: the triangle is drawn (clipped when not fast)
+    bool fast;      // inside the guard band with a finite setup: X, Y hold its snapped position
+    int X, Y;       // fixed-point position, 1/256 pixel
 };
+
+// Signed distance, scaled by W or H, of a clip point to guard-band plane k (x <= gx w, -x <= gx w,
+// y <= gy w, -y <= gy w, gx = (W + 2 GUARD_BAND) / W): >= 0 is inside. Without a division, so that
+// for float32 inputs every product is exact in double and the test of a vertex is exact.
+__device__ __forceinline__ double plane_distance(int k, int H, int W, double x, double y, double w) {
+    if (k == 0) return (double)(W + 2 * GUARD_BAND) * w - (double)W * x;
+    if (k == 1) return (double)(W + 2 * GUARD_BAND) * w + (double)W * x;
+    if (k == 2) return (double)(H + 2 * GUARD_BAND) * w - (double)H * y;
+    return (double)(H + 2 * GUARD_BAND) * w + (double)H * y;
+}
+
+__device__ __forceinline__ bool inside_band(float4 p, int H, int W) {
+    double x = (double)p.x, y = (double)p.y, w = (double)p.w;
+    return (plane_distance(0, H, W, x, y, w) >= 0.0) & (plane_distance(1, H, W, x, y, w) >= 0.0) &
+           (plane_distance(2, H, W, x, y, w) >= 0.0) & (plane_distance(3, H, W, x, y, w) >= 0.0);
+}
+
+// Round half to even of s * 256 (exact: a power of two), as an int.
+__device__ __forceinline__ int snap(float s) { return (int)rintf(s * (float)SUBPIXEL_SCALE); }
 
 __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, float half_h) {
     ScreenVertex s;
@@ -26,46 +55,52 @@ __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, fl
     s.x = (p.x * rw + 1.0f) * half_w - 0.5f;
     s.y = (1.0f - p.y * rw) * half_h - 0.5f;
     s.z = p.z * rw;
-    s.valid = (p.w > 0.0f) & isfinite(s.x) & isfinite(s.y) & isfinite(s.z);  // bitwise: no branches
+    // Bitwise operators: no branches. half_w, half_h are exactly W / 2, H / 2.
+    s.valid = (p.w > 0.0f) & isfinite(p.x) & isfinite(p.y) & isfinite(p.z) & isfinite(p.w);
+    s.fast = s.valid && inside_band(p, (int)(2.0f * half_h), (int)(2.0f * half_w)) & isfinite(s.x) &
+             isfinite(s.y) & isfinite(s.z);
+    s.X = s.fast ? snap(s.x) : 0;
+    s.Y = s.fast ? snap(s.y) : 0;
     return s;
 }
 
-// An edge a->b of a triangle whose area has sign o: its direction, times o, and its origin, the
-// lexicographically smaller endpoint (by x, then y), from which it is evaluated:
-// E(p) = dx * (py - oy) - dy * (px - ox). A triangle sharing the edge computes the direction
-// b - a as a - b (exactly the negation) and uses the same origin, so its values are exactly the
-// negated ones (a zero may differ in sign, which no test below sees). This is the product
-// s * (canonical direction) of the earlier canonical-edge form, with the same rounded values.
+// An edge a->b of a triangle, oriented by the sign o of its area so that the interior is where all
+// three values are positive: E(p) = dx (p.y - a.y) - dy (p.x - a.x), exact in integers (so a
+// triangle sharing the edge gets exactly the negated values, and at a shared vertex both incident
+// edges give exactly 0). The float part (fdx, fdy from the float positions, unoriented) only weights
+// the depth.
 struct Edge {
-    float ox, oy, dx, dy;
+    int ax, ay, dx, dy;
+    float fax, fay, fdx, fdy;
     bool own;  // top-left rule: the oriented direction (dx, dy) has dy < 0, or dy == 0 and dx > 0
 };
 
-__device__ __forceinline__ Edge make_edge(float ax, float ay, float bx, float by) {
+__device__ __forceinline__ Edge make_edge(const ScreenVertex& a, const ScreenVertex& b, int o) {
     Edge e;
-    bool a_first = (ax < bx) | ((ax == bx) & (ay < by));
-    e.ox = a_first ? ax : bx;
-    e.oy = a_first ? ay : by;
-    e.dx = bx - ax;
-    e.dy = by - ay;
-    e.own = false;
+    e.ax = a.X;
+    e.ay = a.Y;
+    e.dx = o * (b.X - a.X);
+    e.dy = o * (b.Y - a.Y);
+    e.fax = a.x;
+    e.fay = a.y;
+    e.fdx = b.x - a.x;
+    e.fdy = b.y - a.y;
+    e.own = (e.dy < 0) | ((e.dy == 0) & (e.dx > 0));
     return e;
 }
 
-__device__ __forceinline__ void orient_edge(Edge& e, float o) {
-    e.dx = o * e.dx;
-    e.dy = o * e.dy;
-    e.own = (e.dy < 0.0f) | ((e.dy == 0.0f) & (e.dx > 0.0f));
+__device__ __forceinline__ long long edge_value(const Edge& e, int px, int py) {
+    return (long long)e.dx * (py - e.ay) - (long long)e.dy * (px - e.ax);
 }
 
-__device__ __forceinline__ float edge_value(const Edge& e, float px, float py) {
-    return e.dx * (py - e.oy) - e.dy * (px - e.ox);
+__device__ __forceinline__ float edge_value_float(const Edge& e, float px, float py) {
+    return e.fdx * (py - e.fay) - e.fdy * (px - e.fax);
 }
 
 // Bitwise, not short-circuit, operators: the tests then compile to predicates instead of a
 // branch (and a divergence region) per edge.
-__device__ __forceinline__ bool edge_inside(const Edge& e, float v) {
-    return (v > 0.0f) | ((v == 0.0f) & e.own);
+__device__ __forceinline__ bool edge_inside(const Edge& e, long long v) {
+    return (v > 0) | ((v == 0) & e.own);
 }
 
 // Order-preserving unsigned key of a float (-0 folded onto +0 by adding +0).
@@ -104,55 +139,146 @@ struct AtomicMinSink {
     }
 };
 
-// The work of one triangle in one image: vertex setup (Setup), bounding box over pixel centres,
-// edge tests and, per covered centre, the key (depth key << 32 | triangle id) handed to Sink (in
-// the library, a 64-bit atomicMin: the min makes the result independent of thread order, nearest
-// depth first, then the lower triangle id). The templates let bench/profile_rasterize.py time
-// variants of the setup and the sink around this same code.
-template <class Setup, class Sink>
-__device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, int i1, int i2, int t, int H, int W,
-                                                   int cull, const Sink& sink) {
-    ScreenVertex v0, v1, v2;
-    setup(i0, i1, i2, v0, v1, v2);
-    if (!(v0.valid & v1.valid & v2.valid)) return;
-
-    // Bounding box over pixel centres, clamped in float before any conversion to int.
-    float ilo = fmaxf(ceilf(fminf(fminf(v0.y, v1.y), v2.y)), 0.0f);
-    float ihi = fminf(floorf(fmaxf(fmaxf(v0.y, v1.y), v2.y)), (float)(H - 1));
-    float jlo = fmaxf(ceilf(fminf(fminf(v0.x, v1.x), v2.x)), 0.0f);
-    float jhi = fminf(floorf(fmaxf(fmaxf(v0.x, v1.x), v2.x)), (float)(W - 1));
+// Step 2 of one triangle whose corners have fixed-point positions: coverage exact in integers, the
+// depth from the float positions (so that snapping moves no depth) unless those are degenerate.
+// Keys (depth key << 32 | triangle id) of the covered centres go to Sink. The Numba twin is
+// _raster_fixed (which steps the integer values along a row: exact, so the same numbers).
+template <class Sink>
+__device__ __forceinline__ void rasterize_fixed(const ScreenVertex& v0, const ScreenVertex& v1,
+                                                const ScreenVertex& v2, int t, int H, int W, int cull,
+                                                const Sink& sink) {
+    long long area = (long long)(v1.X - v0.X) * (v2.Y - v0.Y) - (long long)(v1.Y - v0.Y) * (v2.X - v0.X);
+    if (area == 0) return;
+    if (cull && area > 0) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
+    int o = area > 0 ? 1 : -1;
+    // Bounding box over pixel centres (centre (i, j) at (j, i) * 256): floor and ceil divisions by
+    // 256 as arithmetic shifts.
+    int ilo = max(-((-min(min(v0.Y, v1.Y), v2.Y)) >> SUBPIXEL_BITS), 0);
+    int ihi = min(max(max(v0.Y, v1.Y), v2.Y) >> SUBPIXEL_BITS, H - 1);
+    int jlo = max(-((-min(min(v0.X, v1.X), v2.X)) >> SUBPIXEL_BITS), 0);
+    int jhi = min(max(max(v0.X, v1.X), v2.X) >> SUBPIXEL_BITS, W - 1);
     if (ilo > ihi || jlo > jhi) return;
 
-    Edge e0 = make_edge(v1.x, v1.y, v2.x, v2.y);  // edge 0: v1->v2, opposite v0
-    Edge e1 = make_edge(v2.x, v2.y, v0.x, v0.y);  // edge 1: v2->v0
-    Edge e2 = make_edge(v0.x, v0.y, v1.x, v1.y);  // edge 2: v0->v1
-    float area = e2.dx * (v2.y - e2.oy) - e2.dy * (v2.x - e2.ox);
-    if (area == 0.0f) return;
-    if (cull && area > 0.0f) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
-    float o = area > 0.0f ? 1.0f : -1.0f;
-    orient_edge(e0, o);
-    orient_edge(e1, o);
-    orient_edge(e2, o);
+    Edge e0 = make_edge(v1, v2, o);  // edge 0: v1->v2, opposite v0
+    Edge e1 = make_edge(v2, v0, o);  // edge 1: v2->v0
+    Edge e2 = make_edge(v0, v1, o);  // edge 2: v0->v1
+    float farea = e2.fdx * (v2.y - v0.y) - e2.fdy * (v2.x - v0.x);
+    bool float_depth = ((farea > 0.0f) == (area > 0)) & (farea != 0.0f);
 
     // The box's centres in row-major order as one flat loop: a warp then runs as many iterations
     // as its largest box has centres, not (most rows) x (most columns) as nested loops would.
-    // Every centre is evaluated directly (no incremental stepping), so the values do not depend
-    // on the loop's shape and equal the Numba twin's nested loops.
-    int i = (int)ilo, j_begin = (int)jlo, j_end = (int)jhi;
-    int j = j_begin;
-    int n = ((int)ihi - i + 1) * (j_end - j_begin + 1);  // <= 16384^2 < 2^31 (check_resolution)
+    int i = ilo, j = jlo;
+    int n = (ihi - ilo + 1) * (jhi - jlo + 1);  // <= 16384^2 < 2^31 (check_resolution)
     for (int k = 0; k < n; ++k) {
-        float px = (float)j, py = (float)i;
-        float w0 = edge_value(e0, px, py);
-        float w1 = edge_value(e1, px, py);
-        float w2 = edge_value(e2, px, py);
+        int px = j << SUBPIXEL_BITS, py = i << SUBPIXEL_BITS;
+        long long w0 = edge_value(e0, px, py);
+        long long w1 = edge_value(e1, px, py);
+        long long w2 = edge_value(e2, px, py);
         if (edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2)) {
-            float z = (w0 * v0.z + w1 * v1.z + w2 * v2.z) / (w0 + w1 + w2);
+            float f0, f1, f2;
+            if (float_depth) {
+                float fx = (float)j, fy = (float)i;
+                f0 = edge_value_float(e0, fx, fy);
+                f1 = edge_value_float(e1, fx, fy);
+                f2 = edge_value_float(e2, fx, fy);
+            } else {
+                f0 = (float)w0;
+                f1 = (float)w1;
+                f2 = (float)w2;
+            }
+            float z = (f0 * v0.z + f1 * v1.z + f2 * v2.z) / (f0 + f1 + f2);
             if (z >= -1.0f && z <= 1.0f) sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
         }
-        bool wrap = j == j_end;
-        j = wrap ? j_begin : j + 1;
+        bool wrap = j == jhi;
+        j = wrap ? jlo : j + 1;
         i += wrap ? 1 : 0;
+    }
+}
+
+// A clip point of the clipper: position and the triangle corner it is (0..2), or -1 for a cut point.
+struct ClipPoint {
+    double x, y, z, w;
+    int corner;
+};
+
+// The screen vertex of a clip point off the fast path, in double (the twin: _clip_vertex_screen).
+__device__ __forceinline__ ScreenVertex clip_point_screen(const ClipPoint& p, int H, int W) {
+    double sx = (p.x / p.w + 1.0) * ((double)W * 0.5) - 0.5;
+    double sy = (1.0 - p.y / p.w) * ((double)H * 0.5) - 0.5;
+    double zn = fmin(fmax(p.z / p.w, -3.4028234663852886e38), 3.4028234663852886e38);  // finite as a float
+    ScreenVertex s;
+    s.X = (int)rint(sx * (double)SUBPIXEL_SCALE);
+    s.Y = (int)rint(sy * (double)SUBPIXEL_SCALE);
+    s.x = (float)sx;
+    s.y = (float)sy;
+    s.z = (float)zn;
+    s.valid = true;
+    s.fast = true;
+    return s;
+}
+
+// Step 2 of a triangle with a corner outside the guard band (rare: kept out of line so that its
+// registers and local arrays do not weigh on the fast path): Sutherland-Hodgman against the four
+// band planes in double clip space, then the fan of the clipped polygon on the fixed-point grid.
+// Whether an edge is cut by a plane, and where, depends only on its two endpoints (the inside one is
+// always the origin of the interpolation), so a triangle sharing the edge cuts it at the same points;
+// corners kept from the triangle keep their fast-path snapped positions. The twin: _raster_clipped.
+template <class Sink>
+__device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, int i0, int i1, int i2,
+                                               const ScreenVertex* corners, int t, int H, int W, int cull,
+                                               const Sink& sink) {
+    ClipPoint poly[2][8];
+    int idx[3] = {i0, i1, i2};
+    for (int k = 0; k < 3; ++k) {
+        float4 p = pb[idx[k]];
+        poly[0][k] = ClipPoint{(double)p.x, (double)p.y, (double)p.z, (double)p.w, k};
+    }
+    int n = 3, src = 0;
+    for (int plane = 0; plane < 4; ++plane) {
+        int dst = 1 - src, m = 0;
+        for (int k = 0; k < n; ++k) {
+            int q = k + 1 < n ? k + 1 : 0;
+            const ClipPoint& P = poly[src][k];
+            const ClipPoint& Q = poly[src][q];
+            double dp = plane_distance(plane, H, W, P.x, P.y, P.w);
+            double dq = plane_distance(plane, H, W, Q.x, Q.y, Q.w);
+            if (dp >= 0.0) poly[dst][m++] = P;
+            if ((dp >= 0.0) != (dq >= 0.0)) {
+                const ClipPoint& A = dp >= 0.0 ? P : Q;
+                const ClipPoint& B = dp >= 0.0 ? Q : P;
+                double da = dp >= 0.0 ? dp : dq, db = dp >= 0.0 ? dq : dp;
+                double s = da / (da - db);
+                poly[dst][m++] = ClipPoint{A.x + s * (B.x - A.x), A.y + s * (B.y - A.y), A.z + s * (B.z - A.z),
+                                           A.w + s * (B.w - A.w), -1};
+            }
+        }
+        n = m;
+        src = dst;
+        if (n == 0) return;
+    }
+    ScreenVertex sv[8];
+    for (int k = 0; k < n; ++k) {
+        const ClipPoint& P = poly[src][k];
+        sv[k] = (P.corner >= 0 && corners[P.corner].fast) ? corners[P.corner] : clip_point_screen(P, H, W);
+    }
+    for (int k = 1; k + 1 < n; ++k) rasterize_fixed(sv[0], sv[k], sv[k + 1], t, H, W, cull, sink);
+}
+
+// The work of one triangle in one image: vertex setup (Setup), then step 2 on the fast path or
+// through the clipper. The templates let bench/profile_rasterize.py time variants of the setup and
+// the sink (in the library, a 64-bit atomicMin: the min makes the result independent of thread
+// order, nearest depth first, then the lower triangle id) around this same code. Setup has a
+// member pb, the image's clip positions, which the clipper reads.
+template <class Setup, class Sink>
+__device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, int i1, int i2, int t, int H, int W,
+                                                   int cull, const Sink& sink) {
+    ScreenVertex v[3];
+    setup(i0, i1, i2, v[0], v[1], v[2]);
+    if (!(v[0].valid & v[1].valid & v[2].valid)) return;
+    if (v[0].fast & v[1].fast & v[2].fast) {
+        rasterize_fixed(v[0], v[1], v[2], t, H, W, cull, sink);
+    } else {
+        rasterize_clipped(setup.pb, i0, i1, i2, v, t, H, W, cull, sink);
     }
 }
 
@@ -178,10 +304,12 @@ extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const i
 
 // The triangle pass with the vertex setup done beforehand, once per vertex instead of once per
 // triangle corner (a face mesh has about 6 corners per vertex): rasterize_setup writes scr (B, V)
-// float4 = (sx, sy, zn, valid ? 1 : 0), one thread per (vertex, image) on the same 2-D grid shape
-// as rasterize_fwd; rasterize_fwd_screen is rasterize_fwd reading those (the same numbers, so
-// the same keys). Used when fastface.ops.rasterize._FWD_PREPASS is set: it trades three
-// divisions per triangle for a write and a read of 16 bytes per vertex.
+// float4 = (sx, sy, zn, class) with class 0 (dropped), 1 (fast) or 2 (valid, to be clipped), one
+// thread per (vertex, image) on the same 2-D grid shape as rasterize_fwd; rasterize_fwd_screen is
+// rasterize_fwd reading those (the same numbers, so the same keys; the snapped position is a
+// function of sx, sy), and the clip positions pos for the clipper. Used when
+// fastface.ops.rasterize._FWD_PREPASS is set: it trades three divisions per triangle for a write
+// and a read of 16 bytes per vertex.
 extern "C" __global__ void rasterize_setup(const float4* __restrict__ pos, int B, int V, int H, int W,
                                            float4* __restrict__ scr) {
     int v = blockIdx.x * blockDim.x + threadIdx.x;
@@ -190,30 +318,44 @@ extern "C" __global__ void rasterize_setup(const float4* __restrict__ pos, int B
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
         long long k = (long long)b * V + v;
         ScreenVertex s = screen_vertex(pos[k], half_w, half_h);
-        scr[k] = make_float4(s.x, s.y, s.z, s.valid ? 1.0f : 0.0f);
+        scr[k] = make_float4(s.x, s.y, s.z, s.fast ? 1.0f : s.valid ? 2.0f : 0.0f);
     }
+}
+
+__device__ __forceinline__ ScreenVertex unpack_screen_vertex(float4 a) {
+    ScreenVertex s;
+    s.x = a.x;
+    s.y = a.y;
+    s.z = a.z;
+    s.valid = a.w != 0.0f;
+    s.fast = a.w == 1.0f;
+    s.X = s.fast ? snap(a.x) : 0;
+    s.Y = s.fast ? snap(a.y) : 0;
+    return s;
 }
 
 struct ScreenSetup {
     const float4* __restrict__ sb;
+    const float4* __restrict__ pb;  // clip positions, for the clipper
     __device__ __forceinline__ void operator()(int i0, int i1, int i2, ScreenVertex& v0, ScreenVertex& v1,
                                                ScreenVertex& v2) const {
         float4 a = sb[i0], c = sb[i1], d = sb[i2];
-        v0.x = a.x; v0.y = a.y; v0.z = a.z; v0.valid = a.w != 0.0f;
-        v1.x = c.x; v1.y = c.y; v1.z = c.z; v1.valid = c.w != 0.0f;
-        v2.x = d.x; v2.y = d.y; v2.z = d.z; v2.valid = d.w != 0.0f;
+        v0 = unpack_screen_vertex(a);
+        v1 = unpack_screen_vertex(c);
+        v2 = unpack_screen_vertex(d);
     }
 };
 
 extern "C" __global__ void rasterize_fwd_screen(const float4* __restrict__ scr, const int* __restrict__ tri, int B,
                                                 int V, int T, int H, int W, int cull,
-                                                unsigned long long* __restrict__ zbuf) {
+                                                unsigned long long* __restrict__ zbuf,
+                                                const float4* __restrict__ pos) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
     if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
-        ScreenSetup setup{scr + (long long)b * V};
+        ScreenSetup setup{scr + (long long)b * V, pos + (long long)b * V};
         AtomicMinSink sink{zbuf + (long long)b * H * W, W};
         rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
     }
@@ -238,6 +380,27 @@ __device__ __forceinline__ PixelBary pixel_bary(float4 p0, float4 p1, float4 p2,
     r.c1 = r.a2x * r.a0y - r.a2y * r.a0x;
     float c2 = r.a0x * r.a1y - r.a0y * r.a1x;
     r.s = r.c0 + r.c1 + c2;
+    return r;
+}
+
+// The forward's barycentrics in double (the twin: _pixel_bary_exact): with p_k = (x_k, y_k, w_k) and
+// the pixel's ray q = (X, Y, 1), c_k = (p_{k+1} x p_{k+2}) . q, the homogeneous edge functions, equal
+// to the c_k above. The products of float inputs are exact in double and each line coefficient is
+// rounded once, so the result keeps about 1e-16 relative accuracy where x_k - X w_k would cancel in
+// float (triangles seen nearly edge-on); u = c0 / s, v = c1 / s are then rounded to float.
+struct ExactBary {
+    double c0, c1, s;
+};
+
+__device__ __forceinline__ ExactBary pixel_bary_exact(float4 p0, float4 p1, float4 p2, int i, int j, int H, int W) {
+    double X = (double)(2 * j + 1 - W) / (double)W;
+    double Y = (double)(H - 2 * i - 1) / (double)H;
+    double x0 = p0.x, y0 = p0.y, w0 = p0.w, x1 = p1.x, y1 = p1.y, w1 = p1.w, x2 = p2.x, y2 = p2.y, w2 = p2.w;
+    ExactBary r;
+    r.c0 = ((y1 * w2 - w1 * y2) * X + (w1 * x2 - x1 * w2) * Y) + (x1 * y2 - y1 * x2);
+    r.c1 = ((y2 * w0 - w2 * y0) * X + (w2 * x0 - x2 * w0) * Y) + (x2 * y0 - y2 * x0);
+    double c2 = ((y0 * w1 - w0 * y1) * X + (w0 * x1 - x0 * w1) * Y) + (x0 * y1 - y0 * x1);
+    r.s = (r.c0 + r.c1) + c2;
     return r;
 }
 
@@ -299,11 +462,9 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
             r2[c] = a2[c];
         }
     }
-    float X = (float)(2 * j + 1 - W) / (float)W;
-    float Y = (float)(H - 2 * i - 1) / (float)H;
-    PixelBary r = pixel_bary(q0, q1, q2, X, Y);
-    float u = r.s != 0.0f ? r.c0 / r.s : 0.0f;
-    float v = r.s != 0.0f ? r.c1 / r.s : 0.0f;
+    ExactBary r = pixel_bary_exact(q0, q1, q2, i, j, H, W);
+    float u = r.s != 0.0 ? (float)(r.c0 / r.s) : 0.0f;
+    float v = r.s != 0.0 ? (float)(r.c1 / r.s) : 0.0f;
     tri_id[p] = (int)t;
     bary[p] = make_float2(u, v);
     depth[p] = key_depth((unsigned int)(key >> 32));

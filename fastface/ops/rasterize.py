@@ -96,9 +96,49 @@ class Raster:
 # promote float32 arithmetic to float64 in Numba and break bit-for-bit agreement with the GPU).
 # --------------------------------------------------------------------------------------------------
 
+# Fixed point: screen positions are snapped to 1/SUBPIXEL_SCALE of a pixel (8 bits, as GPUs do), and
+# every vertex the fast path takes lies inside the guard band, GUARD_BAND pixels beyond each side of
+# the screen. With H, W <= 16384 a snapped coordinate then stays below 2^23 in magnitude, a difference
+# of two below 2^24, and an edge value (a difference of two products of such differences) below 2^50:
+# exact in int64 (long long on the GPU), whose 32 x 32 -> 64-bit products the GPU makes in one
+# instruction. Vertices outside the band (or whose float setup overflows) are clipped against it in
+# float64 (_raster_clipped), so no triangle is ever dropped for its size.
+SUBPIXEL_BITS = 8
+SUBPIXEL_SCALE = 1 << SUBPIXEL_BITS
+GUARD_BAND = 8192
+
+# Vertex classes of the setup (scr[v, 3]): dropped (w <= 0 or not finite), inside the guard band
+# (snapped in the working float type), valid but outside the band (the triangle is clipped).
+_VERTEX_DROPPED = 0
+_VERTEX_FAST = 1
+_VERTEX_CLIP = 2
+
+
 @numba.njit(cache=True, error_model="numpy")
-def _screen_vertices(pos_b, H, W, scr):
-    """Per-vertex setup of step 1: scr[v] = (sx, sy, zn, valid) for one image."""
+def _plane_distance(k, H, W, x, y, w):
+    """Signed distance (float64, scaled by W or H) of a clip point to guard-band plane k (x <= gx w,
+    -x <= gx w, y <= gy w, -y <= gy w with gx = (W + 2 GUARD_BAND) / W): >= 0 is inside. Written
+    without a division, so that for float32 inputs every product is exact in float64 and the test of
+    a vertex is exact."""
+    if k == 0:
+        return np.float64(W + 2 * GUARD_BAND) * w - np.float64(W) * x
+    if k == 1:
+        return np.float64(W + 2 * GUARD_BAND) * w + np.float64(W) * x
+    if k == 2:
+        return np.float64(H + 2 * GUARD_BAND) * w - np.float64(H) * y
+    return np.float64(H + 2 * GUARD_BAND) * w + np.float64(H) * y
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _snap(s):
+    """The fixed-point grid coordinate of a screen coordinate: round half to even of s * 256 (a
+    scaling by a power of two, exact in float32 and float64 alike)."""
+    return np.int64(np.rint(np.float64(s) * np.float64(SUBPIXEL_SCALE)))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _screen_vertices(pos_b, H, W, scr, fix):
+    """Per-vertex setup of step 1 for one image: scr[v] = (sx, sy, zn, class), fix[v] = snapped (sx, sy)."""
     one = pos_b.dtype.type(1)
     half = pos_b.dtype.type(0.5)
     half_w = pos_b.dtype.type(W) * half
@@ -109,25 +149,31 @@ def _screen_vertices(pos_b, H, W, scr):
         sx = (x * rw + one) * half_w - half
         sy = (one - y * rw) * half_h - half
         zn = z * rw
-        valid = w > 0 and np.isfinite(sx) and np.isfinite(sy) and np.isfinite(zn)
+        cls = _VERTEX_DROPPED
+        if w > 0 and np.isfinite(x) and np.isfinite(y) and np.isfinite(z) and np.isfinite(w):
+            cls = _VERTEX_CLIP
+            xd, yd, wd = np.float64(x), np.float64(y), np.float64(w)
+            inside = (_plane_distance(0, H, W, xd, yd, wd) >= 0 and _plane_distance(1, H, W, xd, yd, wd) >= 0
+                      and _plane_distance(2, H, W, xd, yd, wd) >= 0 and _plane_distance(3, H, W, xd, yd, wd) >= 0)
+            if inside and np.isfinite(sx) and np.isfinite(sy) and np.isfinite(zn):
+                cls = _VERTEX_FAST
         scr[v, 0] = sx
         scr[v, 1] = sy
         scr[v, 2] = zn
-        scr[v, 3] = one if valid else one - one
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _edge_origin(ax, ay, bx, by):
-    """The point an edge a-b is evaluated from: its lexicographically smaller endpoint."""
-    if ax < bx or (ax == bx and ay < by):
-        return ax, ay
-    return bx, by
+        scr[v, 3] = cls
+        fix[v, 0] = _snap(sx) if cls == _VERTEX_FAST else 0
+        fix[v, 1] = _snap(sy) if cls == _VERTEX_FAST else 0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _owns(dx, dy):
     """Top-left rule on the oriented direction (dx, dy)."""
     return dy < 0 or (dy == 0 and dx > 0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _inside(e, own):
+    return e > 0 or (e == 0 and own)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -150,64 +196,189 @@ def _key_depth(key32):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _raster_triangles(scr, tri, H, W, r0, r1, cull, zbuf):
+def _raster_fixed(ft, X0, Y0, x0, y0, z0, X1, Y1, x1, y1, z1, X2, Y2, x2, y2, z2, t, W, r0, r1, cull, zbuf):
+    """Step 2 of one triangle, rows [r0, r1): zbuf[(i - r0) * W + j] = min(key).
+
+    Coverage on the fixed-point grid (X_k, Y_k int64, exact); the depth from the float screen
+    positions (x_k, y_k) and NDC depths z_k in the working float type (that of the array ft), so that
+    snapping moves no depth: z = sum e_k z_k / sum e_k with float edge values e_k, or, where those
+    are degenerate (a sliver whose float area is 0 or of the wrong sign), with the exact ones.
+    """
+    one = ft.dtype.type(1)
+    area = (X1 - X0) * (Y2 - Y0) - (Y1 - Y0) * (X2 - X0)
+    if area == 0:
+        return
+    if cull and area > 0:  # y-down pixel frame: counter-clockwise on screen has area < 0
+        return
+    o = np.int64(1) if area > 0 else np.int64(-1)
+    # Edge k runs from vertex k+1 to vertex k+2 (opposite vertex k), oriented so that the interior
+    # is where all three values are positive; E_k(p) = dx_k (p.y - a.y) - dy_k (p.x - a.x).
+    dx0, dy0 = o * (X2 - X1), o * (Y2 - Y1)
+    dx1, dy1 = o * (X0 - X2), o * (Y0 - Y2)
+    dx2, dy2 = o * (X1 - X0), o * (Y1 - Y0)
+    own0, own1, own2 = _owns(dx0, dy0), _owns(dx1, dy1), _owns(dx2, dy2)
+    # Bounding box over pixel centres (centre (i, j) at (j, i) * 256): floor and ceil divisions by
+    # 256 as arithmetic shifts.
+    ilo = max(-((-min(Y0, Y1, Y2)) >> SUBPIXEL_BITS), r0)
+    ihi = min(max(Y0, Y1, Y2) >> SUBPIXEL_BITS, r1 - 1)
+    jlo = max(-((-min(X0, X1, X2)) >> SUBPIXEL_BITS), 0)
+    jhi = min(max(X0, X1, X2) >> SUBPIXEL_BITS, W - 1)
+    if ilo > ihi or jlo > jhi:
+        return
+    # The float edges of the depth (unoriented: the ratio does not care), from vertex k+1.
+    fdx0, fdy0 = x2 - x1, y2 - y1
+    fdx1, fdy1 = x0 - x2, y0 - y2
+    fdx2, fdy2 = x1 - x0, y1 - y0
+    farea = fdx2 * (y2 - y0) - fdy2 * (x2 - x0)
+    float_depth = (farea > 0) == (area > 0) and farea != 0
+    tid = np.uint64(t)
+    px0 = jlo * SUBPIXEL_SCALE
+    # Integer values step exactly, so stepping along a row gives the numbers that the GPU's direct
+    # evaluation at each centre gives.
+    sx0, sx1, sx2 = dy0 * SUBPIXEL_SCALE, dy1 * SUBPIXEL_SCALE, dy2 * SUBPIXEL_SCALE
+    for i in range(ilo, ihi + 1):
+        py = i * SUBPIXEL_SCALE
+        e0 = dx0 * (py - Y1) - dy0 * (px0 - X1)
+        e1 = dx1 * (py - Y2) - dy1 * (px0 - X2)
+        e2 = dx2 * (py - Y0) - dy2 * (px0 - X0)
+        row = (i - r0) * W
+        for j in range(jlo, jhi + 1):
+            if _inside(e0, own0) and _inside(e1, own1) and _inside(e2, own2):
+                if float_depth:
+                    fx, fy = ft.dtype.type(j), ft.dtype.type(i)
+                    f0 = fdx0 * (fy - y1) - fdy0 * (fx - x1)
+                    f1 = fdx1 * (fy - y2) - fdy1 * (fx - x2)
+                    f2 = fdx2 * (fy - y0) - fdy2 * (fx - x0)
+                else:
+                    f0, f1, f2 = ft.dtype.type(e0), ft.dtype.type(e1), ft.dtype.type(e2)
+                z = (f0 * z0 + f1 * z1 + f2 * z2) / (f0 + f1 + f2)
+                if z >= -one and z <= one:
+                    key = (_depth_key(z) << _SHIFT32) | tid
+                    if key < zbuf[row + j]:
+                        zbuf[row + j] = key
+            e0 -= sx0
+            e1 -= sx1
+            e2 -= sx2
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _clip_vertex_screen(ft, x, y, z, w, H, W):
+    """Fixed-point position and NDC depth of a clip point outside the fast path, in float64 (the same
+    operations as clip_vertex_screen in kernels/rasterize.cu)."""
+    half_w = np.float64(W) * 0.5
+    half_h = np.float64(H) * 0.5
+    sx = (x / w + 1.0) * half_w - 0.5
+    sy = (1.0 - y / w) * half_h - 0.5
+    zn = z / w
+    zmax = np.float64(np.finfo(ft.dtype).max)
+    zn = min(max(zn, -zmax), zmax)  # finite in the working type: an infinite depth would make 0 * inf
+    return _snap(sx), _snap(sy), ft.dtype.type(sx), ft.dtype.type(sy), ft.dtype.type(zn)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _raster_clipped(ft, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly):
+    """Step 2 of a triangle with a vertex outside the guard band: Sutherland-Hodgman against the four
+    band planes in float64 clip space, then the fan of the clipped polygon on the fixed-point grid.
+
+    Watertight with the neighbours: whether an edge is cut by a plane, and where, depends only on its
+    two endpoints (the inside one is always the origin of the interpolation), so a triangle sharing
+    the edge cuts it at the same points; the vertices kept from the triangle take the snapped
+    positions of the fast path when they have one. poly (2, 8, 5) float64 is scratch: x, y, z, w and
+    the vertex index (-1 for a cut point) of up to 7 polygon corners.
+    """
+    idx = (i0, i1, i2)
+    for k in range(3):
+        v = idx[k]
+        poly[0, k, 0] = np.float64(pos_b[v, 0])
+        poly[0, k, 1] = np.float64(pos_b[v, 1])
+        poly[0, k, 2] = np.float64(pos_b[v, 2])
+        poly[0, k, 3] = np.float64(pos_b[v, 3])
+        poly[0, k, 4] = v
+    n = 3
+    src = 0
+    for plane in range(4):
+        dst = 1 - src
+        m = 0
+        for k in range(n):
+            q = k + 1 if k + 1 < n else 0
+            dp = _plane_distance(plane, H, W, poly[src, k, 0], poly[src, k, 1], poly[src, k, 3])
+            dq = _plane_distance(plane, H, W, poly[src, q, 0], poly[src, q, 1], poly[src, q, 3])
+            if dp >= 0:
+                for c in range(5):
+                    poly[dst, m, c] = poly[src, k, c]
+                m += 1
+            if (dp >= 0) != (dq >= 0):
+                a, b, da, db = (k, q, dp, dq) if dp >= 0 else (q, k, dq, dp)
+                s = da / (da - db)
+                for c in range(4):
+                    poly[dst, m, c] = poly[src, a, c] + s * (poly[src, b, c] - poly[src, a, c])
+                poly[dst, m, 4] = -1.0
+                m += 1
+        n = m
+        src = dst
+        if n == 0:
+            return
+    # The polygon's corners on screen: fixed-point X, Y (exact in float64 below 2^53) into the other
+    # half of poly, float sx, sy, zn (exact in float64 as working-type values) in place.
+    dst = 1 - src
+    for k in range(n):
+        v = int(poly[src, k, 4])
+        if v >= 0 and scr[v, 3] == _VERTEX_FAST:
+            X, Y, sx, sy, zn = fix[v, 0], fix[v, 1], scr[v, 0], scr[v, 1], scr[v, 2]
+        else:
+            X, Y, sx, sy, zn = _clip_vertex_screen(ft, poly[src, k, 0], poly[src, k, 1], poly[src, k, 2],
+                                                   poly[src, k, 3], H, W)
+        poly[dst, k, 0] = np.float64(X)
+        poly[dst, k, 1] = np.float64(Y)
+        poly[src, k, 0] = np.float64(sx)
+        poly[src, k, 1] = np.float64(sy)
+        poly[src, k, 2] = np.float64(zn)
+    f = ft.dtype.type
+    for k in range(1, n - 1):
+        _raster_fixed(ft, np.int64(poly[dst, 0, 0]), np.int64(poly[dst, 0, 1]), f(poly[src, 0, 0]), f(poly[src, 0, 1]),
+                      f(poly[src, 0, 2]), np.int64(poly[dst, k, 0]), np.int64(poly[dst, k, 1]), f(poly[src, k, 0]),
+                      f(poly[src, k, 1]), f(poly[src, k, 2]), np.int64(poly[dst, k + 1, 0]),
+                      np.int64(poly[dst, k + 1, 1]), f(poly[src, k + 1, 0]), f(poly[src, k + 1, 1]),
+                      f(poly[src, k + 1, 2]), t, W, r0, r1, cull, zbuf)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _raster_triangles(pos_b, scr, fix, tri, H, W, r0, r1, cull, zbuf):
     """Step 2 for one image and the rows [r0, r1): zbuf[(i - r0) * W + j] = min(key)."""
     V = scr.shape[0]
-    one = scr.dtype.type(1)
-    zero = one - one
-    col_max = scr.dtype.type(W - 1)
-    row_lo = scr.dtype.type(r0)
-    row_hi = scr.dtype.type(r1 - 1)
+    poly = np.empty((2, 8, 5), np.float64)
     for t in range(tri.shape[0]):
         i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
         if i0 < 0 or i0 >= V or i1 < 0 or i1 >= V or i2 < 0 or i2 >= V:
             continue
-        if scr[i0, 3] == zero or scr[i1, 3] == zero or scr[i2, 3] == zero:
-            continue
-        x0, y0, z0 = scr[i0, 0], scr[i0, 1], scr[i0, 2]
-        x1, y1, z1 = scr[i1, 0], scr[i1, 1], scr[i1, 2]
-        x2, y2, z2 = scr[i2, 0], scr[i2, 1], scr[i2, 2]
-        # Bounding box over pixel centres, clamped in float before any conversion to int.
-        ilo = max(np.ceil(min(y0, y1, y2)), row_lo)
-        ihi = min(np.floor(max(y0, y1, y2)), row_hi)
-        jlo = max(np.ceil(min(x0, x1, x2)), zero)
-        jhi = min(np.floor(max(x0, x1, x2)), col_max)
-        if ilo > ihi or jlo > jhi:
-            continue
-        ox0, oy0 = _edge_origin(x1, y1, x2, y2)  # edge 0: v1->v2, opposite v0
-        ox1, oy1 = _edge_origin(x2, y2, x0, y0)  # edge 1: v2->v0
-        ox2, oy2 = _edge_origin(x0, y0, x1, y1)  # edge 2: v0->v1
-        dx0, dy0 = x2 - x1, y2 - y1
-        dx1, dy1 = x0 - x2, y0 - y2
-        dx2, dy2 = x1 - x0, y1 - y0
-        area = dx2 * (y2 - oy2) - dy2 * (x2 - ox2)
-        if area == 0:
-            continue
-        if cull and area > 0:  # y-down pixel frame: counter-clockwise on screen has area < 0
-            continue
-        o = one if area > 0 else -one
-        dx0, dy0, dx1, dy1, dx2, dy2 = o * dx0, o * dy0, o * dx1, o * dy1, o * dx2, o * dy2
-        own0, own1, own2 = _owns(dx0, dy0), _owns(dx1, dy1), _owns(dx2, dy2)
-        tid = np.uint64(t)
-        py = scr.dtype.type(int(ilo))
-        for i in range(int(ilo), int(ihi) + 1):
-            row = (i - r0) * W
-            px = scr.dtype.type(int(jlo))
-            for j in range(int(jlo), int(jhi) + 1):
-                e0 = dx0 * (py - oy0) - dy0 * (px - ox0)
-                e1 = dx1 * (py - oy1) - dy1 * (px - ox1)
-                e2 = dx2 * (py - oy2) - dy2 * (px - ox2)
-                px += one
-                if not ((e0 > 0 or (e0 == 0 and own0)) and (e1 > 0 or (e1 == 0 and own1))
-                        and (e2 > 0 or (e2 == 0 and own2))):
-                    continue
-                z = (e0 * z0 + e1 * z1 + e2 * z2) / (e0 + e1 + e2)
-                if not (z >= -one and z <= one):
-                    continue
-                key = (_depth_key(z) << _SHIFT32) | tid
-                if key < zbuf[row + j]:
-                    zbuf[row + j] = key
-            py += one
+        c0, c1, c2 = scr[i0, 3], scr[i1, 3], scr[i2, 3]
+        if c0 == _VERTEX_FAST and c1 == _VERTEX_FAST and c2 == _VERTEX_FAST:
+            _raster_fixed(scr, fix[i0, 0], fix[i0, 1], scr[i0, 0], scr[i0, 1], scr[i0, 2],
+                          fix[i1, 0], fix[i1, 1], scr[i1, 0], scr[i1, 1], scr[i1, 2],
+                          fix[i2, 0], fix[i2, 1], scr[i2, 0], scr[i2, 1], scr[i2, 2], t, W, r0, r1, cull, zbuf)
+        elif c0 != _VERTEX_DROPPED and c1 != _VERTEX_DROPPED and c2 != _VERTEX_DROPPED:
+            _raster_clipped(scr, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pixel_bary_exact(pos_b, v0, v1, v2, j, i, H, W):
+    """Perspective-correct (c0, c1, s) of pixel centre (i, j), in float64, u = c0 / s, v = c1 / s.
+
+    With p_k = (x_k, y_k, w_k) and the pixel's ray q = (X, Y, 1), c_k = (p_{k+1} x p_{k+2}) . q (the
+    homogeneous edge functions; equal to the 2-D cross products a_{k+1} x a_{k+2} of
+    a_k = (x_k - X w_k, y_k - Y w_k) that the backward pass differentiates). The products of float32
+    inputs are exact in float64 and the line coefficients carry one rounding each, so the result
+    keeps about 1e-16 relative accuracy where x_k - X w_k would cancel in float32 (grazing triangles).
+    """
+    X = np.float64(2 * j + 1 - W) / np.float64(W)
+    Y = np.float64(H - 2 * i - 1) / np.float64(H)
+    x0, y0, w0 = np.float64(pos_b[v0, 0]), np.float64(pos_b[v0, 1]), np.float64(pos_b[v0, 3])
+    x1, y1, w1 = np.float64(pos_b[v1, 0]), np.float64(pos_b[v1, 1]), np.float64(pos_b[v1, 3])
+    x2, y2, w2 = np.float64(pos_b[v2, 0]), np.float64(pos_b[v2, 1]), np.float64(pos_b[v2, 3])
+    c0 = ((y1 * w2 - w1 * y2) * X + (w1 * x2 - x1 * w2) * Y) + (x1 * y2 - y1 * x2)
+    c1 = ((y2 * w0 - w2 * y0) * X + (w2 * x0 - x2 * w0) * Y) + (x2 * y0 - y2 * x0)
+    c2 = ((y0 * w1 - w0 * y1) * X + (w0 * x1 - x0 * w1) * Y) + (x0 * y1 - y0 * x1)
+    return c0, c1, (c0 + c1) + c2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -238,10 +409,7 @@ def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, dept
     C = attr_b.shape[1]
     zero = pos_b.dtype.type(0)
     one = pos_b.dtype.type(1)
-    fw = pos_b.dtype.type(W)
-    fh = pos_b.dtype.type(H)
     for i in range(r0, r1):
-        Y = pos_b.dtype.type(H - 2 * i - 1) / fh
         for j in range(W):
             key = zbuf[(i - r0) * W + j]
             t = np.int64(key & _LOW32)
@@ -257,10 +425,9 @@ def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, dept
                 for c in range(C):
                     out_b[i, j, c] = 0
                 continue
-            X = pos_b.dtype.type(2 * j + 1 - W) / fw
-            _, _, _, _, _, _, c0, c1, s = _pixel_bary(pos_b, v0, v1, v2, X, Y)
-            u = c0 / s if s != 0 else zero
-            v = c1 / s if s != 0 else zero
+            c0, c1, s = _pixel_bary_exact(pos_b, v0, v1, v2, j, i, H, W)
+            u = pos_b.dtype.type(c0 / s) if s != 0 else zero
+            v = pos_b.dtype.type(c1 / s) if s != 0 else zero
             tri_id_b[i, j] = t
             bary_b[i, j, 0] = u
             bary_b[i, j, 1] = v
@@ -285,10 +452,11 @@ def rasterize_fwd(pos, tri, H, W, cull, n_bands, attr, tri_id, bary, depth, out)
         r0 = band * H // n_bands
         r1 = (band + 1) * H // n_bands
         scr = np.empty((V, 4), pos.dtype)
-        _screen_vertices(pos[b], H, W, scr)
+        fix = np.empty((V, 2), np.int64)
+        _screen_vertices(pos[b], H, W, scr, fix)
         zbuf = np.empty((r1 - r0) * W, np.uint64)
         zbuf[:] = _ALL_ONES
-        _raster_triangles(scr, tri, H, W, r0, r1, cull, zbuf)
+        _raster_triangles(pos[b], scr, fix, tri, H, W, r0, r1, cull, zbuf)
         ab = attr[b] if attr.shape[0] > 1 else attr[0]
         _resolve_rows(pos[b], tri, zbuf, H, W, r0, r1, ab, tri_id[b], bary[b], depth[b], out[b])
 
@@ -523,7 +691,7 @@ def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
     if _FWD_PREPASS:
         scr = cupy.empty((B, V, 4), dtype=cupy.float32)
         _gpu_kernel("rasterize_setup")(*_grid_2d(V, B, _FWD_BLOCK, _FWD_IMAGES_PER_THREAD), (pos, b, v, h, w, scr))
-        _gpu_kernel("rasterize_fwd_screen")(grid, block, (scr, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
+        _gpu_kernel("rasterize_fwd_screen")(grid, block, (scr, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf, pos))
     else:
         _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
     tri_id = cupy.empty((B, H, W), dtype=cupy.int32)

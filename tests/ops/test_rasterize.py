@@ -546,7 +546,10 @@ _EMU_SHIM = r"""
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
 #define __restrict__ __restrict
+static inline int min(int a, int b) { return b < a ? b : a; }
+static inline int max(int a, int b) { return a < b ? b : a; }
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
@@ -577,7 +580,7 @@ void emu_rasterize(const float4* pos, const int* tri, int B, int V, int T, int H
     for (long long k = 0; k < (long long)B * H * W; ++k) zbuf[k] = ~0ull;
     if (scr) {  // the per-vertex pre-pass (_FWD_PREPASS)
         launch(V, gy, [&] { rasterize_setup(pos, B, V, H, W, scr); });
-        launch(T, gy, [&] { rasterize_fwd_screen(scr, tri, B, V, T, H, W, cull, zbuf); });
+        launch(T, gy, [&] { rasterize_fwd_screen(scr, tri, B, V, T, H, W, cull, zbuf, pos); });
     } else {
         launch(T, gy, [&] { rasterize_fwd(pos, tri, B, V, T, H, W, cull, zbuf); });
     }
