@@ -195,44 +195,57 @@ __device__ __forceinline__ void rasterize_fixed(const ScreenVertex& v0, const Sc
     }
 }
 
-// A clip point of the clipper: position and the triangle corner it is (0..2), or -1 for a cut point.
+// A corner of the clipper's polygon: a homogeneous 2-D point (x, y, w), the triangle corner it is
+// (0..2, or -1 for a cut point) and the line of the edge that leaves it (0..2: the triangle's edge
+// k, from corner k+1 to k+2; 3..6: a band plane).
 struct ClipPoint {
-    double x, y, z, w;
-    int corner;
+    double x, y, w;
+    int corner, edge;
 };
 
-// The screen vertex of a clip point off the fast path, in double (the twin: _clip_vertex_screen).
-__device__ __forceinline__ ScreenVertex clip_point_screen(const ClipPoint& p, int H, int W) {
-    double sx = (p.x / p.w + 1.0) * ((double)W * 0.5) - 0.5;
-    double sy = (1.0 - p.y / p.w) * ((double)H * 0.5) - 0.5;
-    double zn = fmin(fmax(p.z / p.w, -3.4028234663852886e38), 3.4028234663852886e38);  // finite as a float
-    ScreenVertex s;
-    s.X = (int)rint(sx * (double)SUBPIXEL_SCALE);
-    s.Y = (int)rint(sy * (double)SUBPIXEL_SCALE);
-    s.x = (float)sx;
-    s.y = (float)sy;
-    s.z = (float)zn;
-    s.valid = true;
-    s.fast = true;
-    return s;
+struct Line {
+    double a, b, c;
+};
+
+// The 3-D cross product: the line through two homogeneous 2-D points, or the point on two lines.
+__device__ __forceinline__ Line cross3(double ax, double ay, double aw, double bx, double by, double bw) {
+    return Line{ay * bw - aw * by, aw * bx - ax * bw, ax * by - ay * bx};
 }
 
-// Step 2 of a triangle with a corner outside the guard band (rare: kept out of line so that its
-// registers and local arrays do not weigh on the fast path): Sutherland-Hodgman against the four
-// band planes in double clip space, then the fan of the clipped polygon on the fixed-point grid.
-// Whether an edge is cut by a plane, and where, depends only on its two endpoints (the inside one is
-// always the origin of the interpolation), so a triangle sharing the edge cuts it at the same points;
-// corners kept from the triangle keep their fast-path snapped positions. The twin: _raster_clipped.
+// Band plane k as a line (a, b, c): plane_distance is a x + b y + c w.
+__device__ __forceinline__ Line plane_line(int k, int H, int W) {
+    if (k == 0) return Line{-(double)W, 0.0, (double)(W + 2 * GUARD_BAND)};
+    if (k == 1) return Line{(double)W, 0.0, (double)(W + 2 * GUARD_BAND)};
+    if (k == 2) return Line{0.0, -(double)H, (double)(H + 2 * GUARD_BAND)};
+    return Line{0.0, (double)H, (double)(H + 2 * GUARD_BAND)};
+}
+
+// z as a finite float (an infinite depth would make 0 * inf); NaN goes beyond the far plane.
+__device__ __forceinline__ float finite_depth(double z) {
+    if (!(z == z)) return 2.0f;
+    return (float)fmin(fmax(z, -3.4028234663852886e38), 3.4028234663852886e38);
+}
+
+// Step 2 of a triangle with a corner off the fast path (rare: kept out of line so that its registers
+// and local arrays do not weigh on the fast path). The Numba twin, _raster_clipped, explains the
+// algorithm: Sutherland-Hodgman against the four band planes in double homogeneous 2-D coordinates,
+// every cut point the cross product of a triangle edge's line and a plane (accurate whatever the
+// size of the coordinates, and the same for both triangles of a shared edge), then the fan of the
+// clipped polygon on the fixed-point grid.
 template <class Sink>
 __device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, int i0, int i1, int i2,
                                                const ScreenVertex* corners, int t, int H, int W, int cull,
                                                const Sink& sink) {
+    float4 p[3] = {pb[i0], pb[i1], pb[i2]};
+    Line lines[7];
     ClipPoint poly[2][8];
-    int idx[3] = {i0, i1, i2};
     for (int k = 0; k < 3; ++k) {
-        float4 p = pb[idx[k]];
-        poly[0][k] = ClipPoint{(double)p.x, (double)p.y, (double)p.z, (double)p.w, k};
+        const float4& a = p[(k + 1) % 3];
+        const float4& b = p[(k + 2) % 3];
+        lines[k] = cross3((double)a.x, (double)a.y, (double)a.w, (double)b.x, (double)b.y, (double)b.w);
+        poly[0][k] = ClipPoint{(double)p[k].x, (double)p[k].y, (double)p[k].w, k, (k + 2) % 3};
     }
+    for (int k = 0; k < 4; ++k) lines[3 + k] = plane_line(k, H, W);
     int n = 3, src = 0;
     for (int plane = 0; plane < 4; ++plane) {
         int dst = 1 - src, m = 0;
@@ -244,22 +257,46 @@ __device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, in
             double dq = plane_distance(plane, H, W, Q.x, Q.y, Q.w);
             if (dp >= 0.0) poly[dst][m++] = P;
             if ((dp >= 0.0) != (dq >= 0.0)) {
-                const ClipPoint& A = dp >= 0.0 ? P : Q;
-                const ClipPoint& B = dp >= 0.0 ? Q : P;
-                double da = dp >= 0.0 ? dp : dq, db = dp >= 0.0 ? dq : dp;
-                double s = da / (da - db);
-                poly[dst][m++] = ClipPoint{A.x + s * (B.x - A.x), A.y + s * (B.y - A.y), A.z + s * (B.z - A.z),
-                                           A.w + s * (B.w - A.w), -1};
+                const Line& L = lines[P.edge];
+                const Line& M = lines[3 + plane];
+                Line r = cross3(L.a, L.b, L.c, M.a, M.b, M.c);
+                if (r.c < 0.0) r = Line{-r.a, -r.b, -r.c};
+                // Leaving the half-plane the polygon follows the plane, entering it the edge; a point
+                // at infinity (parallel by rounding) is left out.
+                if (r.c > 0.0) poly[dst][m++] = ClipPoint{r.a, r.b, r.c, -1, dp >= 0.0 ? 3 + plane : P.edge};
             }
         }
         n = m;
         src = dst;
-        if (n == 0) return;
+        if (n < 3) return;
     }
     ScreenVertex sv[8];
     for (int k = 0; k < n; ++k) {
         const ClipPoint& P = poly[src][k];
-        sv[k] = (P.corner >= 0 && corners[P.corner].fast) ? corners[P.corner] : clip_point_screen(P, H, W);
+        if (P.corner >= 0 && corners[P.corner].fast) {
+            sv[k] = corners[P.corner];
+            continue;
+        }
+        double sx = (P.x / P.w + 1.0) * ((double)W * 0.5) - 0.5;
+        double sy = (1.0 - P.y / P.w) * ((double)H * 0.5) - 0.5;
+        double z;
+        if (P.corner >= 0) {
+            z = (double)p[P.corner].z / (double)p[P.corner].w;
+        } else {
+            double c0 = (lines[0].a * P.x + lines[0].b * P.y) + lines[0].c * P.w;
+            double c1 = (lines[1].a * P.x + lines[1].b * P.y) + lines[1].c * P.w;
+            double c2 = (lines[2].a * P.x + lines[2].b * P.y) + lines[2].c * P.w;
+            double num = (c0 * (double)p[0].z + c1 * (double)p[1].z) + c2 * (double)p[2].z;
+            double den = (c0 * (double)p[0].w + c1 * (double)p[1].w) + c2 * (double)p[2].w;
+            z = num / den;
+        }
+        sv[k].X = (int)rint(sx * (double)SUBPIXEL_SCALE);
+        sv[k].Y = (int)rint(sy * (double)SUBPIXEL_SCALE);
+        sv[k].x = (float)sx;
+        sv[k].y = (float)sy;
+        sv[k].z = finite_depth(z);
+        sv[k].valid = true;
+        sv[k].fast = true;
     }
     for (int k = 1; k + 1 < n; ++k) rasterize_fixed(sv[0], sv[k], sv[k + 1], t, H, W, cull, sink);
 }

@@ -262,38 +262,65 @@ def _raster_fixed(ft, X0, Y0, x0, y0, z0, X1, Y1, x1, y1, z1, X2, Y2, x2, y2, z2
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _clip_vertex_screen(ft, x, y, z, w, H, W):
-    """Fixed-point position and NDC depth of a clip point outside the fast path, in float64 (the same
-    operations as clip_vertex_screen in kernels/rasterize.cu)."""
-    half_w = np.float64(W) * 0.5
-    half_h = np.float64(H) * 0.5
-    sx = (x / w + 1.0) * half_w - 0.5
-    sy = (1.0 - y / w) * half_h - 0.5
-    zn = z / w
-    zmax = np.float64(np.finfo(ft.dtype).max)
-    zn = min(max(zn, -zmax), zmax)  # finite in the working type: an infinite depth would make 0 * inf
-    return _snap(sx), _snap(sy), ft.dtype.type(sx), ft.dtype.type(sy), ft.dtype.type(zn)
+def _cross(ax, ay, aw, bx, by, bw):
+    """The 3-D cross product: the line through two homogeneous 2-D points, or the point on two lines."""
+    return ay * bw - aw * by, aw * bx - ax * bw, ax * by - ay * bx
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _raster_clipped(ft, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly):
-    """Step 2 of a triangle with a vertex outside the guard band: Sutherland-Hodgman against the four
-    band planes in float64 clip space, then the fan of the clipped polygon on the fixed-point grid.
+def _plane_line(k, H, W):
+    """Guard-band plane k as a homogeneous line (a, b, c): _plane_distance is a x + b y + c w."""
+    if k == 0:
+        return -np.float64(W), 0.0, np.float64(W + 2 * GUARD_BAND)
+    if k == 1:
+        return np.float64(W), 0.0, np.float64(W + 2 * GUARD_BAND)
+    if k == 2:
+        return 0.0, -np.float64(H), np.float64(H + 2 * GUARD_BAND)
+    return 0.0, np.float64(H), np.float64(H + 2 * GUARD_BAND)
 
-    Watertight with the neighbours: whether an edge is cut by a plane, and where, depends only on its
-    two endpoints (the inside one is always the origin of the interpolation), so a triangle sharing
-    the edge cuts it at the same points; the vertices kept from the triangle take the snapped
-    positions of the fast path when they have one. poly (2, 8, 5) float64 is scratch: x, y, z, w and
-    the vertex index (-1 for a cut point) of up to 7 polygon corners.
+
+@numba.njit(cache=True, error_model="numpy")
+def _finite_depth(ft, z):
+    """z as a finite value of the working type (an infinite depth would make 0 * inf); NaN goes beyond
+    the far plane."""
+    zmax = np.float64(np.finfo(ft.dtype).max)
+    if not (z == z):
+        return ft.dtype.type(2)
+    return ft.dtype.type(min(max(z, -zmax), zmax))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _raster_clipped(ft, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines):
+    """Step 2 of a triangle with a corner off the fast path: Sutherland-Hodgman against the four guard
+    band planes, in float64 homogeneous 2-D coordinates (x, y, w), then the fan of the clipped
+    polygon on the fixed-point grid (the same operations as rasterize_clipped in kernels/rasterize.cu).
+
+    Every corner of the polygon is a triangle corner, or the point where a triangle edge's line (the
+    cross product of its endpoints, exact up to one rounding per component for float32 positions)
+    meets a band plane, or a band corner: computed as the cross product of the two lines, it stays
+    accurate whatever the size of the coordinates (a cut point interpolated between a vertex at 1e19
+    and one near the screen would not). Whether an edge is cut, and where, depends only on the edge's
+    endpoints (the line of a reversed edge is exactly the negated line), so a triangle sharing the
+    edge cuts it at the same points; corners kept from the triangle keep their fast-path snapped
+    positions. The depth of a cut point comes from its perspective-correct barycentrics (the c_k of
+    _pixel_bary_exact at the point). poly (2, 8, 5) float64 is scratch (x, y, w, corner index or -1,
+    the line of the edge leaving the corner), lines (7, 3) float64 the three edge lines and the
+    four planes.
     """
     idx = (i0, i1, i2)
     for k in range(3):
+        a, b = idx[(k + 1) % 3], idx[(k + 2) % 3]
+        lx, ly, lw = _cross(np.float64(pos_b[a, 0]), np.float64(pos_b[a, 1]), np.float64(pos_b[a, 3]),
+                            np.float64(pos_b[b, 0]), np.float64(pos_b[b, 1]), np.float64(pos_b[b, 3]))
+        lines[k, 0], lines[k, 1], lines[k, 2] = lx, ly, lw
         v = idx[k]
         poly[0, k, 0] = np.float64(pos_b[v, 0])
         poly[0, k, 1] = np.float64(pos_b[v, 1])
-        poly[0, k, 2] = np.float64(pos_b[v, 2])
-        poly[0, k, 3] = np.float64(pos_b[v, 3])
-        poly[0, k, 4] = v
+        poly[0, k, 2] = np.float64(pos_b[v, 3])
+        poly[0, k, 3] = k
+        poly[0, k, 4] = (k + 2) % 3  # the edge from corner k to corner k + 1 is edge k + 2
+    for k in range(4):
+        lines[3 + k, 0], lines[3 + k, 1], lines[3 + k, 2] = _plane_line(k, H, W)
     n = 3
     src = 0
     for plane in range(4):
@@ -301,33 +328,53 @@ def _raster_clipped(ft, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf
         m = 0
         for k in range(n):
             q = k + 1 if k + 1 < n else 0
-            dp = _plane_distance(plane, H, W, poly[src, k, 0], poly[src, k, 1], poly[src, k, 3])
-            dq = _plane_distance(plane, H, W, poly[src, q, 0], poly[src, q, 1], poly[src, q, 3])
+            dp = _plane_distance(plane, H, W, poly[src, k, 0], poly[src, k, 1], poly[src, k, 2])
+            dq = _plane_distance(plane, H, W, poly[src, q, 0], poly[src, q, 1], poly[src, q, 2])
             if dp >= 0:
                 for c in range(5):
                     poly[dst, m, c] = poly[src, k, c]
                 m += 1
             if (dp >= 0) != (dq >= 0):
-                a, b, da, db = (k, q, dp, dq) if dp >= 0 else (q, k, dq, dp)
-                s = da / (da - db)
-                for c in range(4):
-                    poly[dst, m, c] = poly[src, a, c] + s * (poly[src, b, c] - poly[src, a, c])
-                poly[dst, m, 4] = -1.0
-                m += 1
+                e = int(poly[src, k, 4])
+                rx, ry, rw = _cross(lines[e, 0], lines[e, 1], lines[e, 2],
+                                    lines[3 + plane, 0], lines[3 + plane, 1], lines[3 + plane, 2])
+                if rw < 0:
+                    rx, ry, rw = -rx, -ry, -rw
+                if rw > 0:  # else parallel by rounding: no point
+                    poly[dst, m, 0] = rx
+                    poly[dst, m, 1] = ry
+                    poly[dst, m, 2] = rw
+                    poly[dst, m, 3] = -1.0
+                    # Leaving the half-plane, the polygon follows the plane; entering, the edge.
+                    poly[dst, m, 4] = 3 + plane if dp >= 0 else e
+                    m += 1
         n = m
         src = dst
-        if n == 0:
+        if n < 3:
             return
     # The polygon's corners on screen: fixed-point X, Y (exact in float64 below 2^53) into the other
     # half of poly, float sx, sy, zn (exact in float64 as working-type values) in place.
     dst = 1 - src
     for k in range(n):
-        v = int(poly[src, k, 4])
+        x, y, w = poly[src, k, 0], poly[src, k, 1], poly[src, k, 2]
+        corner = int(poly[src, k, 3])
+        v = idx[corner] if corner >= 0 else -1
         if v >= 0 and scr[v, 3] == _VERTEX_FAST:
             X, Y, sx, sy, zn = fix[v, 0], fix[v, 1], scr[v, 0], scr[v, 1], scr[v, 2]
         else:
-            X, Y, sx, sy, zn = _clip_vertex_screen(ft, poly[src, k, 0], poly[src, k, 1], poly[src, k, 2],
-                                                   poly[src, k, 3], H, W)
+            sxd = (x / w + 1.0) * (np.float64(W) * 0.5) - 0.5
+            syd = (1.0 - y / w) * (np.float64(H) * 0.5) - 0.5
+            if v >= 0:
+                zd = np.float64(pos_b[v, 2]) / np.float64(pos_b[v, 3])
+            else:
+                c0 = (lines[0, 0] * x + lines[0, 1] * y) + lines[0, 2] * w
+                c1 = (lines[1, 0] * x + lines[1, 1] * y) + lines[1, 2] * w
+                c2 = (lines[2, 0] * x + lines[2, 1] * y) + lines[2, 2] * w
+                num = (c0 * np.float64(pos_b[i0, 2]) + c1 * np.float64(pos_b[i1, 2])) + c2 * np.float64(pos_b[i2, 2])
+                den = (c0 * np.float64(pos_b[i0, 3]) + c1 * np.float64(pos_b[i1, 3])) + c2 * np.float64(pos_b[i2, 3])
+                zd = num / den
+            X, Y = _snap(sxd), _snap(syd)
+            sx, sy, zn = ft.dtype.type(sxd), ft.dtype.type(syd), _finite_depth(ft, zd)
         poly[dst, k, 0] = np.float64(X)
         poly[dst, k, 1] = np.float64(Y)
         poly[src, k, 0] = np.float64(sx)
@@ -347,6 +394,7 @@ def _raster_triangles(pos_b, scr, fix, tri, H, W, r0, r1, cull, zbuf):
     """Step 2 for one image and the rows [r0, r1): zbuf[(i - r0) * W + j] = min(key)."""
     V = scr.shape[0]
     poly = np.empty((2, 8, 5), np.float64)
+    lines = np.empty((7, 3), np.float64)
     for t in range(tri.shape[0]):
         i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
         if i0 < 0 or i0 >= V or i1 < 0 or i1 >= V or i2 < 0 or i2 >= V:
@@ -357,7 +405,7 @@ def _raster_triangles(pos_b, scr, fix, tri, H, W, r0, r1, cull, zbuf):
                           fix[i1, 0], fix[i1, 1], scr[i1, 0], scr[i1, 1], scr[i1, 2],
                           fix[i2, 0], fix[i2, 1], scr[i2, 0], scr[i2, 1], scr[i2, 2], t, W, r0, r1, cull, zbuf)
         elif c0 != _VERTEX_DROPPED and c1 != _VERTEX_DROPPED and c2 != _VERTEX_DROPPED:
-            _raster_clipped(scr, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly)
+            _raster_clipped(scr, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines)
 
 
 @numba.njit(cache=True, error_model="numpy")
