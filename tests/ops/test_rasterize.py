@@ -664,6 +664,20 @@ def test_gpu_rasterize_matches_cpu(cupy, rng, tol, cull):
         _assert_rasters_match(gpu, cpu, tol)
 
 
+@pytest.mark.parametrize("prepass", [False, True])
+def test_gpu_rasterize_gives_the_cpu_triangle_ids_on_the_issue_10_cases(cupy, rng, tol, monkeypatch, prepass):
+    # The same integer algorithm on both: identical ids, even at vertices, on edges and after clipping.
+    from tests.test_gpu_paths_emulated import _issue_10_cases  # noqa: PLC0415
+
+    monkeypatch.setattr(sys.modules["fastface.ops.rasterize"], "_FWD_PREPASS", prepass)
+    for name, pos, tri, res in _issue_10_cases(rng):
+        cpu = rasterize(pos, tri, res)
+        gpu = rasterize(cupy.asarray(pos), cupy.asarray(tri), res)
+        np.testing.assert_array_equal(gpu.tri_id.get(), cpu.tri_id, err_msg=name)
+        np.testing.assert_allclose(gpu.bary.get(), cpu.bary, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+        np.testing.assert_allclose(gpu.depth.get(), cpu.depth, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+
+
 def test_gpu_rasterize_interpolate_and_batch_of_one_match_cpu(cupy, tol):
     pos, tri, colors = spherical_cap(n=41, batch=3, seed=4)
     for p in (pos, pos[0]):
