@@ -3,10 +3,12 @@
 // attributes), rasterize_bwd and rasterize_interpolate_bwd<C> (barycentric gradients -> clip
 // positions, optionally fused with the interpolation backward).
 //
-// The Numba twins live in fastface/ops/rasterize.py; the module docstring there explains the tie
-// rule and why it is watertight. This file is compiled with --fmad=false: the edge functions,
-// depths and barycentrics then round exactly like the Numba code (which does not contract a*b+c
-// either), every expression below being written in the same order as its twin.
+// The Numba twins live in fastface/ops/rasterize.py; the module docstring there explains the
+// fixed-point coverage (exact long long edge functions on a 1/256-pixel grid), the tie rule and why
+// it is watertight, the guard-band clipper and the float64 barycentrics. This file is compiled with
+// --fmad=false: depths, cut points and barycentrics then round exactly like the Numba code (which
+// does not contract a*b+c either), every expression below being written in the same order as its
+// twin.
 //
 // Memory safety does not rely on the Python checks (they can be turned off): vertex and triangle
 // indices are tested against V and T before any load.
