@@ -57,10 +57,17 @@ __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, fl
     s.x = (p.x * rw + 1.0f) * half_w - 0.5f;
     s.y = (1.0f - p.y * rw) * half_h - 0.5f;
     s.z = p.z * rw;
-    // Bitwise operators: no branches. half_w, half_h are exactly W / 2, H / 2.
+    int W = (int)(2.0f * half_w), H = (int)(2.0f * half_h);  // half_w, half_h are exactly W / 2, H / 2
+    // Fast: inside the guard band (the signs of the four plane distances, exact in double) with a
+    // finite setup. A float test with a margin of 64 pixels, which implies it (and that x, y, z, w are
+    // finite), settles nearly every vertex without double arithmetic.
     s.valid = (p.w > 0.0f) & isfinite(p.x) & isfinite(p.y) & isfinite(p.z) & isfinite(p.w);
-    s.fast = s.valid && inside_band(p, (int)(2.0f * half_h), (int)(2.0f * half_w)) & isfinite(s.x) &
-             isfinite(s.y) & isfinite(s.z);
+    float inf = __int_as_float(0x7F800000);
+    s.fast = (p.w > 0.0f) & (p.w < inf) & (fabsf(s.x - half_w) < (float)(W / 2 + GUARD_BAND - 64)) &
+             (fabsf(s.y - half_h) < (float)(H / 2 + GUARD_BAND - 64)) & (fabsf(s.z) < inf);
+    if (!s.fast && s.valid) {
+        s.fast = isfinite(s.x) & isfinite(s.y) & isfinite(s.z) && inside_band(p, H, W);
+    }
     s.X = s.fast ? snap(s.x) : 0;
     s.Y = s.fast ? snap(s.y) : 0;
     return s;
@@ -69,11 +76,9 @@ __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, fl
 // An edge a->b of a triangle, oriented by the sign o of its area so that the interior is where all
 // three values are positive: E(p) = dx (p.y - a.y) - dy (p.x - a.x), exact in integers (so a
 // triangle sharing the edge gets exactly the negated values, and at a shared vertex both incident
-// edges give exactly 0). The float part (fdx, fdy from the float positions, unoriented) only weights
-// the depth.
+// edges give exactly 0).
 struct Edge {
     int ax, ay, dx, dy;
-    float fax, fay, fdx, fdy;
     bool own;  // top-left rule: the oriented direction (dx, dy) has dy < 0, or dy == 0 and dx > 0
 };
 
@@ -83,20 +88,12 @@ __device__ __forceinline__ Edge make_edge(const ScreenVertex& a, const ScreenVer
     e.ay = a.Y;
     e.dx = o * (b.X - a.X);
     e.dy = o * (b.Y - a.Y);
-    e.fax = a.x;
-    e.fay = a.y;
-    e.fdx = b.x - a.x;
-    e.fdy = b.y - a.y;
     e.own = (e.dy < 0) | ((e.dy == 0) & (e.dx > 0));
     return e;
 }
 
 __device__ __forceinline__ long long edge_value(const Edge& e, int px, int py) {
     return (long long)e.dx * (py - e.ay) - (long long)e.dy * (px - e.ax);
-}
-
-__device__ __forceinline__ float edge_value_float(const Edge& e, float px, float py) {
-    return e.fdx * (py - e.fay) - e.fdy * (px - e.fax);
 }
 
 // Bitwise, not short-circuit, operators: the tests then compile to predicates instead of a
@@ -141,31 +138,29 @@ struct AtomicMinSink {
     }
 };
 
-// Step 2 of one triangle whose corners have fixed-point positions: coverage exact in integers, the
-// depth from the float positions (so that snapping moves no depth) unless those are degenerate.
+// Step 2 of one triangle whose corners have fixed-point positions: coverage exact in integers, and
+// the depth of the key interpolated there from the exact edge values, as GPUs do (the depth test
+// sees the snapped triangle; the resolve recomputes the depth it outputs from the clip positions).
 // Keys (depth key << 32 | triangle id) of the covered centres go to Sink. The Numba twin is
-// _raster_fixed (which steps the integer values along a row: exact, so the same numbers).
+// _raster_fixed (the same integers, carried exactly in float64, stepped along a row).
 template <class Sink>
 __device__ __forceinline__ void rasterize_fixed(const ScreenVertex& v0, const ScreenVertex& v1,
                                                 const ScreenVertex& v2, int t, int H, int W, int cull,
                                                 const Sink& sink) {
-    long long area = (long long)(v1.X - v0.X) * (v2.Y - v0.Y) - (long long)(v1.Y - v0.Y) * (v2.X - v0.X);
-    if (area == 0) return;
-    if (cull && area > 0) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
-    int o = area > 0 ? 1 : -1;
-    // Bounding box over pixel centres (centre (i, j) at (j, i) * 256): floor and ceil divisions by
-    // 256 as arithmetic shifts.
+    // Bounding box over pixel centres (centre (i, j) at (j, i) * 256): ceil and floor divisions by
+    // 256 as arithmetic shifts. First, before any other work: many triangles of a fine mesh hold none.
     int ilo = max(-((-min(min(v0.Y, v1.Y), v2.Y)) >> SUBPIXEL_BITS), 0);
     int ihi = min(max(max(v0.Y, v1.Y), v2.Y) >> SUBPIXEL_BITS, H - 1);
     int jlo = max(-((-min(min(v0.X, v1.X), v2.X)) >> SUBPIXEL_BITS), 0);
     int jhi = min(max(max(v0.X, v1.X), v2.X) >> SUBPIXEL_BITS, W - 1);
     if (ilo > ihi || jlo > jhi) return;
-
+    long long area = (long long)(v1.X - v0.X) * (v2.Y - v0.Y) - (long long)(v1.Y - v0.Y) * (v2.X - v0.X);
+    if (area == 0) return;
+    if (cull && area > 0) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
+    int o = area > 0 ? 1 : -1;
     Edge e0 = make_edge(v1, v2, o);  // edge 0: v1->v2, opposite v0
     Edge e1 = make_edge(v2, v0, o);  // edge 1: v2->v0
     Edge e2 = make_edge(v0, v1, o);  // edge 2: v0->v1
-    float farea = e2.fdx * (v2.y - v0.y) - e2.fdy * (v2.x - v0.x);
-    bool float_depth = ((farea > 0.0f) == (area > 0)) & (farea != 0.0f);
 
     // The box's centres in row-major order as one flat loop: a warp then runs as many iterations
     // as its largest box has centres, not (most rows) x (most columns) as nested loops would.
@@ -177,17 +172,7 @@ __device__ __forceinline__ void rasterize_fixed(const ScreenVertex& v0, const Sc
         long long w1 = edge_value(e1, px, py);
         long long w2 = edge_value(e2, px, py);
         if (edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2)) {
-            float f0, f1, f2;
-            if (float_depth) {
-                float fx = (float)j, fy = (float)i;
-                f0 = edge_value_float(e0, fx, fy);
-                f1 = edge_value_float(e1, fx, fy);
-                f2 = edge_value_float(e2, fx, fy);
-            } else {
-                f0 = (float)w0;
-                f1 = (float)w1;
-                f2 = (float)w2;
-            }
+            float f0 = (float)w0, f1 = (float)w1, f2 = (float)w2;
             float z = (f0 * v0.z + f1 * v1.z + f2 * v2.z) / (f0 + f1 + f2);
             if (z >= -1.0f && z <= 1.0f) sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
         }
@@ -294,8 +279,8 @@ __device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, in
         }
         sv[k].X = (int)rint(sx * (double)SUBPIXEL_SCALE);
         sv[k].Y = (int)rint(sy * (double)SUBPIXEL_SCALE);
-        sv[k].x = (float)sx;
-        sv[k].y = (float)sy;
+        sv[k].x = 0.0f;  // unused past the setup
+        sv[k].y = 0.0f;
         sv[k].z = finite_depth(z);
         sv[k].valid = true;
         sv[k].fast = true;
@@ -422,24 +407,25 @@ __device__ __forceinline__ PixelBary pixel_bary(float4 p0, float4 p1, float4 p2,
     return r;
 }
 
-// The forward's barycentrics in double (the twin: _pixel_bary_exact): with p_k = (x_k, y_k, w_k) and
-// the pixel's ray q = (X, Y, 1), c_k = (p_{k+1} x p_{k+2}) . q, the homogeneous edge functions, equal
-// to the c_k above. The products of float inputs are exact in double and each line coefficient is
-// rounded once, so the result keeps about 1e-16 relative accuracy where x_k - X w_k would cancel in
-// float (triangles seen nearly edge-on); u = c0 / s, v = c1 / s are then rounded to float.
+// The forward's barycentrics in double (the twin: _pixel_bary_exact): pixel_bary's formula with
+// float inputs made exact in double, so that the cancellation in x_k - X w_k, which in float moved
+// the reprojected point of a triangle seen nearly edge-on by up to 2e-2 pixel, costs nothing that
+// survives the final rounding to float.
 struct ExactBary {
-    double c0, c1, s;
+    double c0, c1, c2;
 };
 
-__device__ __forceinline__ ExactBary pixel_bary_exact(float4 p0, float4 p1, float4 p2, int i, int j, int H, int W) {
-    double X = (double)(2 * j + 1 - W) / (double)W;
-    double Y = (double)(H - 2 * i - 1) / (double)H;
-    double x0 = p0.x, y0 = p0.y, w0 = p0.w, x1 = p1.x, y1 = p1.y, w1 = p1.w, x2 = p2.x, y2 = p2.y, w2 = p2.w;
+__device__ __forceinline__ ExactBary pixel_bary_exact(float4 p0, float4 p1, float4 p2, double X, double Y) {
+    double a0x = (double)p0.x - X * (double)p0.w;
+    double a0y = (double)p0.y - Y * (double)p0.w;
+    double a1x = (double)p1.x - X * (double)p1.w;
+    double a1y = (double)p1.y - Y * (double)p1.w;
+    double a2x = (double)p2.x - X * (double)p2.w;
+    double a2y = (double)p2.y - Y * (double)p2.w;
     ExactBary r;
-    r.c0 = ((y1 * w2 - w1 * y2) * X + (w1 * x2 - x1 * w2) * Y) + (x1 * y2 - y1 * x2);
-    r.c1 = ((y2 * w0 - w2 * y0) * X + (w2 * x0 - x2 * w0) * Y) + (x2 * y0 - y2 * x0);
-    double c2 = ((y0 * w1 - w0 * y1) * X + (w0 * x1 - x0 * w1) * Y) + (x0 * y1 - y0 * x1);
-    r.s = (r.c0 + r.c1) + c2;
+    r.c0 = a1x * a2y - a1y * a2x;
+    r.c1 = a2x * a0y - a2y * a0x;
+    r.c2 = a0x * a1y - a0y * a1x;
     return r;
 }
 
@@ -501,12 +487,21 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
             r2[c] = a2[c];
         }
     }
-    ExactBary r = pixel_bary_exact(q0, q1, q2, i, j, H, W);
-    float u = r.s != 0.0 ? (float)(r.c0 / r.s) : 0.0f;
-    float v = r.s != 0.0 ? (float)(r.c1 / r.s) : 0.0f;
+    double X = (double)(2 * j + 1 - W) * (1.0 / (double)W);
+    double Y = (double)(H - 2 * i - 1) * (1.0 / (double)H);
+    ExactBary r = pixel_bary_exact(q0, q1, q2, X, Y);
+    // u = c0 / s, v = c1 / s, and the NDC depth zc / wc of the clip point sum b_k p_k (the key's
+    // depth is that of the snapped triangle), with one division.
+    double s = (r.c0 + r.c1) + r.c2;
+    double zc = (r.c0 * (double)q0.z + r.c1 * (double)q1.z) + r.c2 * (double)q2.z;
+    double wc = (r.c0 * (double)q0.w + r.c1 * (double)q1.w) + r.c2 * (double)q2.w;
+    double rr = s * wc != 0.0 ? 1.0 / (s * wc) : 0.0;
+    float u = (float)(r.c0 * (wc * rr));
+    float v = (float)(r.c1 * (wc * rr));
     tri_id[p] = (int)t;
     bary[p] = make_float2(u, v);
-    depth[p] = key_depth((unsigned int)(key >> 32));
+    float z = rr != 0.0 ? (float)(zc * (s * rr)) : key_depth((unsigned int)(key >> 32));
+    depth[p] = z < -1.0f ? -1.0f : (z > 1.0f ? 1.0f : z);  // the key's test: [-1, 1]
     float w2 = (1.0f - u) - v;
     if (C > 0) {
 #pragma unroll

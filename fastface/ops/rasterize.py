@@ -22,10 +22,9 @@ The algorithm, the same on both backends:
    order-preserving as an unsigned integer, so the min picks the nearest fragment, and among equal
    depths the lower triangle id: the result does not depend on the order in which triangles or
    threads run. Fragments with NDC z outside [-1, 1] (in front of the near plane, z < -w, or behind
-   the far plane) are dropped; z = -w exactly (NDC -1) is kept. The depth is interpolated with
-   screen-space weights from the unsnapped float positions (so that snapping moves no depth), or from
-   the exact integer edge values where the float ones are degenerate (a sliver whose float area is 0
-   or has the wrong sign).
+   the far plane) are dropped; z = -w exactly (NDC -1) is kept. The depth of the key is interpolated
+   with the exact edge values, that is on the snapped triangle, as on GPUs (a triangle of constant
+   depth keeps it exactly).
 2b. The clipper (rare: a corner beyond the guard band, e.g. at NDC 1e19, or at w = 1e-37):
    Sutherland-Hodgman against the four band planes in float64 homogeneous 2-D coordinates (x, y, w),
    each cut point computed as the cross product of a triangle edge's line (itself the cross product
@@ -36,17 +35,20 @@ The algorithm, the same on both backends:
 3. One pass per pixel: unpack the winning triangle id, compute perspective-correct barycentrics from
    the clip positions and decode the depth from the key. The barycentrics are the homogeneous edge
    functions c_k = (p_{k+1} x p_{k+2}) . (X, Y, 1) of the pixel's NDC ray (p_k = (x_k, y_k, w_k)),
-   computed in float64, u = c_0 / s, v = c_1 / s with s = c_0 + c_1 + c_2, then rounded: products of
-   float32 inputs are exact in float64, so there is no cancellation like that of x_k - X w_k in
-   float32 on triangles seen nearly edge-on, and the weights reproject onto the pixel centre within
-   about 1e-5 pixel of the float32-rounded exact ones.
+   computed in float64, u = c_0 / s, v = c_1 / s with s = c_0 + c_1 + c_2, then rounded: in float64
+   the cancellation of x_k - X w_k that float32 suffers on triangles seen nearly edge-on is harmless,
+   and the weights reproject onto the pixel centre within about 1e-5 pixel of the float32-rounded
+   exact ones. The depth output is recomputed there too, as the NDC z of the clip point
+   sum b_k p_k (so it does not carry the snapping of the key's depth).
 
 Coverage and the tie rule (why it is watertight by construction). The edge function of the directed
 edge a->b at a point p is E_ab(p) = (b.x - a.x)(p.y - a.y) - (b.y - a.y)(p.x - a.x). On the fixed-point
 grid every term is an integer: a snapped coordinate stays below 2^23 in magnitude (inside the band,
-with H, W <= 16384), a difference below 2^24, and E below 2^50, so int64 (long long on the GPU, from
-32 x 32 -> 64-bit products) holds it exactly and E_ab(p) = -E_ba(p) exactly, whatever origin it is
-evaluated from. Each triangle's directions are multiplied by the sign of its area so that its interior
+with H, W <= 16384), a difference below 2^24, and E below 2^50, so long long on the GPU (from
+32 x 32 -> 64-bit products) holds it exactly, and so does float64 on the CPU, where every value is an
+integer below 2^53 and every sum, difference and product of them is therefore exact: the same integers
+as int64 (which measured 15% slower in Numba's triangle pass). E_ab(p) = -E_ba(p) exactly, whatever
+origin it is evaluated from. Each triangle's directions are multiplied by the sign of its area so that its interior
 is where all three edge values are positive. A centre is covered when every edge value is > 0, or == 0
 on an edge that owns its centres: the edge whose oriented direction d satisfies d.y < 0, or d.y == 0
 and d.x > 0 (in the y-down pixel frame, the triangle's left edges and horizontal top edges: the usual
@@ -99,8 +101,8 @@ class Raster:
         tri_id: (B, H, W) int32, the index of the triangle covering each pixel centre; -1 if none.
         bary: (B, H, W, 2) float32 (float64 for float64 positions on the CPU), perspective-correct
             weights of the triangle's vertices 0 and 1 (vertex 2 gets 1 - u - v); 0 where empty.
-        depth: (B, H, W) float32 (float64 likewise, holding a float32-rounded value), NDC z of the
-            visible surface in [-1, 1]; +inf where empty.
+        depth: (B, H, W) float32 (float64 likewise), NDC z of the visible surface at the pixel
+            centre (from the clip positions, in float64, clamped to [-1, 1]); +inf where empty.
     """
     tri_id: object
     bary: object
@@ -154,32 +156,44 @@ def _snap(s):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _screen_vertices(pos_b, H, W, scr, fix):
-    """Per-vertex setup of step 1 for one image: scr[v] = (sx, sy, zn, class), fix[v] = snapped (sx, sy)."""
+def _screen_vertices(pos_b, H, W, scr):
+    """Per-vertex setup of step 1 for one image: scr[v] = (X, Y, zn, class), X and Y the snapped
+    position (integers below 2^23, exact in float32) of a fast vertex, 0 for the others: one row of
+    16 bytes a vertex (in float32), read once per triangle corner."""
     one = pos_b.dtype.type(1)
     half = pos_b.dtype.type(0.5)
     half_w = pos_b.dtype.type(W) * half
     half_h = pos_b.dtype.type(H) * half
+    zero = one - one
+    scale = pos_b.dtype.type(SUBPIXEL_SCALE)
+    margin_w = pos_b.dtype.type(W // 2 + GUARD_BAND - 64)
+    margin_h = pos_b.dtype.type(H // 2 + GUARD_BAND - 64)
     for v in range(pos_b.shape[0]):
         x, y, z, w = pos_b[v, 0], pos_b[v, 1], pos_b[v, 2], pos_b[v, 3]
         rw = one / w
         sx = (x * rw + one) * half_w - half
         sy = (one - y * rw) * half_h - half
         zn = z * rw
-        cls = _VERTEX_DROPPED
-        if w > 0 and np.isfinite(x) and np.isfinite(y) and np.isfinite(z) and np.isfinite(w):
+        # Fast: inside the guard band (the signs of the four _plane_distance values, exact comparisons
+        # of float64 products) with a finite setup. A float test with a margin of 64 pixels, which
+        # implies it (and that x, y, z, w are finite), settles nearly every vertex at less cost.
+        if (w > 0 and w < np.inf and abs(sx - half_w) < margin_w and abs(sy - half_h) < margin_h
+                and abs(zn) < np.inf):
+            cls = _VERTEX_FAST
+        elif w > 0 and np.isfinite(x) and np.isfinite(y) and np.isfinite(z) and np.isfinite(w):
             cls = _VERTEX_CLIP
-            xd, yd, wd = np.float64(x), np.float64(y), np.float64(w)
-            inside = (_plane_distance(0, H, W, xd, yd, wd) >= 0 and _plane_distance(1, H, W, xd, yd, wd) >= 0
-                      and _plane_distance(2, H, W, xd, yd, wd) >= 0 and _plane_distance(3, H, W, xd, yd, wd) >= 0)
-            if inside and np.isfinite(sx) and np.isfinite(sy) and np.isfinite(zn):
+            wd = np.float64(w)
+            if (np.isfinite(sx) and np.isfinite(sy) and np.isfinite(zn)
+                    and abs(np.float64(W) * np.float64(x)) <= np.float64(W + 2 * GUARD_BAND) * wd
+                    and abs(np.float64(H) * np.float64(y)) <= np.float64(H + 2 * GUARD_BAND) * wd):
                 cls = _VERTEX_FAST
-        scr[v, 0] = sx
-        scr[v, 1] = sy
+        else:
+            cls = _VERTEX_DROPPED
+        # The snapped position, as the working float type (exact: |256 sx| < 2^23 inside the band).
+        scr[v, 0] = np.rint(sx * scale) if cls == _VERTEX_FAST else zero
+        scr[v, 1] = np.rint(sy * scale) if cls == _VERTEX_FAST else zero
         scr[v, 2] = zn
         scr[v, 3] = cls
-        fix[v, 0] = _snap(sx) if cls == _VERTEX_FAST else 0
-        fix[v, 1] = _snap(sy) if cls == _VERTEX_FAST else 0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -212,62 +226,65 @@ def _key_depth(key32):
     return np.uint32(bits).view(np.float32)
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _raster_fixed(ft, X0, Y0, x0, y0, z0, X1, Y1, x1, y1, z1, X2, Y2, x2, y2, z2, t, W, r0, r1, cull, zbuf):
-    """Step 2 of one triangle, rows [r0, r1): zbuf[(i - r0) * W + j] = min(key).
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _centre_box(ft, fX0, fY0, fX1, fY1, fX2, fY2, W, r0, r1):
+    """The bounding box over pixel centres (centre (i, j) at (j, i) * 256) of a triangle on the grid
+    (fX_k, fY_k: snapped positions, integers held exactly in the working float type of the array
+    ft), clamped to the columns and the rows [r0, r1): ceil and floor of the coordinates / 256, exact
+    in float (kernels/rasterize.cu: the same with integer shifts). As floats: empty when ilo > ihi
+    or jlo > jhi."""
+    inv = ft.dtype.type(1.0 / SUBPIXEL_SCALE)
+    ilo = max(np.ceil(min(fY0, fY1, fY2) * inv), ft.dtype.type(r0))
+    ihi = min(np.floor(max(fY0, fY1, fY2) * inv), ft.dtype.type(r1 - 1))
+    jlo = max(np.ceil(min(fX0, fX1, fX2) * inv), ft.dtype.type(0))
+    jhi = min(np.floor(max(fX0, fX1, fX2) * inv), ft.dtype.type(W - 1))
+    return ilo, ihi, jlo, jhi
 
-    Coverage on the fixed-point grid (X_k, Y_k int64, exact); the depth from the float screen
-    positions (x_k, y_k) and NDC depths z_k in the working float type (that of the array ft), so that
-    snapping moves no depth: z = sum e_k z_k / sum e_k with float edge values e_k, or, where those
-    are degenerate (a sliver whose float area is 0 or of the wrong sign), with the exact ones.
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _raster_fixed(ft, fX0, fY0, z0, fX1, fY1, z1, fX2, fY2, z2, t, W, r0, cull, zbuf, ilo, ihi, jlo, jhi):
+    """Step 2 of one triangle in its (non-empty) box of centres [ilo, ihi] x [jlo, jhi] (from
+    _centre_box: the caller tests the box first, since most triangles of a fine mesh hold no centre
+    at all): zbuf[(i - r0) * W + j] = min(key).
+
+    Coverage on the fixed-point grid (fX_k, fY_k: the snapped position, integers held exactly in the
+    working float type, that of the array ft), and the depth of the key interpolated there from the
+    exact edge values, z = sum e_k z_k / sum e_k with the NDC depths z_k, as GPUs do: the depth test
+    sees the snapped triangle (the resolve recomputes the depth it outputs from the clip positions).
+    The edge arithmetic is integer arithmetic carried in float64: every value is an integer below 2^50
+    (see the module docstring), so each operation is exact and gives kernels/rasterize.cu's long long
+    numbers, at less cost than int64 in Numba.
     """
+    X0, Y0, X1, Y1, X2, Y2 = (np.float64(fX0), np.float64(fY0), np.float64(fX1), np.float64(fY1), np.float64(fX2),
+                              np.float64(fY2))
     one = ft.dtype.type(1)
     area = (X1 - X0) * (Y2 - Y0) - (Y1 - Y0) * (X2 - X0)
     if area == 0:
         return
     if cull and area > 0:  # y-down pixel frame: counter-clockwise on screen has area < 0
         return
-    o = np.int64(1) if area > 0 else np.int64(-1)
+    o = 1.0 if area > 0 else -1.0
     # Edge k runs from vertex k+1 to vertex k+2 (opposite vertex k), oriented so that the interior
     # is where all three values are positive; E_k(p) = dx_k (p.y - a.y) - dy_k (p.x - a.x).
     dx0, dy0 = o * (X2 - X1), o * (Y2 - Y1)
     dx1, dy1 = o * (X0 - X2), o * (Y0 - Y2)
     dx2, dy2 = o * (X1 - X0), o * (Y1 - Y0)
     own0, own1, own2 = _owns(dx0, dy0), _owns(dx1, dy1), _owns(dx2, dy2)
-    # Bounding box over pixel centres (centre (i, j) at (j, i) * 256): floor and ceil divisions by
-    # 256 as arithmetic shifts.
-    ilo = max(-((-min(Y0, Y1, Y2)) >> SUBPIXEL_BITS), r0)
-    ihi = min(max(Y0, Y1, Y2) >> SUBPIXEL_BITS, r1 - 1)
-    jlo = max(-((-min(X0, X1, X2)) >> SUBPIXEL_BITS), 0)
-    jhi = min(max(X0, X1, X2) >> SUBPIXEL_BITS, W - 1)
-    if ilo > ihi or jlo > jhi:
-        return
-    # The float edges of the depth (unoriented: the ratio does not care), from vertex k+1.
-    fdx0, fdy0 = x2 - x1, y2 - y1
-    fdx1, fdy1 = x0 - x2, y0 - y2
-    fdx2, fdy2 = x1 - x0, y1 - y0
-    farea = fdx2 * (y2 - y0) - fdy2 * (x2 - x0)
-    float_depth = (farea > 0) == (area > 0) and farea != 0
     tid = np.uint64(t)
-    px0 = jlo * SUBPIXEL_SCALE
+    px0 = np.float64(jlo * SUBPIXEL_SCALE)
     # Integer values step exactly, so stepping along a row gives the numbers that the GPU's direct
     # evaluation at each centre gives.
-    sx0, sx1, sx2 = dy0 * SUBPIXEL_SCALE, dy1 * SUBPIXEL_SCALE, dy2 * SUBPIXEL_SCALE
+    step = np.float64(SUBPIXEL_SCALE)
+    sx0, sx1, sx2 = dy0 * step, dy1 * step, dy2 * step
     for i in range(ilo, ihi + 1):
-        py = i * SUBPIXEL_SCALE
+        py = np.float64(i * SUBPIXEL_SCALE)
         e0 = dx0 * (py - Y1) - dy0 * (px0 - X1)
         e1 = dx1 * (py - Y2) - dy1 * (px0 - X2)
         e2 = dx2 * (py - Y0) - dy2 * (px0 - X0)
         row = (i - r0) * W
         for j in range(jlo, jhi + 1):
             if _inside(e0, own0) and _inside(e1, own1) and _inside(e2, own2):
-                if float_depth:
-                    fx, fy = ft.dtype.type(j), ft.dtype.type(i)
-                    f0 = fdx0 * (fy - y1) - fdy0 * (fx - x1)
-                    f1 = fdx1 * (fy - y2) - fdy1 * (fx - x2)
-                    f2 = fdx2 * (fy - y0) - fdy2 * (fx - x0)
-                else:
-                    f0, f1, f2 = ft.dtype.type(e0), ft.dtype.type(e1), ft.dtype.type(e2)
+                f0, f1, f2 = ft.dtype.type(e0), ft.dtype.type(e1), ft.dtype.type(e2)
                 z = (f0 * z0 + f1 * z1 + f2 * z2) / (f0 + f1 + f2)
                 if z >= -one and z <= one:
                     key = (_depth_key(z) << _SHIFT32) | tid
@@ -307,7 +324,7 @@ def _finite_depth(ft, z):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _raster_clipped(ft, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines):
+def _raster_clipped(ft, pos_b, scr, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines):
     """Step 2 of a triangle with a corner off the fast path: Sutherland-Hodgman against the four guard
     band planes, in float64 homogeneous 2-D coordinates (x, y, w), then the fan of the clipped
     polygon on the fixed-point grid (the same operations as rasterize_clipped in kernels/rasterize.cu).
@@ -369,15 +386,15 @@ def _raster_clipped(ft, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf
         src = dst
         if n < 3:
             return
-    # The polygon's corners on screen: fixed-point X, Y (exact in float64 below 2^53) into the other
-    # half of poly, float sx, sy, zn (exact in float64 as working-type values) in place.
+    # The polygon's corners on screen: fixed-point X, Y (exact in float64 below 2^53) and the NDC depth
+    # (exact in float64 as a working-type value) into the other half of poly.
     dst = 1 - src
     for k in range(n):
         x, y, w = poly[src, k, 0], poly[src, k, 1], poly[src, k, 2]
         corner = int(poly[src, k, 3])
         v = idx[corner] if corner >= 0 else -1
         if v >= 0 and scr[v, 3] == _VERTEX_FAST:
-            X, Y, sx, sy, zn = fix[v, 0], fix[v, 1], scr[v, 0], scr[v, 1], scr[v, 2]
+            X, Y, zn = np.int64(scr[v, 0]), np.int64(scr[v, 1]), scr[v, 2]
         else:
             sxd = (x / w + 1.0) * (np.float64(W) * 0.5) - 0.5
             syd = (1.0 - y / w) * (np.float64(H) * 0.5) - 0.5
@@ -390,24 +407,24 @@ def _raster_clipped(ft, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf
                 num = (c0 * np.float64(pos_b[i0, 2]) + c1 * np.float64(pos_b[i1, 2])) + c2 * np.float64(pos_b[i2, 2])
                 den = (c0 * np.float64(pos_b[i0, 3]) + c1 * np.float64(pos_b[i1, 3])) + c2 * np.float64(pos_b[i2, 3])
                 zd = num / den
-            X, Y = _snap(sxd), _snap(syd)
-            sx, sy, zn = ft.dtype.type(sxd), ft.dtype.type(syd), _finite_depth(ft, zd)
+            X, Y, zn = _snap(sxd), _snap(syd), _finite_depth(ft, zd)
         poly[dst, k, 0] = np.float64(X)
         poly[dst, k, 1] = np.float64(Y)
-        poly[src, k, 0] = np.float64(sx)
-        poly[src, k, 1] = np.float64(sy)
-        poly[src, k, 2] = np.float64(zn)
+        poly[dst, k, 2] = np.float64(zn)
     f = ft.dtype.type
     for k in range(1, n - 1):
-        _raster_fixed(ft, np.int64(poly[dst, 0, 0]), np.int64(poly[dst, 0, 1]), f(poly[src, 0, 0]), f(poly[src, 0, 1]),
-                      f(poly[src, 0, 2]), np.int64(poly[dst, k, 0]), np.int64(poly[dst, k, 1]), f(poly[src, k, 0]),
-                      f(poly[src, k, 1]), f(poly[src, k, 2]), np.int64(poly[dst, k + 1, 0]),
-                      np.int64(poly[dst, k + 1, 1]), f(poly[src, k + 1, 0]), f(poly[src, k + 1, 1]),
-                      f(poly[src, k + 1, 2]), t, W, r0, r1, cull, zbuf)
+        # The grid coordinates (below 2^23 in magnitude) are exact in the working float type.
+        fX0, fY0, fX1, fY1 = f(poly[dst, 0, 0]), f(poly[dst, 0, 1]), f(poly[dst, k, 0]), f(poly[dst, k, 1])
+        fX2, fY2 = f(poly[dst, k + 1, 0]), f(poly[dst, k + 1, 1])
+        ilo, ihi, jlo, jhi = _centre_box(ft, fX0, fY0, fX1, fY1, fX2, fY2, W, r0, r1)
+        if ilo <= ihi and jlo <= jhi:
+            _raster_fixed(ft, fX0, fY0, f(poly[dst, 0, 2]), fX1, fY1, f(poly[dst, k, 2]), fX2, fY2,
+                          f(poly[dst, k + 1, 2]), t, W, r0, cull, zbuf, np.int64(ilo), np.int64(ihi), np.int64(jlo),
+                          np.int64(jhi))
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _raster_triangles(pos_b, scr, fix, tri, H, W, r0, r1, cull, zbuf):
+def _raster_triangles(pos_b, scr, tri, H, W, r0, r1, cull, zbuf):
     """Step 2 for one image and the rows [r0, r1): zbuf[(i - r0) * W + j] = min(key)."""
     V = scr.shape[0]
     poly = np.empty((2, 8, 5), np.float64)
@@ -418,32 +435,34 @@ def _raster_triangles(pos_b, scr, fix, tri, H, W, r0, r1, cull, zbuf):
             continue
         c0, c1, c2 = scr[i0, 3], scr[i1, 3], scr[i2, 3]
         if c0 == _VERTEX_FAST and c1 == _VERTEX_FAST and c2 == _VERTEX_FAST:
-            _raster_fixed(scr, fix[i0, 0], fix[i0, 1], scr[i0, 0], scr[i0, 1], scr[i0, 2],
-                          fix[i1, 0], fix[i1, 1], scr[i1, 0], scr[i1, 1], scr[i1, 2],
-                          fix[i2, 0], fix[i2, 1], scr[i2, 0], scr[i2, 1], scr[i2, 2], t, W, r0, r1, cull, zbuf)
+            fX0, fY0, fX1, fY1, fX2, fY2 = scr[i0, 0], scr[i0, 1], scr[i1, 0], scr[i1, 1], scr[i2, 0], scr[i2, 1]
+            ilo, ihi, jlo, jhi = _centre_box(scr, fX0, fY0, fX1, fY1, fX2, fY2, W, r0, r1)
+            if ilo <= ihi and jlo <= jhi:
+                _raster_fixed(scr, fX0, fY0, scr[i0, 2], fX1, fY1, scr[i1, 2], fX2, fY2, scr[i2, 2], t, W, r0, cull,
+                              zbuf, np.int64(ilo), np.int64(ihi), np.int64(jlo), np.int64(jhi))
         elif c0 != _VERTEX_DROPPED and c1 != _VERTEX_DROPPED and c2 != _VERTEX_DROPPED:
-            _raster_clipped(scr, pos_b, scr, fix, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines)
+            _raster_clipped(scr, pos_b, scr, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _pixel_bary_exact(pos_b, v0, v1, v2, j, i, H, W):
-    """Perspective-correct (c0, c1, s) of pixel centre (i, j), in float64, u = c0 / s, v = c1 / s.
+def _pixel_bary_exact(pos_b, v0, v1, v2, X, Y):
+    """Perspective-correct (c0, c1, c2) of pixel NDC (X, Y) (float64), in float64:
+    u = c0 / s, v = c1 / s with s = c0 + c1 + c2.
 
-    With p_k = (x_k, y_k, w_k) and the pixel's ray q = (X, Y, 1), c_k = (p_{k+1} x p_{k+2}) . q (the
-    homogeneous edge functions; equal to the 2-D cross products a_{k+1} x a_{k+2} of
-    a_k = (x_k - X w_k, y_k - Y w_k) that the backward pass differentiates). The products of float32
-    inputs are exact in float64 and the line coefficients carry one rounding each, so the result
-    keeps about 1e-16 relative accuracy where x_k - X w_k would cancel in float32 (grazing triangles).
+    _pixel_bary's formula (the one the backward pass differentiates) in float64: with float32 inputs
+    the cancellation in x_k - X w_k, which in float32 moved the reprojected point of a triangle seen
+    nearly edge-on by up to 2e-2 pixel, costs nothing that survives the final rounding to float32.
     """
-    X = np.float64(2 * j + 1 - W) / np.float64(W)
-    Y = np.float64(H - 2 * i - 1) / np.float64(H)
-    x0, y0, w0 = np.float64(pos_b[v0, 0]), np.float64(pos_b[v0, 1]), np.float64(pos_b[v0, 3])
-    x1, y1, w1 = np.float64(pos_b[v1, 0]), np.float64(pos_b[v1, 1]), np.float64(pos_b[v1, 3])
-    x2, y2, w2 = np.float64(pos_b[v2, 0]), np.float64(pos_b[v2, 1]), np.float64(pos_b[v2, 3])
-    c0 = ((y1 * w2 - w1 * y2) * X + (w1 * x2 - x1 * w2) * Y) + (x1 * y2 - y1 * x2)
-    c1 = ((y2 * w0 - w2 * y0) * X + (w2 * x0 - x2 * w0) * Y) + (x2 * y0 - y2 * x0)
-    c2 = ((y0 * w1 - w0 * y1) * X + (w0 * x1 - x0 * w1) * Y) + (x0 * y1 - y0 * x1)
-    return c0, c1, (c0 + c1) + c2
+    a0x = np.float64(pos_b[v0, 0]) - X * np.float64(pos_b[v0, 3])
+    a0y = np.float64(pos_b[v0, 1]) - Y * np.float64(pos_b[v0, 3])
+    a1x = np.float64(pos_b[v1, 0]) - X * np.float64(pos_b[v1, 3])
+    a1y = np.float64(pos_b[v1, 1]) - Y * np.float64(pos_b[v1, 3])
+    a2x = np.float64(pos_b[v2, 0]) - X * np.float64(pos_b[v2, 3])
+    a2y = np.float64(pos_b[v2, 1]) - Y * np.float64(pos_b[v2, 3])
+    c0 = a1x * a2y - a1y * a2x
+    c1 = a2x * a0y - a2y * a0x
+    c2 = a0x * a1y - a0y * a1x
+    return c0, c1, c2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -474,7 +493,9 @@ def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, dept
     C = attr_b.shape[1]
     zero = pos_b.dtype.type(0)
     one = pos_b.dtype.type(1)
+    inv_w, inv_h = 1.0 / np.float64(W), 1.0 / np.float64(H)
     for i in range(r0, r1):
+        Y = np.float64(H - 2 * i - 1) * inv_h
         for j in range(W):
             key = zbuf[(i - r0) * W + j]
             t = np.int64(key & _LOW32)
@@ -490,13 +511,20 @@ def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, dept
                 for c in range(C):
                     out_b[i, j, c] = 0
                 continue
-            c0, c1, s = _pixel_bary_exact(pos_b, v0, v1, v2, j, i, H, W)
-            u = pos_b.dtype.type(c0 / s) if s != 0 else zero
-            v = pos_b.dtype.type(c1 / s) if s != 0 else zero
+            c0, c1, c2 = _pixel_bary_exact(pos_b, v0, v1, v2, np.float64(2 * j + 1 - W) * inv_w, Y)
+            # u = c0 / s, v = c1 / s, and the NDC depth zc / wc of the clip point sum b_k p_k (the
+            # key's depth is that of the snapped triangle), with one division.
+            s = (c0 + c1) + c2
+            zc = (c0 * np.float64(pos_b[v0, 2]) + c1 * np.float64(pos_b[v1, 2])) + c2 * np.float64(pos_b[v2, 2])
+            wc = (c0 * np.float64(pos_b[v0, 3]) + c1 * np.float64(pos_b[v1, 3])) + c2 * np.float64(pos_b[v2, 3])
+            r = 1.0 / (s * wc) if s * wc != 0 else 0.0
+            u = pos_b.dtype.type(c0 * (wc * r))
+            v = pos_b.dtype.type(c1 * (wc * r))
             tri_id_b[i, j] = t
             bary_b[i, j, 0] = u
             bary_b[i, j, 1] = v
-            depth_b[i, j] = _key_depth(key >> _SHIFT32)
+            z = pos_b.dtype.type(zc * (s * r)) if r != 0 else _key_depth(key >> _SHIFT32)
+            depth_b[i, j] = -one if z < -one else (one if z > one else z)  # the key's test: [-1, 1]
             w2 = (one - u) - v
             for c in range(C):
                 out_b[i, j, c] = (u * attr_b[v0, c] + v * attr_b[v1, c]) + w2 * attr_b[v2, c]
@@ -517,11 +545,10 @@ def rasterize_fwd(pos, tri, H, W, cull, n_bands, attr, tri_id, bary, depth, out)
         r0 = band * H // n_bands
         r1 = (band + 1) * H // n_bands
         scr = np.empty((V, 4), pos.dtype)
-        fix = np.empty((V, 2), np.int64)
-        _screen_vertices(pos[b], H, W, scr, fix)
+        _screen_vertices(pos[b], H, W, scr)
         zbuf = np.empty((r1 - r0) * W, np.uint64)
         zbuf[:] = _ALL_ONES
-        _raster_triangles(pos[b], scr, fix, tri, H, W, r0, r1, cull, zbuf)
+        _raster_triangles(pos[b], scr, tri, H, W, r0, r1, cull, zbuf)
         ab = attr[b] if attr.shape[0] > 1 else attr[0]
         _resolve_rows(pos[b], tri, zbuf, H, W, r0, r1, ab, tri_id[b], bary[b], depth[b], out[b])
 
