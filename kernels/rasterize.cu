@@ -491,16 +491,16 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
     double Y = (double)(H - 2 * i - 1) * (1.0 / (double)H);
     ExactBary r = pixel_bary_exact(q0, q1, q2, X, Y);
     // u = c0 / s, v = c1 / s, and the NDC depth zc / wc of the clip point sum b_k p_k (the key's
-    // depth is that of the snapped triangle), with one division.
+    // depth is that of the snapped triangle): two independent divisions.
     double s = (r.c0 + r.c1) + r.c2;
     double zc = (r.c0 * (double)q0.z + r.c1 * (double)q1.z) + r.c2 * (double)q2.z;
     double wc = (r.c0 * (double)q0.w + r.c1 * (double)q1.w) + r.c2 * (double)q2.w;
-    double rr = s * wc != 0.0 ? 1.0 / (s * wc) : 0.0;
-    float u = (float)(r.c0 * (wc * rr));
-    float v = (float)(r.c1 * (wc * rr));
+    double rs = s != 0.0 ? 1.0 / s : 0.0;
+    float u = (float)(r.c0 * rs);
+    float v = (float)(r.c1 * rs);
     tri_id[p] = (int)t;
     bary[p] = make_float2(u, v);
-    float z = rr != 0.0 ? (float)(zc * (s * rr)) : key_depth((unsigned int)(key >> 32));
+    float z = wc != 0.0 ? (float)(zc / wc) : key_depth((unsigned int)(key >> 32));
     depth[p] = z < -1.0f ? -1.0f : (z > 1.0f ? 1.0f : z);  // the key's test: [-1, 1]
     float w2 = (1.0f - u) - v;
     if (C > 0) {

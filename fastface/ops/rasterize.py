@@ -513,17 +513,17 @@ def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, dept
                 continue
             c0, c1, c2 = _pixel_bary_exact(pos_b, v0, v1, v2, np.float64(2 * j + 1 - W) * inv_w, Y)
             # u = c0 / s, v = c1 / s, and the NDC depth zc / wc of the clip point sum b_k p_k (the
-            # key's depth is that of the snapped triangle), with one division.
+            # key's depth is that of the snapped triangle): two independent divisions.
             s = (c0 + c1) + c2
             zc = (c0 * np.float64(pos_b[v0, 2]) + c1 * np.float64(pos_b[v1, 2])) + c2 * np.float64(pos_b[v2, 2])
             wc = (c0 * np.float64(pos_b[v0, 3]) + c1 * np.float64(pos_b[v1, 3])) + c2 * np.float64(pos_b[v2, 3])
-            r = 1.0 / (s * wc) if s * wc != 0 else 0.0
-            u = pos_b.dtype.type(c0 * (wc * r))
-            v = pos_b.dtype.type(c1 * (wc * r))
+            rs = 1.0 / s if s != 0 else 0.0
+            u = pos_b.dtype.type(c0 * rs)
+            v = pos_b.dtype.type(c1 * rs)
             tri_id_b[i, j] = t
             bary_b[i, j, 0] = u
             bary_b[i, j, 1] = v
-            z = pos_b.dtype.type(zc * (s * r)) if r != 0 else _key_depth(key >> _SHIFT32)
+            z = pos_b.dtype.type(zc / wc) if wc != 0 else _key_depth(key >> _SHIFT32)
             depth_b[i, j] = -one if z < -one else (one if z > one else z)  # the key's test: [-1, 1]
             w2 = (one - u) - v
             for c in range(C):
