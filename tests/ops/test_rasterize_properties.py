@@ -6,8 +6,10 @@ fragments tie in depth exactly) nor change between repeated calls or band splits
 
 The generators aim at what broke before the fixed-point rasterizer: vertices within 1e-7..1e-4 pixel of
 a pixel centre (where edges rounded separately disagreed about the vertex itself), on pixel centres
-exactly, and arbitrary subpixel positions, under perspective (w in [0.5, 2]). Run against the float
-rasterizer of c83560e, the fan test found a hole or a double cover within its first ten examples.
+exactly, and arbitrary subpixel positions, under perspective (w in [0.5, 2]). Against the float
+rasterizer of c83560e, 13 of 400 generated fans and 54 of 400 grids had a hole or a double cover (where
+uniformly random grids showed a hole in about 1 of 10,000), so 150 examples miss the old bug with a
+probability of about 1% for fans and 1e-10 for grids; the fan test failed within its first ten examples.
 
 The examples are derandomized (the same in every run, so CI is reproducible) and few enough to keep the
 module well under a minute on two cores: each example is one rasterize call of a batch with one image per
