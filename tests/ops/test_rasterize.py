@@ -664,13 +664,45 @@ def test_gpu_rasterize_matches_cpu(cupy, rng, tol, cull):
         _assert_rasters_match(gpu, cpu, tol)
 
 
+def issue_10_cases(rng):
+    """The cases of issue 10 (tests/ops/test_rasterize.py pins each on the CPU), as (name, pos, tri,
+    resolution): the fan with a vertex within 3e-7 pixel of a centre, a horizontal edge on a row of
+    centres, a triangle on the near plane, +0 against -0 depths, huge coordinates, a screen-covering
+    triangle at 1e19, a corner at w = 1e-37 and a clipped fan (the guard-band clipper), grazing
+    triangles (the float64 barycentrics). tests/test_gpu_paths_emulated.py runs them through the GPU path's
+    host emulation."""
+    one = np.array([[0, 1, 2]], np.int32)
+    cases = [("fan at a vertex", ISSUE_FAN_POS, ISSUE_FAN_TRI, (8, 8)),
+             ("corner at w = 1e-37", ISSUE_TINY_W_POS, one, (64, 64))]
+    edge = np.concatenate([pixel_clip([-10, 30, -10, 30], [-10, -10, 3, 3], 8, 8),
+                           pixel_clip([-10, 30], [30, 30], 8, 8)]).astype(np.float32)
+    cases.append(("horizontal edge", edge, np.array([[0, 2, 3], [2, 4, 3]], np.int32), (8, 8)))
+    cases.append(("near plane", pixel_clip([-10, 40, -10], [-10, -10, 40], 6, 6, z=-1.0).astype(np.float32), one,
+                  (6, 6)))
+    plus = pixel_clip([-10, 40, -10], [-10, -10, 40], 6, 6, z=0.0).astype(np.float32)
+    minus = plus.copy()
+    minus[:, 2] = -0.0
+    cases.append(("+0 and -0", np.concatenate([minus, plus]), np.array([[0, 1, 2], [3, 4, 5]], np.int32), (6, 6)))
+    for s in (1e6, 1e19):
+        pos = np.array([[-s, -0.3 * s, 0.2, 1], [s, -s, -0.1, 1], [0.1, s, 0.5, 1]], np.float32)
+        cases.append((f"huge {s:g}", pos, one, (32, 40)))
+    angles = np.linspace(0, 2 * np.pi, 7, endpoint=False) + 0.3
+    ndc = np.concatenate([[[0.01, -0.02]], 1e9 * np.stack([np.cos(angles), np.sin(angles)], -1)])
+    w = np.ones(len(ndc))
+    w[3] = 1e-30
+    fan = np.concatenate([ndc * w[:, None], rng.uniform(-0.5, 0.5, (len(ndc), 1)) * w[:, None], w[:, None]], 1)
+    cases.append(("clipped fan", fan.astype(np.float32),
+                  np.array([[0, 1 + k, 1 + (k + 1) % 7] for k in range(7)], np.int32), (16, 16)))
+    grazing = np.stack([grazing_triangle(rng, 10 ** rng.uniform(-5, -1)) for _ in range(12)])
+    cases.append(("grazing", grazing, one, (64, 64)))
+    return cases
+
+
 @pytest.mark.parametrize("prepass", [False, True])
 def test_gpu_rasterize_gives_the_cpu_triangle_ids_on_the_issue_10_cases(cupy, rng, tol, monkeypatch, prepass):
     # The same integer algorithm on both: identical ids, even at vertices, on edges and after clipping.
-    from tests.test_gpu_paths_emulated import _issue_10_cases  # noqa: PLC0415
-
     monkeypatch.setattr(sys.modules["fastface.ops.rasterize"], "_FWD_PREPASS", prepass)
-    for name, pos, tri, res in _issue_10_cases(rng):
+    for name, pos, tri, res in issue_10_cases(rng):
         cpu = rasterize(pos, tri, res)
         gpu = rasterize(cupy.asarray(pos), cupy.asarray(tri), res)
         np.testing.assert_array_equal(gpu.tri_id.get(), cpu.tri_id, err_msg=name)
