@@ -665,12 +665,12 @@ def test_gpu_rasterize_matches_cpu(cupy, rng, tol, cull):
 
 
 def issue_10_cases(rng):
-    """The cases of issue 10 (tests/ops/test_rasterize.py pins each on the CPU), as (name, pos, tri,
-    resolution): the fan with a vertex within 3e-7 pixel of a centre, a horizontal edge on a row of
-    centres, a triangle on the near plane, +0 against -0 depths, huge coordinates, a screen-covering
-    triangle at 1e19, a corner at w = 1e-37 and a clipped fan (the guard-band clipper), grazing
-    triangles (the float64 barycentrics). tests/test_gpu_paths_emulated.py runs them through the GPU path's
-    host emulation."""
+    """The cases of issue 10 (the tests above pin each on the CPU), as (name, pos, tri, resolution):
+    the fan with a vertex within 3e-7 pixel of a centre, a horizontal edge on a row of centres, a
+    triangle on the near plane, +0 against -0 depths, huge coordinates, a screen-covering triangle at
+    1e19, a corner at w = 1e-37 and a clipped fan (the guard-band clipper), grazing triangles (the
+    float64 barycentrics). tests/test_gpu_paths_emulated.py runs them through the GPU path's host
+    emulation, the test below on a GPU."""
     one = np.array([[0, 1, 2]], np.int32)
     cases = [("fan at a vertex", ISSUE_FAN_POS, ISSUE_FAN_TRI, (8, 8)),
              ("corner at w = 1e-37", ISSUE_TINY_W_POS, one, (64, 64))]
