@@ -42,7 +42,9 @@ __device__ __forceinline__ double plane_distance(int k, int H, int W, double x, 
     return (double)(H + 2 * GUARD_BAND) * w + (double)H * y;
 }
 
-__device__ __forceinline__ bool inside_band(float4 p, int H, int W) {
+// Out of line: it runs only for vertices near or beyond the band, and inlined, its double arithmetic
+// took registers from the triangle pass's hot loop.
+__device__ __noinline__ bool inside_band(float4 p, int H, int W) {
     double x = (double)p.x, y = (double)p.y, w = (double)p.w;
     return (plane_distance(0, H, W, x, y, w) >= 0.0) & (plane_distance(1, H, W, x, y, w) >= 0.0) &
            (plane_distance(2, H, W, x, y, w) >= 0.0) & (plane_distance(3, H, W, x, y, w) >= 0.0);
@@ -312,8 +314,14 @@ __device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, i
 // busy; consecutive threads take consecutive triangles of one image, which are neighbours in a
 // mesh, so their loads and atomics land in nearby cache lines. zbuf (B, H, W) is initialised to
 // all ones by the caller.
-extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V,
-                                         int T, int H, int W, int cull, unsigned long long* __restrict__ zbuf) {
+// __launch_bounds__(512, 2): at most 64 registers a thread. The out-of-line clipper and band test
+// count in the kernel's register allocation (100 registers without the bound, where the hot path
+// needs 58 and run 3's kernel had 51, allocated as 56); the bound makes the cold code spill instead,
+// keeping 8 blocks of 128 threads per SM (run 3: 9). Blocks of up to 512 threads stay launchable.
+extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd(const float4* __restrict__ pos,
+                                                                   const int* __restrict__ tri, int B, int V, int T,
+                                                                   int H, int W, int cull,
+                                                                   unsigned long long* __restrict__ zbuf) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
@@ -370,10 +378,11 @@ struct ScreenSetup {
     }
 };
 
-extern "C" __global__ void rasterize_fwd_screen(const float4* __restrict__ scr, const int* __restrict__ tri, int B,
-                                                int V, int T, int H, int W, int cull,
-                                                unsigned long long* __restrict__ zbuf,
-                                                const float4* __restrict__ pos) {
+extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd_screen(const float4* __restrict__ scr,
+                                                                          const int* __restrict__ tri, int B, int V,
+                                                                          int T, int H, int W, int cull,
+                                                                          unsigned long long* __restrict__ zbuf,
+                                                                          const float4* __restrict__ pos) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
