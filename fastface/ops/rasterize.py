@@ -12,7 +12,8 @@ The algorithm, the same on both backends:
    A vertex with w <= 0 or a non-finite coordinate is dropped, and so is every triangle it belongs
    to: there is no clipping at the camera plane. A vertex inside the guard band (GUARD_BAND = 8192
    pixels beyond each side of the screen: |x| <= (W + 2 GUARD_BAND)/W w and likewise y, tested
-   exactly in float64) whose sx, sy, zn are finite takes the fast path: its position is snapped to
+   exactly in float64 where a float test with a 64-pixel margin does not already settle it) whose
+   sx, sy, zn are finite takes the fast path: its position is snapped to
    the fixed-point grid, X = rint(256 sx), Y = rint(256 sy) (8 bits of subpixel precision, as GPUs).
    Any other valid vertex makes its triangles go through the clipper (step 2b).
 2. One pass per triangle (a thread per triangle and image on the GPU): the bounding box over pixel
@@ -32,14 +33,15 @@ The algorithm, the same on both backends:
    corners are snapped (triangle corners on the fast path keep their snapped position) and its fan
    rasterized as in step 2 under the triangle's id. The band lies far outside the screen, so the cut
    edges along it cover no pixel centre.
-3. One pass per pixel: unpack the winning triangle id, compute perspective-correct barycentrics from
-   the clip positions and decode the depth from the key. The barycentrics are the homogeneous edge
-   functions c_k = (p_{k+1} x p_{k+2}) . (X, Y, 1) of the pixel's NDC ray (p_k = (x_k, y_k, w_k)),
-   computed in float64, u = c_0 / s, v = c_1 / s with s = c_0 + c_1 + c_2, then rounded: in float64
+3. One pass per pixel: unpack the winning triangle id, compute perspective-correct barycentrics and
+   the depth from the clip positions. The barycentrics are c_k = a_{k+1} x a_{k+2} with
+   a_k = (x_k - X w_k, y_k - Y w_k) for the pixel's NDC (X, Y) (the homogeneous edge functions
+   (p_{k+1} x p_{k+2}) . (X, Y, 1) of p_k = (x_k, y_k, w_k)), computed in float64,
+   u = c_0 / s, v = c_1 / s with s = c_0 + c_1 + c_2, then rounded: in float64
    the cancellation of x_k - X w_k that float32 suffers on triangles seen nearly edge-on is harmless,
    and the weights reproject onto the pixel centre within about 1e-5 pixel of the float32-rounded
-   exact ones. The depth output is recomputed there too, as the NDC z of the clip point
-   sum b_k p_k (so it does not carry the snapping of the key's depth).
+   exact ones. The depth output is the NDC z of the clip point sum b_k p_k, also in float64 and
+   clamped to [-1, 1] (so it does not carry the snapping of the key's depth).
 
 Coverage and the tie rule (why it is watertight by construction). The edge function of the directed
 edge a->b at a point p is E_ab(p) = (b.x - a.x)(p.y - a.y) - (b.y - a.y)(p.x - a.x). On the fixed-point
@@ -48,8 +50,8 @@ with H, W <= 16384), a difference below 2^24, and E below 2^50, so long long on 
 32 x 32 -> 64-bit products) holds it exactly, and so does float64 on the CPU, where every value is an
 integer below 2^53 and every sum, difference and product of them is therefore exact: the same integers
 as int64 (which measured 15% slower in Numba's triangle pass). E_ab(p) = -E_ba(p) exactly, whatever
-origin it is evaluated from. Each triangle's directions are multiplied by the sign of its area so that its interior
-is where all three edge values are positive. A centre is covered when every edge value is > 0, or == 0
+origin it is evaluated from. Each triangle's directions are multiplied by the sign of its area so
+that its interior is where all three edge values are positive. A centre is covered when every edge value is > 0, or == 0
 on an edge that owns its centres: the edge whose oriented direction d satisfies d.y < 0, or d.y == 0
 and d.x > 0 (in the y-down pixel frame, the triangle's left edges and horizontal top edges: the usual
 top-left rule). For an edge shared by two triangles the oriented directions are opposite, and exactly
