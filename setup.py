@@ -24,7 +24,7 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda13x>=13; platform_system=='Linux'"],
         "gpu-cuda12": ["cupy-cuda12x>=13"],
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
         "distributed": ["dask[distributed]>=2024.1"],
     },
     entry_points={"console_scripts": ["fastface=fastface.__main__:main"]},

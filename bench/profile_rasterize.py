@@ -116,7 +116,8 @@ def profile_batch(cupy, mods, timer, B):
     def fwd_launch(mod, name="rasterize_fwd", block=256, ipt=1, first=pos):
         grid = ((T + block - 1) // block, min(-(-B // ipt), 65535))
         fn = mod.get_function(name)
-        return lambda: fn(grid, (block,), (first, tri) + dims + (np.int32(0), zbuf))
+        extra = (pos,) if name == "rasterize_fwd_screen" else ()  # its clipper reads the clip positions
+        return lambda: fn(grid, (block,), (first, tri) + dims + (np.int32(0), zbuf) + extra)
 
     # --- forward: the key buffer ---
     t = timer(clear)

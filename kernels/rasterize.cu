@@ -3,10 +3,12 @@
 // attributes), rasterize_bwd and rasterize_interpolate_bwd<C> (barycentric gradients -> clip
 // positions, optionally fused with the interpolation backward).
 //
-// The Numba twins live in fastface/ops/rasterize.py; the module docstring there explains the tie
-// rule and why it is watertight. This file is compiled with --fmad=false: the edge functions,
-// depths and barycentrics then round exactly like the Numba code (which does not contract a*b+c
-// either), every expression below being written in the same order as its twin.
+// The Numba twins live in fastface/ops/rasterize.py; the module docstring there explains the
+// fixed-point coverage (exact long long edge functions on a 1/256-pixel grid), the tie rule and why
+// it is watertight, the guard-band clipper and the float64 barycentrics. This file is compiled with
+// --fmad=false: depths, cut points and barycentrics then round exactly like the Numba code (which
+// does not contract a*b+c either), every expression below being written in the same order as its
+// twin.
 //
 // Memory safety does not rely on the Python checks (they can be turned off): vertex and triangle
 // indices are tested against V and T before any load.
@@ -15,10 +17,41 @@
 
 #define EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
 
+// Fixed point (fastface.ops.rasterize: SUBPIXEL_BITS, GUARD_BAND): screen positions snap to 1/256
+// pixel, and the fast path takes only vertices inside the guard band (GUARD_BAND pixels beyond each
+// side of the screen), so a snapped coordinate stays below 2^23, a difference below 2^24 and an edge
+// value below 2^50: exact as long long, from 32 x 32 -> 64-bit products (one instruction each).
+#define SUBPIXEL_BITS 8
+#define SUBPIXEL_SCALE 256
+#define GUARD_BAND 8192
+
 struct ScreenVertex {
     float x, y, z;  // pixel coordinates (y down, centres at integers) and NDC depth
-    bool valid;     // w > 0 and everything finite
+    bool valid;     // w > 0 and x, y, z, w finite: the triangle is drawn (clipped when not fast)
+    bool fast;      // inside the guard band with a finite setup: X, Y hold its snapped position
+    int X, Y;       // fixed-point position, 1/256 pixel
 };
+
+// Signed distance, scaled by W or H, of a clip point to guard-band plane k (x <= gx w, -x <= gx w,
+// y <= gy w, -y <= gy w, gx = (W + 2 GUARD_BAND) / W): >= 0 is inside. Without a division, so that
+// for float32 inputs every product is exact in double and the test of a vertex is exact.
+__device__ __forceinline__ double plane_distance(int k, int H, int W, double x, double y, double w) {
+    if (k == 0) return (double)(W + 2 * GUARD_BAND) * w - (double)W * x;
+    if (k == 1) return (double)(W + 2 * GUARD_BAND) * w + (double)W * x;
+    if (k == 2) return (double)(H + 2 * GUARD_BAND) * w - (double)H * y;
+    return (double)(H + 2 * GUARD_BAND) * w + (double)H * y;
+}
+
+// Out of line: it runs only for vertices near or beyond the band, and inlined, its double arithmetic
+// took registers from the triangle pass's hot loop.
+__device__ __noinline__ bool inside_band(float4 p, int H, int W) {
+    double x = (double)p.x, y = (double)p.y, w = (double)p.w;
+    return (plane_distance(0, H, W, x, y, w) >= 0.0) & (plane_distance(1, H, W, x, y, w) >= 0.0) &
+           (plane_distance(2, H, W, x, y, w) >= 0.0) & (plane_distance(3, H, W, x, y, w) >= 0.0);
+}
+
+// Round half to even of s * 256 (exact: a power of two), as an int.
+__device__ __forceinline__ int snap(float s) { return (int)rintf(s * (float)SUBPIXEL_SCALE); }
 
 __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, float half_h) {
     ScreenVertex s;
@@ -26,46 +59,49 @@ __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, fl
     s.x = (p.x * rw + 1.0f) * half_w - 0.5f;
     s.y = (1.0f - p.y * rw) * half_h - 0.5f;
     s.z = p.z * rw;
-    s.valid = (p.w > 0.0f) & isfinite(s.x) & isfinite(s.y) & isfinite(s.z);  // bitwise: no branches
+    int W = (int)(2.0f * half_w), H = (int)(2.0f * half_h);  // half_w, half_h are exactly W / 2, H / 2
+    // Fast: inside the guard band (the signs of the four plane distances, exact in double) with a
+    // finite setup. A float test with a margin of 64 pixels, which implies it (and that x, y, z, w are
+    // finite), settles nearly every vertex without double arithmetic.
+    s.valid = (p.w > 0.0f) & isfinite(p.x) & isfinite(p.y) & isfinite(p.z) & isfinite(p.w);
+    float inf = __int_as_float(0x7F800000);
+    s.fast = (p.w > 0.0f) & (p.w < inf) & (fabsf(s.x - half_w) < (float)(W / 2 + GUARD_BAND - 64)) &
+             (fabsf(s.y - half_h) < (float)(H / 2 + GUARD_BAND - 64)) & (fabsf(s.z) < inf);
+    if (!s.fast && s.valid) {
+        s.fast = isfinite(s.x) & isfinite(s.y) & isfinite(s.z) && inside_band(p, H, W);
+    }
+    s.X = s.fast ? snap(s.x) : 0;
+    s.Y = s.fast ? snap(s.y) : 0;
     return s;
 }
 
-// An edge a->b of a triangle whose area has sign o: its direction, times o, and its origin, the
-// lexicographically smaller endpoint (by x, then y), from which it is evaluated:
-// E(p) = dx * (py - oy) - dy * (px - ox). A triangle sharing the edge computes the direction
-// b - a as a - b (exactly the negation) and uses the same origin, so its values are exactly the
-// negated ones (a zero may differ in sign, which no test below sees). This is the product
-// s * (canonical direction) of the earlier canonical-edge form, with the same rounded values.
+// An edge a->b of a triangle, oriented by the sign o of its area so that the interior is where all
+// three values are positive: E(p) = dx (p.y - a.y) - dy (p.x - a.x), exact in integers (so a
+// triangle sharing the edge gets exactly the negated values, and at a shared vertex both incident
+// edges give exactly 0).
 struct Edge {
-    float ox, oy, dx, dy;
+    int ax, ay, dx, dy;
     bool own;  // top-left rule: the oriented direction (dx, dy) has dy < 0, or dy == 0 and dx > 0
 };
 
-__device__ __forceinline__ Edge make_edge(float ax, float ay, float bx, float by) {
+__device__ __forceinline__ Edge make_edge(const ScreenVertex& a, const ScreenVertex& b, int o) {
     Edge e;
-    bool a_first = (ax < bx) | ((ax == bx) & (ay < by));
-    e.ox = a_first ? ax : bx;
-    e.oy = a_first ? ay : by;
-    e.dx = bx - ax;
-    e.dy = by - ay;
-    e.own = false;
+    e.ax = a.X;
+    e.ay = a.Y;
+    e.dx = o * (b.X - a.X);
+    e.dy = o * (b.Y - a.Y);
+    e.own = (e.dy < 0) | ((e.dy == 0) & (e.dx > 0));
     return e;
 }
 
-__device__ __forceinline__ void orient_edge(Edge& e, float o) {
-    e.dx = o * e.dx;
-    e.dy = o * e.dy;
-    e.own = (e.dy < 0.0f) | ((e.dy == 0.0f) & (e.dx > 0.0f));
-}
-
-__device__ __forceinline__ float edge_value(const Edge& e, float px, float py) {
-    return e.dx * (py - e.oy) - e.dy * (px - e.ox);
+__device__ __forceinline__ long long edge_value(const Edge& e, int px, int py) {
+    return (long long)e.dx * (py - e.ay) - (long long)e.dy * (px - e.ax);
 }
 
 // Bitwise, not short-circuit, operators: the tests then compile to predicates instead of a
 // branch (and a divergence region) per edge.
-__device__ __forceinline__ bool edge_inside(const Edge& e, float v) {
-    return (v > 0.0f) | ((v == 0.0f) & e.own);
+__device__ __forceinline__ bool edge_inside(const Edge& e, long long v) {
+    return (v > 0) | ((v == 0) & e.own);
 }
 
 // Order-preserving unsigned key of a float (-0 folded onto +0 by adding +0).
@@ -104,55 +140,171 @@ struct AtomicMinSink {
     }
 };
 
-// The work of one triangle in one image: vertex setup (Setup), bounding box over pixel centres,
-// edge tests and, per covered centre, the key (depth key << 32 | triangle id) handed to Sink (in
-// the library, a 64-bit atomicMin: the min makes the result independent of thread order, nearest
-// depth first, then the lower triangle id). The templates let bench/profile_rasterize.py time
-// variants of the setup and the sink around this same code.
-template <class Setup, class Sink>
-__device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, int i1, int i2, int t, int H, int W,
-                                                   int cull, const Sink& sink) {
-    ScreenVertex v0, v1, v2;
-    setup(i0, i1, i2, v0, v1, v2);
-    if (!(v0.valid & v1.valid & v2.valid)) return;
-
-    // Bounding box over pixel centres, clamped in float before any conversion to int.
-    float ilo = fmaxf(ceilf(fminf(fminf(v0.y, v1.y), v2.y)), 0.0f);
-    float ihi = fminf(floorf(fmaxf(fmaxf(v0.y, v1.y), v2.y)), (float)(H - 1));
-    float jlo = fmaxf(ceilf(fminf(fminf(v0.x, v1.x), v2.x)), 0.0f);
-    float jhi = fminf(floorf(fmaxf(fmaxf(v0.x, v1.x), v2.x)), (float)(W - 1));
+// Step 2 of one triangle whose corners have fixed-point positions: coverage exact in integers, and
+// the depth of the key interpolated there from the exact edge values, as GPUs do (the depth test
+// sees the snapped triangle; the resolve recomputes the depth it outputs from the clip positions).
+// Keys (depth key << 32 | triangle id) of the covered centres go to Sink. The Numba twin is
+// _raster_fixed (the same integers, carried exactly in float64, stepped along a row).
+template <class Sink>
+__device__ __forceinline__ void rasterize_fixed(const ScreenVertex& v0, const ScreenVertex& v1,
+                                                const ScreenVertex& v2, int t, int H, int W, int cull,
+                                                const Sink& sink) {
+    // Bounding box over pixel centres (centre (i, j) at (j, i) * 256): ceil and floor divisions by
+    // 256 as arithmetic shifts. First, before any other work: many triangles of a fine mesh hold none.
+    int ilo = max(-((-min(min(v0.Y, v1.Y), v2.Y)) >> SUBPIXEL_BITS), 0);
+    int ihi = min(max(max(v0.Y, v1.Y), v2.Y) >> SUBPIXEL_BITS, H - 1);
+    int jlo = max(-((-min(min(v0.X, v1.X), v2.X)) >> SUBPIXEL_BITS), 0);
+    int jhi = min(max(max(v0.X, v1.X), v2.X) >> SUBPIXEL_BITS, W - 1);
     if (ilo > ihi || jlo > jhi) return;
-
-    Edge e0 = make_edge(v1.x, v1.y, v2.x, v2.y);  // edge 0: v1->v2, opposite v0
-    Edge e1 = make_edge(v2.x, v2.y, v0.x, v0.y);  // edge 1: v2->v0
-    Edge e2 = make_edge(v0.x, v0.y, v1.x, v1.y);  // edge 2: v0->v1
-    float area = e2.dx * (v2.y - e2.oy) - e2.dy * (v2.x - e2.ox);
-    if (area == 0.0f) return;
-    if (cull && area > 0.0f) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
-    float o = area > 0.0f ? 1.0f : -1.0f;
-    orient_edge(e0, o);
-    orient_edge(e1, o);
-    orient_edge(e2, o);
+    long long area = (long long)(v1.X - v0.X) * (v2.Y - v0.Y) - (long long)(v1.Y - v0.Y) * (v2.X - v0.X);
+    if (area == 0) return;
+    if (cull && area > 0) return;  // y-down pixel frame: counter-clockwise on screen has area < 0
+    int o = area > 0 ? 1 : -1;
+    Edge e0 = make_edge(v1, v2, o);  // edge 0: v1->v2, opposite v0
+    Edge e1 = make_edge(v2, v0, o);  // edge 1: v2->v0
+    Edge e2 = make_edge(v0, v1, o);  // edge 2: v0->v1
 
     // The box's centres in row-major order as one flat loop: a warp then runs as many iterations
     // as its largest box has centres, not (most rows) x (most columns) as nested loops would.
-    // Every centre is evaluated directly (no incremental stepping), so the values do not depend
-    // on the loop's shape and equal the Numba twin's nested loops.
-    int i = (int)ilo, j_begin = (int)jlo, j_end = (int)jhi;
-    int j = j_begin;
-    int n = ((int)ihi - i + 1) * (j_end - j_begin + 1);  // <= 16384^2 < 2^31 (check_resolution)
+    int i = ilo, j = jlo;
+    int n = (ihi - ilo + 1) * (jhi - jlo + 1);  // <= 16384^2 < 2^31 (check_resolution)
     for (int k = 0; k < n; ++k) {
-        float px = (float)j, py = (float)i;
-        float w0 = edge_value(e0, px, py);
-        float w1 = edge_value(e1, px, py);
-        float w2 = edge_value(e2, px, py);
+        int px = j << SUBPIXEL_BITS, py = i << SUBPIXEL_BITS;
+        long long w0 = edge_value(e0, px, py);
+        long long w1 = edge_value(e1, px, py);
+        long long w2 = edge_value(e2, px, py);
         if (edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2)) {
-            float z = (w0 * v0.z + w1 * v1.z + w2 * v2.z) / (w0 + w1 + w2);
+            float f0 = (float)w0, f1 = (float)w1, f2 = (float)w2;
+            float z = (f0 * v0.z + f1 * v1.z + f2 * v2.z) / (f0 + f1 + f2);
             if (z >= -1.0f && z <= 1.0f) sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
         }
-        bool wrap = j == j_end;
-        j = wrap ? j_begin : j + 1;
+        bool wrap = j == jhi;
+        j = wrap ? jlo : j + 1;
         i += wrap ? 1 : 0;
+    }
+}
+
+// A corner of the clipper's polygon: a homogeneous 2-D point (x, y, w), the triangle corner it is
+// (0..2, or -1 for a cut point) and the line of the edge that leaves it (0..2: the triangle's edge
+// k, from corner k+1 to k+2; 3..6: a band plane).
+struct ClipPoint {
+    double x, y, w;
+    int corner, edge;
+};
+
+struct Line {
+    double a, b, c;
+};
+
+// The 3-D cross product: the line through two homogeneous 2-D points, or the point on two lines.
+__device__ __forceinline__ Line cross3(double ax, double ay, double aw, double bx, double by, double bw) {
+    return Line{ay * bw - aw * by, aw * bx - ax * bw, ax * by - ay * bx};
+}
+
+// Band plane k as a line (a, b, c): plane_distance is a x + b y + c w.
+__device__ __forceinline__ Line plane_line(int k, int H, int W) {
+    if (k == 0) return Line{-(double)W, 0.0, (double)(W + 2 * GUARD_BAND)};
+    if (k == 1) return Line{(double)W, 0.0, (double)(W + 2 * GUARD_BAND)};
+    if (k == 2) return Line{0.0, -(double)H, (double)(H + 2 * GUARD_BAND)};
+    return Line{0.0, (double)H, (double)(H + 2 * GUARD_BAND)};
+}
+
+// z as a finite float (an infinite depth would make 0 * inf); NaN goes beyond the far plane.
+__device__ __forceinline__ float finite_depth(double z) {
+    if (!(z == z)) return 2.0f;
+    return (float)fmin(fmax(z, -3.4028234663852886e38), 3.4028234663852886e38);
+}
+
+// Step 2 of a triangle with a corner off the fast path (rare: kept out of line so that its registers
+// and local arrays do not weigh on the fast path). The Numba twin, _raster_clipped, explains the
+// algorithm: Sutherland-Hodgman against the four band planes in double homogeneous 2-D coordinates,
+// every cut point the cross product of a triangle edge's line and a plane (accurate whatever the
+// size of the coordinates, and the same for both triangles of a shared edge), then the fan of the
+// clipped polygon on the fixed-point grid.
+template <class Sink>
+__device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, int i0, int i1, int i2,
+                                               const ScreenVertex* corners, int t, int H, int W, int cull,
+                                               const Sink& sink) {
+    float4 p[3] = {pb[i0], pb[i1], pb[i2]};
+    Line lines[7];
+    ClipPoint poly[2][8];
+    for (int k = 0; k < 3; ++k) {
+        const float4& a = p[(k + 1) % 3];
+        const float4& b = p[(k + 2) % 3];
+        lines[k] = cross3((double)a.x, (double)a.y, (double)a.w, (double)b.x, (double)b.y, (double)b.w);
+        poly[0][k] = ClipPoint{(double)p[k].x, (double)p[k].y, (double)p[k].w, k, (k + 2) % 3};
+    }
+    for (int k = 0; k < 4; ++k) lines[3 + k] = plane_line(k, H, W);
+    int n = 3, src = 0;
+    for (int plane = 0; plane < 4; ++plane) {
+        int dst = 1 - src, m = 0;
+        for (int k = 0; k < n; ++k) {
+            int q = k + 1 < n ? k + 1 : 0;
+            const ClipPoint& P = poly[src][k];
+            const ClipPoint& Q = poly[src][q];
+            double dp = plane_distance(plane, H, W, P.x, P.y, P.w);
+            double dq = plane_distance(plane, H, W, Q.x, Q.y, Q.w);
+            if (dp >= 0.0) poly[dst][m++] = P;
+            if ((dp >= 0.0) != (dq >= 0.0)) {
+                const Line& L = lines[P.edge];
+                const Line& M = lines[3 + plane];
+                Line r = cross3(L.a, L.b, L.c, M.a, M.b, M.c);
+                if (r.c < 0.0) r = Line{-r.a, -r.b, -r.c};
+                // Leaving the half-plane the polygon follows the plane, entering it the edge; a point
+                // at infinity (parallel by rounding) is left out.
+                if (r.c > 0.0) poly[dst][m++] = ClipPoint{r.a, r.b, r.c, -1, dp >= 0.0 ? 3 + plane : P.edge};
+            }
+        }
+        n = m;
+        src = dst;
+        if (n < 3) return;
+    }
+    ScreenVertex sv[8];
+    for (int k = 0; k < n; ++k) {
+        const ClipPoint& P = poly[src][k];
+        if (P.corner >= 0 && corners[P.corner].fast) {
+            sv[k] = corners[P.corner];
+            continue;
+        }
+        double sx = (P.x / P.w + 1.0) * ((double)W * 0.5) - 0.5;
+        double sy = (1.0 - P.y / P.w) * ((double)H * 0.5) - 0.5;
+        double z;
+        if (P.corner >= 0) {
+            z = (double)p[P.corner].z / (double)p[P.corner].w;
+        } else {
+            double c0 = (lines[0].a * P.x + lines[0].b * P.y) + lines[0].c * P.w;
+            double c1 = (lines[1].a * P.x + lines[1].b * P.y) + lines[1].c * P.w;
+            double c2 = (lines[2].a * P.x + lines[2].b * P.y) + lines[2].c * P.w;
+            double num = (c0 * (double)p[0].z + c1 * (double)p[1].z) + c2 * (double)p[2].z;
+            double den = (c0 * (double)p[0].w + c1 * (double)p[1].w) + c2 * (double)p[2].w;
+            z = num / den;
+        }
+        sv[k].X = (int)rint(sx * (double)SUBPIXEL_SCALE);
+        sv[k].Y = (int)rint(sy * (double)SUBPIXEL_SCALE);
+        sv[k].x = 0.0f;  // unused past the setup
+        sv[k].y = 0.0f;
+        sv[k].z = finite_depth(z);
+        sv[k].valid = true;
+        sv[k].fast = true;
+    }
+    for (int k = 1; k + 1 < n; ++k) rasterize_fixed(sv[0], sv[k], sv[k + 1], t, H, W, cull, sink);
+}
+
+// The work of one triangle in one image: vertex setup (Setup), then step 2 on the fast path or
+// through the clipper. The templates let bench/profile_rasterize.py time variants of the setup and
+// the sink (in the library, a 64-bit atomicMin: the min makes the result independent of thread
+// order, nearest depth first, then the lower triangle id) around this same code. Setup has a
+// member pb, the image's clip positions, which the clipper reads.
+template <class Setup, class Sink>
+__device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, int i1, int i2, int t, int H, int W,
+                                                   int cull, const Sink& sink) {
+    ScreenVertex v[3];
+    setup(i0, i1, i2, v[0], v[1], v[2]);
+    if (!(v[0].valid & v[1].valid & v[2].valid)) return;
+    if (v[0].fast & v[1].fast & v[2].fast) {
+        rasterize_fixed(v[0], v[1], v[2], t, H, W, cull, sink);
+    } else {
+        rasterize_clipped(setup.pb, i0, i1, i2, v, t, H, W, cull, sink);
     }
 }
 
@@ -162,8 +314,14 @@ __device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, i
 // busy; consecutive threads take consecutive triangles of one image, which are neighbours in a
 // mesh, so their loads and atomics land in nearby cache lines. zbuf (B, H, W) is initialised to
 // all ones by the caller.
-extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V,
-                                         int T, int H, int W, int cull, unsigned long long* __restrict__ zbuf) {
+// __launch_bounds__(512, 2): at most 64 registers a thread. The out-of-line clipper and band test
+// count in the kernel's register allocation (100 registers without the bound, where the hot path
+// needs 58 and run 3's kernel had 51, allocated as 56); the bound makes the cold code spill instead,
+// keeping 8 blocks of 128 threads per SM (run 3: 9). Blocks of up to 512 threads stay launchable.
+extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd(const float4* __restrict__ pos,
+                                                                   const int* __restrict__ tri, int B, int V, int T,
+                                                                   int H, int W, int cull,
+                                                                   unsigned long long* __restrict__ zbuf) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
@@ -178,10 +336,12 @@ extern "C" __global__ void rasterize_fwd(const float4* __restrict__ pos, const i
 
 // The triangle pass with the vertex setup done beforehand, once per vertex instead of once per
 // triangle corner (a face mesh has about 6 corners per vertex): rasterize_setup writes scr (B, V)
-// float4 = (sx, sy, zn, valid ? 1 : 0), one thread per (vertex, image) on the same 2-D grid shape
-// as rasterize_fwd; rasterize_fwd_screen is rasterize_fwd reading those (the same numbers, so
-// the same keys). Used when fastface.ops.rasterize._FWD_PREPASS is set: it trades three
-// divisions per triangle for a write and a read of 16 bytes per vertex.
+// float4 = (sx, sy, zn, class) with class 0 (dropped), 1 (fast) or 2 (valid, to be clipped), one
+// thread per (vertex, image) on the same 2-D grid shape as rasterize_fwd; rasterize_fwd_screen is
+// rasterize_fwd reading those (the same numbers, so the same keys; the snapped position is a
+// function of sx, sy), and the clip positions pos for the clipper. Used when
+// fastface.ops.rasterize._FWD_PREPASS is set: it trades three divisions per triangle for a write
+// and a read of 16 bytes per vertex.
 extern "C" __global__ void rasterize_setup(const float4* __restrict__ pos, int B, int V, int H, int W,
                                            float4* __restrict__ scr) {
     int v = blockIdx.x * blockDim.x + threadIdx.x;
@@ -190,30 +350,45 @@ extern "C" __global__ void rasterize_setup(const float4* __restrict__ pos, int B
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
         long long k = (long long)b * V + v;
         ScreenVertex s = screen_vertex(pos[k], half_w, half_h);
-        scr[k] = make_float4(s.x, s.y, s.z, s.valid ? 1.0f : 0.0f);
+        scr[k] = make_float4(s.x, s.y, s.z, s.fast ? 1.0f : s.valid ? 2.0f : 0.0f);
     }
+}
+
+__device__ __forceinline__ ScreenVertex unpack_screen_vertex(float4 a) {
+    ScreenVertex s;
+    s.x = a.x;
+    s.y = a.y;
+    s.z = a.z;
+    s.valid = a.w != 0.0f;
+    s.fast = a.w == 1.0f;
+    s.X = s.fast ? snap(a.x) : 0;
+    s.Y = s.fast ? snap(a.y) : 0;
+    return s;
 }
 
 struct ScreenSetup {
     const float4* __restrict__ sb;
+    const float4* __restrict__ pb;  // clip positions, for the clipper
     __device__ __forceinline__ void operator()(int i0, int i1, int i2, ScreenVertex& v0, ScreenVertex& v1,
                                                ScreenVertex& v2) const {
         float4 a = sb[i0], c = sb[i1], d = sb[i2];
-        v0.x = a.x; v0.y = a.y; v0.z = a.z; v0.valid = a.w != 0.0f;
-        v1.x = c.x; v1.y = c.y; v1.z = c.z; v1.valid = c.w != 0.0f;
-        v2.x = d.x; v2.y = d.y; v2.z = d.z; v2.valid = d.w != 0.0f;
+        v0 = unpack_screen_vertex(a);
+        v1 = unpack_screen_vertex(c);
+        v2 = unpack_screen_vertex(d);
     }
 };
 
-extern "C" __global__ void rasterize_fwd_screen(const float4* __restrict__ scr, const int* __restrict__ tri, int B,
-                                                int V, int T, int H, int W, int cull,
-                                                unsigned long long* __restrict__ zbuf) {
+extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd_screen(const float4* __restrict__ scr,
+                                                                          const int* __restrict__ tri, int B, int V,
+                                                                          int T, int H, int W, int cull,
+                                                                          unsigned long long* __restrict__ zbuf,
+                                                                          const float4* __restrict__ pos) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
     if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
-        ScreenSetup setup{scr + (long long)b * V};
+        ScreenSetup setup{scr + (long long)b * V, pos + (long long)b * V};
         AtomicMinSink sink{zbuf + (long long)b * H * W, W};
         rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
     }
@@ -238,6 +413,28 @@ __device__ __forceinline__ PixelBary pixel_bary(float4 p0, float4 p1, float4 p2,
     r.c1 = r.a2x * r.a0y - r.a2y * r.a0x;
     float c2 = r.a0x * r.a1y - r.a0y * r.a1x;
     r.s = r.c0 + r.c1 + c2;
+    return r;
+}
+
+// The forward's barycentrics in double (the twin: _pixel_bary_exact): pixel_bary's formula with
+// float inputs made exact in double, so that the cancellation in x_k - X w_k, which in float moved
+// the reprojected point of a triangle seen nearly edge-on by up to 2e-2 pixel, costs nothing that
+// survives the final rounding to float.
+struct ExactBary {
+    double c0, c1, c2;
+};
+
+__device__ __forceinline__ ExactBary pixel_bary_exact(float4 p0, float4 p1, float4 p2, double X, double Y) {
+    double a0x = (double)p0.x - X * (double)p0.w;
+    double a0y = (double)p0.y - Y * (double)p0.w;
+    double a1x = (double)p1.x - X * (double)p1.w;
+    double a1y = (double)p1.y - Y * (double)p1.w;
+    double a2x = (double)p2.x - X * (double)p2.w;
+    double a2y = (double)p2.y - Y * (double)p2.w;
+    ExactBary r;
+    r.c0 = a1x * a2y - a1y * a2x;
+    r.c1 = a2x * a0y - a2y * a0x;
+    r.c2 = a0x * a1y - a0y * a1x;
     return r;
 }
 
@@ -299,14 +496,21 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
             r2[c] = a2[c];
         }
     }
-    float X = (float)(2 * j + 1 - W) / (float)W;
-    float Y = (float)(H - 2 * i - 1) / (float)H;
-    PixelBary r = pixel_bary(q0, q1, q2, X, Y);
-    float u = r.s != 0.0f ? r.c0 / r.s : 0.0f;
-    float v = r.s != 0.0f ? r.c1 / r.s : 0.0f;
+    double X = (double)(2 * j + 1 - W) * (1.0 / (double)W);
+    double Y = (double)(H - 2 * i - 1) * (1.0 / (double)H);
+    ExactBary r = pixel_bary_exact(q0, q1, q2, X, Y);
+    // u = c0 / s, v = c1 / s, and the NDC depth zc / wc of the clip point sum b_k p_k (the key's
+    // depth is that of the snapped triangle): two independent divisions.
+    double s = (r.c0 + r.c1) + r.c2;
+    double zc = (r.c0 * (double)q0.z + r.c1 * (double)q1.z) + r.c2 * (double)q2.z;
+    double wc = (r.c0 * (double)q0.w + r.c1 * (double)q1.w) + r.c2 * (double)q2.w;
+    double rs = s != 0.0 ? 1.0 / s : 0.0;
+    float u = (float)(r.c0 * rs);
+    float v = (float)(r.c1 * rs);
     tri_id[p] = (int)t;
     bary[p] = make_float2(u, v);
-    depth[p] = key_depth((unsigned int)(key >> 32));
+    float z = wc != 0.0 ? (float)(zc / wc) : key_depth((unsigned int)(key >> 32));
+    depth[p] = z < -1.0f ? -1.0f : (z > 1.0f ? 1.0f : z);  // the key's test: [-1, 1]
     float w2 = (1.0f - u) - v;
     if (C > 0) {
 #pragma unroll

@@ -87,6 +87,15 @@ TOLERANCES = {
     # another order (1e-6 px measured) that Adam, normalising each step, can turn into a few
     # 1e-4 px; a wrong kernel argument or a host/device mix-up moves pixels.
     "fit_gpu_emulated_px": 1e-2,
+    # The rasterizer's barycentrics, reprojected through the clip positions onto the screen, against
+    # the pixel centre (issue 10): rounding the exact weights to float32 gives about 1e-6 pixel,
+    # the old float32 formula up to 2e-2 on triangles seen nearly edge-on.
+    "bary_reprojection_px": 1e-5,
+    # Coverage on the 1/256-pixel grid against exact coverage of the unsnapped triangle: a snapped
+    # vertex moves by at most 1/512 pixel per axis (plus the float32 rounding of a screen position
+    # of up to 2.5e4 pixels, 1/1024), so a centre may change sides only that close to an edge;
+    # 1/64 pixel bounds that and still catches a wrong clip (pixels off) or a lost triangle.
+    "snapped_coverage_px": 1.0 / 64,
 }
 
 

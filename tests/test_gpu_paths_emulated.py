@@ -309,6 +309,26 @@ def test_more_images_than_grid_rows_are_all_computed(gpu, rng, tol):
     assert_all_computed(gpu)
 
 
+@pytest.mark.parametrize("prepass", [False, True])
+def test_rasterize_gpu_path_matches_the_cpu_on_the_issue_10_cases(gpu, rng, monkeypatch, prepass):
+    """Bit for bit, the fixed-point coverage, the clipper and the float64 barycentrics (with the vertex
+    setup inline, and as a pass of its own whose triangle pass reads the clip positions for the clipper)."""
+    from tests.ops.test_rasterize import issue_10_cases  # noqa: PLC0415
+
+    cp = gpu.cupy
+    monkeypatch.setattr(sys.modules["fastface.ops.rasterize"], "_FWD_PREPASS", prepass)
+    for name, pos, tri, res in issue_10_cases(rng):
+        for cull in (False, True):
+            cpu = fastface.rasterize(pos, tri, res, cull_backfaces=cull)
+            got = fastface.rasterize(cp.asarray(pos), cp.asarray(tri), res, cull_backfaces=cull)
+            if not cull:
+                assert (cpu.tri_id >= 0).any(), name
+            for field in ("tri_id", "bary", "depth"):
+                assert_equal(getattr(got, field), getattr(cpu, field))
+    assert ("rasterize.cu", "rasterize_fwd_screen" if prepass else "rasterize_fwd") in gpu.computed
+    assert_all_computed(gpu)
+
+
 # ---------------------------------------------------------------------------------------------
 # Antialiasing
 

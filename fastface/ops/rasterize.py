@@ -8,39 +8,60 @@ The algorithm, the same on both backends:
 
 1. Setup of one vertex, in the working float type (float32 on the hot path), always with the same
    operations in the same order:  rw = 1/w;  sx = (x*rw + 1)*(W/2) - 1/2;  sy = (1 - y*rw)*(H/2) - 1/2;
-   zn = z*rw. (sx, sy) are pixel coordinates with y pointing down and pixel centres at integers, so
-   the centres are exact. A vertex with w <= 0 or a non-finite result is invalid, and a triangle with
-   an invalid vertex is dropped: there is no clipping, so a triangle crossing the camera plane is
-   not drawn at all.
+   zn = z*rw. (sx, sy) are pixel coordinates with y pointing down and pixel centres at integers.
+   A vertex with w <= 0 or a non-finite coordinate is dropped, and so is every triangle it belongs
+   to: there is no clipping at the camera plane. A vertex inside the guard band (GUARD_BAND = 8192
+   pixels beyond each side of the screen: |x| <= (W + 2 GUARD_BAND)/W w and likewise y, tested
+   exactly in float64 where a float test with a 64-pixel margin does not already settle it) whose
+   sx, sy, zn are finite takes the fast path: its position is snapped to
+   the fixed-point grid, X = rint(256 sx), Y = rint(256 sy) (8 bits of subpixel precision, as GPUs).
+   Any other valid vertex makes its triangles go through the clipper (step 2b).
 2. One pass per triangle (a thread per triangle and image on the GPU): the bounding box over pixel
-   centres, edge tests at each centre inside it, the NDC depth there, and a 64-bit min into a
-   per-image buffer of keys  (depth key << 32) | triangle id,  initialised to all ones. The depth key
-   is the float32 bit pattern of z made order-preserving as an unsigned integer, so the min picks the
-   nearest fragment, and among equal depths the lower triangle id: the result does not depend on the
-   order in which triangles or threads run. Fragments with NDC z outside [-1, 1] (in front of the
-   near plane or behind the far plane) are dropped.
-3. One pass per pixel: unpack the winning triangle id, compute perspective-correct barycentrics from
-   the clip positions and decode the depth from the key.
+   centres, exact integer edge tests at each centre inside it, the NDC depth there, and a 64-bit min
+   into a per-image buffer of keys  (depth key << 32) | triangle id,  initialised to all ones. The
+   depth key is the float32 bit pattern of z (+0 added, which folds -0 onto +0) made
+   order-preserving as an unsigned integer, so the min picks the nearest fragment, and among equal
+   depths the lower triangle id: the result does not depend on the order in which triangles or
+   threads run. Fragments with NDC z outside [-1, 1] (in front of the near plane, z < -w, or behind
+   the far plane) are dropped; z = -w exactly (NDC -1) is kept. The depth of the key is interpolated
+   with the exact edge values, that is on the snapped triangle, as on GPUs (a triangle of constant
+   depth keeps it exactly).
+2b. The clipper (rare: a corner beyond the guard band, e.g. at NDC 1e19, or at w = 1e-37):
+   Sutherland-Hodgman against the four band planes in float64 homogeneous 2-D coordinates (x, y, w),
+   each cut point computed as the cross product of a triangle edge's line (itself the cross product
+   of the edge's endpoints) with the plane, which stays accurate at any scale; the clipped polygon's
+   corners are snapped (triangle corners on the fast path keep their snapped position) and its fan
+   rasterized as in step 2 under the triangle's id. The band lies far outside the screen, so the cut
+   edges along it cover no pixel centre.
+3. One pass per pixel: unpack the winning triangle id, compute perspective-correct barycentrics and
+   the depth from the clip positions. The barycentrics are c_k = a_{k+1} x a_{k+2} with
+   a_k = (x_k - X w_k, y_k - Y w_k) for the pixel's NDC (X, Y) (the homogeneous edge functions
+   (p_{k+1} x p_{k+2}) . (X, Y, 1) of p_k = (x_k, y_k, w_k)), computed in float64,
+   u = c_0 / s, v = c_1 / s with s = c_0 + c_1 + c_2, then rounded: in float64
+   the cancellation of x_k - X w_k that float32 suffers on triangles seen nearly edge-on is harmless,
+   and the weights reproject onto the pixel centre within about 1e-5 pixel of the float32-rounded
+   exact ones. The depth output is the NDC z of the clip point sum b_k p_k, also in float64 and
+   clamped to [-1, 1] (so it does not carry the snapping of the key's depth).
 
-Coverage and the tie rule (why it is watertight). The edge function of the directed edge a->b at a
-point p is E_ab(p) = (b.x - a.x)(p.y - a.y) - (b.y - a.y)(p.x - a.x). In floating point E_ab(p) is not
-exactly -E_ba(p), so every edge is evaluated from the same origin whichever way it is walked: its
-lexicographically smaller endpoint (by sx, then sy), E(p) = d.x (p.y - o.y) - d.y (p.x - o.x) with
-d = b - a. Two triangles sharing an edge have directions that are exact negatives (b - a and a - b
-round alike) and the same origin, so they compute the same rounded number for it, one with the
-opposite sign, and a centre cannot be inside both by rounding, nor outside both. Each triangle's
-directions are multiplied by the sign of its area (exact) so that its interior is where all three
-edge values are positive. A
-centre is covered when every edge value is > 0, or == 0 on an edge that owns its centres: the edge
-whose normalised direction d satisfies d.y < 0, or d.y == 0 and d.x > 0 (in the y-down pixel frame,
-the triangle's left edges and horizontal top edges: the usual top-left rule). For an edge shared by
-two triangles the normalised directions are opposite, and exactly one of d and -d owns, so a centre
-exactly on the shared edge goes to exactly one of them. A centre exactly on a vertex gets an exact 0
-from both incident edges (the two products are the same numbers in swapped order), and going around a
-closed fan of triangles the owning directions form a half-open half-plane, so exactly one triangle of
-the fan takes it. Edge values, depths and barycentrics are computed without fused multiply-adds on
-both backends (the CUDA module is compiled with --fmad=false; Numba does not contract without
-fastmath), which also makes the GPU results match the CPU bit for bit up to summation order.
+Coverage and the tie rule (why it is watertight by construction). The edge function of the directed
+edge a->b at a point p is E_ab(p) = (b.x - a.x)(p.y - a.y) - (b.y - a.y)(p.x - a.x). On the fixed-point
+grid every term is an integer: a snapped coordinate stays below 2^23 in magnitude (inside the band,
+with H, W <= 16384), a difference below 2^24, and E below 2^50, so long long on the GPU (from
+32 x 32 -> 64-bit products) holds it exactly, and so does float64 on the CPU, where every value is an
+integer below 2^53 and every sum, difference and product of them is therefore exact: the same integers
+as int64 (which measured 15% slower in Numba's triangle pass). E_ab(p) = -E_ba(p) exactly, whatever
+origin it is evaluated from. Each triangle's directions are multiplied by the sign of its area so
+that its interior is where all three edge values are positive. A centre is covered when every edge value is > 0, or == 0
+on an edge that owns its centres: the edge whose oriented direction d satisfies d.y < 0, or d.y == 0
+and d.x > 0 (in the y-down pixel frame, the triangle's left edges and horizontal top edges: the usual
+top-left rule). For an edge shared by two triangles the oriented directions are opposite, and exactly
+one of d and -d owns, so a centre on the shared edge goes to exactly one of them. A centre exactly on
+a snapped vertex gets an exact 0 from both incident edges, and going around a closed fan of triangles
+the owning directions form a half-open half-plane, so exactly one triangle of the fan takes it. The
+clipper keeps this: whether a shared edge is cut, and where, depends only on its endpoints. Floats
+(depths, barycentrics) are computed without fused multiply-adds on both backends (the CUDA module is
+compiled with --fmad=false; Numba does not contract without fastmath), which makes the GPU results
+match the CPU bit for bit up to summation order.
 
 Empty pixels have tri_id -1, bary 0 and depth +inf.
 
@@ -82,8 +103,8 @@ class Raster:
         tri_id: (B, H, W) int32, the index of the triangle covering each pixel centre; -1 if none.
         bary: (B, H, W, 2) float32 (float64 for float64 positions on the CPU), perspective-correct
             weights of the triangle's vertices 0 and 1 (vertex 2 gets 1 - u - v); 0 where empty.
-        depth: (B, H, W) float32 (float64 likewise, holding a float32-rounded value), NDC z of the
-            visible surface in [-1, 1]; +inf where empty.
+        depth: (B, H, W) float32 (float64 likewise), NDC z of the visible surface at the pixel
+            centre (from the clip positions, in float64, clamped to [-1, 1]); +inf where empty.
     """
     tri_id: object
     bary: object
@@ -96,38 +117,96 @@ class Raster:
 # promote float32 arithmetic to float64 in Numba and break bit-for-bit agreement with the GPU).
 # --------------------------------------------------------------------------------------------------
 
+# Fixed point: screen positions are snapped to 1/SUBPIXEL_SCALE of a pixel (8 bits, as GPUs do), and
+# every vertex the fast path takes lies inside the guard band, GUARD_BAND pixels beyond each side of
+# the screen. With H, W <= 16384 a snapped coordinate then stays below 2^23 in magnitude, a difference
+# of two below 2^24, and an edge value (a difference of two products of such differences) below 2^50:
+# exact in int64 (long long on the GPU), whose 32 x 32 -> 64-bit products the GPU makes in one
+# instruction. Vertices outside the band (or whose float setup overflows) are clipped against it in
+# float64 (_raster_clipped), so no triangle is ever dropped for its size.
+SUBPIXEL_BITS = 8
+SUBPIXEL_SCALE = 1 << SUBPIXEL_BITS
+GUARD_BAND = 8192
+
+# Vertex classes of the setup (scr[v, 3]): dropped (w <= 0 or not finite), inside the guard band
+# (snapped in the working float type), valid but outside the band (the triangle is clipped).
+_VERTEX_DROPPED = 0
+_VERTEX_FAST = 1
+_VERTEX_CLIP = 2
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _plane_distance(k, H, W, x, y, w):
+    """Signed distance (float64, scaled by W or H) of a clip point to guard-band plane k (x <= gx w,
+    -x <= gx w, y <= gy w, -y <= gy w with gx = (W + 2 GUARD_BAND) / W): >= 0 is inside. Written
+    without a division, so that for float32 inputs every product is exact in float64 and the test of
+    a vertex is exact."""
+    if k == 0:
+        return np.float64(W + 2 * GUARD_BAND) * w - np.float64(W) * x
+    if k == 1:
+        return np.float64(W + 2 * GUARD_BAND) * w + np.float64(W) * x
+    if k == 2:
+        return np.float64(H + 2 * GUARD_BAND) * w - np.float64(H) * y
+    return np.float64(H + 2 * GUARD_BAND) * w + np.float64(H) * y
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _snap(s):
+    """The fixed-point grid coordinate of a screen coordinate: round half to even of s * 256 (a
+    scaling by a power of two, exact in float32 and float64 alike)."""
+    return np.int64(np.rint(np.float64(s) * np.float64(SUBPIXEL_SCALE)))
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _screen_vertices(pos_b, H, W, scr):
-    """Per-vertex setup of step 1: scr[v] = (sx, sy, zn, valid) for one image."""
+    """Per-vertex setup of step 1 for one image: scr[v] = (X, Y, zn, class), X and Y the snapped
+    position (integers below 2^23, exact in float32) of a fast vertex, 0 for the others: one row of
+    16 bytes a vertex (in float32), read once per triangle corner."""
     one = pos_b.dtype.type(1)
     half = pos_b.dtype.type(0.5)
     half_w = pos_b.dtype.type(W) * half
     half_h = pos_b.dtype.type(H) * half
+    zero = one - one
+    scale = pos_b.dtype.type(SUBPIXEL_SCALE)
+    margin_w = pos_b.dtype.type(W // 2 + GUARD_BAND - 64)
+    margin_h = pos_b.dtype.type(H // 2 + GUARD_BAND - 64)
     for v in range(pos_b.shape[0]):
         x, y, z, w = pos_b[v, 0], pos_b[v, 1], pos_b[v, 2], pos_b[v, 3]
         rw = one / w
         sx = (x * rw + one) * half_w - half
         sy = (one - y * rw) * half_h - half
         zn = z * rw
-        valid = w > 0 and np.isfinite(sx) and np.isfinite(sy) and np.isfinite(zn)
-        scr[v, 0] = sx
-        scr[v, 1] = sy
+        # Fast: inside the guard band (the signs of the four _plane_distance values, exact comparisons
+        # of float64 products) with a finite setup. A float test with a margin of 64 pixels, which
+        # implies it (and that x, y, z, w are finite), settles nearly every vertex at less cost.
+        if (w > 0 and w < np.inf and abs(sx - half_w) < margin_w and abs(sy - half_h) < margin_h
+                and abs(zn) < np.inf):
+            cls = _VERTEX_FAST
+        elif w > 0 and np.isfinite(x) and np.isfinite(y) and np.isfinite(z) and np.isfinite(w):
+            cls = _VERTEX_CLIP
+            wd = np.float64(w)
+            if (np.isfinite(sx) and np.isfinite(sy) and np.isfinite(zn)
+                    and abs(np.float64(W) * np.float64(x)) <= np.float64(W + 2 * GUARD_BAND) * wd
+                    and abs(np.float64(H) * np.float64(y)) <= np.float64(H + 2 * GUARD_BAND) * wd):
+                cls = _VERTEX_FAST
+        else:
+            cls = _VERTEX_DROPPED
+        # The snapped position, as the working float type (exact: |256 sx| < 2^23 inside the band).
+        scr[v, 0] = np.rint(sx * scale) if cls == _VERTEX_FAST else zero
+        scr[v, 1] = np.rint(sy * scale) if cls == _VERTEX_FAST else zero
         scr[v, 2] = zn
-        scr[v, 3] = one if valid else one - one
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _edge_origin(ax, ay, bx, by):
-    """The point an edge a-b is evaluated from: its lexicographically smaller endpoint."""
-    if ax < bx or (ax == bx and ay < by):
-        return ax, ay
-    return bx, by
+        scr[v, 3] = cls
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _owns(dx, dy):
     """Top-left rule on the oriented direction (dx, dy)."""
     return dy < 0 or (dy == 0 and dx > 0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _inside(e, own):
+    return e > 0 or (e == 0 and own)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -149,65 +228,243 @@ def _key_depth(key32):
     return np.uint32(bits).view(np.float32)
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _centre_box(ft, fX0, fY0, fX1, fY1, fX2, fY2, W, r0, r1):
+    """The bounding box over pixel centres (centre (i, j) at (j, i) * 256) of a triangle on the grid
+    (fX_k, fY_k: snapped positions, integers held exactly in the working float type of the array
+    ft), clamped to the columns and the rows [r0, r1): ceil and floor of the coordinates / 256, exact
+    in float (kernels/rasterize.cu: the same with integer shifts). As floats: empty when ilo > ihi
+    or jlo > jhi."""
+    inv = ft.dtype.type(1.0 / SUBPIXEL_SCALE)
+    ilo = max(np.ceil(min(fY0, fY1, fY2) * inv), ft.dtype.type(r0))
+    ihi = min(np.floor(max(fY0, fY1, fY2) * inv), ft.dtype.type(r1 - 1))
+    jlo = max(np.ceil(min(fX0, fX1, fX2) * inv), ft.dtype.type(0))
+    jhi = min(np.floor(max(fX0, fX1, fX2) * inv), ft.dtype.type(W - 1))
+    return ilo, ihi, jlo, jhi
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _raster_fixed(ft, fX0, fY0, z0, fX1, fY1, z1, fX2, fY2, z2, t, W, r0, cull, zbuf, ilo, ihi, jlo, jhi):
+    """Step 2 of one triangle in its (non-empty) box of centres [ilo, ihi] x [jlo, jhi] (from
+    _centre_box: the caller tests the box first, since most triangles of a fine mesh hold no centre
+    at all): zbuf[(i - r0) * W + j] = min(key).
+
+    Coverage on the fixed-point grid (fX_k, fY_k: the snapped position, integers held exactly in the
+    working float type, that of the array ft), and the depth of the key interpolated there from the
+    exact edge values, z = sum e_k z_k / sum e_k with the NDC depths z_k, as GPUs do: the depth test
+    sees the snapped triangle (the resolve recomputes the depth it outputs from the clip positions).
+    The edge arithmetic is integer arithmetic carried in float64: every value is an integer below 2^50
+    (see the module docstring), so each operation is exact and gives kernels/rasterize.cu's long long
+    numbers, at less cost than int64 in Numba.
+    """
+    X0, Y0, X1, Y1, X2, Y2 = (np.float64(fX0), np.float64(fY0), np.float64(fX1), np.float64(fY1), np.float64(fX2),
+                              np.float64(fY2))
+    one = ft.dtype.type(1)
+    area = (X1 - X0) * (Y2 - Y0) - (Y1 - Y0) * (X2 - X0)
+    if area == 0:
+        return
+    if cull and area > 0:  # y-down pixel frame: counter-clockwise on screen has area < 0
+        return
+    o = 1.0 if area > 0 else -1.0
+    # Edge k runs from vertex k+1 to vertex k+2 (opposite vertex k), oriented so that the interior
+    # is where all three values are positive; E_k(p) = dx_k (p.y - a.y) - dy_k (p.x - a.x).
+    dx0, dy0 = o * (X2 - X1), o * (Y2 - Y1)
+    dx1, dy1 = o * (X0 - X2), o * (Y0 - Y2)
+    dx2, dy2 = o * (X1 - X0), o * (Y1 - Y0)
+    own0, own1, own2 = _owns(dx0, dy0), _owns(dx1, dy1), _owns(dx2, dy2)
+    tid = np.uint64(t)
+    px0 = np.float64(jlo * SUBPIXEL_SCALE)
+    # Integer values step exactly, so stepping along a row gives the numbers that the GPU's direct
+    # evaluation at each centre gives.
+    step = np.float64(SUBPIXEL_SCALE)
+    sx0, sx1, sx2 = dy0 * step, dy1 * step, dy2 * step
+    for i in range(ilo, ihi + 1):
+        py = np.float64(i * SUBPIXEL_SCALE)
+        e0 = dx0 * (py - Y1) - dy0 * (px0 - X1)
+        e1 = dx1 * (py - Y2) - dy1 * (px0 - X2)
+        e2 = dx2 * (py - Y0) - dy2 * (px0 - X0)
+        row = (i - r0) * W
+        for j in range(jlo, jhi + 1):
+            if _inside(e0, own0) and _inside(e1, own1) and _inside(e2, own2):
+                f0, f1, f2 = ft.dtype.type(e0), ft.dtype.type(e1), ft.dtype.type(e2)
+                z = (f0 * z0 + f1 * z1 + f2 * z2) / (f0 + f1 + f2)
+                if z >= -one and z <= one:
+                    key = (_depth_key(z) << _SHIFT32) | tid
+                    if key < zbuf[row + j]:
+                        zbuf[row + j] = key
+            e0 -= sx0
+            e1 -= sx1
+            e2 -= sx2
+
+
 @numba.njit(cache=True, error_model="numpy")
-def _raster_triangles(scr, tri, H, W, r0, r1, cull, zbuf):
+def _cross(ax, ay, aw, bx, by, bw):
+    """The 3-D cross product: the line through two homogeneous 2-D points, or the point on two lines."""
+    return ay * bw - aw * by, aw * bx - ax * bw, ax * by - ay * bx
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _plane_line(k, H, W):
+    """Guard-band plane k as a homogeneous line (a, b, c): _plane_distance is a x + b y + c w."""
+    if k == 0:
+        return -np.float64(W), 0.0, np.float64(W + 2 * GUARD_BAND)
+    if k == 1:
+        return np.float64(W), 0.0, np.float64(W + 2 * GUARD_BAND)
+    if k == 2:
+        return 0.0, -np.float64(H), np.float64(H + 2 * GUARD_BAND)
+    return 0.0, np.float64(H), np.float64(H + 2 * GUARD_BAND)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _finite_depth(ft, z):
+    """z as a finite value of the working type (an infinite depth would make 0 * inf); NaN goes beyond
+    the far plane."""
+    zmax = np.float64(np.finfo(ft.dtype).max)
+    if not (z == z):
+        return ft.dtype.type(2)
+    return ft.dtype.type(min(max(z, -zmax), zmax))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _raster_clipped(ft, pos_b, scr, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines):
+    """Step 2 of a triangle with a corner off the fast path: Sutherland-Hodgman against the four guard
+    band planes, in float64 homogeneous 2-D coordinates (x, y, w), then the fan of the clipped
+    polygon on the fixed-point grid (the same operations as rasterize_clipped in kernels/rasterize.cu).
+
+    Every corner of the polygon is a triangle corner, or the point where a triangle edge's line (the
+    cross product of its endpoints, exact up to one rounding per component for float32 positions)
+    meets a band plane, or a band corner: computed as the cross product of the two lines, it stays
+    accurate whatever the size of the coordinates (a cut point interpolated between a vertex at 1e19
+    and one near the screen would not). Whether an edge is cut, and where, depends only on the edge's
+    endpoints (the line of a reversed edge is exactly the negated line), so a triangle sharing the
+    edge cuts it at the same points; corners kept from the triangle keep their fast-path snapped
+    positions. The depth of a cut point comes from its perspective-correct barycentrics (the c_k of
+    _pixel_bary_exact at the point). poly (2, 8, 5) float64 is scratch (x, y, w, corner index or -1,
+    the line of the edge leaving the corner), lines (7, 3) float64 the three edge lines and the
+    four planes.
+    """
+    idx = (i0, i1, i2)
+    for k in range(3):
+        a, b = idx[(k + 1) % 3], idx[(k + 2) % 3]
+        lx, ly, lw = _cross(np.float64(pos_b[a, 0]), np.float64(pos_b[a, 1]), np.float64(pos_b[a, 3]),
+                            np.float64(pos_b[b, 0]), np.float64(pos_b[b, 1]), np.float64(pos_b[b, 3]))
+        lines[k, 0], lines[k, 1], lines[k, 2] = lx, ly, lw
+        v = idx[k]
+        poly[0, k, 0] = np.float64(pos_b[v, 0])
+        poly[0, k, 1] = np.float64(pos_b[v, 1])
+        poly[0, k, 2] = np.float64(pos_b[v, 3])
+        poly[0, k, 3] = k
+        poly[0, k, 4] = (k + 2) % 3  # the edge from corner k to corner k + 1 is edge k + 2
+    for k in range(4):
+        lines[3 + k, 0], lines[3 + k, 1], lines[3 + k, 2] = _plane_line(k, H, W)
+    n = 3
+    src = 0
+    for plane in range(4):
+        dst = 1 - src
+        m = 0
+        for k in range(n):
+            q = k + 1 if k + 1 < n else 0
+            dp = _plane_distance(plane, H, W, poly[src, k, 0], poly[src, k, 1], poly[src, k, 2])
+            dq = _plane_distance(plane, H, W, poly[src, q, 0], poly[src, q, 1], poly[src, q, 2])
+            if dp >= 0:
+                for c in range(5):
+                    poly[dst, m, c] = poly[src, k, c]
+                m += 1
+            if (dp >= 0) != (dq >= 0):
+                e = int(poly[src, k, 4])
+                rx, ry, rw = _cross(lines[e, 0], lines[e, 1], lines[e, 2],
+                                    lines[3 + plane, 0], lines[3 + plane, 1], lines[3 + plane, 2])
+                if rw < 0:
+                    rx, ry, rw = -rx, -ry, -rw
+                if rw > 0:  # else parallel by rounding: no point
+                    poly[dst, m, 0] = rx
+                    poly[dst, m, 1] = ry
+                    poly[dst, m, 2] = rw
+                    poly[dst, m, 3] = -1.0
+                    # Leaving the half-plane, the polygon follows the plane; entering, the edge.
+                    poly[dst, m, 4] = 3 + plane if dp >= 0 else e
+                    m += 1
+        n = m
+        src = dst
+        if n < 3:
+            return
+    # The polygon's corners on screen: fixed-point X, Y (exact in float64 below 2^53) and the NDC depth
+    # (exact in float64 as a working-type value) into the other half of poly.
+    dst = 1 - src
+    for k in range(n):
+        x, y, w = poly[src, k, 0], poly[src, k, 1], poly[src, k, 2]
+        corner = int(poly[src, k, 3])
+        v = idx[corner] if corner >= 0 else -1
+        if v >= 0 and scr[v, 3] == _VERTEX_FAST:
+            X, Y, zn = np.int64(scr[v, 0]), np.int64(scr[v, 1]), scr[v, 2]
+        else:
+            sxd = (x / w + 1.0) * (np.float64(W) * 0.5) - 0.5
+            syd = (1.0 - y / w) * (np.float64(H) * 0.5) - 0.5
+            if v >= 0:
+                zd = np.float64(pos_b[v, 2]) / np.float64(pos_b[v, 3])
+            else:
+                c0 = (lines[0, 0] * x + lines[0, 1] * y) + lines[0, 2] * w
+                c1 = (lines[1, 0] * x + lines[1, 1] * y) + lines[1, 2] * w
+                c2 = (lines[2, 0] * x + lines[2, 1] * y) + lines[2, 2] * w
+                num = (c0 * np.float64(pos_b[i0, 2]) + c1 * np.float64(pos_b[i1, 2])) + c2 * np.float64(pos_b[i2, 2])
+                den = (c0 * np.float64(pos_b[i0, 3]) + c1 * np.float64(pos_b[i1, 3])) + c2 * np.float64(pos_b[i2, 3])
+                zd = num / den
+            X, Y, zn = _snap(sxd), _snap(syd), _finite_depth(ft, zd)
+        poly[dst, k, 0] = np.float64(X)
+        poly[dst, k, 1] = np.float64(Y)
+        poly[dst, k, 2] = np.float64(zn)
+    f = ft.dtype.type
+    for k in range(1, n - 1):
+        # The grid coordinates (below 2^23 in magnitude) are exact in the working float type.
+        fX0, fY0, fX1, fY1 = f(poly[dst, 0, 0]), f(poly[dst, 0, 1]), f(poly[dst, k, 0]), f(poly[dst, k, 1])
+        fX2, fY2 = f(poly[dst, k + 1, 0]), f(poly[dst, k + 1, 1])
+        ilo, ihi, jlo, jhi = _centre_box(ft, fX0, fY0, fX1, fY1, fX2, fY2, W, r0, r1)
+        if ilo <= ihi and jlo <= jhi:
+            _raster_fixed(ft, fX0, fY0, f(poly[dst, 0, 2]), fX1, fY1, f(poly[dst, k, 2]), fX2, fY2,
+                          f(poly[dst, k + 1, 2]), t, W, r0, cull, zbuf, np.int64(ilo), np.int64(ihi), np.int64(jlo),
+                          np.int64(jhi))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _raster_triangles(pos_b, scr, tri, H, W, r0, r1, cull, zbuf):
     """Step 2 for one image and the rows [r0, r1): zbuf[(i - r0) * W + j] = min(key)."""
     V = scr.shape[0]
-    one = scr.dtype.type(1)
-    zero = one - one
-    col_max = scr.dtype.type(W - 1)
-    row_lo = scr.dtype.type(r0)
-    row_hi = scr.dtype.type(r1 - 1)
+    poly = np.empty((2, 8, 5), np.float64)
+    lines = np.empty((7, 3), np.float64)
     for t in range(tri.shape[0]):
         i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
         if i0 < 0 or i0 >= V or i1 < 0 or i1 >= V or i2 < 0 or i2 >= V:
             continue
-        if scr[i0, 3] == zero or scr[i1, 3] == zero or scr[i2, 3] == zero:
-            continue
-        x0, y0, z0 = scr[i0, 0], scr[i0, 1], scr[i0, 2]
-        x1, y1, z1 = scr[i1, 0], scr[i1, 1], scr[i1, 2]
-        x2, y2, z2 = scr[i2, 0], scr[i2, 1], scr[i2, 2]
-        # Bounding box over pixel centres, clamped in float before any conversion to int.
-        ilo = max(np.ceil(min(y0, y1, y2)), row_lo)
-        ihi = min(np.floor(max(y0, y1, y2)), row_hi)
-        jlo = max(np.ceil(min(x0, x1, x2)), zero)
-        jhi = min(np.floor(max(x0, x1, x2)), col_max)
-        if ilo > ihi or jlo > jhi:
-            continue
-        ox0, oy0 = _edge_origin(x1, y1, x2, y2)  # edge 0: v1->v2, opposite v0
-        ox1, oy1 = _edge_origin(x2, y2, x0, y0)  # edge 1: v2->v0
-        ox2, oy2 = _edge_origin(x0, y0, x1, y1)  # edge 2: v0->v1
-        dx0, dy0 = x2 - x1, y2 - y1
-        dx1, dy1 = x0 - x2, y0 - y2
-        dx2, dy2 = x1 - x0, y1 - y0
-        area = dx2 * (y2 - oy2) - dy2 * (x2 - ox2)
-        if area == 0:
-            continue
-        if cull and area > 0:  # y-down pixel frame: counter-clockwise on screen has area < 0
-            continue
-        o = one if area > 0 else -one
-        dx0, dy0, dx1, dy1, dx2, dy2 = o * dx0, o * dy0, o * dx1, o * dy1, o * dx2, o * dy2
-        own0, own1, own2 = _owns(dx0, dy0), _owns(dx1, dy1), _owns(dx2, dy2)
-        tid = np.uint64(t)
-        py = scr.dtype.type(int(ilo))
-        for i in range(int(ilo), int(ihi) + 1):
-            row = (i - r0) * W
-            px = scr.dtype.type(int(jlo))
-            for j in range(int(jlo), int(jhi) + 1):
-                e0 = dx0 * (py - oy0) - dy0 * (px - ox0)
-                e1 = dx1 * (py - oy1) - dy1 * (px - ox1)
-                e2 = dx2 * (py - oy2) - dy2 * (px - ox2)
-                px += one
-                if not ((e0 > 0 or (e0 == 0 and own0)) and (e1 > 0 or (e1 == 0 and own1))
-                        and (e2 > 0 or (e2 == 0 and own2))):
-                    continue
-                z = (e0 * z0 + e1 * z1 + e2 * z2) / (e0 + e1 + e2)
-                if not (z >= -one and z <= one):
-                    continue
-                key = (_depth_key(z) << _SHIFT32) | tid
-                if key < zbuf[row + j]:
-                    zbuf[row + j] = key
-            py += one
+        c0, c1, c2 = scr[i0, 3], scr[i1, 3], scr[i2, 3]
+        if c0 == _VERTEX_FAST and c1 == _VERTEX_FAST and c2 == _VERTEX_FAST:
+            fX0, fY0, fX1, fY1, fX2, fY2 = scr[i0, 0], scr[i0, 1], scr[i1, 0], scr[i1, 1], scr[i2, 0], scr[i2, 1]
+            ilo, ihi, jlo, jhi = _centre_box(scr, fX0, fY0, fX1, fY1, fX2, fY2, W, r0, r1)
+            if ilo <= ihi and jlo <= jhi:
+                _raster_fixed(scr, fX0, fY0, scr[i0, 2], fX1, fY1, scr[i1, 2], fX2, fY2, scr[i2, 2], t, W, r0, cull,
+                              zbuf, np.int64(ilo), np.int64(ihi), np.int64(jlo), np.int64(jhi))
+        elif c0 != _VERTEX_DROPPED and c1 != _VERTEX_DROPPED and c2 != _VERTEX_DROPPED:
+            _raster_clipped(scr, pos_b, scr, i0, i1, i2, t, H, W, r0, r1, cull, zbuf, poly, lines)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pixel_bary_exact(pos_b, v0, v1, v2, X, Y):
+    """Perspective-correct (c0, c1, c2) of pixel NDC (X, Y) (float64), in float64:
+    u = c0 / s, v = c1 / s with s = c0 + c1 + c2.
+
+    _pixel_bary's formula (the one the backward pass differentiates) in float64: with float32 inputs
+    the cancellation in x_k - X w_k, which in float32 moved the reprojected point of a triangle seen
+    nearly edge-on by up to 2e-2 pixel, costs nothing that survives the final rounding to float32.
+    """
+    a0x = np.float64(pos_b[v0, 0]) - X * np.float64(pos_b[v0, 3])
+    a0y = np.float64(pos_b[v0, 1]) - Y * np.float64(pos_b[v0, 3])
+    a1x = np.float64(pos_b[v1, 0]) - X * np.float64(pos_b[v1, 3])
+    a1y = np.float64(pos_b[v1, 1]) - Y * np.float64(pos_b[v1, 3])
+    a2x = np.float64(pos_b[v2, 0]) - X * np.float64(pos_b[v2, 3])
+    a2y = np.float64(pos_b[v2, 1]) - Y * np.float64(pos_b[v2, 3])
+    c0 = a1x * a2y - a1y * a2x
+    c1 = a2x * a0y - a2y * a0x
+    c2 = a0x * a1y - a0y * a1x
+    return c0, c1, c2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -238,10 +495,9 @@ def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, dept
     C = attr_b.shape[1]
     zero = pos_b.dtype.type(0)
     one = pos_b.dtype.type(1)
-    fw = pos_b.dtype.type(W)
-    fh = pos_b.dtype.type(H)
+    inv_w, inv_h = 1.0 / np.float64(W), 1.0 / np.float64(H)
     for i in range(r0, r1):
-        Y = pos_b.dtype.type(H - 2 * i - 1) / fh
+        Y = np.float64(H - 2 * i - 1) * inv_h
         for j in range(W):
             key = zbuf[(i - r0) * W + j]
             t = np.int64(key & _LOW32)
@@ -257,14 +513,20 @@ def _resolve_rows(pos_b, tri, zbuf, H, W, r0, r1, attr_b, tri_id_b, bary_b, dept
                 for c in range(C):
                     out_b[i, j, c] = 0
                 continue
-            X = pos_b.dtype.type(2 * j + 1 - W) / fw
-            _, _, _, _, _, _, c0, c1, s = _pixel_bary(pos_b, v0, v1, v2, X, Y)
-            u = c0 / s if s != 0 else zero
-            v = c1 / s if s != 0 else zero
+            c0, c1, c2 = _pixel_bary_exact(pos_b, v0, v1, v2, np.float64(2 * j + 1 - W) * inv_w, Y)
+            # u = c0 / s, v = c1 / s, and the NDC depth zc / wc of the clip point sum b_k p_k (the
+            # key's depth is that of the snapped triangle): two independent divisions.
+            s = (c0 + c1) + c2
+            zc = (c0 * np.float64(pos_b[v0, 2]) + c1 * np.float64(pos_b[v1, 2])) + c2 * np.float64(pos_b[v2, 2])
+            wc = (c0 * np.float64(pos_b[v0, 3]) + c1 * np.float64(pos_b[v1, 3])) + c2 * np.float64(pos_b[v2, 3])
+            rs = 1.0 / s if s != 0 else 0.0
+            u = pos_b.dtype.type(c0 * rs)
+            v = pos_b.dtype.type(c1 * rs)
             tri_id_b[i, j] = t
             bary_b[i, j, 0] = u
             bary_b[i, j, 1] = v
-            depth_b[i, j] = _key_depth(key >> _SHIFT32)
+            z = pos_b.dtype.type(zc / wc) if wc != 0 else _key_depth(key >> _SHIFT32)
+            depth_b[i, j] = -one if z < -one else (one if z > one else z)  # the key's test: [-1, 1]
             w2 = (one - u) - v
             for c in range(C):
                 out_b[i, j, c] = (u * attr_b[v0, c] + v * attr_b[v1, c]) + w2 * attr_b[v2, c]
@@ -288,7 +550,7 @@ def rasterize_fwd(pos, tri, H, W, cull, n_bands, attr, tri_id, bary, depth, out)
         _screen_vertices(pos[b], H, W, scr)
         zbuf = np.empty((r1 - r0) * W, np.uint64)
         zbuf[:] = _ALL_ONES
-        _raster_triangles(scr, tri, H, W, r0, r1, cull, zbuf)
+        _raster_triangles(pos[b], scr, tri, H, W, r0, r1, cull, zbuf)
         ab = attr[b] if attr.shape[0] > 1 else attr[0]
         _resolve_rows(pos[b], tri, zbuf, H, W, r0, r1, ab, tri_id[b], bary[b], depth[b], out[b])
 
@@ -523,7 +785,7 @@ def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
     if _FWD_PREPASS:
         scr = cupy.empty((B, V, 4), dtype=cupy.float32)
         _gpu_kernel("rasterize_setup")(*_grid_2d(V, B, _FWD_BLOCK, _FWD_IMAGES_PER_THREAD), (pos, b, v, h, w, scr))
-        _gpu_kernel("rasterize_fwd_screen")(grid, block, (scr, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
+        _gpu_kernel("rasterize_fwd_screen")(grid, block, (scr, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf, pos))
     else:
         _gpu_kernel("rasterize_fwd")(grid, block, (pos, tri, b, v, t, h, w, np.int32(bool(cull)), zbuf))
     tri_id = cupy.empty((B, H, W), dtype=cupy.int32)
@@ -565,9 +827,17 @@ def rasterize(pos, tri, resolution, cull_backfaces=False):
 
     Returns:
         Raster with tri_id (B, H, W) int32 (-1 empty), bary (B, H, W, 2), depth (B, H, W) NDC z
-        (+inf empty); B = 1 for (V, 4) positions. Triangles with a vertex at w <= 0 are dropped
-        (no clipping), and so are fragments whose NDC z lies outside [-1, 1]. Ties: the smaller
-        depth wins, then the lower triangle id; see the module docstring for shared edges.
+        (+inf empty); B = 1 for (V, 4) positions. Ties: the smaller depth wins (+0 and -0 are
+        equal), then the lower triangle id; a centre on a shared edge or vertex of a closed mesh is
+        covered exactly once (exact edge functions on a 1/256-pixel grid, top-left rule; see the
+        module docstring).
+
+    Near plane and camera plane: fragments whose NDC z lies outside [-1, 1] are dropped one by one
+    (z = -w, exactly on the near plane, is kept; z < -w, in front of it, is not). A triangle with a
+    vertex at w <= 0 (on or behind the camera plane) is dropped whole: there is no clipping at the
+    camera plane. Every other triangle is drawn whatever its size: one with a vertex more than
+    8192 pixels off screen (huge coordinates, or w just above 0) is clipped against that guard band
+    in float64 rather than dropped or drawn wrong.
     """
     raster, _ = _rasterize(pos, tri, resolution, cull_backfaces, None)
     return raster

@@ -126,3 +126,24 @@ def test_bad_inputs_raise_naming_the_argument(scene):
     bad[3, 1] = np.inf
     with pytest.raises(ValueError, match="attr holds 1 NaN or infinite"):
         interpolate(bad, raster, tri)
+
+
+@pytest.mark.parametrize("n_bands", [2, 3, 5])
+def test_row_band_sums_of_the_backward_equal_whole_images(rng, monkeypatch, n_bands):
+    # With fewer images than CPU threads interpolate_backward splits each image into row bands with
+    # accumulators of their own (per image for per-image attributes) that the caller sums. On a
+    # two-core machine a batch of 2 or more never splits, so the band count is forced here.
+    import sys  # noqa: PLC0415
+
+    module = sys.modules["fastface.ops.interpolate"]
+    pos, tri, colors = spherical_cap(n=9, batch=3, seed=2)
+    raster = _raster64(rasterize(pos, tri, (15, 17)))
+    grad_out = rng.standard_normal((3, 15, 17, 3))
+    for attr in (rng.uniform(size=(3,) + colors.shape), colors.astype(np.float64)):
+        monkeypatch.setattr(module, "_n_bands", lambda B, H: 1)
+        want_attr, want_bary = interpolate_backward(attr, raster, tri, grad_out)
+        monkeypatch.setattr(module, "_n_bands", lambda B, H: n_bands)
+        grad_attr, grad_bary = interpolate_backward(attr, raster, tri, grad_out)
+        assert grad_attr.shape == attr.shape
+        np.testing.assert_allclose(grad_attr, want_attr, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(grad_bary, want_bary)

@@ -247,6 +247,205 @@ def test_equal_depths_go_to_the_lower_triangle_id():
     assert (rasterize(pos, tri[::-1].copy(), (H, W)).tri_id == 0).all()
 
 
+def test_horizontal_edge_through_a_row_of_centres_goes_to_the_triangle_below():
+    # Two triangles share a horizontal edge lying exactly on pixel row 3. The top-left rule gives a
+    # horizontal edge's centres to the triangle for which it is a top edge: the one below it (y
+    # grows downwards in the pixel frame), whatever the winding.
+    H = W = 8
+    pos = pixel_clip([-10, 30, -10, 30], [-10, -10, 3, 3], H, W)  # top-left, top-right, mid-left, mid-right
+    pos = np.concatenate([pos, pixel_clip([-10, 30], [30, 30], H, W)]).astype(np.float32)
+    above = [0, 2, 3]
+    below = [2, 4, 3]
+    for tris in ([above, below], [below, above]):
+        for winding in (1, -1):
+            tri = np.array([t[::winding] for t in tris], np.int32)
+            raster = rasterize(pos, tri, (H, W))
+            below_id = tris.index(below)
+            assert (raster.tri_id[0, 3] == below_id).all(), raster.tri_id[0]
+            assert (raster.tri_id[0, :3] == 1 - below_id).all() and (raster.tri_id[0, 4:] == below_id).all()
+            assert (coverage_count(pos, tri, (H, W)) == 1).all()
+
+
+def test_triangle_exactly_on_the_near_plane_is_kept():
+    # z = -w at every corner: NDC z = -1 exactly, on the near plane, which is inside ([-1, 1]).
+    H = W = 6
+    for w in (1.0, 2.0, 0.5):
+        pos = pixel_clip([-10, 40, -10], [-10, -10, 40], H, W, z=-1.0, w=w).astype(np.float32)
+        raster = rasterize(pos, np.array([[0, 1, 2]], np.int32), (H, W))
+        assert (raster.tri_id == 0).all() and (raster.depth == -1).all()
+    # Just in front of it (z < -w), the fragments are dropped.
+    pos = pixel_clip([-10, 40, -10], [-10, -10, 40], H, W, z=-1.0).astype(np.float32)
+    pos[:, 2] = np.nextafter(np.float32(-1), np.float32(-2))
+    assert (rasterize(pos, np.array([[0, 1, 2]], np.int32), (H, W)).tri_id == -1).all()
+
+
+def test_coplanar_plus_and_minus_zero_depths_tie_to_the_lower_triangle_id():
+    # The same triangle twice, at depth +0 (id 0) and -0 (id 1): -0 and +0 are the same depth, so the
+    # tie goes to the lower id. Without folding -0 onto +0 the key of -0 would sort first.
+    H = W = 6
+    plus = pixel_clip([-10, 40, -10], [-10, -10, 40], H, W, z=0.0).astype(np.float32)
+    minus = plus.copy()
+    minus[:, 2] = -0.0
+    pos = np.concatenate([plus, minus])
+    for tri in (np.array([[0, 1, 2], [3, 4, 5]], np.int32), np.array([[3, 4, 5], [0, 1, 2]], np.int32)):
+        raster = rasterize(pos, tri, (H, W))
+        assert (raster.tri_id == 0).all()
+        assert (raster.depth == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The reproducers of issue 10 and what they pin: exact coverage (fixed point), no silent loss at
+# extreme coordinates (guard-band clipping), precise barycentrics on grazing triangles.
+# ------------------------------------------------------------------------------------------------
+
+# Three triangles around vertex 0, which lies within 3e-7 pixel of the centre of pixel (4, 3) of 8 x 8.
+ISSUE_FAN_POS = np.array([[-0.12499994, -0.124999948, 0, 1], [0.470597565, -0.364754915, 0, 1],
+                          [-0.384724975, -0.845493376, 0, 1], [-0.877177238, 0.225146353, 0, 1]], np.float32)
+ISSUE_FAN_TRI = np.array([[0, 1, 2], [0, 2, 3], [0, 3, 1]], np.int32)
+# A triangle with a corner at w = 1e-37 (NDC 3e36), every w > 0: 1,040 pixels of 64 x 64.
+ISSUE_TINY_W_POS = np.array([[0.3, 0.3, 0, 1e-37], [-0.5, -0.5, 0, 1], [0.5, -0.5, 0, 1]], np.float32)
+
+
+def exact_coverage(pos, tri, resolution):
+    """Coverage of each pixel centre by each triangle, in float64 homogeneous form (no division, so any
+    w > 0 works), and each centre's distance in pixels to the nearest edge of its triangle.
+
+    Returns (inside (T, H, W) bool, distance (T, H, W)); W and H powers of two keep the pixel NDC exact.
+    """
+    H, W = resolution
+    p = np.asarray(pos, np.float64)[:, [0, 1, 3]]
+    X = (2 * np.arange(W) + 1 - W) / W
+    Y = (H - 2 * np.arange(H) - 1) / H
+    q = np.stack(np.broadcast_arrays(X[None, :], Y[:, None], 1.0), -1)  # (H, W, 3)
+    inside, dist = [], []
+    for t in tri:
+        lines = [np.cross(p[t[(k + 1) % 3]], p[t[(k + 2) % 3]]) for k in range(3)]
+        sign = np.sign(lines[2] @ p[t[2]])
+        vals = np.stack([q @ ln for ln in lines]) * sign                # (3, H, W)
+        scale = np.stack([np.hypot(ln[0] * 2 / W, ln[1] * 2 / H) for ln in lines])[:, None, None]
+        inside.append((vals >= 0).all(0))
+        dist.append((np.abs(vals) / scale).min(0))
+    return np.array(inside), np.array(dist)
+
+
+def test_issue_fan_reproducer_covers_the_pixel_at_the_vertex_exactly_once():
+    count = coverage_count(ISSUE_FAN_POS, ISSUE_FAN_TRI, (8, 8))
+    assert count[0, 4, 3] == 1, "the pixel centre at the shared vertex"
+    inside, dist = exact_coverage(ISSUE_FAN_POS, ISSUE_FAN_TRI, (8, 8))
+    # Elsewhere, exactly the pixels the exact triangles cover, up to snapping next to an edge.
+    exact = inside.sum(0)
+    assert (count[0] == exact)[dist.min(0) > 1.0 / 64].all()
+    assert (count <= 1).all()
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e7, 1e12, 1e19, 1e30])
+def test_huge_coordinates_cover_what_the_exact_triangle_covers(rng, tol, scale):
+    res = (64, 64)
+    tri = np.array([[0, 1, 2]], np.int32)
+    fractions = []
+    for _ in range(12):
+        # Corners at NDC +-scale, the edge from corner 0 to corner 1 through a random point of the screen.
+        c, d = rng.uniform(-0.8, 0.8, 2), rng.normal(size=2)
+        d /= np.linalg.norm(d)
+        far = rng.normal(size=2)
+        ndc = np.array([c + scale * d, c - scale * (d + 1e-3 * rng.normal(size=2)), scale * far / np.linalg.norm(far)])
+        pos = np.concatenate([ndc, np.zeros((3, 1)), np.ones((3, 1))], 1).astype(np.float32)
+        got = rasterize(pos, tri, res).tri_id[0] == 0
+        inside, dist = exact_coverage(pos, tri, res)
+        wrong = got != inside[0]
+        assert (dist[0][wrong] <= tol["snapped_coverage_px"]).all(), dist[0][wrong].max()
+        fractions.append(got.mean())
+    assert 0.2 < np.mean(fractions) < 0.8  # the edges do cross the screen
+
+
+def test_screen_covering_triangle_at_1e19_covers_the_whole_screen():
+    for s in (1e19, 1e30, 3e38):
+        pos = np.array([[-s, -s, 0, 1], [s, -s, 0, 1], [0, s, 0, 1]], np.float32)
+        for tri in (np.array([[0, 1, 2]], np.int32), np.array([[2, 1, 0]], np.int32)):
+            raster = rasterize(pos, tri, (64, 64))
+            assert (raster.tri_id == 0).all() and (raster.depth == 0).all()
+
+
+def test_corner_near_the_camera_plane_is_clipped_not_dropped(tol):
+    tri = np.array([[0, 1, 2]], np.int32)
+    raster = rasterize(ISSUE_TINY_W_POS, tri, (64, 64))
+    inside, dist = exact_coverage(ISSUE_TINY_W_POS, tri, (64, 64))
+    # 1,040 as the issue's float64 path counts; the exact closed triangle also holds the 16 centres on
+    # its edge x = y (the line to the far corner), which the top-left rule gives to a neighbour.
+    assert (raster.tri_id[0] >= 0).sum() == 1040
+    wrong = (raster.tri_id[0] >= 0) != inside[0]
+    assert wrong.sum() == 16 and (dist[0][wrong] == 0).all()
+    # The barycentrics reproject onto the pixel centres, and the depth is the plane's (z = 0).
+    assert (raster.depth[0][raster.tri_id[0] >= 0] == 0).all()
+    assert _max_reprojection_px(ISSUE_TINY_W_POS, raster, (64, 64)) <= tol["bary_reprojection_px"]
+
+
+def test_clipped_fan_stays_watertight_across_the_guard_band():
+    # A fan whose rim lies far beyond the guard band (and one rim vertex near the camera plane):
+    # every triangle is clipped, and the shared edges must still cover each centre once.
+    H = W = 16
+    angles = np.linspace(0, 2 * np.pi, 7, endpoint=False) + 0.3
+    for radius in (1e5, 1e9, 1e20):
+        ndc = np.concatenate([[[0.01, -0.02]], radius * np.stack([np.cos(angles), np.sin(angles)], -1)])
+        w = np.ones(len(ndc))
+        w[3] = 1e-30
+        pos = np.concatenate([ndc * w[:, None], np.zeros((len(ndc), 1)), w[:, None]], 1).astype(np.float32)
+        tri = np.array([[0, 1 + k, 1 + (k + 1) % 7] for k in range(7)], np.int32)
+        assert (coverage_count(pos, tri, (H, W)) == 1).all()
+
+
+def grazing_triangle(rng, delta):
+    """Three clip positions on a plane passing at distance delta from the camera centre (the origin of
+    (x, y, w)): the triangle is seen nearly edge-on. The plane holds the ray of a random screen point
+    d and a random direction e."""
+    d = np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8), 1.0])
+    e = rng.normal(size=3)
+    e -= (e @ d) / (d @ d) * d
+    e /= np.linalg.norm(e)
+    n = np.cross(d, e)
+    n /= np.linalg.norm(n)
+    pts = np.array([d * rng.uniform(0.5, 5) + e * rng.uniform(-1, 1) + n * delta for _ in range(3)])
+    return np.stack([pts[:, 0], pts[:, 1], np.zeros(3), pts[:, 2]], 1).astype(np.float32)
+
+
+def _reprojection_px(pos, raster, resolution, bary=None):
+    """Per covered pixel, the distance in pixels between its centre and the screen point of its
+    barycentrics (raster.bary, or `bary` (n, 2) in the covered pixels' order): sum b_k p_k projected
+    in float64, b_2 = 1 - u - v in float64."""
+    H, W = resolution
+    ii, jj = np.nonzero(raster.tri_id[0] >= 0)
+    b = raster.bary[0, ii, jj] if bary is None else bary
+    u, v = b[:, 0].astype(np.float64), b[:, 1].astype(np.float64)
+    p = np.asarray(pos, np.float64)
+    P = u[:, None] * p[0] + v[:, None] * p[1] + (1 - u - v)[:, None] * p[2]
+    sx = (P[:, 0] / P[:, 3] + 1) * W / 2 - 0.5
+    sy = (1 - P[:, 1] / P[:, 3]) * H / 2 - 0.5
+    return np.hypot(sx - jj, sy - ii)
+
+
+def _max_reprojection_px(pos, raster, resolution):
+    e = _reprojection_px(pos, raster, resolution)
+    return e.max() if len(e) else 0.0
+
+
+def test_barycentrics_of_grazing_triangles_reproject_within_1e_5_pixel_of_the_rounded_exact_ones(rng, tol):
+    # Rounding even the exact weights to float32 moves the reprojection by up to L * w_max / w_min ulps
+    # (L the triangle's length on screen): the test holds the rasterizer to that plus 1e-5 pixel.
+    tri = np.array([[0, 1, 2]], np.int32)
+    worst, n = 0.0, 0
+    for _ in range(300):
+        pos = grazing_triangle(rng, 10 ** rng.uniform(-5, -1))
+        raster = rasterize(pos, tri, (64, 64))
+        if not (raster.tri_id >= 0).any():
+            continue
+        exact = bary_fixed(pos[None], tri, raster.tri_id, (64, 64))[0][raster.tri_id[0] >= 0]
+        rounded = _reprojection_px(pos, raster, (64, 64), exact.astype(np.float32))
+        worst = max(worst, (_reprojection_px(pos, raster, (64, 64)) - rounded).max())
+        n += len(rounded)
+    assert n > 100
+    assert worst <= tol["bary_reprojection_px"], worst
+
+
 # ------------------------------------------------------------------------------------------------
 # Dropped triangles and fragments, culling.
 # ------------------------------------------------------------------------------------------------
@@ -344,6 +543,36 @@ def test_band_split_gives_the_same_result_as_whole_images():
         np.testing.assert_array_equal(one.bary[0], both.bary[b])
 
 
+@pytest.mark.parametrize("n_bands", [2, 3, 5])
+def test_row_band_sums_of_the_backward_equal_whole_images(rng, monkeypatch, n_bands):
+    # With fewer images than CPU threads the backward splits each image into row bands, each with its
+    # own accumulators that the caller sums (per image for per-image attributes). On a two-core
+    # machine a batch of 2 or more never splits, so the band count is forced here.
+    module = sys.modules["fastface.ops.rasterize"]
+    pos, tri, colors = _perturbed_cap(rng, n=9, batch=3)
+    res = (15, 17)
+    per_image = rng.uniform(size=(3,) + colors.shape)
+    grad_bary = rng.standard_normal((3,) + res + (2,))
+    monkeypatch.setattr(module, "_n_bands", lambda B, H: 1)
+    whole = []
+    for attr in (per_image, colors):
+        raster, img = rasterize_interpolate(pos, tri, res, attr)
+        grad_out = rng.standard_normal(img.shape)
+        whole.append((attr, raster, grad_out, rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)))
+    whole_bary = rasterize_backward(pos, tri, whole[0][1], grad_bary)
+    monkeypatch.setattr(module, "_n_bands", lambda B, H: n_bands)
+    f64 = dict(rtol=1e-12, atol=1e-12)
+    for attr, raster, grad_out, (want_pos, want_attr) in whole:
+        banded_raster, img = rasterize_interpolate(pos, tri, res, attr)
+        np.testing.assert_array_equal(banded_raster.tri_id, raster.tri_id)
+        np.testing.assert_array_equal(banded_raster.bary, raster.bary)
+        grad_pos, grad_attr = rasterize_interpolate_backward(pos, tri, attr, raster, grad_out)
+        assert grad_attr.shape == attr.shape
+        np.testing.assert_allclose(grad_pos, want_pos, **f64)
+        np.testing.assert_allclose(grad_attr, want_attr, **f64)
+    np.testing.assert_allclose(rasterize_backward(pos, tri, whole[0][1], grad_bary), whole_bary, **f64)
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Backward against central differences (float64).
 # ------------------------------------------------------------------------------------------------
@@ -433,6 +662,52 @@ def test_gpu_rasterize_matches_cpu(cupy, rng, tol, cull):
         gpu = rasterize(cupy.asarray(pos), cupy.asarray(tri), (64, 72), cull_backfaces=cull)
         assert isinstance(gpu.tri_id, cupy.ndarray) and gpu.bary.dtype == np.float32
         _assert_rasters_match(gpu, cpu, tol)
+
+
+def issue_10_cases(rng):
+    """The cases of issue 10 (the tests above pin each on the CPU), as (name, pos, tri, resolution):
+    the fan with a vertex within 3e-7 pixel of a centre, a horizontal edge on a row of centres, a
+    triangle on the near plane, +0 against -0 depths, huge coordinates, a screen-covering triangle at
+    1e19, a corner at w = 1e-37 and a clipped fan (the guard-band clipper), grazing triangles (the
+    float64 barycentrics). tests/test_gpu_paths_emulated.py runs them through the GPU path's host
+    emulation, the test below on a GPU."""
+    one = np.array([[0, 1, 2]], np.int32)
+    cases = [("fan at a vertex", ISSUE_FAN_POS, ISSUE_FAN_TRI, (8, 8)),
+             ("corner at w = 1e-37", ISSUE_TINY_W_POS, one, (64, 64))]
+    edge = np.concatenate([pixel_clip([-10, 30, -10, 30], [-10, -10, 3, 3], 8, 8),
+                           pixel_clip([-10, 30], [30, 30], 8, 8)]).astype(np.float32)
+    cases.append(("horizontal edge", edge, np.array([[0, 2, 3], [2, 4, 3]], np.int32), (8, 8)))
+    cases.append(("near plane", pixel_clip([-10, 40, -10], [-10, -10, 40], 6, 6, z=-1.0).astype(np.float32), one,
+                  (6, 6)))
+    plus = pixel_clip([-10, 40, -10], [-10, -10, 40], 6, 6, z=0.0).astype(np.float32)
+    minus = plus.copy()
+    minus[:, 2] = -0.0
+    cases.append(("+0 and -0", np.concatenate([minus, plus]), np.array([[0, 1, 2], [3, 4, 5]], np.int32), (6, 6)))
+    for s in (1e6, 1e19):
+        pos = np.array([[-s, -0.3 * s, 0.2, 1], [s, -s, -0.1, 1], [0.1, s, 0.5, 1]], np.float32)
+        cases.append((f"huge {s:g}", pos, one, (32, 40)))
+    angles = np.linspace(0, 2 * np.pi, 7, endpoint=False) + 0.3
+    ndc = np.concatenate([[[0.01, -0.02]], 1e9 * np.stack([np.cos(angles), np.sin(angles)], -1)])
+    w = np.ones(len(ndc))
+    w[3] = 1e-30
+    fan = np.concatenate([ndc * w[:, None], rng.uniform(-0.5, 0.5, (len(ndc), 1)) * w[:, None], w[:, None]], 1)
+    cases.append(("clipped fan", fan.astype(np.float32),
+                  np.array([[0, 1 + k, 1 + (k + 1) % 7] for k in range(7)], np.int32), (16, 16)))
+    grazing = np.stack([grazing_triangle(rng, 10 ** rng.uniform(-5, -1)) for _ in range(12)])
+    cases.append(("grazing", grazing, one, (64, 64)))
+    return cases
+
+
+@pytest.mark.parametrize("prepass", [False, True])
+def test_gpu_rasterize_gives_the_cpu_triangle_ids_on_the_issue_10_cases(cupy, rng, tol, monkeypatch, prepass):
+    # The same integer algorithm on both: identical ids, even at vertices, on edges and after clipping.
+    monkeypatch.setattr(sys.modules["fastface.ops.rasterize"], "_FWD_PREPASS", prepass)
+    for name, pos, tri, res in issue_10_cases(rng):
+        cpu = rasterize(pos, tri, res)
+        gpu = rasterize(cupy.asarray(pos), cupy.asarray(tri), res)
+        np.testing.assert_array_equal(gpu.tri_id.get(), cpu.tri_id, err_msg=name)
+        np.testing.assert_allclose(gpu.bary.get(), cpu.bary, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
+        np.testing.assert_allclose(gpu.depth.get(), cpu.depth, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
 
 
 def test_gpu_rasterize_interpolate_and_batch_of_one_match_cpu(cupy, tol):
@@ -546,7 +821,11 @@ _EMU_SHIM = r"""
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
+static inline int min(int a, int b) { return b < a ? b : a; }
+static inline int max(int a, int b) { return a < b ? b : a; }
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
@@ -577,7 +856,7 @@ void emu_rasterize(const float4* pos, const int* tri, int B, int V, int T, int H
     for (long long k = 0; k < (long long)B * H * W; ++k) zbuf[k] = ~0ull;
     if (scr) {  // the per-vertex pre-pass (_FWD_PREPASS)
         launch(V, gy, [&] { rasterize_setup(pos, B, V, H, W, scr); });
-        launch(T, gy, [&] { rasterize_fwd_screen(scr, tri, B, V, T, H, W, cull, zbuf); });
+        launch(T, gy, [&] { rasterize_fwd_screen(scr, tri, B, V, T, H, W, cull, zbuf, pos); });
     } else {
         launch(T, gy, [&] { rasterize_fwd(pos, tri, B, V, T, H, W, cull, zbuf); });
     }
