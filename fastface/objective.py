@@ -130,30 +130,33 @@ class MultiLevelObjective:
                                          albedo=prior_grads.get("albedo"), sh=None, angles=None, translation=None)
         if final and out.final is not None:
             geo, ref = out.geometry_offsets, out.reflectance_offsets
-            g_geo, g_ref = xp.zeros_like(geo), xp.zeros_like(ref)
-            if w.geometry_smoothness:
-                terms["geometry_smoothness"] = w.geometry_smoothness * smoothness_loss(geo, self.mesh)
-                g_geo += smoothness_loss_backward(geo, self.mesh, weight_vector(w.geometry_smoothness))
-            if w.geometry_magnitude:
-                terms["geometry_magnitude"] = w.geometry_magnitude * magnitude_loss(geo)
-                g_geo += magnitude_loss_backward(geo, weight_vector(w.geometry_magnitude))
-            if w.geometry_symmetry:
-                terms["geometry_symmetry"] = w.geometry_symmetry * symmetry_loss(geo, self.mesh, True)
-                g_geo += symmetry_loss_backward(geo, self.mesh, weight_vector(w.geometry_symmetry), True)
-            if w.reflectance_constancy:
-                # On the final albedo, weighted by the base albedo's chromaticity: neighbours of one
-                # material keep one reflectance, edges between materials (lips, brows) may stay.
-                final_albedo, base_albedo = out.final.albedo, out.base.albedo if out.base is not None else None
-                guide = base_albedo if base_albedo is not None else final_albedo - ref
-                terms["reflectance_constancy"] = w.reflectance_constancy * reflectance_constancy_loss(
-                    final_albedo, guide, self.mesh)
-                g_ref += reflectance_constancy_loss_backward(final_albedo, guide, self.mesh,
-                                                             weight_vector(w.reflectance_constancy))
-            if w.reflectance_magnitude:
-                terms["reflectance_magnitude"] = w.reflectance_magnitude * magnitude_loss(ref)
-                g_ref += magnitude_loss_backward(ref, weight_vector(w.reflectance_magnitude))
-            if w.reflectance_symmetry:
-                terms["reflectance_symmetry"] = w.reflectance_symmetry * symmetry_loss(ref, self.mesh, False)
-                g_ref += symmetry_loss_backward(ref, self.mesh, weight_vector(w.reflectance_symmetry), False)
-            grads["geometry_offsets"], grads["reflectance_offsets"] = g_geo, g_ref
+            # Reflectance constancy on the final albedo, weighted by the base albedo's chromaticity:
+            # neighbours of one material keep one reflectance, edges between materials (lips, brows)
+            # may stay. Its gradient goes to the offsets only (a regularizer of the corrective level).
+            final_albedo = out.final.albedo
+            guide = out.base.albedo if out.base is not None else final_albedo - ref
+            mesh = self.mesh
+            # (term, the offsets it regularizes, forward, backward given the per-image weights)
+            regularizers = (
+                ("geometry_smoothness", "geometry", lambda: smoothness_loss(geo, mesh),
+                 lambda g: smoothness_loss_backward(geo, mesh, g)),
+                ("geometry_magnitude", "geometry", lambda: magnitude_loss(geo),
+                 lambda g: magnitude_loss_backward(geo, g)),
+                ("geometry_symmetry", "geometry", lambda: symmetry_loss(geo, mesh, True),
+                 lambda g: symmetry_loss_backward(geo, mesh, g, True)),
+                ("reflectance_constancy", "reflectance", lambda: reflectance_constancy_loss(final_albedo, guide, mesh),
+                 lambda g: reflectance_constancy_loss_backward(final_albedo, guide, mesh, g)),
+                ("reflectance_magnitude", "reflectance", lambda: magnitude_loss(ref),
+                 lambda g: magnitude_loss_backward(ref, g)),
+                ("reflectance_symmetry", "reflectance", lambda: symmetry_loss(ref, mesh, False),
+                 lambda g: symmetry_loss_backward(ref, mesh, g, False)),
+            )
+            offset_grads = {"geometry": xp.zeros_like(geo), "reflectance": xp.zeros_like(ref)}
+            for name, target, forward, backward in regularizers:
+                weight = getattr(w, name)
+                if weight:
+                    terms[name] = weight * forward()
+                    offset_grads[target] += backward(weight_vector(weight))
+            grads["geometry_offsets"] = offset_grads["geometry"]
+            grads["reflectance_offsets"] = offset_grads["reflectance"]
         return terms, grads
