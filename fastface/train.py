@@ -169,8 +169,6 @@ def _finite(xp, *arrays):
 class _Log:
     """DIR/log.csv: step, loss, every term, images/s; on resume, rows past the checkpoint are dropped."""
 
-    COLUMNS = None
-
     def __init__(self, path, resume_step):
         from fastface.objective import TERM_NAMES
         self.columns = ["step", "loss", *TERM_NAMES, "images_per_s", "skipped"]
@@ -321,8 +319,6 @@ def _grey_light(batch, xp):
 
 def render_levels(autoencoder, images):
     """(input, base, final, grey final geometry) images (B, H, W, 3) on the host, composited on the input."""
-    import dataclasses as dc
-
     from fastface._backend import is_cupy_array
     from fastface.render import render_faces
     host = lambda a: a.get() if is_cupy_array(a) else np.asarray(a)  # noqa: E731
@@ -330,7 +326,7 @@ def render_levels(autoencoder, images):
     xp = np if autoencoder.device == "cpu" else __import__("cupy")
     B = images.shape[0]
     grey = xp.full_like(out.final.albedo, 0.7) - (out.final.albedo - out.reflectance_offsets)
-    params = dc.replace(out.params, sh=_grey_light(B, xp))
+    params = dataclasses.replace(out.params, sh=_grey_light(B, xp))
     shaded = render_faces(autoencoder.model, params, autoencoder.resolution, autoencoder.focal,
                           geometry_offsets=out.geometry_offsets, reflectance_offsets=grey)
     over = lambda r: host(xp.where(r.mask[..., None], r.image, images))  # noqa: E731
