@@ -18,7 +18,7 @@ from fastface import _device_checks
 from fastface._backend import is_cupy_array
 
 __all__ = [
-    "check_array", "check_finite", "check_indices", "check_resolution", "check_same_batch",
+    "check_array", "check_finite", "check_float", "float_dtypes", "check_indices", "check_resolution", "check_same_batch",
     "value_checks", "value_checks_enabled", "queue_on_device", "describe",
 ]
 
@@ -157,3 +157,17 @@ def check_same_batch(names, arrays):
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{n} has {s}" for n, s in sizes.items())
         raise ValueError(f"batch sizes differ: {listed}")
+
+
+def float_dtypes(xp):
+    """The float dtypes an op takes on a backend: float32 and float64 on the CPU, float32 on the GPU."""
+    return (np.float32, np.float64) if xp is np else (np.float32,)
+
+
+def check_float(xp, name, a, *patterns):
+    """check_array with the backend's float dtypes (a dtype error on the GPU says why float64 is refused);
+    returns the index of the matching pattern."""
+    try:
+        return check_array(name, a, float_dtypes(xp), *patterns)
+    except TypeError as e:
+        raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None

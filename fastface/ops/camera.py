@@ -18,8 +18,8 @@ import numba
 import numpy as np
 
 from fastface._backend import NULL_POINTER, KernelFile, array_module, grid_1d, images_on_grid_y
-from fastface._checks import (
-    check_array, check_finite, check_resolution, check_same_batch, queue_on_device, value_checks_enabled)
+from fastface._checks import (check_array, check_finite, check_float, check_resolution, check_same_batch,
+                              float_dtypes, queue_on_device, value_checks_enabled)
 
 __all__ = [
     "euler_rotation", "euler_rotation_backward",
@@ -33,16 +33,8 @@ _VERTICES_PER_THREAD = 8   # rigid_transform backward: amortises each block's 12
 _CHUNK = 1024              # CPU backward: vertices per chunk; partials summed in chunk order
 
 
-def _float_dtypes(xp):
-    return (np.float32, np.float64) if xp is np else (np.float32,)
-
-
-def _check_float(xp, name, a, *patterns):
-    """check_array with the dtypes of the backend; returns the index of the matching pattern."""
-    try:
-        return check_array(name, a, _float_dtypes(xp), *patterns)
-    except TypeError as e:
-        raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
+_float_dtypes = float_dtypes  # fastface/_checks.py, shared by the ops
+_check_float = check_float
 
 
 _kernel = KernelFile("camera.cu", (

@@ -36,7 +36,8 @@ import numba
 import numpy as np
 
 from fastface._backend import KernelFile, NULL_POINTER, array_module, grid_1d, is_cupy_array
-from fastface._checks import check_array, check_finite, queue_on_device, value_checks_enabled
+from fastface._checks import (check_array, check_finite, check_float, float_dtypes, queue_on_device,
+                              value_checks_enabled)
 
 __all__ = ["PHOTOMETRIC_EPS", "photometric_loss", "photometric_loss_backward", "landmark_loss",
            "landmark_loss_backward", "prior_loss", "prior_loss_backward"]
@@ -177,16 +178,8 @@ _KERNELS = KernelFile("losses.cu", (
     "landmark_loss_fwd", "landmark_loss_bwd", "prior_loss_fwd", "prior_loss_bwd"))
 
 
-def _float_dtypes(xp):
-    return (np.float32, np.float64) if xp is np else (np.float32,)
-
-
-def _check_float(xp, name, a, *patterns):
-    """check_array for the op's first float input, naming the GPU's float32-only rule on a dtype error."""
-    try:
-        return check_array(name, a, _float_dtypes(xp), *patterns)
-    except TypeError as e:
-        raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
+_float_dtypes = float_dtypes  # fastface/_checks.py, shared by the ops
+_check_float = check_float
 
 
 def _check_range(name, a, lo, hi, what):
