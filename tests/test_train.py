@@ -265,3 +265,23 @@ def test_gpu_step_equals_cpu_step(cupy):
     assert _rel(img_g, img_c) < 1e-3
     assert _rel(enc_g, enc_c) < 2e-2
     assert _rel(cor_g, cor_c) < 2e-2
+
+
+def test_ctrl_c_writes_a_checkpoint_at_the_step_reached_and_exits_130(tmp_path):
+    """The command line's Ctrl-C (SIGINT): the run stops with a checkpoint of the last finished step."""
+    out = tmp_path / "run"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from fastface import train as t; "
+            f"t.DEFAULTS['cpu'].update(resolution=24, batch=2, steps=100000, checkpoint_every=100000, "
+            f"preview_every=0); sys.exit(t.run(t.add_parser(__import__('argparse').ArgumentParser()"
+            f".add_subparsers()).parse_args(['--out', {str(out)!r}, '--no-progress'])))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 5):
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    steps = [int(r.split(",")[0]) for r in log.read_text().splitlines()[1:]]
+    assert load_checkpoint(out / "checkpoint.h5").step == steps[-1] >= 5
