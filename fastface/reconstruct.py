@@ -491,7 +491,8 @@ def add_parser(subparsers):
                        "of N worker processes")
     group.add_argument("--scheduler", metavar="ADDRESS", help="spread the photos over a running Dask "
                        "scheduler's workers (tcp://host:8786)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bar (--no-progress, as for train and evaluate)")
     return p
 
 
