@@ -86,14 +86,6 @@ def test_reconstruct_folder_writes_five_files_per_photo_that_map_back_onto_the_p
     assert not [n for n in os.listdir(out) if n.startswith(".")], "temporary files left behind"
 
 
-def test_reconstruct_takes_under_two_seconds_of_cpu_per_photo(photos, single_run, tmp_path):
-    folder, _ = photos
-    settings = reconstruct.Settings(out=str(tmp_path))  # the model is already built by single_run
-    result = reconstruct.reconstruct_photo(folder / "face1.png", folder / "face1.pts", settings)
-    # CPU time of the process (all threads), not wall time: the bound, robust to a busy machine.
-    assert result["status"] == "done" and result["seconds"] < 2.0, result
-
-
 def test_reconstruct_params_json_names_every_parameter(single_run):
     out, _ = single_run
     record = json.loads((out / "face0_params.json").read_text())
