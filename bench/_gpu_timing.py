@@ -21,6 +21,15 @@ def median_seconds(benchmark):
     return None if benchmark.stats is None else benchmark.stats.stats.median
 
 
+def record_throughput(benchmark, batch, **extra):
+    """Adds the row's median `ms` and `images_per_s` (batch images per call) and `extra` to its extra_info."""
+    benchmark.extra_info.update(extra)
+    seconds = median_seconds(benchmark)
+    if seconds is not None:  # None under --benchmark-disable: the body ran once, untimed
+        benchmark.extra_info["ms"] = round(seconds * 1e3, 4)
+        benchmark.extra_info["images_per_s"] = round(batch / seconds, 1)
+
+
 def device_seconds(fn, repeats=50):
     """Seconds per call from CUDA events around `repeats` back-to-back calls."""
     import cupy

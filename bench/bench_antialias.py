@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 import fastface
-from bench._gpu_timing import bench_gpu, median_seconds
+from bench._gpu_timing import bench_gpu, needs_gpu, record_throughput
 from bench.workloads import spherical_cap
-from fastface._backend import gpu_available
 from fastface.ops.antialias import antialias, antialias_backward, antialias_topology
 from fastface.ops.rasterize import rasterize_interpolate, rasterize_interpolate_backward
 
@@ -24,16 +23,6 @@ RES = (224, 224)
 CPU_BATCH = 8
 GPU_BATCH = 64
 GRID = 189
-needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs cupy and a CUDA GPU")
-
-
-def _record(benchmark, batch, **extra):
-    seconds = median_seconds(benchmark)
-    if seconds is None:  # --benchmark-disable: the body ran once, untimed
-        return
-    benchmark.extra_info["images_per_s"] = round(batch / seconds, 1)
-    benchmark.extra_info["ms"] = round(seconds * 1e3, 3)
-    benchmark.extra_info.update(extra)
 
 
 def prepare(xp, batch):
@@ -77,7 +66,7 @@ def test_cpu_spherical_cap(benchmark, cpu_cap, name):
     with fastface.value_checks(False):
         fn()  # compile / load the Numba cache outside the timing
         benchmark(fn)
-    _record(benchmark, CPU_BATCH)
+    record_throughput(benchmark, CPU_BATCH)
 
 
 @pytest.fixture(scope="module")
@@ -93,4 +82,4 @@ def gpu_cap():
 def test_gpu_spherical_cap(benchmark, gpu_cap, name):
     device_s = bench_gpu(benchmark, steps(*gpu_cap)[name], f"antialias, spherical cap {GRID}x{GRID} B={GPU_BATCH} "
                                                             f"224x224 (GPU)")
-    _record(benchmark, GPU_BATCH, device_us=round(device_s * 1e6, 1))
+    record_throughput(benchmark, GPU_BATCH, device_us=round(device_s * 1e6, 1))

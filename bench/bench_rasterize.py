@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 import fastface
-from bench._gpu_timing import bench_gpu, median_seconds
+from bench._gpu_timing import bench_gpu, needs_gpu, record_throughput
 from bench.workloads import OpenGLRasterizer, face_model_poses, spherical_cap
-from fastface._backend import gpu_available
 from fastface.ops.interpolate import interpolate, interpolate_backward
 from fastface.ops.rasterize import (
     rasterize, rasterize_backward, rasterize_interpolate, rasterize_interpolate_backward,
@@ -32,16 +31,6 @@ RES = (224, 224)
 CPU_BATCH = 8
 GPU_BATCH = 64
 GRID = 189
-needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs cupy and a CUDA GPU")
-
-
-def _record(benchmark, batch, **extra):
-    seconds = median_seconds(benchmark)
-    if seconds is None:  # --benchmark-disable: the body ran once, untimed
-        return
-    benchmark.extra_info["images_per_s"] = round(batch / seconds, 1)
-    benchmark.extra_info["ms"] = round(seconds * 1e3, 3)
-    benchmark.extra_info.update(extra)
 
 
 def steps(pos, tri, colors, grad_out):
@@ -82,7 +71,7 @@ def test_cpu_spherical_cap(benchmark, cpu_cap, name):
     with fastface.value_checks(False):
         fn()  # compile / load the Numba cache outside the timing
         benchmark(fn)
-    _record(benchmark, CPU_BATCH)
+    record_throughput(benchmark, CPU_BATCH)
 
 
 def _opengl_or_skip(tri, n_vertices):
@@ -99,7 +88,7 @@ def test_cpu_spherical_cap_opengl(benchmark, cpu_cap):
         benchmark.group = f"spherical cap {GRID}x{GRID} B={CPU_BATCH} 224x224 (CPU)"
         gl.render(pos, colors)
         benchmark(gl.render, pos, colors)
-        _record(benchmark, CPU_BATCH, renderer=gl.renderer)
+        record_throughput(benchmark, CPU_BATCH, renderer=gl.renderer)
     finally:
         gl.release()
 
@@ -123,7 +112,7 @@ def test_cpu_face_model(benchmark, cpu_face, name):
         try:
             gl.render(pos, colors)
             benchmark(gl.render, pos, colors)
-            _record(benchmark, CPU_BATCH, renderer=gl.renderer)
+            record_throughput(benchmark, CPU_BATCH, renderer=gl.renderer)
         finally:
             gl.release()
         return
@@ -131,7 +120,7 @@ def test_cpu_face_model(benchmark, cpu_face, name):
     with fastface.value_checks(False):
         fn()
         benchmark(fn)
-    _record(benchmark, CPU_BATCH, coverage=round(float((rasterize(pos, tri, RES).tri_id >= 0).mean()), 3))
+    record_throughput(benchmark, CPU_BATCH, coverage=round(float((rasterize(pos, tri, RES).tri_id >= 0).mean()), 3))
 
 
 # --- GPU ------------------------------------------------------------------------------------------
@@ -161,7 +150,7 @@ TARGET_MS = {"rasterize": 0.10, "rasterize_interpolate_fused": 0.15, "rasterize_
 
 def _bench_gpu(benchmark, fn, batch, group, target_ms):
     device_s = bench_gpu(benchmark, fn, group)
-    _record(benchmark, batch, device_us=round(device_s * 1e6, 1), device_images_per_s=round(batch / device_s, 1),
+    record_throughput(benchmark, batch, device_us=round(device_s * 1e6, 1), device_images_per_s=round(batch / device_s, 1),
             target_ms=target_ms)
 
 
@@ -189,7 +178,7 @@ def test_gpu_fused_with_value_checks_on(benchmark, gpu_cap, gpu_cap_one, batch):
     device_s = bench_gpu(benchmark, lambda: rasterize_interpolate(pos, tri, RES, colors),
                          f"rasterize + interpolate fused, value checks on (GPU, B={batch})", value_checks=True)
     fastface.check_device_errors()
-    _record(benchmark, batch, device_us=round(device_s * 1e6, 1), value_checks="deferred")
+    record_throughput(benchmark, batch, device_us=round(device_s * 1e6, 1), value_checks="deferred")
 
 
 def _nvdiffrast_or_skip():
@@ -234,4 +223,4 @@ def test_gpu_spherical_cap_nvdiffrast(benchmark, gpu_cap, name):
     timed()
     benchmark(timed)
     cupy.cuda.Device().synchronize()
-    _record(benchmark, GPU_BATCH, anchor="nvdiffrast")
+    record_throughput(benchmark, GPU_BATCH, anchor="nvdiffrast")

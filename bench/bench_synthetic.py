@@ -17,17 +17,10 @@ a GPU.
 """
 import pytest
 
-import fastface
+from bench._gpu_timing import needs_gpu, record_throughput
 from fastface import FaceModel
 from fastface.data import TRAIN_SEEDS, SyntheticFaces
 
-needs_gpu = pytest.mark.skipif(not fastface._backend.gpu_available(), reason="needs cupy and a CUDA GPU")
-
-
-def _record(benchmark, batch):
-    if benchmark.stats is not None:
-        benchmark.extra_info["ms"] = round(benchmark.stats["median"] * 1e3, 3)
-        benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats["median"], 1)
 
 
 @pytest.mark.parametrize("level, size, batch", [("small", 64, 8), ("default", 224, 8)])
@@ -42,7 +35,7 @@ def test_cpu_synthetic_batch(benchmark, level, size, batch):
         return faces.batch(range(start, start + batch))
 
     benchmark(run)
-    _record(benchmark, batch)
+    record_throughput(benchmark, batch)
 
 
 @needs_gpu
@@ -61,4 +54,4 @@ def test_gpu_synthetic_batch(benchmark, batch):
 
     run()
     benchmark(run)
-    _record(benchmark, batch)
+    record_throughput(benchmark, batch)

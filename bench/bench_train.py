@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 
 import fastface
-from bench._gpu_timing import needs_gpu
+from bench._gpu_timing import needs_gpu, record_throughput
 from fastface.train import build, default_settings
-
-
-def _record(benchmark, batch, **extra):
-    benchmark.extra_info.update(extra)
-    if benchmark.stats is not None:
-        benchmark.extra_info["ms"] = round(benchmark.stats["median"] * 1e3, 4)
-        benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats["median"], 1)
 
 
 def _final_vertices(autoencoder, images):
@@ -56,7 +49,7 @@ def test_cpu_training_step(benchmark):
     benchmark.group = f"multi-level training step, small model, B={settings.batch} {settings.resolution}px (CPU)"
     step()  # compile outside the timing
     benchmark.pedantic(step, rounds=10, warmup_rounds=1)
-    _record(benchmark, settings.batch)
+    record_throughput(benchmark, settings.batch)
 
 
 def test_cpu_synthetic_batch(benchmark):
@@ -66,7 +59,7 @@ def test_cpu_synthetic_batch(benchmark):
     benchmark.group = f"synthetic faces, small model, B={settings.batch} {settings.resolution}px (CPU)"
     faces.batch(seeds)
     benchmark(faces.batch, seeds)
-    _record(benchmark, settings.batch)
+    record_throughput(benchmark, settings.batch)
 
 
 def test_cpu_adam_step_encoder(benchmark):
@@ -86,7 +79,7 @@ def test_cpu_inference(benchmark, batch):
     benchmark.group = f"inference images -> final vertices, small model, B={batch} (CPU)"
     _final_vertices(autoencoder, images)
     benchmark(_final_vertices, autoencoder, images)
-    _record(benchmark, batch)
+    record_throughput(benchmark, batch)
 
 
 @needs_gpu
@@ -101,7 +94,7 @@ def test_gpu_training_step(benchmark):
 
     synced()
     benchmark.pedantic(synced, rounds=20, warmup_rounds=2)
-    _record(benchmark, settings.batch)
+    record_throughput(benchmark, settings.batch)
 
 
 @needs_gpu
@@ -119,4 +112,4 @@ def test_gpu_inference(benchmark, batch):
     benchmark.group = f"inference images -> final vertices, default model, B={batch} (GPU)"
     infer()
     benchmark(infer)
-    _record(benchmark, batch)
+    record_throughput(benchmark, batch)
