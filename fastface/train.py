@@ -162,10 +162,6 @@ def _lr_factor(step, steps):
     return 0.1 if step >= int(0.85 * steps) else 1.0
 
 
-def _finite(xp, *arrays):
-    return all(bool(xp.isfinite(a).all()) for a in arrays)
-
-
 class _Log:
     """DIR/log.csv: step, loss, every term, images/s; on resume, rows past the checkpoint are dropped."""
 
@@ -256,18 +252,20 @@ def train(settings, out_dir, resume=False, progress=True, stop_after=None):
             with value_checks(step == start):  # the first batch is checked; then the loop runs unchecked
                 out = autoencoder.forward(images, final=final)
                 terms, grads = objective(out, images, landmarks, final=final)
-            means = {k: float(v.mean()) for k, v in terms.items()}
+            # Every term's batch mean in one transfer (one synchronisation on the GPU, not one per term).
+            names = list(terms)
+            values = xp.stack([terms[k].mean() for k in names])
+            means = dict(zip(names, (float(v) for v in (values if xp is np else values.get()))))
             loss = float(sum(means.values()))
             skipped = not np.isfinite(loss)
             if not skipped:
                 with value_checks(False):
                     autoencoder.backward(out, grads)
-                skipped = not _finite(xp, autoencoder.encoder.flat_grads, autoencoder.correctives.flat_grads)
-            if not skipped:
-                optimizers["encoder"].step()
-                if final:
-                    optimizers["correctives"].step()
-            else:
+                stepped = [optimizers["encoder"]] + ([optimizers["correctives"]] if final else [])
+                for opt in stepped:
+                    opt.step()  # a non-finite gradient norm makes the step change no weight
+                skipped = not all(opt.last_step_was_finite() for opt in stepped)
+            if skipped:
                 print(f"step {step}: non-finite loss or gradient, step skipped (weights untouched)", file=sys.stderr)
             step += 1
             done_here += 1
@@ -342,7 +340,7 @@ def write_preview(autoencoder, images, path, n=4, tile=128):
     columns = render_levels(autoencoder, images[:n])
     rows = []
     for b in range(columns[0].shape[0]):
-        tiles = [cv2.resize(np.clip(c[b], 0, 1), (tile, tile), interpolation=cv2.INTER_LINEAR) for c in columns]
+        tiles = [cv2.resize(np.clip(np.nan_to_num(c[b]), 0, 1), (tile, tile), interpolation=cv2.INTER_LINEAR) for c in columns]
         rows.append(np.concatenate(tiles, axis=1))
     picture = (np.concatenate(rows, axis=0)[..., ::-1] * 255 + 0.5).astype(np.uint8)
     with atomic_write(path) as tmp:

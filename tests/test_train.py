@@ -285,3 +285,24 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_reached_and_exits_130(tmp_path):
     assert proc.wait(timeout=120) == 130
     steps = [int(r.split(",")[0]) for r in log.read_text().splitlines()[1:]]
     assert load_checkpoint(out / "checkpoint.h5").step == steps[-1] >= 5
+
+
+def test_a_non_finite_gradient_is_skipped_logged_and_changes_no_weight(tmp_path, monkeypatch):
+    from fastface import autoencoder as autoencoder_module
+    real = autoencoder_module.FaceAutoencoder.backward
+    calls, weights = {"n": 0}, {}
+
+    def poisoned(self, out, grads):
+        code_grad = real(self, out, grads)
+        calls["n"] += 1
+        weights[calls["n"]] = self.encoder.flat_params.copy()
+        if calls["n"] == 2:
+            self.encoder.flat_grads[7] = np.inf
+        return code_grad
+
+    monkeypatch.setattr(autoencoder_module.FaceAutoencoder, "backward", poisoned)
+    train(_settings(steps=3, checkpoint_every=3, base_fraction=1.0), tmp_path, progress=False)
+    np.testing.assert_array_equal(weights[2], weights[3])  # step 2 changed nothing
+    assert not np.array_equal(weights[1], weights[2])        # a finite step does change them
+    skipped = [r.split(",")[-1] for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    assert skipped == ["0", "1", "0"]

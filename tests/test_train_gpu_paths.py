@@ -58,3 +58,15 @@ def test_synthetic_faces_and_inference_run_on_the_gpu_model(monkeypatch, tmp_pat
     assert is_cupy_array(out.vertices_final) and out.vertices_final.shape == (2, rec.model.n_vertices, 3)
     with pytest.raises(TypeError, match="images"):
         rec(np.zeros((2, 16, 16, 3), np.float32))
+
+
+def test_the_training_loop_runs_on_the_gpu_path(monkeypatch, tmp_path):
+    """train() with device="gpu": data, step, the one read-back of the terms, Adam's finiteness, checkpoints."""
+    install(monkeypatch)
+    from fastface.checkpoint import load_checkpoint
+    from fastface.train import train
+    settings = TrainSettings(**{**SETTINGS, "steps": 2, "checkpoint_every": 2, "preview_every": 2, "base_fraction": 0.5})
+    path = train(settings, tmp_path, progress=False)
+    assert load_checkpoint(path).step == 2
+    assert (tmp_path / "preview_000002.png").exists()
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3

@@ -277,6 +277,14 @@ class Adam:
             update((blocks,), (_THREADS,), (p, g, self.m[i], self.v[i], pointer_or_null(shadow), np.int64(p.size),
                                             self._partial, np.int32(n_parts), self._step, self._hyper_dev))
 
+    def last_step_was_finite(self):
+        """Whether the last `step`'s gradient norm was finite. A step whose norm is not finite changes
+        no parameter and no moment (only the step count); this tells a training loop to log it. It reads
+        the step's partial sums of g^2 (256 values) instead of the gradients again; on the GPU that is a
+        device-to-host copy, so a synchronisation."""
+        partial = self._partial if self._xp is np else self._partial.get()
+        return bool(np.isfinite(partial.sum()))
+
     def _scratch_step(self):
         if not hasattr(self, "_scratch"):
             self._scratch = self._xp.zeros(1, dtype=np.int32)
