@@ -56,6 +56,7 @@ class TrainSettings:
     weights: dict = None
     geometry_code_scale: float = 30.0
     reflectance_code_scale: float = 1.0
+    graph: bool = None  # record each stage's step in a CUDA graph; None: on the GPU (fastface/training_step.py)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -199,8 +200,8 @@ def train(settings, out_dir, resume=False, progress=True, stop_after=None):
         progress: show a tqdm progress bar.
         stop_after: stop (with a checkpoint) after this many steps of this call (tests).
     """
-    from fastface._checks import value_checks
     from fastface.checkpoint import load_checkpoint, save_checkpoint
+    from fastface.training_step import TrainingStep
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,12 +213,12 @@ def train(settings, out_dir, resume=False, progress=True, stop_after=None):
         saved = TrainSettings.from_dict(checkpoint.settings)
         saved.steps = settings.steps if settings.steps else saved.steps
         saved.device = settings.device
+        saved.graph = settings.graph
         settings = saved
         start = checkpoint.step
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     autoencoder, objective, optimizers = build(settings, checkpoint)
-    xp = np if settings.device == "cpu" else __import__("cupy")
     data = _Data(settings, autoencoder.model, autoencoder.focal, autoencoder.layout.translation)
     log = _Log(out_dir / "log.csv", start if resume else None)
     base_steps = int(settings.base_fraction * settings.steps)
@@ -240,6 +241,9 @@ def train(settings, out_dir, resume=False, progress=True, stop_after=None):
     signal.signal(signal.SIGTERM, on_term)
     step = start
     done_here = 0
+    # One TrainingStep per stage: on the GPU each is recorded in a CUDA graph at its second step.
+    stages = {final: TrainingStep(autoencoder, objective, optimizers, final, graph=settings.graph)
+              for final in (False, True)}
     try:
         while step < settings.steps:
             t0 = time.perf_counter()
@@ -247,24 +251,12 @@ def train(settings, out_dir, resume=False, progress=True, stop_after=None):
             for name, opt in optimizers.items():
                 lr = base_lrs[name] * _lr_factor(step, settings.steps)
                 if opt.lr != lr:
-                    opt.lr = lr
+                    opt.lr = lr  # read on the device, also by a captured step
             images, landmarks = data(step)
-            with value_checks(step == start):  # the first batch is checked; then the loop runs unchecked
-                out = autoencoder.forward(images, final=final)
-                terms, grads = objective(out, images, landmarks, final=final)
-            # Every term's batch mean in one transfer (one synchronisation on the GPU, not one per term).
-            names = list(terms)
-            values = xp.stack([terms[k].mean() for k in names])
-            means = dict(zip(names, (float(v) for v in (values if xp is np else values.get()))))
-            loss = float(sum(means.values()))
-            skipped = not np.isfinite(loss)
-            if not skipped:
-                with value_checks(False):
-                    autoencoder.backward(out, grads)
-                stepped = [optimizers["encoder"]] + ([optimizers["correctives"]] if final else [])
-                for opt in stepped:
-                    opt.step()  # a non-finite gradient norm makes the step change no weight
-                skipped = not all(opt.last_step_was_finite() for opt in stepped)
+            # The first batch is checked; then the loop runs unchecked. A step whose loss or gradient is
+            # not finite changes no weight (decided on the device); the report says so.
+            report = stages[final](images, landmarks, check_values=step == start)
+            means, loss, skipped = report.means, report.loss, report.skipped
             if skipped:
                 print(f"step {step}: non-finite loss or gradient, step skipped (weights untouched)", file=sys.stderr)
             step += 1
@@ -366,6 +358,8 @@ def add_parser(commands):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-graph", action="store_true",
+                   help="gpu: run every step eagerly instead of replaying it from a CUDA graph (slower; for debugging)")
     return p
 
 
@@ -379,7 +373,8 @@ def run(args):
     if args.data is not None and not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data}: no such folder")
     settings = default_settings(args.device, level=args.level, resolution=args.resolution, steps=args.steps,
-                                batch=args.batch, data=args.data, seed=args.seed)
+                                batch=args.batch, data=args.data, seed=args.seed,
+                                graph=False if args.no_graph else None)
     start = time.perf_counter()
     try:
         path = train(settings, args.out, resume=args.resume, progress=not args.no_progress)

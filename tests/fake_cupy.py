@@ -22,11 +22,22 @@ duration of one test:
   can run on the host runs there on the arrays' memory (its threads one after another when they never
   cooperate; with each block's threads together when they use barriers, shuffles, votes or shared memory;
   only kernels with inline PTX cannot run); `FakeGpu.computed` and `FakeGpu.check_only` list
-  which launches ran and which did not (those leave their outputs as allocated). Launches during a stream
-  capture raise LaunchError in this mode: a graph replay recomputes nothing here. New arrays get red
+  which launches ran and which did not (those leave their outputs as allocated). New arrays get red
   zones (`_check_red_zones`): an emulated kernel that writes outside an array it was given raises
   LaunchError naming the argument, instead of corrupting the process's heap (a read there sees 0xA5
   bytes; a write or read far beyond them can still crash the process).
+- CUDA graphs (`Stream.begin_capture` ... `end_capture`, `Graph.launch`), in both modes, as a real GPU
+  records them: during a capture no device operation runs. Each one (a kernel launch, a fill, a copy,
+  an elementwise or reduction operation, a gather, a memset, a GEMM) is recorded with its operands by
+  reference and its scalars by value, and every `launch()` of the graph runs the recorded list again
+  on the same memory (computing only what compute mode computes). So a replay sees the buffers as they
+  are then, and a Python value that changed since the capture is not seen, as on a GPU. An operation
+  that makes a new array computes its shape at once (values garbage until a replay, as in a pool block).
+  What cannot be recorded raises LaunchError: reading a device value on the host (`get`, `float`,
+  `bool`, `int`, `item`), a host-to-device copy (`asarray` of host data, `set`), a synchronisation,
+  and what needs the host to know a count (boolean masks, `nonzero`, `unique`).
+  `cuda.MemoryPool` and `cuda.using_allocator` exist (an allocation during a capture comes from the
+  allocator then in use; the fake has one memory).
 - `cuda.runtime.hostAlloc` returns a real host buffer, so fastface/_device_checks.py's deferred checks
   run (in check-only mode their kernels never write it, so no check ever fails; in compute mode the
   check kernels run too and report bad values as on a GPU).
@@ -55,6 +66,7 @@ What the checker rejects (`LaunchError`), for each kernel argument:
   accesses in nn_conv*.cu and float2/float4 atomics into grad_attr.
 """
 import ast
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -102,6 +114,9 @@ _guard_allocations = False
 _device_work = []
 _in_array_function = []  # the numpy functions being dispatched right now, outermost first
 _guards = {}  # id(owner buffer) -> (owner buffer, offset of the array's memory, its byte count)
+# The device operations of the stream capture in progress (a list of callables), or no list when none is:
+# see the module docstring's CUDA graphs.
+_captures = []
 _CANARY = 0xA5
 _MIN_RED_ZONE = 4096
 
@@ -155,6 +170,54 @@ def _allocation_of(address, size, what):
                       f"(an address past the end of an array, or of a freed or host array)")
 
 
+def _device_op(run):
+    """Does a device operation now, or records it into the capture in progress (a graph's replays run it)."""
+    if _captures:
+        _captures[-1].append(run)
+    else:
+        run()
+
+
+def _forbid_in_capture(what):
+    if _captures:
+        raise LaunchError(f"{what} during a stream capture: a CUDA graph cannot record it (the capture fails on a "
+                          f"GPU, or the graph replays a stale value)")
+
+
+def _fake_arrays(values, found=None):
+    """The fake arrays among values (nested in lists, tuples and dicts)."""
+    found = [] if found is None else found
+    for v in values:
+        if isinstance(v, ndarray):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            _fake_arrays(v, found)
+        elif isinstance(v, dict):
+            _fake_arrays(list(v.values()), found)
+    return found
+
+
+def _new_arrays(result, operands):
+    """The arrays of `result` (an array or a tuple/list of them) that are not views of an operand's memory."""
+    owners = {id(_owner(a)) for a in _fake_arrays(operands)}
+    results = result if isinstance(result, (tuple, list)) else [result]
+    return [r for r in results if isinstance(r, np.ndarray) and id(_owner(r)) not in owners]
+
+
+def _record_recompute(results, compute):
+    """In a capture: record that a replay recomputes `results` (new arrays) with `compute()` and stores them there."""
+    if not _captures or not results:
+        return
+
+    def run():
+        fresh = compute()
+        fresh = fresh if isinstance(fresh, (tuple, list)) else [fresh]
+        for target, value in zip(results, fresh):
+            np.copyto(_host(target), np.asarray(value).view(np.ndarray), casting="unsafe")
+
+    _captures[-1].append(run)
+
+
 def _allocate(shape, dtype, fill=None):
     """A fake cupy array in fresh 256-byte aligned memory (garbage 0xFF bytes unless `fill` is given)."""
     dtype = np.dtype(dtype)
@@ -171,7 +234,7 @@ def _allocate(shape, dtype, fill=None):
     a = memory.view(dtype).reshape(shape).view(ndarray)
     if fill is not None:
         _device_work.append("fill")
-        np.copyto(_host(a), fill, casting="unsafe")
+        _device_op(lambda: np.copyto(_host(a), fill, casting="unsafe"))
     return a
 
 
@@ -202,6 +265,16 @@ def _reject_host_arrays(values, what):
         elif isinstance(v, np.ndarray) and not isinstance(v, ndarray) and v.ndim > 0:
             raise TypeError(f"{what}: got a numpy array among cupy arrays; cupy does not convert host arrays "
                             f"implicitly (use cupy.asarray)")
+
+
+_HOST_COUNT_FUNCTIONS = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract"}
+
+
+def _host_key(key):
+    """An index with its fake arrays as numpy views of their memory."""
+    if isinstance(key, tuple):
+        return tuple(_host_key(k) for k in key)
+    return _host(key) if isinstance(key, ndarray) else key
 
 
 class _MemoryPointer:
@@ -241,12 +314,47 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
         return _Flags(self)
 
     def get(self, stream=None, order="C", out=None, blocking=True):
+        _forbid_in_capture("a device-to-host copy (get)")
         _device_work.append("device-to-host copy")
         return np.array(_host(self), order=order, copy=True)
 
+    def _to_host_value(self, what):
+        _forbid_in_capture(f"{what} of a cupy array (a device-to-host copy)")
+
+    def __float__(self):
+        self._to_host_value("float()")
+        return super().__float__()
+
+    def __int__(self):
+        self._to_host_value("int()")
+        return super().__int__()
+
+    def __bool__(self):
+        self._to_host_value("bool()")
+        return super().__bool__()
+
+    def item(self, *args):
+        self._to_host_value("item()")
+        return super().item(*args)
+
+    def tolist(self):
+        self._to_host_value("tolist()")
+        return super().tolist()
+
+    def __getitem__(self, key):
+        if _captures and any(a.dtype == np.bool_ for a in _fake_arrays([key])):
+            _forbid_in_capture("indexing by a boolean mask (its count is needed on the host)")
+        result = super().__getitem__(key)
+        if _captures and isinstance(result, np.ndarray) and _owner(result) is not _owner(self):
+            # A gather (fancy indexing) makes a new array: a replay gathers again from the memory as it is then.
+            _record_recompute([result], lambda: np.ndarray.__getitem__(_host(self), _host_key(key)))
+        return result
+
     def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray) and not isinstance(value, ndarray) and value.ndim:
+            _forbid_in_capture("a host-to-device copy (setting host data)")
         _device_work.append("copy" if isinstance(value, ndarray) else "fill")
-        super().__setitem__(key, value)
+        _device_op(lambda: np.ndarray.__setitem__(self, key, value))
 
     def set(self, arr, stream=None):
         # cupy's checks, in its order.
@@ -258,13 +366,14 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
             raise ValueError("Shape mismatch")
         if not self.flags.c_contiguous:
             raise RuntimeError("Cannot set to non-contiguous array")
+        _forbid_in_capture("a host-to-device copy (set)")
         _device_work.append("host-to-device copy")
         np.copyto(_host(self), arr)
 
     def copy(self, order="C"):
         _device_work.append("copy")
         out = _allocate(self.shape, self.dtype)
-        np.copyto(_host(out), _host(self))
+        _device_op(lambda: np.copyto(_host(out), _host(self)))
         return out
 
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
@@ -273,32 +382,46 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
             return self
         _device_work.append("copy")
         out = _allocate(self.shape, dtype)
-        np.copyto(_host(out), _host(self), casting="unsafe")
+        _device_op(lambda: np.copyto(_host(out), _host(self), casting="unsafe"))
         return out
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _reject_host_arrays(inputs + (out or ()), f"cupy.{ufunc.__name__}")
         _device_work.append(f"{ufunc.__name__}{'' if method == '__call__' else '.' + method}")
         inputs = tuple(_host(x) if isinstance(x, ndarray) else x for x in inputs)
-        if out is not None:
-            kwargs["out"] = tuple(_host(o) if isinstance(o, ndarray) else o for o in out)
-        result = getattr(ufunc, method)(*inputs, **kwargs)
-        if out is not None:
+        if out is not None or method == "at":  # writes memory that exists: recorded as it is in a capture
+            if out is not None:
+                kwargs["out"] = tuple(_host(o) if isinstance(o, ndarray) else o for o in out)
+            _device_op(lambda: getattr(ufunc, method)(*inputs, **kwargs))
+            if out is None:
+                return None
             return out[0] if len(out) == 1 else out
-        return _wrap(result)
+        result = _wrap(getattr(ufunc, method)(*inputs, **kwargs))
+        # A new result (its shape is known now): a replay computes it again into the same memory.
+        _record_recompute(_new_arrays(result, ()), lambda: getattr(ufunc, method)(*inputs, **kwargs))
+        return result
 
     def __array_function__(self, func, types_, args, kwargs):
         if not all(issubclass(t, ndarray) for t in types_):
             raise TypeError(f"numpy.{func.__name__} got numpy and cupy arrays together")
         # One entry per call from fastface: numpy's own functions dispatch again inside (stack calls
         # concatenate), and those inner calls are not more work.
-        if not _in_array_function:
+        outermost = not _in_array_function
+        if outermost:
             _device_work.append(func.__name__)
+            if func.__name__ in _HOST_COUNT_FUNCTIONS:
+                _forbid_in_capture(f"numpy.{func.__name__} (its result's size is needed on the host)")
         _in_array_function.append(func.__name__)
         try:
-            return _wrap(super().__array_function__(func, types_, args, kwargs))
+            result = _wrap(super().__array_function__(func, types_, args, kwargs))
         finally:
             _in_array_function.pop()
+        if outermost and _captures:
+            if result is None:  # an in-place function (copyto): a replay does it again
+                _captures[-1].append(lambda: func(*args, **kwargs))
+            else:
+                _record_recompute(_new_arrays(result, (args, kwargs)), lambda: func(*args, **kwargs))
+        return result
 
     def __repr__(self):
         return f"fake_cupy.{np.array_repr(_host(self))}"
@@ -344,10 +467,12 @@ def asarray(a, dtype=None, order=None, blocking=False):
     """Host data is copied to the device; a cupy array of the right dtype is returned as is."""
     if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
+    if not isinstance(a, ndarray):
+        _forbid_in_capture("a host-to-device copy (asarray of host data)")
     source = _host(a) if isinstance(a, ndarray) else np.asarray(a)
     _device_work.append("copy" if isinstance(a, ndarray) else "host-to-device copy")
     out = _allocate(source.shape, source.dtype if dtype is None else dtype)
-    np.copyto(_host(out), source, casting="unsafe")
+    _device_op(lambda: np.copyto(_host(out), source, casting="unsafe"))
     return out
 
 
@@ -363,14 +488,19 @@ def cumsum(a, axis=None, dtype=None, out=None):
     _device_work.append("scan")
     if out is not None:
         _require_cupy(out, "cumsum(out=...)")
-        np.cumsum(_host(a), axis=axis, dtype=dtype, out=_host(out))
+        _device_op(lambda: np.cumsum(_host(a), axis=axis, dtype=dtype, out=_host(out)))
         return out
-    return _wrap(np.cumsum(_host(a), axis=axis, dtype=dtype))
+    result = _wrap(np.cumsum(_host(a), axis=axis, dtype=dtype))
+    _record_recompute([result], lambda: np.cumsum(_host(a), axis=axis, dtype=dtype))
+    return result
 
 
 def where(condition, x, y):
     _reject_host_arrays((condition, x, y), "cupy.where")
-    return _wrap(np.where(*(_host(v) if isinstance(v, ndarray) else v for v in (condition, x, y))))
+    operands = [_host(v) if isinstance(v, ndarray) else v for v in (condition, x, y)]
+    result = _wrap(np.where(*operands))
+    _record_recompute([result], lambda: np.where(*operands))
+    return result
 
 
 def _ufunc(numpy_ufunc):
@@ -410,15 +540,47 @@ class Device:
         return False
 
     def synchronize(self):
-        pass
+        _forbid_in_capture("Device.synchronize()")
 
 
 class _Graph:
-    def __init__(self, stream):
+    """A captured graph: the device operations recorded during the capture, run again by each launch."""
+
+    def __init__(self, operations):
+        self.operations = operations
         self.launches = 0
 
     def launch(self, stream=None):
-        self.launches += 1  # the recorded kernels were checked when they were recorded
+        _device_work.append("graph launch")
+        self.launches += 1
+        _device_op(self._replay)  # a launch inside another capture is recorded as a child graph
+
+    def _replay(self):
+        counted = len(_device_work)
+        for run in self.operations:
+            run()
+        del _device_work[counted:]  # the recorded operations are the graph launch's work, counted once
+
+
+class MemoryPool:
+    """cupy.cuda.MemoryPool: the fake has one memory; `malloc` exists for `using_allocator`."""
+
+    def malloc(self, size):
+        raise LaunchError("the fake cupy allocates through _allocate, not through a pool's malloc")
+
+    def used_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+@contextlib.contextmanager
+def using_allocator(allocator=None):
+    """cupy.cuda.using_allocator: allocations inside come from `allocator` (one memory in the fake)."""
+    if allocator is not None and not callable(allocator):
+        raise TypeError(f"allocator must be callable; got {allocator!r}")
+    yield
 
 
 class Stream:
@@ -443,7 +605,7 @@ class Stream:
         return False
 
     def synchronize(self):
-        pass
+        _forbid_in_capture("Stream.synchronize()")
 
     def is_capturing(self):
         return self._capturing
@@ -453,13 +615,16 @@ class Stream:
             raise RuntimeError("the stream is capturing already")
         if self.ptr == 0:
             raise RuntimeError("the null stream cannot capture a graph")
+        if _captures:
+            raise LaunchError("a second stream capture while one is in progress (not modelled)")
         self._capturing = True
+        _captures.append([])
 
     def end_capture(self):
         if not self._capturing:
             raise RuntimeError("the stream is not capturing")
         self._capturing = False
-        return _Graph(self)
+        return _Graph(_captures.pop())
 
 
 _current_stream = [Stream(null=True)]
@@ -488,7 +653,7 @@ class _Runtime:
 
     @staticmethod
     def deviceSynchronize():  # noqa: N802
-        pass
+        _forbid_in_capture("cudaDeviceSynchronize")
 
     def hostAlloc(self, size, flags):  # noqa: N802
         if type(size) is not int or size <= 0 or type(flags) is not int or flags & ~7:
@@ -509,11 +674,12 @@ class _Runtime:
             raise LaunchError(f"memsetAsync: value must be a byte and size >= 0; got {value}, {size}")
         _allocation_of(ptr, size, "memsetAsync")
         _device_work.append("memset")
-        ctypes.memset(ptr, value, size)
+        _device_op(lambda: ctypes.memset(ptr, value, size))
 
 
 def _cuda_namespace(runtime):
-    return types.SimpleNamespace(runtime=runtime, Device=Device, Stream=Stream, get_current_stream=get_current_stream)
+    return types.SimpleNamespace(runtime=runtime, Device=Device, Stream=Stream, get_current_stream=get_current_stream,
+                                 MemoryPool=MemoryPool, using_allocator=using_allocator)
 
 
 FAKE_CUPY_API = ("ndarray", "float16", "float32", "float64", "int32", "int64", "uint8", "uint64", "bool_",
@@ -922,12 +1088,12 @@ class LaunchChecker:
             self._compute(grid, block, args, what)
 
     def _compute(self, grid, block, args, what):
+        _device_op(lambda: self._run(grid, block, args, what))  # in a capture, each replay runs it
+
+    def _run(self, grid, block, args, what):
         from tests import emulated_kernels  # noqa: PLC0415 - it imports this module
 
         s = self.signature
-        if _current_stream[0].is_capturing():
-            raise LaunchError(f"{what}: launched during a stream capture; compute mode runs kernels at once and "
-                              f"replays no graph (use check-only mode)")
         if not emulated_kernels.emulation(s.filename, s.expression).runs:
             self.gpu.check_only.append((s.filename, s.expression))
             return
@@ -1001,10 +1167,14 @@ class _FakeCublasLib:
         b_matrix = self._matrix(B, a_t, b_rows, b_cols, ldb, "B")
         op_a = a_matrix.T if transa else a_matrix
         op_b = b_matrix.T if transb else b_matrix
-        product = alpha_v * (op_a.astype(np.float64) @ op_b.astype(np.float64))
-        if beta_v != 0:
-            product = product + beta_v * c_matrix.astype(np.float64)
-        c_matrix[...] = product
+
+        def multiply():  # the scalars as they were at the call (a graph records them), the matrices as they are
+            product = alpha_v * (op_a.astype(np.float64) @ op_b.astype(np.float64))
+            if beta_v != 0:
+                product = product + beta_v * c_matrix.astype(np.float64)
+            c_matrix[...] = product
+
+        _device_op(multiply)
         self.gpu.gemm_calls.append((np.dtype(a_t).name, np.dtype(c_t).name, compute, m, n, k))
         _device_work.append("gemm")
         return 0
@@ -1104,6 +1274,7 @@ def install(monkeypatch, compute=False):
     monkeypatch.setattr(sys.modules[__name__], "_guards", {})
     monkeypatch.setattr(sys.modules[__name__], "_guard_allocations", bool(compute))
     monkeypatch.setattr(sys.modules[__name__], "_current_stream", [Stream(null=True)])
+    monkeypatch.setattr(sys.modules[__name__], "_captures", [])
     return gpu
 
 

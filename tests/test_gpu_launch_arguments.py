@@ -529,7 +529,7 @@ def scenario_encoder(cp, rng, monkeypatch):
 
 
 def scenario_encoder_graph(cp, rng, monkeypatch):
-    """Encoder.capture: the warm-up launches, then the recorded ones (a fake graph replays nothing)."""
+    """Encoder.capture: the warm-up launches, then the recorded ones (checked once, when recorded)."""
     enc = _small_encoder("float16")
     opt = fastface.nn.Adam(enc, lr=1e-3)
     graph = enc.capture(2, backward=True, optimizer=opt, need_grad_x=True)

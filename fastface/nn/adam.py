@@ -219,13 +219,21 @@ class Adam:
         return self._steps_host
 
     # -- the step --------------------------------------------------------------------------
-    def step(self, grads=None):
-        """One update of every parameter.
+    def step(self, grads=None, gate=None):
+        """One update of every parameter: `prepare(grads)` then `update(gate)`.
 
         Args:
             grads: None when the optimizer was made from a model (its flat_grads are used),
                 else a dict with the same keys, shapes and dtypes as the params dict.
+            gate: see `update`.
         """
+        self.prepare(grads)
+        self.update(gate)
+
+    def prepare(self, grads=None):
+        """The first half of a step: the gradient norm's partial sums (`gradient_norm_squares`) and the step
+        count. Several optimizers that must skip together (one training step) prepare first, then gate their
+        updates on all their norms at once. `grads` as for `step`."""
         if self._model is not None:
             if grads is not None:
                 raise ValueError("grads must be None for an optimizer made from a model (it reads "
@@ -249,33 +257,58 @@ class Adam:
                     raise ValueError(f"grads[{name!r}] must be {p.dtype} {tuple(p.shape)}; got "
                                      f"{g.dtype} {tuple(g.shape)}")
                 pairs.append((p, self._xp.ascontiguousarray(g), None))
-        self._launch(pairs)
+        per = self._parts_per_group
+        # Only the first group's prepare advances the real step counter; the partials of all groups
+        # make the global norm.
+        for i, (p, g, _) in enumerate(pairs):
+            partial, step = self._partial[i * per:(i + 1) * per], self._step if i == 0 else self._scratch_step()
+            if self._xp is np:
+                adam_prepare(g.reshape(-1), g.size, partial, step)
+            else:
+                _function("adam_prepare")((per,), (_THREADS,), (g, np.int64(g.size), partial, step))
+        self._prepared = pairs
+
+    def update(self, gate=None):
+        """The second half of a step (after `prepare`): every parameter updated, unless the norm is not finite.
+
+        Args:
+            gate: optional (1,) array on the parameters' device, multiplied into the gradient norm's
+                partial sums before the update: 1 lets the step happen, NaN makes it a skipped step
+                (no parameter or moment changes). A training step gates on its loss and on every
+                optimizer's norm this way (`gate = 0 * (loss + norms) + 1` is NaN exactly when one of
+                them is not finite) without reading them on the host, so the decision can be recorded
+                in a CUDA graph.
+        """
+        pairs = getattr(self, "_prepared", None)
+        if pairs is None:
+            raise RuntimeError("update() needs a prepare() first (or call step())")
+        self._prepared = None
+        xp = self._xp
+        if gate is not None:
+            array_module(("params", self._params[0]), ("gate", gate))
+            if tuple(gate.shape) != (1,):
+                raise ValueError(f"gate must have shape (1,); got {tuple(gate.shape)}")
+            xp.multiply(self._partial, gate, out=self._partial)
+        n_parts = len(pairs) * self._parts_per_group
+        for i, (p, g, shadow) in enumerate(pairs):
+            if xp is np:
+                adam_update(p.reshape(-1), g.reshape(-1), self.m[i].reshape(-1), self.v[i].reshape(-1),
+                            p.reshape(-1), p.size, self._partial, n_parts, self._step, self._hyper)
+            else:
+                blocks = int(min(_UPDATE_BLOCKS, max(1, (p.size + _THREADS - 1) // _THREADS)))
+                _function("adam_update")((blocks,), (_THREADS,), (
+                    p, g, self.m[i], self.v[i], pointer_or_null(shadow), np.int64(p.size), self._partial,
+                    np.int32(n_parts), self._step, self._hyper_dev))
         self._steps_host += 1
         if self._model is not None and hasattr(self._model, "_adam_wrote_shadow"):
             self._model._adam_wrote_shadow()
 
-    def _launch(self, pairs):
-        """prepare for every group (the partials of all groups make the global norm), then update."""
-        xp = self._xp
-        per = self._parts_per_group
-        n_parts = len(pairs) * per
-        if xp is np:
-            for i, (p, g, _) in enumerate(pairs):
-                step = self._step if i == 0 else self._scratch_step()
-                adam_prepare(g.reshape(-1), g.size, self._partial[i * per:(i + 1) * per], step)
-            for i, (p, g, _) in enumerate(pairs):
-                adam_update(p.reshape(-1), g.reshape(-1), self.m[i].reshape(-1), self.v[i].reshape(-1),
-                            p.reshape(-1), p.size, self._partial, n_parts, self._step, self._hyper)
-            return
-        prepare, update = _function("adam_prepare"), _function("adam_update")
-        # Only the first group's prepare advances the real step counter.
-        for i, (p, g, _) in enumerate(pairs):
-            prepare((per,), (_THREADS,), (g, np.int64(g.size), self._partial[i * per:(i + 1) * per],
-                                          self._step if i == 0 else self._scratch_step()))
-        for i, (p, g, shadow) in enumerate(pairs):
-            blocks = int(min(_UPDATE_BLOCKS, max(1, (p.size + _THREADS - 1) // _THREADS)))
-            update((blocks,), (_THREADS,), (p, g, self.m[i], self.v[i], pointer_or_null(shadow), np.int64(p.size),
-                                            self._partial, np.int32(n_parts), self._step, self._hyper_dev))
+    @property
+    def gradient_norm_squares(self):
+        """(256,) array on the device: the partial sums of g^2 of the last `prepare` (gated by the last
+        `update`); their sum is the squared gradient norm, not finite when the step was skipped. Read it
+        without a synchronisation to fold the verdict into another transfer (a captured training step does)."""
+        return self._partial
 
     def last_step_was_finite(self):
         """Whether the last `step`'s gradient norm was finite. A step whose norm is not finite changes

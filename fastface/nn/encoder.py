@@ -63,6 +63,7 @@ import numpy as np
 from fastface._backend import array_module, cupy_or_none, is_cupy_array
 from fastface._checks import check_array, check_finite, value_checks
 from fastface._files import atomic_write
+from fastface.cuda_graph import capture
 from fastface.nn._gemm import gemm
 from fastface.nn.conv import (
     _conv_implicit, _im2col, _im2col_backward, conv_output_size, implicit_gemm_supported,
@@ -657,27 +658,6 @@ class _Workspace:
         return self._dz[i % 2][:m * c].reshape(m, c)
 
 
-def _capture(stream, fn):
-    """fn() recorded on `stream` into a CUDA graph, with value checks off.
-
-    Exception-safe: if fn (or the capture itself) fails, the capture is ended before the error
-    propagates, so the stream is never left capturing (a stream left capturing makes every later
-    synchronisation fail with cudaErrorStreamCaptureUnsupported), and the partial graph is
-    dropped. The error then says which step failed to record.
-    """
-    with value_checks(False), stream:
-        stream.begin_capture()
-        try:
-            fn()
-        except BaseException:
-            try:
-                stream.end_capture()
-            except Exception:  # noqa: BLE001 - an invalidated capture raises here; the first error matters
-                pass
-            raise
-        return stream.end_capture()
-
-
 class EncoderGraph:
     """Forward (and backward + Adam) of one batch size recorded in CUDA graphs; see Encoder.capture.
 
@@ -705,8 +685,6 @@ class EncoderGraph:
             from fastface.nn.adam import _function as adam_function  # noqa: PLC0415
             adam_function("adam_prepare")  # compiled and looked up outside the capture
             adam_function("adam_update")
-        cupy.cuda.get_current_stream().synchronize()
-        self._stream = cupy.cuda.Stream(non_blocking=True)
         self._backward = None
 
         def train_step():
@@ -714,21 +692,20 @@ class EncoderGraph:
             if optimizer is not None:
                 optimizer.step()
 
-        self._forward = _capture(self._stream, lambda: enc.forward(self.x, out=self.y))
+        self._forward = capture(lambda: enc.forward(self.x, out=self.y), "the encoder's forward")
         if backward:
-            self._backward = _capture(self._stream, train_step)
-        self._stream.synchronize()
+            self._backward = capture(train_step, "the encoder's backward")
 
     def forward(self):
         """Replays the forward on the current stream: reads x, writes y."""
-        self._forward.launch(cupy_or_none().cuda.get_current_stream())
+        self._forward.launch()
         return self.y
 
     def backward(self):
         """Replays the backward (and the Adam step): reads grad_y, writes the grads (and grad_x)."""
         if self._backward is None:
             raise RuntimeError("this graph was captured without backward=True")
-        self._backward.launch(cupy_or_none().cuda.get_current_stream())
+        self._backward.launch()
         return self.grad_x
 
     def step(self):

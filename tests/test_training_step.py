@@ -1,0 +1,121 @@
+"""fastface/training_step.py: the step recorded in a CUDA graph equals the eager step.
+
+Checked on the CPU with the fake cupy in compute mode (tests/fake_cupy.py), whose graphs behave as a
+GPU's: the capture runs nothing, and each replay runs every recorded operation again on the same
+memory with the arguments as recorded. A step that read a Python value that changes between steps,
+wrote its result somewhere else than the buffers it returned, or read its batch from another array
+than the input buffers would make the replayed run differ from the eager one. On a real GPU the
+same comparison is `test_gpu_graph_step_equals_eager_step`.
+"""
+import numpy as np
+import pytest
+
+import fastface
+from fastface.train import TrainSettings, build
+from fastface.training_step import TrainingStep
+from tests.fake_cupy import LaunchError, install
+
+SETTINGS = dict(device="gpu", level="small", resolution=16, batch=2, n_geometry=3, n_reflectance=2, widths=(4, 8))
+
+
+def _batches(xp, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(xp.asarray(rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)),
+             xp.asarray(rng.uniform(2, 14, (2, 68, 2)).astype(np.float32))) for _ in range(n)]
+
+
+def _run(steps, final, graph, batches, lrs):
+    """The reports and the final weights of len(batches) steps of a fresh model (same seed every time)."""
+    autoencoder, objective, optimizers = build(TrainSettings(**SETTINGS))
+    step = TrainingStep(autoencoder, objective, optimizers, final=final, graph=graph)
+    reports = []
+    for (images, landmarks), lr in zip(batches, lrs):
+        optimizers["encoder"].lr = lr
+        optimizers["correctives"].lr = 10 * lr
+        reports.append(step(images, landmarks))
+    weights = [autoencoder.encoder.flat_params.get(), autoencoder.correctives.flat_params.get()]
+    return step, reports, weights
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_the_graph_step_replays_the_eager_step_exactly(monkeypatch, final):
+    install(monkeypatch, compute=True)
+    cp = __import__("cupy")
+    batches = _batches(cp, 4)
+    lrs = [1e-3, 1e-3, 5e-4, 1e-4]  # a schedule: lr lives on the device, the graph must see each change
+    eager_step, eager, eager_weights = _run(4, final, False, batches, lrs)
+    graph_step, replayed, graph_weights = _run(4, final, True, batches, lrs)
+    assert not eager_step.captured and graph_step.captured
+    assert graph_step._graph.launches == 3  # the first step ran eagerly (warm-up), the other three replayed
+    for a, b in zip(eager, replayed):
+        assert a.means == b.means and a.skipped == b.skipped is False
+    for a, b in zip(eager_weights, graph_weights):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(eager_weights[0], build(TrainSettings(**SETTINGS))[0].encoder.flat_params.get())
+
+
+def test_a_non_finite_loss_or_gradient_is_skipped_inside_the_graph(monkeypatch):
+    """A NaN landmark makes the loss NaN (the gate stops the step); a NaN pixel outside the face leaves the
+    loss finite but the encoder's gradient NaN (Adam's own norm check stops it). Neither changes a weight."""
+    install(monkeypatch, compute=True)
+    cp = __import__("cupy")
+    batches = _batches(cp, 3)
+    autoencoder, objective, optimizers = build(TrainSettings(**SETTINGS))
+    step = TrainingStep(autoencoder, objective, optimizers, final=True)
+    step(*batches[0])
+    step(*batches[1])
+    assert step.captured
+    weights = lambda: [autoencoder.encoder.flat_params.get(), autoencoder.correctives.flat_params.get()]  # noqa: E731
+    images, landmarks = batches[2][0].copy(), batches[2][1].copy()
+    images[0, 0, 0, 0] = np.nan
+    landmarks[1, 30, 0] = np.nan
+    for bad_images, bad_landmarks, loss_finite in ((batches[2][0], landmarks, False), (images, batches[2][1], True)):
+        before = weights()
+        report = step(bad_images, bad_landmarks)
+        assert report.skipped and bool(np.isfinite(report.loss)) == loss_finite
+        for a, b in zip(before, weights()):
+            np.testing.assert_array_equal(a, b)
+    assert not step(*batches[2]).skipped  # the next finite batch steps again
+
+
+def test_the_captured_step_reads_nothing_back_and_is_recorded_once(monkeypatch):
+    """Check-only mode: the capture of both stages succeeds (no host read, no host-to-device copy, no
+    synchronisation inside), and later steps are one graph launch plus the batch copies and one read."""
+    gpu = install(monkeypatch)
+    cp = gpu.cupy
+    batches = _batches(cp, 3)
+    autoencoder, objective, optimizers = build(TrainSettings(**SETTINGS))
+    for final in (False, True):
+        step = TrainingStep(autoencoder, objective, optimizers, final=final)
+        step(*batches[0])
+        step(*batches[1])
+        gpu.device_work.clear()
+        step(*batches[2])
+        assert step.captured
+        assert gpu.device_work == ["copy", "copy", "graph launch", "device-to-host copy"], gpu.device_work
+
+
+def test_a_host_read_inside_a_capture_is_refused_and_ends_the_capture(monkeypatch):
+    from fastface.cuda_graph import capture
+    gpu = install(monkeypatch)
+    x = gpu.cupy.zeros(3, np.float32)
+    with pytest.raises(LaunchError, match="device-to-host copy"):
+        capture(lambda: x.get(), "a read")
+    graph = capture(lambda: gpu.cupy.multiply(x, 2, out=x))  # the stream was not left capturing
+    assert graph.launches == 0
+
+
+def test_a_capture_runs_nothing_and_each_launch_runs_it_again(monkeypatch):
+    from fastface.cuda_graph import capture
+    gpu = install(monkeypatch, compute=True)
+    cp = gpu.cupy
+    x = cp.zeros(3, np.float32)
+    step = cp.ones(3, np.float32)
+    graph = capture(lambda: x.__iadd__(step))  # x += step
+    np.testing.assert_array_equal(x.get(), 0)
+    graph.launch()
+    graph.launch()
+    np.testing.assert_array_equal(x.get(), 2)
+    step[...] = 5  # a replay reads the memory as it is then
+    graph.launch()
+    np.testing.assert_array_equal(x.get(), 7)
