@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/fastface_device}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NUMBA_CACHE_DIR=/tmp/fastface_numba_cache
 TEST_TIMEOUT=${TEST_TIMEOUT:-90} bash bench/run_device.sh tests
 : > "$OUT/sanitizer.log"
-for f in ${SANITIZE_FILES:-tests/ops/test_losses.py tests/model/test_corrective.py tests/ops/test_antialias.py tests/ops/test_rasterize.py tests/test_train.py}; do
+for f in ${SANITIZE_FILES:-tests/ops/test_losses.py tests/model/test_corrective.py tests/ops/test_antialias.py tests/ops/test_rasterize.py tests/test_train.py tests/test_training_step.py}; do
   echo "== $f" >> "$OUT/sanitizer.log"
   timeout "${SANITIZE_TIMEOUT:-75}" compute-sanitizer --tool memcheck --error-exitcode 99 \
       python3 -m pytest "$f" -m gpu -q -x -p no:cacheprovider >> "$OUT/sanitizer.log" 2>&1
