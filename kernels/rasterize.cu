@@ -4,11 +4,11 @@
 // positions, optionally fused with the interpolation backward).
 //
 // The Numba twins live in fastface/ops/rasterize.py; the module docstring there explains the
-// fixed-point coverage (exact long long edge functions on a 1/256-pixel grid), the tie rule and why
-// it is watertight, the guard-band clipper and the float64 barycentrics. This file is compiled with
-// --fmad=false: depths, cut points and barycentrics then round exactly like the Numba code (which
-// does not contract a*b+c either), every expression below being written in the same order as its
-// twin.
+// fixed-point coverage (exact integer edge functions on a 1/256-pixel grid, in int or long long),
+// the tie rule and why it is watertight, the guard-band clipper and the float64 barycentrics. This
+// file is compiled with --fmad=false: depths, cut points and barycentrics then round exactly like
+// the Numba code (which does not contract a*b+c either), every expression below being written in
+// the same order as its twin.
 //
 // Memory safety does not rely on the Python checks (they can be turned off): vertex and triangle
 // indices are tested against V and T before any load.
@@ -20,7 +20,8 @@
 // Fixed point (fastface.ops.rasterize: SUBPIXEL_BITS, GUARD_BAND): screen positions snap to 1/256
 // pixel, and the fast path takes only vertices inside the guard band (GUARD_BAND pixels beyond each
 // side of the screen), so a snapped coordinate stays below 2^23, a difference below 2^24 and an edge
-// value below 2^50: exact as long long, from 32 x 32 -> 64-bit products (one instruction each).
+// value below 2^50: exact as long long (32 x 32 -> 64-bit products, one instruction each), and as int
+// for triangles whose vertices lie within EXTENT_32 of each other (scan_box).
 #define SUBPIXEL_BITS 8
 #define SUBPIXEL_SCALE 256
 #define GUARD_BAND 8192

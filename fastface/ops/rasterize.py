@@ -50,11 +50,17 @@ with H, W <= 16384), a difference below 2^24, and E below 2^50, so long long on 
 32 x 32 -> 64-bit products) holds it exactly, and so does float64 on the CPU, where every value is an
 integer below 2^53 and every sum, difference and product of them is therefore exact: the same integers
 as int64 (which measured 15% slower in Numba's triangle pass). E_ab(p) = -E_ba(p) exactly, whatever
-origin it is evaluated from. Each triangle's directions are multiplied by the sign of its area so
-that its interior is where all three edge values are positive. A centre is covered when every edge value is > 0, or == 0
-on an edge that owns its centres: the edge whose oriented direction d satisfies d.y < 0, or d.y == 0
-and d.x > 0 (in the y-down pixel frame, the triangle's left edges and horizontal top edges: the usual
-top-left rule). For an edge shared by two triangles the oriented directions are opposite, and exactly
+origin it is evaluated from. Both backends evaluate E at the first centre of a triangle's box and step
+it from centre to centre (E(p + 1 column) = E(p) - dy 256, E(p + 1 row) = E(p) + dx 256: exact in
+integers, so every centre gets the value evaluating there gives); the GPU steps in 32-bit int where
+the triangle's vertices lie within 2^14 subpixels (64 pixels) of each other, which bounds every value
+the loop makes by 2^30, and in long long otherwise. Each triangle's directions are multiplied by the
+sign of its area so that its interior is where all three edge values are positive. A centre is
+covered when every edge value is > 0, or == 0 on an edge that owns its centres: the edge whose
+oriented direction d satisfies d.y < 0, or d.y == 0 and d.x > 0 (in the y-down pixel frame, the
+triangle's left edges and horizontal top edges: the usual top-left rule), tested as E >= 0 on an
+owning edge and E >= 1 on the others (the CPU tells an owning d by d.y 2^25 - d.x < 0, exact for
+|d.x| < 2^24: one comparison where the two-clause test cost mispredicted branches). For an edge shared by two triangles the oriented directions are opposite, and exactly
 one of d and -d owns, so a centre on the shared edge goes to exactly one of them. A centre exactly on
 a snapped vertex gets an exact 0 from both incident edges, and going around a closed fan of triangles
 the owning directions form a half-open half-plane, so exactly one triangle of the fan takes it. The
