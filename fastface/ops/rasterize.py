@@ -60,10 +60,11 @@ covered when every edge value is > 0, or == 0 on an edge that owns its centres: 
 oriented direction d satisfies d.y < 0, or d.y == 0 and d.x > 0 (in the y-down pixel frame, the
 triangle's left edges and horizontal top edges: the usual top-left rule), tested as E >= 0 on an
 owning edge and E >= 1 on the others (the CPU tells an owning d by d.y 2^25 - d.x < 0, exact for
-|d.x| < 2^24: one comparison where the two-clause test cost mispredicted branches). For an edge shared by two triangles the oriented directions are opposite, and exactly
-one of d and -d owns, so a centre on the shared edge goes to exactly one of them. A centre exactly on
-a snapped vertex gets an exact 0 from both incident edges, and going around a closed fan of triangles
-the owning directions form a half-open half-plane, so exactly one triangle of the fan takes it. The
+|d.x| < 2^24: one comparison where the two-clause test cost mispredicted branches). For an edge
+shared by two triangles the oriented directions are opposite, and exactly one of d and -d owns, so a
+centre on the shared edge goes to exactly one of them. A centre exactly on a snapped vertex gets an
+exact 0 from both incident edges, and going around a closed fan of triangles the owning directions
+form a half-open half-plane, so exactly one triangle of the fan takes it. The
 clipper keeps this: whether a shared edge is cut, and where, depends only on its endpoints. Floats
 (depths, barycentrics) are computed without fused multiply-adds on both backends (the CUDA module is
 compiled with --fmad=false; Numba does not contract without fastmath), which makes the GPU results
