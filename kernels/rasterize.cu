@@ -4,11 +4,11 @@
 // positions, optionally fused with the interpolation backward).
 //
 // The Numba twins live in fastface/ops/rasterize.py; the module docstring there explains the
-// fixed-point coverage (exact long long edge functions on a 1/256-pixel grid), the tie rule and why
-// it is watertight, the guard-band clipper and the float64 barycentrics. This file is compiled with
-// --fmad=false: depths, cut points and barycentrics then round exactly like the Numba code (which
-// does not contract a*b+c either), every expression below being written in the same order as its
-// twin.
+// fixed-point coverage (exact integer edge functions on a 1/256-pixel grid, in int or long long),
+// the tie rule and why it is watertight, the guard-band clipper and the float64 barycentrics. This
+// file is compiled with --fmad=false: depths, cut points and barycentrics then round exactly like
+// the Numba code (which does not contract a*b+c either), every expression below being written in
+// the same order as its twin.
 //
 // Memory safety does not rely on the Python checks (they can be turned off): vertex and triangle
 // indices are tested against V and T before any load.
@@ -20,7 +20,8 @@
 // Fixed point (fastface.ops.rasterize: SUBPIXEL_BITS, GUARD_BAND): screen positions snap to 1/256
 // pixel, and the fast path takes only vertices inside the guard band (GUARD_BAND pixels beyond each
 // side of the screen), so a snapped coordinate stays below 2^23, a difference below 2^24 and an edge
-// value below 2^50: exact as long long, from 32 x 32 -> 64-bit products (one instruction each).
+// value below 2^50: exact as long long (32 x 32 -> 64-bit products, one instruction each), and as int
+// for triangles whose vertices lie within EXTENT_32 of each other (scan_box).
 #define SUBPIXEL_BITS 8
 #define SUBPIXEL_SCALE 256
 #define GUARD_BAND 8192
@@ -81,7 +82,10 @@ __device__ __forceinline__ ScreenVertex screen_vertex(float4 p, float half_w, fl
 // edges give exactly 0).
 struct Edge {
     int ax, ay, dx, dy;
-    bool own;  // top-left rule: the oriented direction (dx, dy) has dy < 0, or dy == 0 and dx > 0
+    // The least value that takes a centre: 0 on an edge that owns its centres (top-left rule: the
+    // oriented direction (dx, dy) has dy < 0, or dy == 0 and dx > 0), else 1. Values are integers,
+    // so E >= thr is E > 0 or (E == 0 and the edge owns): one comparison per edge and centre.
+    int thr;
 };
 
 __device__ __forceinline__ Edge make_edge(const ScreenVertex& a, const ScreenVertex& b, int o) {
@@ -90,18 +94,12 @@ __device__ __forceinline__ Edge make_edge(const ScreenVertex& a, const ScreenVer
     e.ay = a.Y;
     e.dx = o * (b.X - a.X);
     e.dy = o * (b.Y - a.Y);
-    e.own = (e.dy < 0) | ((e.dy == 0) & (e.dx > 0));
+    e.thr = ((e.dy < 0) | ((e.dy == 0) & (e.dx > 0))) ? 0 : 1;
     return e;
 }
 
 __device__ __forceinline__ long long edge_value(const Edge& e, int px, int py) {
     return (long long)e.dx * (py - e.ay) - (long long)e.dy * (px - e.ax);
-}
-
-// Bitwise, not short-circuit, operators: the tests then compile to predicates instead of a
-// branch (and a divergence region) per edge.
-__device__ __forceinline__ bool edge_inside(const Edge& e, long long v) {
-    return (v > 0) | ((v == 0) & e.own);
 }
 
 // Order-preserving unsigned key of a float (-0 folded onto +0 by adding +0).
@@ -140,11 +138,51 @@ struct AtomicMinSink {
     }
 };
 
+// Vertices within this many 1/256 pixels of each other (on both axes) have their edge values
+// evaluated in int (rasterize_fixed).
+#define EXTENT_32 (1 << 14)
+
+// The centres [ilo, ihi] x [jlo, jhi] of one triangle's box, its edge values in Int (int or long
+// long: exact either way, see rasterize_fixed) stepped from the first centre: E(p + 1 column) =
+// E(p) - dy * 256, E(p + 1 row) = E(p) + dx * 256; integers step exactly, so every centre gets the
+// value that evaluating E there gives (the Numba twin, _raster_fixed, steps the same integers held
+// in float64). The centres in row-major order as one flat loop: a warp then runs as many iterations
+// as its largest box has centres, not (most rows) x (most columns) as nested loops would.
+template <class Int, class Sink>
+__device__ __forceinline__ void scan_box(const Edge& e0, const Edge& e1, const Edge& e2, float z0, float z1,
+                                         float z2, int t, int ilo, int ihi, int jlo, int jhi, const Sink& sink) {
+    int px = jlo << SUBPIXEL_BITS, py = ilo << SUBPIXEL_BITS;
+    Int r0 = (Int)edge_value(e0, px, py), r1 = (Int)edge_value(e1, px, py), r2 = (Int)edge_value(e2, px, py);
+    Int sx0 = (Int)e0.dy * SUBPIXEL_SCALE, sx1 = (Int)e1.dy * SUBPIXEL_SCALE, sx2 = (Int)e2.dy * SUBPIXEL_SCALE;
+    Int sy0 = (Int)e0.dx * SUBPIXEL_SCALE, sy1 = (Int)e1.dx * SUBPIXEL_SCALE, sy2 = (Int)e2.dx * SUBPIXEL_SCALE;
+    Int w0 = r0, w1 = r1, w2 = r2;  // r_k: the values at the first centre of the current row
+    int i = ilo, j = jlo;
+    int n = (ihi - ilo + 1) * (jhi - jlo + 1);  // <= 16384^2 < 2^31 (check_resolution)
+    for (int k = 0; k < n; ++k) {
+        // Bitwise, not short-circuit, operators: the tests then compile to predicates instead of a
+        // branch (and a divergence region) per edge.
+        if ((w0 >= e0.thr) & (w1 >= e1.thr) & (w2 >= e2.thr)) {
+            float f0 = (float)w0, f1 = (float)w1, f2 = (float)w2;
+            float z = (f0 * z0 + f1 * z1 + f2 * z2) / (f0 + f1 + f2);
+            if (z >= -1.0f && z <= 1.0f) sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
+        }
+        bool wrap = j == jhi;
+        r0 = wrap ? r0 + sy0 : r0;
+        r1 = wrap ? r1 + sy1 : r1;
+        r2 = wrap ? r2 + sy2 : r2;
+        w0 = wrap ? r0 : w0 - sx0;
+        w1 = wrap ? r1 : w1 - sx1;
+        w2 = wrap ? r2 : w2 - sx2;
+        j = wrap ? jlo : j + 1;
+        i += wrap ? 1 : 0;
+    }
+}
+
 // Step 2 of one triangle whose corners have fixed-point positions: coverage exact in integers, and
 // the depth of the key interpolated there from the exact edge values, as GPUs do (the depth test
 // sees the snapped triangle; the resolve recomputes the depth it outputs from the clip positions).
 // Keys (depth key << 32 | triangle id) of the covered centres go to Sink. The Numba twin is
-// _raster_fixed (the same integers, carried exactly in float64, stepped along a row).
+// _raster_fixed (the same integers, carried exactly in float64).
 template <class Sink>
 __device__ __forceinline__ void rasterize_fixed(const ScreenVertex& v0, const ScreenVertex& v1,
                                                 const ScreenVertex& v2, int t, int H, int W, int cull,
@@ -164,23 +202,17 @@ __device__ __forceinline__ void rasterize_fixed(const ScreenVertex& v0, const Sc
     Edge e1 = make_edge(v2, v0, o);  // edge 1: v2->v0
     Edge e2 = make_edge(v0, v1, o);  // edge 2: v0->v1
 
-    // The box's centres in row-major order as one flat loop: a warp then runs as many iterations
-    // as its largest box has centres, not (most rows) x (most columns) as nested loops would.
-    int i = ilo, j = jlo;
-    int n = (ihi - ilo + 1) * (jhi - jlo + 1);  // <= 16384^2 < 2^31 (check_resolution)
-    for (int k = 0; k < n; ++k) {
-        int px = j << SUBPIXEL_BITS, py = i << SUBPIXEL_BITS;
-        long long w0 = edge_value(e0, px, py);
-        long long w1 = edge_value(e1, px, py);
-        long long w2 = edge_value(e2, px, py);
-        if (edge_inside(e0, w0) & edge_inside(e1, w1) & edge_inside(e2, w2)) {
-            float f0 = (float)w0, f1 = (float)w1, f2 = (float)w2;
-            float z = (f0 * v0.z + f1 * v1.z + f2 * v2.z) / (f0 + f1 + f2);
-            if (z >= -1.0f && z <= 1.0f) sink(i, j, ((unsigned long long)depth_key(z) << 32) | (unsigned int)t);
-        }
-        bool wrap = j == jhi;
-        j = wrap ? jlo : j + 1;
-        i += wrap ? 1 : 0;
+    // Edge values in 32 bits where they fit: with every vertex within EXTENT_32 of the others (a box
+    // of 64 pixels, which holds nearly every triangle of a face mesh), |dx|, |dy| and the offset of
+    // any centre of the box (or one row or column past it, where the stepping ends) from a vertex stay
+    // below 2^14 + 2^8, so |E| < 2^30: int arithmetic, 32-bit adds instead of 64-bit multiplies and
+    // an int -> float conversion instead of a 64-bit one. The same integers either way.
+    int ext = max(max(max(v0.X, v1.X), v2.X) - min(min(v0.X, v1.X), v2.X),
+                  max(max(v0.Y, v1.Y), v2.Y) - min(min(v0.Y, v1.Y), v2.Y));
+    if (ext < EXTENT_32) {
+        scan_box<int>(e0, e1, e2, v0.z, v1.z, v2.z, t, ilo, ihi, jlo, jhi, sink);
+    } else {
+        scan_box<long long>(e0, e1, e2, v0.z, v1.z, v2.z, t, ilo, ihi, jlo, jhi, sink);
     }
 }
 

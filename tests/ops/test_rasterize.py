@@ -695,6 +695,14 @@ def issue_10_cases(rng):
                   np.array([[0, 1 + k, 1 + (k + 1) % 7] for k in range(7)], np.int32), (16, 16)))
     grazing = np.stack([grazing_triangle(rng, 10 ** rng.uniform(-5, -1)) for _ in range(12)])
     cases.append(("grazing", grazing, one, (64, 64)))
+    # Triangles whose vertices lie just within, at and just beyond 64 pixels of each other (the GPU
+    # steps their edge values in int below that, in long long from it), one spanning the screen and
+    # a long sliver: with too wide an int range the edge values of the large ones would overflow.
+    big = [pixel_clip([10, 10 + e, 10], [20, 20 + 0.3 * e, 20 + e], 256, 256, z=0.1) for e in (63.99, 64.0, 64.01)]
+    big.append(pixel_clip([-3, 258, 100], [-2, 30, 259], 256, 256, z=0.2))
+    big.append(pixel_clip([0.5, 255.5, 255.2], [3.2, 250.1, 250.6], 256, 256, z=0.3))
+    cases.append(("int and long long edge values", np.concatenate(big).astype(np.float32),
+                  np.arange(15, dtype=np.int32).reshape(5, 3), (256, 256)))
     return cases
 
 
