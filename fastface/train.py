@@ -27,6 +27,12 @@ import numpy as np
 
 __all__ = ["TrainSettings", "train", "default_settings", "add_parser", "run"]
 
+# The encoder's arithmetic on the GPU unless a run asks for another. TF32 tensor cores (float32 range,
+# 10-bit mantissa products, float32 sums) ran the encoder's forward at batch 256 in 1.395 ms against
+# 2.774 ms in float32 on the H200 (bench/RESULTS.md, run 3), the encoder being about half of a float32
+# training step; unlike float16 it needs no loss scaling. The CPU computes in float32 whatever is asked.
+GPU_PRECISION = "tf32"
+
 # Per-device defaults: the configuration a user should run.
 # cpu: shows the method on two cores in well under 15 minutes (the small model, 64x64).
 # gpu: the full configuration (the default model, 224x224, batch 64).
@@ -57,6 +63,7 @@ class TrainSettings:
     geometry_code_scale: float = 30.0
     reflectance_code_scale: float = 1.0
     graph: bool = None  # record each stage's step in a CUDA graph; None: on the GPU (fastface/training_step.py)
+    precision: str = None  # the encoder's GEMMs on the GPU: "float32", "tf32" or "float16"; None: GPU_PRECISION
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -109,7 +116,7 @@ def build(settings, checkpoint=None):
                                       n_reflectance=settings.n_reflectance, seed=settings.seed)
     if settings.device == "gpu":
         model = model.to("gpu")
-        encoder.to("gpu")
+        encoder.to("gpu", precision=settings.precision or GPU_PRECISION)
         correctives.to("gpu")
     autoencoder = FaceAutoencoder(model, encoder, correctives, layout, resolution, focal)
     objective = MultiLevelObjective(model, resolution, LossWeights.from_dict(settings.weights or {}))
@@ -214,6 +221,7 @@ def train(settings, out_dir, resume=False, progress=True, stop_after=None):
         saved.steps = settings.steps if settings.steps else saved.steps
         saved.device = settings.device
         saved.graph = settings.graph
+        saved.precision = settings.precision or saved.precision
         settings = saved
         start = checkpoint.step
     elif ckpt_path.exists():
@@ -358,6 +366,8 @@ def add_parser(commands):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--precision", choices=("float32", "tf32", "float16"),
+                   help=f"gpu: the encoder's arithmetic (default {GPU_PRECISION}; float16 uses a static loss scale)")
     p.add_argument("--no-graph", action="store_true",
                    help="gpu: run every step eagerly instead of replaying it from a CUDA graph (slower; for debugging)")
     return p
@@ -374,7 +384,7 @@ def run(args):
         raise SystemExit(f"--data {args.data}: no such folder")
     settings = default_settings(args.device, level=args.level, resolution=args.resolution, steps=args.steps,
                                 batch=args.batch, data=args.data, seed=args.seed,
-                                graph=False if args.no_graph else None)
+                                graph=False if args.no_graph else None, precision=args.precision)
     start = time.perf_counter()
     try:
         path = train(settings, args.out, resume=args.resume, progress=not args.no_progress)

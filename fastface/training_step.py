@@ -84,7 +84,8 @@ class TrainingStep:
             total = means.sum(keepdims=True)
             for opt in self._optimizers:
                 total = total + opt.gradient_norm_squares.sum(keepdims=True)
-            gate = total * 0 + 1
+            with np.errstate(invalid="ignore"):  # inf * 0 is the NaN wanted (numpy would warn of it)
+                gate = total * 0 + 1
             for opt in self._optimizers:
                 opt.update(gate=gate)
             norms = xp.stack([opt.gradient_norm_squares.sum() for opt in self._optimizers])

@@ -245,7 +245,7 @@ def test_gpu_step_equals_cpu_step(cupy):
     from fastface.data.synthetic import TRAIN_SEEDS, SyntheticFaces
     from fastface.objective import MultiLevelObjective
     from fastface.train import build
-    settings = _settings(resolution=32, batch=4)
+    settings = _settings(resolution=32, batch=4, precision="float32")  # the same arithmetic as the CPU's
     results = {}
     for device in ("cpu", "gpu"):
         settings.device = device
