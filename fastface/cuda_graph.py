@@ -16,7 +16,10 @@ What `fn` may do (the rules of stream capture):
 - a replay reads and writes the same memory as the capture: inputs are written into the arrays the
   capture read (`graph_input[...] = new_batch`) and outputs read from the arrays it wrote.
 
-Memory. Arrays that `fn` allocates while capturing are served by a memory pool of the graph's own,
+Memory. Every buffer a graph recorded must stay allocated as long as the graph, and never be handed
+to another array: a cache that frees a buffer when its key changes (the encoder's per-batch
+workspace) must keep the recorded one (`Encoder.hold_workspaces`). Arrays that `fn` allocates while
+capturing are served by a memory pool of the graph's own,
 which lives as long as the graph: the replays write into those blocks, so no other array may ever
 get one (PyTorch's graphs keep a private pool for the same reason). Blocks freed and taken again
 inside the capture are safe, since the graph keeps the stream's order. The capture runs in CuPy's

@@ -137,6 +137,7 @@ class ReconstructorGraph:
         self.images = cupy.zeros((batch_size, H, W, 3), dtype=np.float32)
         reconstructor._infer(self.images)  # warm-up: kernels compiled, caches and workspaces made
         self._graph = capture(lambda: reconstructor._infer(self.images), "the reconstructor's inference")
+        reconstructor._autoencoder.encoder.hold_workspaces()  # the graph replays into the workspace it recorded
         self.result = self._graph.result
         self._reconstructor = reconstructor
 

@@ -70,30 +70,33 @@ class TrainingStep:
 
     def _body(self, images, landmarks, check_values, report=None):
         """The step itself: (term names, (n_terms + n_optimizers,) device array [term means..., |g|^2...])."""
-        ae, xp = self.autoencoder, self._xp
+        ae, xp, opts = self.autoencoder, self._xp, self._optimizers
         with value_checks(check_values):
             out = ae.forward(images, final=self.final)
             terms, grads = self.objective(out, images, landmarks, final=self.final)
         with value_checks(False):
             names = list(terms)
-            means = xp.stack([terms[k].mean() for k in names])
+            n = len(names)
+            if report is None:
+                report = xp.empty(n + len(opts), dtype=images.dtype)
+            # One small copy per entry: cupy joins more than 8 arrays (stack, concatenate) through a table
+            # of pointers it sends from the host, which a CUDA graph cannot record.
+            for i, name in enumerate(names):
+                report[i] = terms[name].mean()
             ae.backward(out, grads)
-            for opt in self._optimizers:
+            for opt in opts:
                 opt.prepare()
             # NaN when the loss or any optimizer's gradient norm is not finite: then every optimizer skips.
-            total = means.sum(keepdims=True)
-            for opt in self._optimizers:
+            total = report[:n].sum(keepdims=True)
+            for opt in opts:
                 total = total + opt.gradient_norm_squares.sum(keepdims=True)
             with np.errstate(invalid="ignore"):  # inf * 0 is the NaN wanted (numpy would warn of it)
                 gate = total * 0 + 1
-            for opt in self._optimizers:
+            for opt in opts:
                 opt.update(gate=gate)
-            norms = xp.stack([opt.gradient_norm_squares.sum() for opt in self._optimizers])
-            values = xp.concatenate([means, norms.astype(means.dtype)])
-            if report is not None:
-                report[...] = values
-                values = report
-        return names, values
+            for j, opt in enumerate(opts):
+                report[n + j] = opt.gradient_norm_squares.sum()
+        return names, report
 
     def launch(self, images, landmarks, check_values=False):
         """Queues one step; returns the device array of the report (term means, then squared gradient norms).
@@ -112,6 +115,7 @@ class TrainingStep:
             self._inputs = (xp.empty_like(images), None if landmarks is None else xp.empty_like(landmarks))
             report = xp.empty(len(self.names) + len(self._optimizers), dtype=images.dtype)
             self._graph = capture(lambda: self._body(*self._inputs, False, report)[1], "the training step")
+            self.autoencoder.encoder.hold_workspaces()  # the graph replays into the workspace it recorded
         self._inputs[0][...] = images
         if landmarks is not None:
             self._inputs[1][...] = landmarks

@@ -35,7 +35,8 @@ duration of one test:
   that makes a new array computes its shape at once (values garbage until a replay, as in a pool block).
   What cannot be recorded raises LaunchError: reading a device value on the host (`get`, `float`,
   `bool`, `int`, `item`), a host-to-device copy (`asarray` of host data, `set`), a synchronisation,
-  and what needs the host to know a count (boolean masks, `nonzero`, `unique`).
+  what needs the host to know a count (boolean masks, `nonzero`, `unique`), and joining more than 8
+  arrays (`stack`, `concatenate`: cupy then sends a table of their pointers from the host).
   `cuda.MemoryPool` and `cuda.using_allocator` exist (an allocation during a capture comes from the
   allocator then in use; the fake has one memory).
 - `cuda.runtime.hostAlloc` returns a real host buffer, so fastface/_device_checks.py's deferred checks
@@ -268,6 +269,9 @@ def _reject_host_arrays(values, what):
 
 
 _HOST_COUNT_FUNCTIONS = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract"}
+# cupy joins at most this many arrays by one copy each; more go through one kernel that reads a table of
+# their pointers, which cupy sends from the host (core.array of a numpy array): not recordable.
+_CUPY_CONCATENATE_COPIES = 8
 
 
 def _host_key(key):
@@ -411,6 +415,11 @@ class ndarray(np.ndarray):  # noqa: N801 - the name cupy's array class has
             _device_work.append(func.__name__)
             if func.__name__ in _HOST_COUNT_FUNCTIONS:
                 _forbid_in_capture(f"numpy.{func.__name__} (its result's size is needed on the host)")
+            if func.__name__ in ("concatenate", "stack", "hstack", "vstack") and args and \
+                    isinstance(args[0], (list, tuple)) and len(args[0]) > _CUPY_CONCATENATE_COPIES:
+                # cupy/_core/_routines_manipulation.pyx, _concatenate_single_kernel: core.array(ptrs)
+                _forbid_in_capture(f"cupy.{func.__name__} of {len(args[0])} arrays (more than "
+                                   f"{_CUPY_CONCATENATE_COPIES}: cupy copies a table of their pointers from the host)")
         _in_array_function.append(func.__name__)
         try:
             result = _wrap(super().__array_function__(func, types_, args, kwargs))

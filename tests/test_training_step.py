@@ -180,3 +180,20 @@ def test_gpu_graph_step_equals_eager_step(cupy, final):
         # Adam moves a weight whose gradient is rounding noise by up to lr a step either way: compare the
         # whole update, not each weight.
         assert np.linalg.norm(b - a) < 0.05 * np.linalg.norm(a - w0)
+
+
+def test_a_graph_keeps_the_encoder_workspace_it_recorded(monkeypatch):
+    """The encoder frees its workspace when another batch size comes; the one a graph recorded must stay (the
+    replays write into it), or its memory could go to another array (a preview's, at batch 4)."""
+    gpu = install(monkeypatch)
+    batches = _batches(gpu.cupy, 2)
+    autoencoder, objective, optimizers = build(TrainSettings(**SETTINGS))
+    step = TrainingStep(autoencoder, objective, optimizers, final=True)
+    step(*batches[0])
+    step(*batches[1])
+    recorded = dict(autoencoder.encoder._workspaces)
+    assert step.captured and len(recorded) == 1
+    autoencoder.forward(batches[0][0][:1], final=True)  # another batch size, as a preview
+    for key, workspace in recorded.items():
+        assert autoencoder.encoder._workspaces.get(key) is workspace
+    assert len(autoencoder.encoder._workspaces) == 2

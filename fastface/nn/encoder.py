@@ -266,6 +266,7 @@ class Encoder:
         self._flat_half = xp.empty(flat.size, dtype=np.float16) if half else None
         self._half_fresh = False
         self._workspaces = {}
+        self._held_workspaces = set()
         self._saved = None
         self._input_bias = {}
 
@@ -365,8 +366,19 @@ class Encoder:
         if ws is None:
             ws = _Workspace(self._xp, self.layers, B, self._gemm_dtype(compute), np.dtype(compute),
                             self.settings["n_outputs"])
-            self._workspaces = {key: ws}  # one shape at a time: a new batch size frees the old
+            # One shape at a time: a new batch size frees the old, unless a CUDA graph recorded it
+            # (hold_workspaces): its replays keep writing there, so the memory must never go to another array.
+            held = {k: w for k, w in self._workspaces.items() if k in self._held_workspaces}
+            self._workspaces = {**held, key: ws}
         return ws
+
+    def hold_workspaces(self):
+        """Keeps the workspaces made so far (those of the last batch size) for the encoder's lifetime.
+
+        A CUDA graph that recorded a forward or backward reads and writes them at every replay; were
+        they freed when another batch size comes (the default), their memory could go to another
+        array, which the replays would then overwrite. Called by every capture of the encoder."""
+        self._held_workspaces.update(self._workspaces)
 
     # -- forward and backward ------------------------------------------------------------
     def _check_input(self, x):
@@ -695,6 +707,7 @@ class EncoderGraph:
         self._forward = capture(lambda: enc.forward(self.x, out=self.y), "the encoder's forward")
         if backward:
             self._backward = capture(train_step, "the encoder's backward")
+        enc.hold_workspaces()  # the graphs replay into the workspace they recorded
 
     def forward(self):
         """Replays the forward on the current stream: reads x, writes y."""
