@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one call: every GPU test (one process per file), compute-sanitizer memcheck
 # on the GPU tests of the newest kernels, then the GPU benchmarks of training, antialias and the
-# rasterizer. Logs under $OUT (at most 8 files come back from the device tool).
+# rasterizer, then the training step stage by stage. Logs under $OUT (at most 8 files come back).
 #   OUT=/tmp/x bash bench/device_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/fastface_device}; mkdir -p "$OUT"
@@ -17,3 +17,6 @@ done
 grep -E "ERROR SUMMARY|Invalid|out of bounds" "$OUT/sanitizer.log" | sort | uniq -c | head -20
 BENCH_FILES=${BENCH_FILES:-"bench/bench_train.py bench/bench_antialias.py bench/bench_rasterize.py"} \
     BENCH_TIMEOUT=${BENCH_TIMEOUT:-170} bash bench/run_device.sh bench
+# Last (a timeout keeps the logs above): where the training step's time goes, stage by stage.
+timeout "${PROFILE_TIMEOUT:-150}" python3 bench/profile_train_step.py > "$OUT/profile_train_step.log" 2>&1
+echo "profile_train_step rc=$?"; tail -8 "$OUT/profile_train_step.log"
