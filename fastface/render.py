@@ -12,7 +12,7 @@ import numpy as np
 
 from fastface._checks import check_array, check_finite, value_checks
 from fastface.ops.antialias import antialias as antialias_op
-from fastface.ops.antialias import antialias_backward, antialias_topology
+from fastface.ops.antialias import antialias_backward, antialias_topology, silhouette_edges
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
                                  perspective_projection_backward, project_to_pixels, project_to_pixels_backward,
                                  rigid_transform, rigid_transform_backward)
@@ -58,6 +58,7 @@ class Rendering:
     rotation: object = None   # (B, 3, 3) the pose's rotation matrices
     landmarks: object = None  # (B, 68, 2) pixel coordinates of the model's landmarks, or None
     composited: object = None  # with antialias: the face over the background before the blend
+    silhouettes: object = None  # with antialias: the silhouette edges (found once for forward and backward)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
     check_finite("colors", colors)
     with value_checks(False):
         raster, image = rasterize_interpolate(clip, model.triangles, resolution, colors)
-        composited = None
+        composited = silhouettes = None
         if antialias:
             mask = raster.tri_id >= 0
             if background is not None:
@@ -164,7 +165,8 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
                 composited = image + (~mask)[..., None] * background
             else:
                 composited = image
-            image = antialias_op(composited, raster, clip, model.triangles, topology=_antialias_topology(model))
+            silhouettes = silhouette_edges(clip, model.triangles, topology=_antialias_topology(model))
+            image = antialias_op(composited, raster, clip, model.triangles, silhouettes=silhouettes)
         elif background is not None:
             raise ValueError("background is used with antialias=True only")
         landmarks = None
@@ -172,7 +174,8 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
             landmarks = project_to_pixels(camera_vertices[:, model.landmarks], focal, resolution)
     return Rendering(image=image, mask=raster.tri_id >= 0, raster=raster, vertices=vertices,
                      camera_vertices=camera_vertices, clip=clip, normals=normals, albedo=albedo,
-                     colors=colors, rotation=rotation, landmarks=landmarks, composited=composited)
+                     colors=colors, rotation=rotation, landmarks=landmarks, composited=composited,
+                     silhouettes=silhouettes)
 
 
 def _add_offsets(name, base, offsets):
@@ -222,7 +225,8 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
             grad_clip_blend = None
             if r.composited is not None:  # antialiased: through the blend, then to the face's pixels
                 grad_image, grad_clip_blend = antialias_backward(r.composited, r.raster, r.clip, model.triangles,
-                                                                 grad_image, topology=_antialias_topology(model))
+                                                                 grad_image, topology=_antialias_topology(model),
+                                                                 silhouettes=r.silhouettes)
                 grad_image = grad_image * r.mask[..., None]
             grad_clip, grad_colors = rasterize_interpolate_backward(r.clip, model.triangles, r.colors, r.raster,
                                                                     grad_image)

@@ -353,6 +353,8 @@ def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
                                                          cp.asarray(grad_out), topology=topology)
         assert_equal(got_color, want_color)
         assert_scatter_close(got_pos, want_pos, tol)
+        assert_equal(fastface.ops.silhouette_edges(cp.asarray(pos), g_tri, topology),
+                     fastface.ops.silhouette_edges(pos, tri))
         # Unbatched positions (one image), 5 channels: the run-time channel count.
         one = fastface.Raster(*(a[1:] for a in (raster.tri_id, raster.bary, raster.depth)))
         g_one = fastface.Raster(*(a[1:] for a in (graster.tri_id, graster.bary, graster.depth)))

@@ -1,5 +1,7 @@
 """The differentiable ops: each module holds one op's forward, backward and Numba twins."""
-from fastface.ops.antialias import AntialiasTopology, antialias, antialias_backward, antialias_topology
+from fastface.ops.antialias import (
+    AntialiasTopology, antialias, antialias_backward, antialias_topology, silhouette_edges,
+)
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
                                  perspective_projection_backward, project_to_pixels,
                                  project_to_pixels_backward, rigid_transform, rigid_transform_backward)
@@ -22,5 +24,5 @@ __all__ = [
     "sample_image", "sample_image_backward", "sample_image_mask",
     "PHOTOMETRIC_EPS", "photometric_loss", "photometric_loss_backward", "landmark_loss", "landmark_loss_backward",
     "prior_loss", "prior_loss_backward",
-    "AntialiasTopology", "antialias_topology", "antialias", "antialias_backward",
+    "AntialiasTopology", "antialias_topology", "antialias", "antialias_backward", "silhouette_edges",
 ]

@@ -8,7 +8,9 @@ positions of the silhouette edges' vertices, with gradients.
 
 The algorithm, the same on both backends (CUDA twin: kernels/antialias.cu):
 
-1. Silhouette edges, per image and triangle, in two passes (on the CPU, inside each unit of work). `antialias_facing`: which way each
+1. Silhouette edges, per image and triangle, in two passes (`silhouette_edges`; the ops find them
+   themselves unless given them, and a forward and backward on the same positions can share one
+   result). `antialias_facing`: which way each
    triangle runs on the screen (0 when degenerate or with a vertex at w <= 0: never drawn).
    `antialias_silhouettes`: edge k of triangle t (the edge opposite corner k: v1-v2, v2-v0, v0-v1) is a
    silhouette edge when no other triangle shares it, when the neighbour across it is not drawn, or
@@ -63,7 +65,7 @@ from fastface import _checks
 from fastface._backend import KernelFile, array_module
 from fastface.ops.rasterize import Raster
 
-__all__ = ["AntialiasTopology", "antialias_topology", "antialias", "antialias_backward"]
+__all__ = ["AntialiasTopology", "antialias_topology", "antialias", "antialias_backward", "silhouette_edges"]
 
 
 @dataclass(frozen=True)
@@ -183,12 +185,15 @@ def antialias_silhouettes(neighbor, facing_b, sil_b):
         sil_b[t] = mask
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _silhouettes_of_image(pos_b, tri, neighbor, scratch_b):
-    """scratch_b (2, T) uint8: facing in row 0, then the silhouette masks in row 1 (returned)."""
-    antialias_facing(pos_b, tri, scratch_b[0])
-    antialias_silhouettes(neighbor, scratch_b[0], scratch_b[1])
-    return scratch_b[1]
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def silhouette_masks(pos, tri, neighbor, facing, sil):
+    """CPU twin of antialias_facing then antialias_silhouettes over every image, in parallel over the
+    images: pos (NB, V, 4), tri and neighbor (T, 3) -> facing and sil (NB, T) uint8. (Split over ranges
+    of triangles as well, for a batch of one, the loops' indices from a range's start were ones Numba
+    cannot prove non-negative: 45% slower per image.)"""
+    for b in prange(facing.shape[0]):
+        antialias_facing(pos[b], tri, facing[b])
+        antialias_silhouettes(neighbor, facing[b], sil[b])
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -286,14 +291,12 @@ def _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i0, j0, i1, j1, 
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_fwd(color, tri_id, depth, pos, tri, neighbor, n_bands, scratch, out):
-    """CPU twin of the CUDA kernels antialias_facing + antialias_silhouettes + antialias_fwd, fused per
-    (image, band of rows): color (B, H, W, C), tri_id and depth (B, H, W), pos (1 or B, V, 4), tri and
-    neighbor (T, 3), scratch (B * n_bands, 2, T) uint8 -> out (B, H, W, C).
+def antialias_fwd(color, tri_id, depth, pos, tri, sil, n_bands, out):
+    """CPU twin of the CUDA kernel antialias_fwd, per (image, band of rows): color (B, H, W, C), tri_id
+    and depth (B, H, W), pos (1 or B, V, 4), tri (T, 3), sil (1 or B, T) uint8 from silhouette_masks
+    -> out (B, H, W, C).
 
-    Each unit finds its image's silhouette edges itself (bands of one image repeat that work rather
-    than wait for each other: one parallel region per call, and the masks stay in cache). Unlike the
-    GPU's gather (each pixel evaluates its four pairs), each pair is evaluated once, in an order that
+    Unlike the GPU's gather (each pixel evaluates its four pairs), each pair is evaluated once, in an order that
     adds every pixel's blends in the gather's order (left, right, up, down), so the sums round alike:
     row i's horizontal pairs, then the vertical pairs between rows i - 1 and i. A pair across a band's
     edge is evaluated by both bands, each adding only to its own row.
@@ -306,7 +309,7 @@ def antialias_fwd(color, tri_id, depth, pos, tri, neighbor, n_bands, scratch, ou
         r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
-        sil_b = _silhouettes_of_image(pos_b, tri, neighbor, scratch[unit])
+        sil_b = sil[pb]
         tri_id_b = tri_id[b]
         depth_b = depth[b]
         for i in range(r0, r1):
@@ -369,9 +372,8 @@ def _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i0,
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_bwd(color, tri_id, depth, pos, tri, neighbor, grad_out, n_bands, scratch, grad_color, grad_pos_part):
-    """CPU twin of antialias_facing + antialias_silhouettes + antialias_bwd, fused per (image, band of
-    rows) like antialias_fwd.
+def antialias_bwd(color, tri_id, depth, pos, tri, sil, grad_out, n_bands, grad_color, grad_pos_part):
+    """CPU twin of the CUDA kernel antialias_bwd, per (image, band of rows) like antialias_fwd.
 
     grad_color (B, H, W, C) gets each pixel's terms in the forward's order (as antialias_fwd walks the
     pairs). grad_pos is a scatter: work splits over (image, band of rows) units u = b * n_bands + band,
@@ -386,7 +388,7 @@ def antialias_bwd(color, tri_id, depth, pos, tri, neighbor, grad_out, n_bands, s
         r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
-        sil_b = _silhouettes_of_image(pos_b, tri, neighbor, scratch[unit])
+        sil_b = sil[pb]
         tri_id_b = tri_id[b]
         depth_b = depth[b]
         gp = grad_pos_part[unit]
@@ -440,7 +442,7 @@ def _gpu_input(a, cupy):
 # Public ops.
 # --------------------------------------------------------------------------------------------------
 
-def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
+def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False, silhouettes=None):
     """Checks the inputs; returns (xp, B, H, W, C, pos batched, topology)."""
     if not isinstance(raster, Raster):
         raise TypeError(f"raster must be a Raster (the result of rasterize); got {type(raster).__name__}")
@@ -449,7 +451,8 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
                         f"{type(topology).__name__}")
     xp = array_module(("color", color), ("pos", pos), ("tri", tri), ("raster.tri_id", raster.tri_id),
                       ("raster.depth", raster.depth), ("grad_out", grad_out),
-                      ("topology.neighbor", None if topology is None else topology.neighbor))
+                      ("topology.neighbor", None if topology is None else topology.neighbor),
+                      ("silhouettes", silhouettes))
     on_gpu = xp is not np
     dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
     suffix = " (the GPU path takes float32 only)" if on_gpu else ""
@@ -480,6 +483,9 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
         if lo < -1 or hi >= T:
             raise ValueError(f"raster.tri_id holds triangle ids in [{lo}, {hi}], outside [-1, {T - 1}] for the "
                              f"{T} triangles of tri")
+    if silhouettes is not None:
+        _checks.check_array("silhouettes", silhouettes, np.uint8, (B if batched else 1, T))
+        return xp, B, H, W, C, batched, topology  # the topology is needed only to find them
     if topology is None:
         topology = antialias_topology(tri)
     elif topology.n_triangles != T:
@@ -489,16 +495,53 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False):
     return xp, B, H, W, C, batched, topology
 
 
-def _silhouettes_gpu(cupy, pos3, tri, neighbor, NB, V, T):
-    facing = cupy.empty((NB, T), dtype=cupy.uint8)
-    _gpu_kernel("antialias_facing")(*_grid(T, NB), (pos3, tri, np.int32(NB), np.int32(V), np.int32(T), facing))
-    sil = cupy.empty((NB, T), dtype=cupy.uint8)
-    _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (_gpu_input(neighbor, cupy), facing, np.int32(NB),
-                                                         np.int32(T), sil))
+def _silhouettes(xp, pos, tri, topology, batched):
+    """(NB, T) uint8 silhouette masks of checked inputs (NB = B for batched positions, else 1)."""
+    T, V = tri.shape[0], pos.shape[-2]
+    if xp is not np:
+        pos3, tri_g = _gpu_input(pos, xp), _gpu_input(tri, xp)
+        NB = pos.shape[0] if batched else 1
+        facing = xp.empty((NB, T), dtype=xp.uint8)
+        _gpu_kernel("antialias_facing")(*_grid(T, NB), (pos3, tri_g, np.int32(NB), np.int32(V), np.int32(T), facing))
+        sil = xp.empty((NB, T), dtype=xp.uint8)
+        _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (_gpu_input(topology.neighbor, xp), facing, np.int32(NB),
+                                                             np.int32(T), sil))
+        return sil
+    pos3 = np.ascontiguousarray(pos if batched else pos[None])
+    facing = np.empty((pos3.shape[0], T), np.uint8)
+    sil = np.empty((pos3.shape[0], T), np.uint8)
+    silhouette_masks(pos3, np.ascontiguousarray(tri), np.ascontiguousarray(topology.neighbor), facing, sil)
     return sil
 
 
-def antialias(color, raster, pos, tri, topology=None):
+def silhouette_edges(pos, tri, topology=None):
+    """Which edges of each triangle are silhouette edges, as `antialias` finds them (module docstring, step 1).
+
+    `antialias` and `antialias_backward` find them themselves; a caller that runs both on the same
+    positions (a render chain, a fitting step) finds them once here and passes them to both.
+
+    Args:
+        pos: (B, V, 4) or (V, 4) clip-space positions. tri: (T, 3) int32. topology: as for `antialias`.
+
+    Returns:
+        (B or 1, T) uint8 on pos's device: bit k of [b, t] is set when edge k of triangle t (the edge
+        opposite corner k) is a silhouette edge in image b.
+    """
+    xp = array_module(("pos", pos), ("tri", tri), ("topology.neighbor", None if topology is None else topology.neighbor))
+    dtypes = (np.float32,) if xp is not np else (np.float32, np.float64)
+    batched = _checks.check_array("pos", pos, dtypes, ("B", "V", 4), ("V", 4)) == 0
+    _checks.check_array("tri", tri, np.int32, ("T", 3))
+    _checks.check_finite("pos", pos)
+    _checks.check_indices("tri", tri, pos.shape[-2])
+    T = tri.shape[0]
+    if topology is None:
+        topology = antialias_topology(tri)
+    elif topology.n_triangles != T:
+        raise ValueError(f"topology was built for {topology.n_triangles} triangles; tri has {T}")
+    return _silhouettes(xp, pos, tri, topology, batched)
+
+
+def antialias(color, raster, pos, tri, topology=None, silhouettes=None):
     """Blends colours across silhouette edges by where the edges cross between pixel centres.
 
     Args:
@@ -509,20 +552,22 @@ def antialias(color, raster, pos, tri, topology=None):
         tri: (T, 3) int32 triangles given to `rasterize`.
         topology: optional `antialias_topology(tri)`. Pass it when the mesh is fixed (the fast path):
             built here otherwise, on every call, on the host (for cupy, with copies both ways).
+        silhouettes: optional `silhouette_edges(pos, tri, topology)` of these positions (found here
+            otherwise); pass the same to `antialias_backward` to find them once.
 
     Returns:
         (B, H, W, C), the dtype of color: color where no silhouette edge passes between a pixel and a
         neighbour, blended toward the neighbour's colour by how far the edge passes into or stops short
         of the pixel otherwise (see the module docstring).
     """
-    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology)
+    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology, silhouettes=silhouettes)
     T, V = tri.shape[0], pos.shape[-2]
+    sil = _silhouettes(xp, pos, tri, topology, batched) if silhouettes is None else silhouettes
     if xp is not np:
         import cupy  # noqa: PLC0415
 
         pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
-        NB = B if batched else 1
-        sil = _silhouettes_gpu(cupy, pos3, tri_g, topology.neighbor, NB, V, T)
+        sil = cupy.ascontiguousarray(sil)
         out = cupy.empty((B, H, W, C), dtype=cupy.float32)
         _gpu_kernel("antialias_fwd")(*_grid(H * W, B), (
             _gpu_input(color, cupy), cupy.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, cupy), pos3,
@@ -533,16 +578,16 @@ def antialias(color, raster, pos, tri, topology=None):
     n_bands = _n_bands(B, H)
     out = np.empty(color.shape, color.dtype)
     antialias_fwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
-                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri),
-                  np.ascontiguousarray(topology.neighbor), n_bands, np.empty((B * n_bands, 2, T), np.uint8), out)
+                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri), np.ascontiguousarray(sil),
+                  n_bands, out)
     return out
 
 
-def antialias_backward(color, raster, pos, tri, grad_out, topology=None):
+def antialias_backward(color, raster, pos, tri, grad_out, topology=None, silhouettes=None):
     """Backward of `antialias`.
 
     Args:
-        color, raster, pos, tri, topology: as given to `antialias`.
+        color, raster, pos, tri, topology, silhouettes: as given to `antialias`.
         grad_out: (B, H, W, C), the gradient of a loss with respect to antialias's output.
 
     Returns:
@@ -550,14 +595,15 @@ def antialias_backward(color, raster, pos, tri, grad_out, topology=None):
         images for (V, 4) positions), nonzero only in the x, y and w columns of silhouette edges'
         vertices. The triangle ids and depths are held fixed (coverage is a step function).
     """
-    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology, grad_out, backward=True)
+    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology, grad_out, backward=True,
+                                                 silhouettes=silhouettes)
     T, V = tri.shape[0], pos.shape[-2]
+    sil = _silhouettes(xp, pos, tri, topology, batched) if silhouettes is None else silhouettes
     if xp is not np:
         import cupy  # noqa: PLC0415
 
         pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
-        NB = B if batched else 1
-        sil = _silhouettes_gpu(cupy, pos3, tri_g, topology.neighbor, NB, V, T)
+        sil = cupy.ascontiguousarray(sil)
         grad_color = cupy.empty((B, H, W, C), dtype=cupy.float32)
         grad_pos = cupy.zeros(pos.shape, dtype=cupy.float32)
         _gpu_kernel("antialias_bwd")(*_grid(H * W, B), (
@@ -570,9 +616,8 @@ def antialias_backward(color, raster, pos, tri, grad_out, topology=None):
     grad_color = np.empty(color.shape, color.dtype)
     grad_pos_part = np.zeros((B * n_bands, V, 4), color.dtype)
     antialias_bwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
-                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri),
-                  np.ascontiguousarray(topology.neighbor), np.ascontiguousarray(grad_out), n_bands,
-                  np.empty((B * n_bands, 2, T), np.uint8), grad_color, grad_pos_part)
+                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri), np.ascontiguousarray(sil),
+                  np.ascontiguousarray(grad_out), n_bands, grad_color, grad_pos_part)
     grad_pos = grad_pos_part.reshape(B, n_bands, V, 4).sum(1) if n_bands > 1 else grad_pos_part
     if not batched:
         grad_pos = grad_pos.sum(0)

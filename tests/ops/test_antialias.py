@@ -4,7 +4,9 @@ import pytest
 
 import fastface
 from bench.workloads import grid_mesh, spherical_cap
-from fastface.ops.antialias import AntialiasTopology, antialias, antialias_backward, antialias_topology
+from fastface.ops.antialias import (
+    AntialiasTopology, antialias, antialias_backward, antialias_topology, silhouette_edges,
+)
 from fastface.ops.rasterize import Raster, rasterize
 from tests.gradcheck import assert_gradient_matches
 
@@ -296,6 +298,64 @@ def test_row_bands_give_the_same_image_and_gradients(rng, monkeypatch):
     np.testing.assert_allclose(banded[1], one[1], rtol=1e-12, atol=1e-12)
 
 
+def reference_silhouettes(pos, tri):
+    """(B, T) masks the obvious way: a triangle is drawn when its w are positive and its NDC area is not 0;
+    edge k is a silhouette when no other triangle has it, when that one is not drawn, or when it lies on
+    t's side of the edge (same screen orientation for a neighbour running the edge the same way)."""
+    _, neighbor = reference_topology(tri)
+    out = np.zeros((len(pos), len(tri)), np.uint8)
+    for b, p in enumerate(np.asarray(pos, np.float64)):
+        ndc = p[:, :2] / p[:, 3:]
+        def facing(t):
+            a, b_, c = (ndc[v] for v in tri[t])
+            area = _cross2(*(b_ - a), *(c - a))
+            return 0 if (p[tri[t], 3] <= 0).any() or area == 0 else (1 if area > 0 else 2)
+        for t in range(len(tri)):
+            f = facing(t)
+            if f == 0:
+                continue
+            for k in range(3):
+                n = neighbor[t, k]
+                same_way = n < -1
+                n = -2 - n if same_way else n
+                fn = facing(n) if n >= 0 else 0
+                if fn == 0 or (fn == f) == same_way:
+                    out[b, t] |= 1 << k
+    return out
+
+
+def test_silhouette_edges_match_the_reference_and_are_what_antialias_uses(rng):
+    for pos, tri, res in _scenes(rng):
+        sil = silhouette_edges(pos, tri)
+        np.testing.assert_array_equal(sil, reference_silhouettes(pos, tri))
+        assert sil.any() and not sil.all()
+        raster = rasterize(pos, tri, res)
+        color = _colors(rng, raster)
+        grad_out = rng.standard_normal(color.shape)
+        np.testing.assert_array_equal(antialias(color, raster, pos, tri, silhouettes=sil),
+                                      antialias(color, raster, pos, tri))
+        for got, want in zip(antialias_backward(color, raster, pos, tri, grad_out, silhouettes=sil),
+                             antialias_backward(color, raster, pos, tri, grad_out)):
+            np.testing.assert_array_equal(got, want)
+        # The given masks are used: with none set, nothing is blended and no position gets a gradient.
+        none = np.zeros_like(sil)
+        np.testing.assert_array_equal(antialias(color, raster, pos, tri, silhouettes=none), color)
+        assert not antialias_backward(color, raster, pos, tri, grad_out, silhouettes=none)[1].any()
+    pos, tri, _ = _cap(batch=1)
+    np.testing.assert_array_equal(silhouette_edges(pos[0], tri), silhouette_edges(pos, tri))  # unbatched: (1, T)
+
+
+def test_silhouettes_of_another_shape_or_type_are_refused(rng):
+    pos, tri, res = _cap()
+    raster = rasterize(pos, tri, res)
+    color = _colors(rng, raster)
+    sil = silhouette_edges(pos, tri)
+    with pytest.raises(ValueError, match="silhouettes must have shape"):
+        antialias(color, raster, pos, tri, silhouettes=sil[:1])
+    with pytest.raises(TypeError, match="silhouettes must be uint8"):
+        antialias_backward(color, raster, pos, tri, color, silhouettes=sil.astype(np.int32))
+
+
 # 3. GPU against CPU.
 
 def test_gpu_antialias_and_backward_match_cpu(cupy, rng, tol):
@@ -313,6 +373,8 @@ def test_gpu_antialias_and_backward_match_cpu(cupy, rng, tol):
     np.testing.assert_allclose(g_color.get(), grad_color, rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
     np.testing.assert_allclose(g_pos.get(), grad_pos, rtol=tol["gpu_cpu_scatter_rtol"],
                                atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(grad_pos).max())
+    np.testing.assert_array_equal(silhouette_edges(cupy.asarray(pos), cupy.asarray(tri), topology).get(),
+                                  silhouette_edges(pos, tri))
 
 
 # 4. Bad input.
