@@ -17,6 +17,9 @@ done
 grep -E "ERROR SUMMARY|Invalid|out of bounds" "$OUT/sanitizer.log" | sort | uniq -c | head -20
 BENCH_FILES=${BENCH_FILES:-"bench/bench_train.py bench/bench_antialias.py bench/bench_rasterize.py"} \
     BENCH_TIMEOUT=${BENCH_TIMEOUT:-170} bash bench/run_device.sh bench
-# Last (a timeout keeps the logs above): where the training step's time goes, stage by stage.
-timeout "${PROFILE_TIMEOUT:-150}" python3 bench/profile_train_step.py > "$OUT/profile_train_step.log" 2>&1
-echo "profile_train_step rc=$?"; tail -8 "$OUT/profile_train_step.log"
+# Last (a timeout keeps the logs above): where antialias's and the training step's time goes.
+for p in profile_antialias profile_train_step; do
+  timeout "${PROFILE_TIMEOUT:-150}" python3 "bench/$p.py" >> "$OUT/profiles.log" 2>&1
+  echo "$p rc=$?" | tee -a "$OUT/profiles.log"
+done
+tail -16 "$OUT/profiles.log"
