@@ -382,6 +382,8 @@ def run(args):
             raise SystemExit(f"--{name} must be at least 1")
     if args.data is not None and not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data}: no such folder")
+    if args.precision is not None and args.device != "gpu":
+        raise SystemExit("--precision applies to --device gpu (the CPU computes in float32)")
     settings = default_settings(args.device, level=args.level, resolution=args.resolution, steps=args.steps,
                                 batch=args.batch, data=args.data, seed=args.seed,
                                 graph=False if args.no_graph else None, precision=args.precision)

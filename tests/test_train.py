@@ -309,3 +309,16 @@ def test_a_non_finite_gradient_is_skipped_logged_and_changes_no_weight(tmp_path,
     assert not np.array_equal(weights[1], weights[2])        # a finite step does change them
     skipped = [r.split(",")[-1] for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert skipped == ["0", "1", "0"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "float16"], "--precision applies to --device gpu"),
+    (["--resolution", "30"], "--resolution must be a multiple of 4"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--data", "/nonexistent/photos"], "no such folder"),
+])
+def test_train_command_line_refuses_bad_flags_before_doing_anything(tmp_path, flags, message):
+    from fastface.__main__ import main
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--device", "cpu", "--out", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists()
