@@ -260,6 +260,8 @@ def train(settings, out_dir, resume=False, progress=True, stop_after=None):
                 lr = base_lrs[name] * _lr_factor(step, settings.steps)
                 if opt.lr != lr:
                     opt.lr = lr  # read on the device, also by a captured step
+            if final and False in stages:
+                del stages[False]  # the base stage is over: its graph and the memory it holds go
             images, landmarks = data(step)
             # The first batch is checked; then the loop runs unchecked. A step whose loss or gradient is
             # not finite changes no weight (decided on the device); the report says so.

@@ -70,3 +70,16 @@ def test_the_training_loop_runs_on_the_gpu_path(monkeypatch, tmp_path):
     assert load_checkpoint(path).step == 2
     assert (tmp_path / "preview_000002.png").exists()
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 3
+
+
+def test_the_training_loop_replays_each_stage_from_a_cuda_graph(monkeypatch, tmp_path):
+    """Three steps per stage: the first eager, then recorded and replayed (a preview at another batch size in
+    between); the loop reads one report per step and nothing else."""
+    gpu = install(monkeypatch)
+    from fastface.checkpoint import load_checkpoint
+    from fastface.train import train
+    settings = TrainSettings(**{**SETTINGS, "steps": 6, "checkpoint_every": 3, "preview_every": 2, "base_fraction": 0.5})
+    path = train(settings, tmp_path, progress=False)
+    assert load_checkpoint(path).step == 6
+    assert gpu.device_work.count("graph launch") == 4  # steps 2, 3 (base) and 5, 6 (both levels)
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 7
