@@ -135,9 +135,10 @@ class FaceAutoencoder:
         layout: `CodeLayout`.
         resolution: (H, W) of the images.
         focal: focal length in pixels of the training framing.
+        antialias: render both levels with their outline blended into the input images.
     """
 
-    def __init__(self, model, encoder, correctives, layout, resolution, focal):
+    def __init__(self, model, encoder, correctives, layout, resolution, focal, antialias=False):
         if (model.n_shape, model.n_expression, model.n_albedo) != (layout.n_shape, layout.n_expression,
                                                                     layout.n_albedo):
             raise ValueError(f"the model has {model.n_shape}/{model.n_expression}/{model.n_albedo} shape/expression/"
@@ -153,6 +154,9 @@ class FaceAutoencoder:
         self.model, self.encoder, self.correctives, self.layout = model, encoder, correctives, layout
         self.resolution = tuple(int(r) for r in resolution)
         self.focal = float(focal)
+        # Render both levels with the outline blended into the input image (fastface.ops.antialias), so
+        # that the silhouette, not only the shading and the landmarks, pulls on the geometry.
+        self.antialias = bool(antialias)
         xp = array_module(("model", model.mean_shape))
         offset, scale = layout.offset_and_scale()
         self._offset = xp.asarray(offset.astype(np.float32))
@@ -207,12 +211,14 @@ class FaceAutoencoder:
         params, z_geo, z_ref = self.decode(code)
         geometry_offsets = reflectance_offsets = None
         base_render = final_render = None
+        outline = dict(antialias=True, background=images) if self.antialias else {}
         if base:
-            base_render = render_faces(self.model, params, self.resolution, self.focal)
+            base_render = render_faces(self.model, params, self.resolution, self.focal, **outline)
         if final:
             geometry_offsets, reflectance_offsets = self.correctives.evaluate(z_geo, z_ref)
             final_render = render_faces(self.model, params, self.resolution, self.focal,
-                                        geometry_offsets=geometry_offsets, reflectance_offsets=reflectance_offsets)
+                                        geometry_offsets=geometry_offsets, reflectance_offsets=reflectance_offsets,
+                                        **outline)
         return AutoencoderOutput(code=code, params=params, z_geo=z_geo, z_ref=z_ref,
                                  geometry_offsets=geometry_offsets, reflectance_offsets=reflectance_offsets,
                                  base=base_render, final=final_render)

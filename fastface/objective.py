@@ -58,6 +58,11 @@ class LossWeights:
         return cls(**{k: float(v) for k, v in d.items() if k in known})
 
 
+# Pixels of a training image per pixel of its face at the default framing (fastface.fit uses the same
+# factor for its antialiased photometric term).
+OUTLINE_PHOTOMETRIC_SCALE = 2.5
+
+
 def landmark_point_weights():
     """(68,) float32 per-point weights: the jaw line (0-16) half, since on photos its points slide
     along the outline; the eyes, nose and mouth full."""
@@ -112,8 +117,15 @@ class MultiLevelObjective:
         levels = [("base", out.base)] + ([("final", out.final)] if final and out.final is not None else [])
         for level, r in levels:
             if w.photometric:
-                terms[f"photometric_{level}"] = w.photometric * photometric_loss(r.image, images, r.mask)
-                grads[f"{level}_image"] = photometric_loss_backward(r.image, images, r.mask, weight_vector(w.photometric))
+                mask, weight = r.mask, w.photometric
+                if r.composited is not None:
+                    # Antialiased into the input: the blend at the outline lies outside the face's pixels, so
+                    # the term covers the whole image (zero where the input shows through), scaled by the
+                    # image's pixels per face pixel at the training framing to keep its weight.
+                    mask = xp.ones(r.mask.shape, dtype=bool)
+                    weight = weight * OUTLINE_PHOTOMETRIC_SCALE
+                terms[f"photometric_{level}"] = weight * photometric_loss(r.image, images, mask)
+                grads[f"{level}_image"] = photometric_loss_backward(r.image, images, mask, weight_vector(weight))
             if w.landmarks and target_landmarks is not None:
                 lw = w.landmarks * self._inverse_height2
                 terms[f"landmarks_{level}"] = lw * landmark_loss(r.landmarks, target_landmarks, point_weights)

@@ -64,6 +64,7 @@ class TrainSettings:
     reflectance_code_scale: float = 1.0
     graph: bool = None  # record each stage's step in a CUDA graph; None: on the GPU (fastface/training_step.py)
     precision: str = None  # the encoder's GEMMs on the GPU: "float32", "tf32" or "float16"; None: GPU_PRECISION
+    antialias: bool = False  # render the levels with the outline blended into the input (fastface/autoencoder.py)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -118,7 +119,7 @@ def build(settings, checkpoint=None):
         model = model.to("gpu")
         encoder.to("gpu", precision=settings.precision or GPU_PRECISION)
         correctives.to("gpu")
-    autoencoder = FaceAutoencoder(model, encoder, correctives, layout, resolution, focal)
+    autoencoder = FaceAutoencoder(model, encoder, correctives, layout, resolution, focal, antialias=settings.antialias)
     objective = MultiLevelObjective(model, resolution, LossWeights.from_dict(settings.weights or {}))
     optimizers = {"encoder": Adam(encoder, lr=settings.lr, clip_norm=10.0),
                   "correctives": Adam(correctives, lr=settings.corrective_lr, clip_norm=10.0)}

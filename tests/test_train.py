@@ -68,11 +68,14 @@ def _step_loss(ae, objective, images, landmarks):
     return sum(float(v.mean()) for v in terms.values())
 
 
-@pytest.mark.parametrize("which", ["encoder", "correctives"])
-def test_the_whole_training_step_gradient_matches_central_differences(which):
-    """Encoder -> code -> both levels rendered -> every loss and regularizer, against float64 differences."""
+@pytest.mark.parametrize("which, antialias", [("encoder", False), ("correctives", False), ("encoder", True),
+                                             ("correctives", True)])
+def test_the_whole_training_step_gradient_matches_central_differences(which, antialias):
+    """Encoder -> code -> both levels rendered (with the outline antialiased into the input, or not) -> every
+    loss and regularizer, against float64 differences."""
     rng = np.random.default_rng(0)
     ae = _tiny(np.float64)
+    ae.antialias = antialias
     # Reflectance constancy is a regularizer of the corrective level: its gradient goes to the
     # reflectance offsets only, the base albedo (in the final albedo and as the chromaticity guide)
     # held constant. The encoder's finite differences would see through that stop-gradient, so the
@@ -85,6 +88,7 @@ def test_the_whole_training_step_gradient_matches_central_differences(which):
     images = _images(rng, 2, np.float64)
     landmarks = rng.uniform(4, 12, (2, 68, 2))
     out = ae.forward(images, final=True)
+    assert (out.base.composited is not None) == (out.final.composited is not None) == antialias
     terms, grads = objective(out, images, landmarks, final=True)
     assert set(terms) == set(fastface.objective.TERM_NAMES) - ({"reflectance_constancy"} if which == "encoder" else set())
     ae.backward(out, grads)
