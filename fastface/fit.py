@@ -38,6 +38,7 @@ from fastface._backend import array_module, cupy_or_none, is_cupy_array
 from fastface._checks import check_array, check_finite, value_checks
 from fastface.model import FaceModel
 from fastface.nn.adam import Adam
+from fastface.objective import OUTLINE_PHOTOMETRIC_SCALE
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, project_to_pixels,
                                  project_to_pixels_backward, rigid_transform, rigid_transform_backward)
 from fastface.ops.interpolate import interpolate
@@ -65,7 +66,7 @@ FOCAL_PER_PIXEL = 2.9
 # With antialias the photometric term covers the whole crop; this factor (crop pixels per face
 # pixel at the default framing) keeps its weight comparable. On the 8 annotated photos with
 # detection only: mean 68-point error 12.0 % without antialias, 9.1 % with it (bench/RESULTS.md).
-_ANTIALIAS_PHOTOMETRIC_SCALE = 2.5
+_ANTIALIAS_PHOTOMETRIC_SCALE = OUTLINE_PHOTOMETRIC_SCALE  # 2.5, shared with training's antialiased term
 
 _LANDMARK_WEIGHTS = np.ones(68, np.float32)
 _LANDMARK_WEIGHTS[0:17] = 0.5

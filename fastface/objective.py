@@ -58,8 +58,9 @@ class LossWeights:
         return cls(**{k: float(v) for k, v in d.items() if k in known})
 
 
-# Pixels of a training image per pixel of its face at the default framing (fastface.fit uses the same
-# factor for its antialiased photometric term).
+# Pixels of an image per pixel of its face at the default framing: the weight of a photometric term
+# averaged over the whole image (antialiased into it) instead of over the face's pixels. fastface.fit
+# uses it too (chosen there on the annotated photos).
 OUTLINE_PHOTOMETRIC_SCALE = 2.5
 
 
