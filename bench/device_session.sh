@@ -32,7 +32,7 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
   # the training step's time goes.
   : > "$OUT/profiles.log"
   for p in profile_rasterize profile_antialias profile_train_step; do
-    timeout "${PROFILE_TIMEOUT:-150}" python3 "bench/$p.py" >> "$OUT/profiles.log" 2>&1
+    timeout "${PROFILE_TIMEOUT:-100}" python3 "bench/$p.py" >> "$OUT/profiles.log" 2>&1
     echo "$p rc=$?" | tee -a "$OUT/profiles.log"
   done
   tail -16 "$OUT/profiles.log"
