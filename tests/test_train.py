@@ -1,6 +1,5 @@
 """The multi-level training pipeline: the code layout, the whole step's gradient, checkpoints, faults, resume."""
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -197,8 +196,8 @@ def test_kill_9_then_resume_loses_no_checkpoint_and_continues_exactly(tmp_path):
     train(settings, straight, progress=False)
     killed = tmp_path / "killed"
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); from fastface.train import TrainSettings, train; "
-            f"train(TrainSettings(**{json.dumps(dataclasses.asdict(settings))}), {str(killed)!r}, progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", code.replace("null", "None")], cwd=ROOT,
+            f"train(TrainSettings(**{dataclasses.asdict(settings)!r}), {str(killed)!r}, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = killed / "checkpoint.h5"
     deadline = time.time() + 300
