@@ -9,11 +9,13 @@ reads it back with one transfer.
 A step whose loss or gradient is not finite changes no weight, and the decision is taken on the
 device: every optimizer prepares its gradient norm first, then all of them are gated by
 `0 * (loss + norms) + 1`, NaN exactly when the loss or one of the norms is not finite (see
-`Adam.update`), so that they skip together. The host only learns of it from the report. That keeps the whole step free of host synchronisations, so on the GPU it is
-recorded in one CUDA graph (fastface/cuda_graph.py): the first call runs eagerly (a real step, which
-also compiles kernels and fills caches), the second records the step reading fixed input buffers,
-and every call from then on copies its batch into those buffers and replays the graph, one launch
-instead of about 300 launches and allocations from Python.
+`Adam.update`), so that they skip together. The host only learns of it from the report.
+
+That keeps the whole step free of host synchronisations, so on the GPU it is recorded in one CUDA
+graph (fastface/cuda_graph.py): the first call runs eagerly (a real step, which also compiles
+kernels and fills caches), the second records the step reading fixed input buffers, and every call
+from then on copies its batch into those buffers and replays the graph: one launch instead of a few
+hundred kernels, copies and allocations queued from Python.
 """
 import dataclasses
 
