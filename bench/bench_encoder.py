@@ -301,7 +301,7 @@ def test_gpu_encoder_float16_layer_breakdown(benchmark, images, batch):
     each. Says per layer which convolution is faster."""
     import cupy
 
-    from fastface.nn._gemm import gemm
+    from fastface._gemm import gemm
     from fastface.nn import conv as conv_module
     from fastface.nn.conv import _conv_implicit, _im2col, implicit_gemm_supported
 

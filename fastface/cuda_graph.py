@@ -6,7 +6,7 @@ at about 5 to 20 µs of host time each, the host, not the GPU, sets the pace. `c
 graph; `CapturedGraph.launch()` then replays all of them with one call.
 
 What `fn` may do (the rules of stream capture):
-- launch kernels, call cuBLAS through fastface/nn/_gemm.py, run CuPy elementwise operations and
+- launch kernels, call cuBLAS through fastface/_gemm.py, run CuPy elementwise operations and
   reductions, copy between device arrays;
 - not read a device value on the host (`.get()`, `float(a)`, `if a.any():`), copy host data to the
   device, synchronise, or use CuPy calls that do one of these inside (boolean masks, `nonzero`);

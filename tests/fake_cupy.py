@@ -42,7 +42,7 @@ duration of one test:
 - `cuda.runtime.hostAlloc` returns a real host buffer, so fastface/_device_checks.py's deferred checks
   run (in check-only mode their kernels never write it, so no check ever fails; in compute mode the
   check kernels run too and report bad values as on a GPU).
-- fastface/nn/_gemm.py's cuBLAS (`_cublas()`) becomes `FakeCublas`: it checks cublasGemmEx's arguments
+- fastface/_gemm.py's cuBLAS (`_cublas()`) becomes `FakeCublas`: it checks cublasGemmEx's arguments
   (types, transposes, leading dimensions, every matrix inside one allocation) and computes the product
   with numpy on the arrays' memory.
 
@@ -1200,7 +1200,7 @@ class _FakeCublasLib:
 
 
 class FakeCublas:
-    """Stands in for fastface.nn._gemm._CublasLibrary."""
+    """Stands in for fastface._gemm._CublasLibrary."""
 
     HANDLE = ctypes.c_void_p(0xCB1A5)
 
@@ -1264,7 +1264,7 @@ def install(monkeypatch, compute=False):
     # Imported before patching: a module first imported now would bind the fake cupy_or_none for good.
     import_all_fastface_modules()
     from fastface import _device_checks  # noqa: PLC0415
-    from fastface.nn import _gemm  # noqa: PLC0415
+    from fastface import _gemm  # noqa: PLC0415
 
     gpu = FakeGpu()
     gpu.compute = bool(compute)

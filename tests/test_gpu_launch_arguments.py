@@ -23,7 +23,7 @@ from bench.workloads import grid_mesh
 from fastface import _backend, _device_checks
 from fastface._backend import NULL_POINTER, KernelFile, is_cupy_array
 from fastface.model import morphable as morphable_module
-from fastface.nn import _gemm
+from fastface import _gemm
 from fastface.nn import conv as conv_module
 from tests import fake_cupy
 from tests.fake_cupy import LaunchError, install, kernel_signature, misaligned, strided

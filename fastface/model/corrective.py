@@ -10,7 +10,7 @@ z_geo and z_ref, that linear decoders learned jointly with the encoder turn into
 The final level is the base (morphable model) level plus these offsets. Both bases live in ONE flat
 buffer (`flat_params`, with `flat_grads` of the same layout), so `fastface.nn.Adam(space)` updates
 them in one fused step, as it does an `Encoder`. Each decoder is one GEMM forward and two backward
-(fastface/nn/_gemm.py: numpy BLAS on the CPU, cuBLAS on the GPU, into preallocated outputs).
+(fastface/_gemm.py: numpy BLAS on the CPU, cuBLAS on the GPU, into preallocated outputs).
 
 Defaults (the paper does not publish the sizes of its corrective codes):
 - DEFAULT_GEOMETRY = DEFAULT_REFLECTANCE = 64 dimensions. Fewer than the base model's 80 identity
@@ -59,7 +59,7 @@ import numpy as np
 
 from fastface._backend import KernelFile, array_module, cupy_or_none, grid_1d, is_cupy_array
 from fastface._checks import check_array, check_finite, check_same_batch, describe
-from fastface.nn._gemm import gemm
+from fastface._gemm import gemm
 
 __all__ = ["CorrectiveSpace", "DEFAULT_GEOMETRY", "DEFAULT_REFLECTANCE", "DEFAULT_INIT_STD", "FORMAT_VERSION",
            "CorrectiveMesh", "corrective_mesh", "smoothness_loss", "smoothness_loss_backward", "magnitude_loss",

@@ -33,7 +33,7 @@ import numpy as np
 
 from fastface._backend import KernelFile, array_module, pointer_or_null
 from fastface._checks import check_array, check_finite
-from fastface.nn._gemm import gemm
+from fastface._gemm import gemm
 
 __all__ = ["conv2d", "conv2d_backward", "im2col", "im2col_backward", "conv_output_size"]
 

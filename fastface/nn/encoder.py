@@ -64,7 +64,7 @@ from fastface._backend import array_module, cupy_or_none, is_cupy_array
 from fastface._checks import check_array, check_finite, value_checks
 from fastface._files import atomic_write
 from fastface.cuda_graph import capture
-from fastface.nn._gemm import gemm
+from fastface._gemm import gemm
 from fastface.nn.conv import (
     _conv_implicit, _im2col, _im2col_backward, conv_output_size, implicit_gemm_supported,
 )
@@ -520,7 +520,7 @@ class Encoder:
         fill `graph.x` (and `graph.grad_y`) in place, replay, read `graph.y` (and `graph.grad_x`).
         The parameters are read in place, so Adam's updates are seen; parameters changed by hand
         in the float16 mode need `sync_half()`. Only on the GPU. The GEMMs are recorded through
-        cuBLAS called directly (fastface/nn/_gemm.py); if recording fails, the capture is ended
+        cuBLAS called directly (fastface/_gemm.py); if recording fails, the capture is ended
         before the error propagates, so the GPU stays usable.
 
         Args:

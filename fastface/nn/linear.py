@@ -7,7 +7,7 @@ import numpy as np
 
 from fastface._backend import array_module
 from fastface._checks import check_array, check_finite
-from fastface.nn._gemm import gemm
+from fastface._gemm import gemm
 
 __all__ = ["linear", "linear_backward"]
 

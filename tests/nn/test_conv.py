@@ -137,7 +137,7 @@ def test_gpu_im2col_variants_match_cpu(cupy, rng, tol, C, x_dtype, out_dtype, re
 def test_gpu_implicit_gemm_conv_matches_im2col_and_gemm(cupy, rng, tol, C, N, stride, H, relu):
     """The tensor-core implicit GEMM against the float32 gather + GEMM on the same float16 data
     (M = B*Ho*Wo is not a multiple of the 128-row tile, N % 64 != 0 in one case)."""
-    from fastface.nn._gemm import gemm
+    from fastface._gemm import gemm
     from fastface.nn.conv import _conv_implicit, implicit_gemm_supported
 
     assert implicit_gemm_supported(np.float16, C, N, True)

@@ -9,6 +9,9 @@ float32 result with float32 accumulation (cupy.matmul would cast the operands to
 transposes are free (an operation flag, never a copy), alpha folds a scale into the product (the
 fp16 loss scale), beta accumulates, and the compute type selects TF32 tensor cores or not.
 
+It sits beside _backend and _checks, below both of its users: the encoder's layers (fastface/nn) and
+the corrective space's decoders (fastface/model/corrective.py).
+
 Row-major to cuBLAS's column-major: a row-major (R, C) matrix with row stride ld is the
 column-major (C, R) matrix with leading dimension ld, so out = A B is computed as the
 column-major out^T = B^T A^T with the operands swapped and no data moved.

@@ -5,7 +5,7 @@ import weakref
 import numpy as np
 import pytest
 
-from fastface.nn._gemm import gemm
+from fastface._gemm import gemm
 
 
 def _operands(rng, m, n, k, trans_a, trans_b, dtype=np.float64):
@@ -57,7 +57,7 @@ def test_gpu_gemm_reads_row_slices(cupy, rng):
 
 def test_gpu_gemm_uses_cublas_through_ctypes(cupy):
     """The ctypes path (needed for graph capture) opened; the CuPy fallback is for emergencies."""
-    from fastface.nn import _gemm
+    from fastface import _gemm
 
     assert _gemm._cublas() is not None, _gemm._cublas_state.get("error")
 
@@ -149,7 +149,7 @@ class _FakeCupy:
 
 @pytest.fixture
 def fake_cublas(monkeypatch):
-    from fastface.nn import _gemm
+    from fastface import _gemm
 
     lib, cupy = _FakeCublas(), _FakeCupy()
     monkeypatch.setattr(_gemm._CublasLibrary, "_load", staticmethod(lambda: lib))
@@ -166,7 +166,7 @@ def _fake_gemm():
 
 
 def test_cublas_stream_is_set_only_when_it_changes_and_always_followed_by_our_workspace(fake_cublas):
-    from fastface.nn import _gemm
+    from fastface import _gemm
 
     lib, cupy = fake_cublas
     streams = [0x51, 0x51, 0x51, 0x52, 0x52, 0x51, 0x0, 0x0]
