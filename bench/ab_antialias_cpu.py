@@ -8,27 +8,16 @@ shared machine: run it alternately from two checkouts and compare the minima.
     done
 """
 import sys
-import time
 
 import numpy as np
 
-import fastface
+from bench._ab_timing import print_minima
 from bench.bench_antialias import CPU_BATCH, prepare, steps
 
 
 def main(repeats):
     work = steps(*prepare(np, CPU_BATCH))
-    with fastface.value_checks(False):
-        for name in ("antialias_fwd", "antialias_fwd_bwd"):
-            fn = work[name]
-            fn()  # compile or load the Numba cache outside the timing
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            times = np.array(times) * 1e3
-            print(f"{name}: min {times.min():.2f} ms  median {np.median(times):.2f} ms  ({repeats} runs)")
+    print_minima({name: work[name] for name in ("antialias_fwd", "antialias_fwd_bwd")}, repeats)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ load: run it alternately from two checkouts and compare the minima of the quiet 
     done
 """
 import sys
-import time
 
 import numpy as np
 
-import fastface
+from bench._ab_timing import print_minima
 from bench.workloads import spherical_cap
 from fastface.ops.rasterize import rasterize, rasterize_interpolate, rasterize_interpolate_backward
 
@@ -31,17 +30,7 @@ def main(repeats):
     steps = {"rasterize_interpolate_fused": lambda: rasterize_interpolate(pos, tri, RES, colors),
              "rasterize": lambda: rasterize(pos, tri, RES),
              "fwd_bwd_fused": fwd_bwd_fused}
-    with fastface.value_checks(False):
-        for name, fn in steps.items():
-            fn()  # compile or load the Numba cache outside the timing
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            times = np.array(times) * 1e3
-            print(f"{name}: min {times.min():.2f} ms  median {np.median(times):.2f} ms  ({repeats} runs)")
-
+    print_minima(steps, repeats)
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 40)
