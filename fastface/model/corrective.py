@@ -491,20 +491,26 @@ def smoothness_fwd(offsets, nbr_offsets, nbrs, out):
 
 @numba.njit(cache=True, parallel=True)
 def smoothness_bwd(offsets, nbr_offsets, nbrs, grad_out, grad_offsets):
+    """Unlike the CUDA kernel, which recomputes each neighbour's Laplacian (deg^2 gathers a vertex, no
+    scratch), the CPU computes every (L o)_v once into a scratch array first: the same floats (each is
+    the same deterministic sum), half the time (1.8-1.9 -> 0.7-1.0 ms, small model, batch 8)."""
     B, V = offsets.shape[0], offsets.shape[1]
+    lap = np.empty(offsets.shape, np.float64)  # what _laplacian_at returns (its sums promote to float64)
     for i in numba.prange(B * V):
         b, v = i // V, i % V
-        ob = offsets[b]
-        lx, ly, lz = _laplacian_at(ob, nbr_offsets, nbrs, v)
+        lap[b, v, 0], lap[b, v, 1], lap[b, v, 2] = _laplacian_at(offsets[b], nbr_offsets, nbrs, v)
+    for i in numba.prange(B * V):
+        b, v = i // V, i % V
+        lb = lap[b]
+        lx, ly, lz = lb[v, 0], lb[v, 1], lb[v, 2]
         sx = sy = sz = lx * 0
         for e in range(nbr_offsets[v], nbr_offsets[v + 1]):
             j = nbrs[e]
             if j < 0 or j >= V:
                 continue
-            jx, jy, jz = _laplacian_at(ob, nbr_offsets, nbrs, j)
-            sx += lx - jx
-            sy += ly - jy
-            sz += lz - jz
+            sx += lx - lb[j, 0]
+            sy += ly - lb[j, 1]
+            sz += lz - lb[j, 2]
         scale = 2.0 * grad_out[b] / V
         grad_offsets[b, v, 0] = scale * sx
         grad_offsets[b, v, 1] = scale * sy
@@ -539,11 +545,23 @@ def _chroma(gb, i, chroma_eps):
     return r * inv, g * inv, b * inv
 
 
+@numba.njit(cache=True, parallel=True)
+def _chroma_table(guide, chroma_eps):
+    """(G, V, 3) float64: _chroma of every vertex of every guide image. The CUDA kernels compute a
+    vertex's chromaticity again for each of its edges; the CPU computes each once (the same floats:
+    _chroma returns float64 from float32 inputs) and reads them per edge."""
+    G, V = guide.shape[0], guide.shape[1]
+    table = np.empty((G, V, 3), np.float64)
+    for i in numba.prange(G * V):
+        g, v = i // V, i % V
+        table[g, v, 0], table[g, v, 1], table[g, v, 2] = _chroma(guide[g], v, chroma_eps)
+    return table
+
+
 @numba.njit(cache=True, inline="always")
-def _edge_weight(gb, i, j, sharpness, chroma_eps):
-    ix, iy, iz = _chroma(gb, i, chroma_eps)
-    jx, jy, jz = _chroma(gb, j, chroma_eps)
-    dx, dy, dz = ix - jx, iy - jy, iz - jz
+def _edge_weight(cb, i, j, sharpness):
+    """The chromaticity weight of edge (i, j) from one image's _chroma_table cb."""
+    dx, dy, dz = cb[i, 0] - cb[j, 0], cb[i, 1] - cb[j, 1], cb[i, 2] - cb[j, 2]
     return np.exp(-sharpness * np.sqrt(dx * dx + dy * dy + dz * dz))
 
 
@@ -552,8 +570,9 @@ def reflectance_constancy_fwd(albedo, guide, edges, out, sharpness, eps, chroma_
     """guide: (B, V, 3), or (1, V, 3) shared by every image."""
     B, V, E = albedo.shape[0], albedo.shape[1], edges.shape[0]
     guide_step = 1 if guide.shape[0] > 1 else 0
+    chroma = _chroma_table(guide, chroma_eps)
     for b in numba.prange(B):
-        ab, gb = albedo[b], guide[b * guide_step]
+        ab, cb = albedo[b], chroma[b * guide_step]
         acc = 0.0
         for e in range(E):
             i, j = edges[e, 0], edges[e, 1]
@@ -561,7 +580,7 @@ def reflectance_constancy_fwd(albedo, guide, edges, out, sharpness, eps, chroma_
                 continue
             dx, dy, dz = ab[i, 0] - ab[j, 0], ab[i, 1] - ab[j, 1], ab[i, 2] - ab[j, 2]
             r = np.sqrt(dx * dx + dy * dy + dz * dz + eps * eps)
-            acc += _edge_weight(gb, i, j, sharpness, chroma_eps) * r
+            acc += _edge_weight(cb, i, j, sharpness) * r
         out[b] = acc / E
 
 
@@ -570,9 +589,10 @@ def reflectance_constancy_bwd(albedo, guide, nbr_offsets, nbrs, grad_out, grad_a
     B, V = albedo.shape[0], albedo.shape[1]
     E = nbrs.shape[0] // 2
     guide_step = 1 if guide.shape[0] > 1 else 0
+    chroma = _chroma_table(guide, chroma_eps)
     for i in numba.prange(B * V):
         b, v = i // V, i % V
-        ab, gb = albedo[b], guide[b * guide_step]
+        ab, cb = albedo[b], chroma[b * guide_step]
         sx = sy = sz = 0.0
         for e in range(nbr_offsets[v], nbr_offsets[v + 1]):
             j = nbrs[e]
@@ -580,7 +600,7 @@ def reflectance_constancy_bwd(albedo, guide, nbr_offsets, nbrs, grad_out, grad_a
                 continue
             dx, dy, dz = ab[v, 0] - ab[j, 0], ab[v, 1] - ab[j, 1], ab[v, 2] - ab[j, 2]
             r = np.sqrt(dx * dx + dy * dy + dz * dz + eps * eps)
-            w = _edge_weight(gb, min(v, j), max(v, j), sharpness, chroma_eps)
+            w = _edge_weight(cb, min(v, j), max(v, j), sharpness)
             f = w / r
             sx += f * dx
             sy += f * dy
