@@ -56,6 +56,15 @@ def gpu_copy_bandwidth(nbytes=1 << 30, repeats=20):
     return 2 * nbytes / device_seconds(copy, repeats) / 1e9
 
 
+def bench_cpu(benchmark, fn, group):
+    """Benchmarks `fn` on the CPU with value checks off, after one untimed call (Numba compiles or loads
+    its cache)."""
+    benchmark.group = group
+    with fastface.value_checks(False):
+        fn()
+        benchmark(fn)
+
+
 def bench_gpu(benchmark, fn, group, repeats=50, value_checks=False):
     """Benchmarks `fn` synchronised (value checks off unless asked, one untimed call first to
     compile), then returns its device seconds per call from `repeats` back-to-back calls."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastface
-from bench._gpu_timing import bench_gpu, needs_gpu, record_throughput
+from bench._gpu_timing import bench_cpu, bench_gpu, needs_gpu, record_throughput
 from bench.workloads import spherical_cap
 from fastface.ops.antialias import antialias, antialias_backward, antialias_topology, silhouette_edges
 from fastface.ops.rasterize import rasterize_interpolate, rasterize_interpolate_backward
@@ -63,11 +63,7 @@ def cpu_cap():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_cpu_spherical_cap(benchmark, cpu_cap, name):
-    fn = steps(*cpu_cap)[name]
-    benchmark.group = f"antialias, spherical cap {GRID}x{GRID} B={CPU_BATCH} 224x224 (CPU)"
-    with fastface.value_checks(False):
-        fn()  # compile / load the Numba cache outside the timing
-        benchmark(fn)
+    bench_cpu(benchmark, steps(*cpu_cap)[name], f"antialias, spherical cap {GRID}x{GRID} B={CPU_BATCH} 224x224 (CPU)")
     record_throughput(benchmark, CPU_BATCH)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fastface
-from bench._gpu_timing import bench_gpu, needs_gpu, record_throughput
+from bench._gpu_timing import bench_cpu, bench_gpu, needs_gpu, record_throughput
 from bench.workloads import OpenGLRasterizer, face_model_poses, spherical_cap
 from fastface.ops.interpolate import interpolate, interpolate_backward
 from fastface.ops.rasterize import (
@@ -66,11 +66,7 @@ def cpu_cap():
 @pytest.mark.parametrize("name", ["rasterize", "rasterize_then_interpolate", "rasterize_interpolate_fused",
                                   "fwd_bwd_fused", "fwd_bwd_separate"])
 def test_cpu_spherical_cap(benchmark, cpu_cap, name):
-    fn = steps(*cpu_cap)[name]
-    benchmark.group = f"spherical cap {GRID}x{GRID} B={CPU_BATCH} 224x224 (CPU)"
-    with fastface.value_checks(False):
-        fn()  # compile / load the Numba cache outside the timing
-        benchmark(fn)
+    bench_cpu(benchmark, steps(*cpu_cap)[name], f"spherical cap {GRID}x{GRID} B={CPU_BATCH} 224x224 (CPU)")
     record_throughput(benchmark, CPU_BATCH)
 
 

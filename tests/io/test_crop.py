@@ -158,11 +158,7 @@ def test_rotation_flag_levels_the_eyes(rng):
 
 
 @pytest.mark.gpu
-def test_apply_and_invert_keep_cupy_points_on_the_device(rng):
-    cupy = pytest.importorskip("cupy")
-    from fastface._backend import gpu_available
-    if not gpu_available():
-        pytest.skip("no CUDA GPU")
+def test_apply_and_invert_keep_cupy_points_on_the_device(rng, cupy):
     crop = Crop(scale=0.5, translation=(3.0, -2.0), size=(64, 64), rotation=0.1)
     p = rng.uniform(0, 500, size=(4, 68, 2)).astype(np.float32)
     q = crop.apply(cupy.asarray(p))
