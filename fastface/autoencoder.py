@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from fastface._backend import array_module
-from fastface._checks import check_array
+from fastface._checks import check_array, value_checks
 from fastface.render import FaceParameters, render_faces, render_faces_backward
 
 __all__ = ["CodeLayout", "FaceAutoencoder", "AutoencoderOutput"]
@@ -216,9 +216,11 @@ class FaceAutoencoder:
             base_render = render_faces(self.model, params, self.resolution, self.focal, **outline)
         if final:
             geometry_offsets, reflectance_offsets = self.correctives.evaluate(z_geo, z_ref)
+            # Both levels share the morphable model's evaluation: the final level adds the offsets to it.
+            evaluated = None if base_render is None else (base_render.vertices, base_render.albedo)
             final_render = render_faces(self.model, params, self.resolution, self.focal,
                                         geometry_offsets=geometry_offsets, reflectance_offsets=reflectance_offsets,
-                                        **outline)
+                                        evaluated=evaluated, **outline)
         return AutoencoderOutput(code=code, params=params, z_geo=z_geo, z_ref=z_ref,
                                  geometry_offsets=geometry_offsets, reflectance_offsets=reflectance_offsets,
                                  base=base_render, final=final_render)
@@ -248,6 +250,9 @@ class FaceAutoencoder:
                 add(name, getattr(extra, name))
         grad_geometry = grads.get("geometry_offsets")
         grad_reflectance = grads.get("reflectance_offsets")
+        # The morphable model is linear and both levels evaluate it on the same coefficients: the
+        # levels' vertex and albedo gradients are added first and go through its GEMMs once.
+        grad_model_vertices = grad_model_albedo = None
         for level, rendering in (("base", out.base), ("final", out.final)):
             gi, gl = grads.get(f"{level}_image"), grads.get(f"{level}_landmarks")
             if gi is None and gl is None:
@@ -255,12 +260,22 @@ class FaceAutoencoder:
             if rendering is None:
                 raise ValueError(f"gradients of the {level} level are given but it was not rendered")
             g = render_faces_backward(self.model, out.params, rendering, self.resolution, self.focal,
-                                      grad_image=gi, grad_landmarks=gl)
-            for name in _PARAMETER_NAMES:
+                                      grad_image=gi, grad_landmarks=gl, model_backward=False)
+            for name in ("sh", "angles", "translation"):
                 add(name, getattr(g.params, name))
             if level == "final":  # the offsets enter by addition: their gradient is the vertices'
                 grad_geometry = g.vertices if grad_geometry is None else grad_geometry + g.vertices
                 grad_reflectance = g.albedo if grad_reflectance is None else grad_reflectance + g.albedo
+            if grad_model_vertices is None:
+                grad_model_vertices, grad_model_albedo = g.vertices, g.albedo
+            else:  # the first level's arrays are this function's own: add in place
+                grad_model_vertices += g.vertices
+                grad_model_albedo += g.albedo
+        if grad_model_vertices is not None:
+            with value_checks(False):  # the render chain's own outputs from checked gradients
+                model_grads = self.model.evaluate_backward(grad_model_vertices, grad_model_albedo)
+            for name, g in zip(("shape", "expression", "albedo"), model_grads):
+                add(name, g)
         grad_z_geo = grad_z_ref = None
         if out.geometry_offsets is not None:
             grad_z_geo, grad_z_ref = self.correctives.backward(out.z_geo, out.z_ref, grad_geometry, grad_reflectance)

@@ -110,7 +110,7 @@ def uniform_light(batch, xp=None, dtype="float32"):
 
 
 def render_faces(model, params, resolution, focal, geometry_offsets=None, reflectance_offsets=None, antialias=False,
-                 background=None):
+                 background=None, evaluated=None):
     """Renders a batch of faces of `model` under `params`.
 
     Args:
@@ -127,6 +127,10 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
             third of the rasterizer's time.
         background: with antialias, the (B, H, W, 3) image the outline blends into (a photo being
             fitted, say); black when None. `image` then shows the face over it.
+        evaluated: optional (vertices, albedo), each (B, V, 3), that `model.evaluate` gave for these
+            parameters' shape, expression and albedo (a base-level Rendering's `vertices` and `albedo`):
+            a second level rendered from the same parameters then skips the model's GEMMs (the
+            training step renders both levels: at batch 64 on an H200 the evaluation cost 258 us).
 
     Returns:
         `Rendering`; its `vertices` and `albedo` include the offsets.
@@ -141,8 +145,11 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
         value = getattr(params, name)
         if hasattr(value, "dtype"):  # anything else gets the op's TypeError below
             check_finite(f"params.{name}", value)
-    with value_checks(False):
-        vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
+    if evaluated is None:
+        with value_checks(False):
+            vertices, albedo = model.evaluate(params.shape, params.expression, params.albedo)
+    else:
+        vertices, albedo = _check_evaluated(model, params, evaluated)
     vertices = _add_offsets("geometry_offsets", vertices, geometry_offsets)
     albedo = _add_offsets("reflectance_offsets", albedo, reflectance_offsets)
     with value_checks(False):
@@ -178,6 +185,18 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
                      silhouettes=silhouettes)
 
 
+def _check_evaluated(model, params, evaluated):
+    """The (vertices, albedo) pair given as `evaluated`, checked against the model and the parameters."""
+    if not isinstance(evaluated, (tuple, list)) or len(evaluated) != 2:
+        raise TypeError(f"evaluated must be a (vertices, albedo) pair from model.evaluate; got "
+                        f"{type(evaluated).__name__}")
+    shape = (params.shape.shape[0], model.n_vertices, 3)
+    for name, a in zip(("evaluated[0] (vertices)", "evaluated[1] (albedo)"), evaluated):
+        array_module((name, a), ("the model's arrays", model.mean_shape))
+        check_array(name, a, params.shape.dtype, shape)
+    return evaluated[0], evaluated[1]
+
+
 def _add_offsets(name, base, offsets):
     """base + offsets, the offsets checked against the base's shape, dtype and device."""
     if offsets is None:
@@ -188,7 +207,8 @@ def _add_offsets(name, base, offsets):
     return base + offsets
 
 
-def render_faces_backward(model, params, rendering, resolution, focal, grad_image=None, grad_landmarks=None):
+def render_faces_backward(model, params, rendering, resolution, focal, grad_image=None, grad_landmarks=None,
+                          model_backward=True):
     """Gradients of a loss through `render_faces`, from its image and its landmarks back to the inputs.
 
     The chain of `render_faces` walked in reverse: interpolation and rasterization (coverage held
@@ -200,6 +220,10 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
         rendering: the `Rendering` it returned.
         grad_image: (B, H, W, 3) gradient of the loss with respect to `rendering.image`, or None.
         grad_landmarks: (B, 68, 2) gradient with respect to `rendering.landmarks`, or None.
+        model_backward: False stops before the morphable model: `params.shape`, `.expression` and
+            `.albedo` are None, and the caller passes `vertices` and `albedo` to
+            `model.evaluate_backward` itself (the training step adds both levels' gradients first and
+            runs the model's GEMMs once: they are linear).
 
     Returns:
         `FaceGradients`. The gradient of the offsets given to `render_faces` equals
@@ -247,7 +271,9 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
         grad_vertices, grad_rotation, grad_translation = rigid_transform_backward(
             r.vertices, r.rotation, params.translation, grad_camera)
         grad_angles = euler_rotation_backward(params.angles, grad_rotation)
-        grad_shape, grad_expression, grad_albedo_coeffs = model.evaluate_backward(grad_vertices, grad_albedo)
+        grad_shape = grad_expression = grad_albedo_coeffs = None
+        if model_backward:
+            grad_shape, grad_expression, grad_albedo_coeffs = model.evaluate_backward(grad_vertices, grad_albedo)
     grads = FaceParameters(shape=grad_shape, expression=grad_expression, albedo=grad_albedo_coeffs, sh=grad_sh,
                            angles=grad_angles, translation=grad_translation)
     return FaceGradients(params=grads, vertices=grad_vertices, albedo=grad_albedo)

@@ -114,6 +114,45 @@ def test_bad_offsets_and_gradients_are_refused_by_name(model):
         fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_landmarks=np.zeros((2, 5, 2), np.float32))
 
 
+def test_a_level_rendered_from_a_given_evaluation_equals_one_that_evaluates_the_model(model):
+    rng = np.random.default_rng(6)
+    params = _params(model, rng, np.float32)
+    offsets = rng.normal(0, 1, (2, model.n_vertices, 3)).astype(np.float32)
+    base = fastface.render_faces(model, params, RES, FOCAL)
+    own = fastface.render_faces(model, params, RES, FOCAL, geometry_offsets=offsets)
+    given = fastface.render_faces(model, params, RES, FOCAL, geometry_offsets=offsets,
+                                  evaluated=(base.vertices, base.albedo))
+    for name in ("image", "vertices", "albedo", "landmarks"):
+        np.testing.assert_array_equal(getattr(given, name), getattr(own, name))
+    # The given evaluation is what is rendered: another one changes the picture.
+    moved = fastface.render_faces(model, params, RES, FOCAL, evaluated=(base.vertices + offsets, base.albedo))
+    np.testing.assert_array_equal(moved.vertices, base.vertices + offsets)
+    with pytest.raises(TypeError, match="evaluated must be a \\(vertices, albedo\\) pair"):
+        fastface.render_faces(model, params, RES, FOCAL, evaluated=base.vertices)
+    with pytest.raises(ValueError, match="evaluated\\[1\\] \\(albedo\\)"):
+        fastface.render_faces(model, params, RES, FOCAL, evaluated=(base.vertices, base.albedo[:, :5]))
+    with pytest.raises(TypeError, match="evaluated\\[0\\] \\(vertices\\)"):
+        fastface.render_faces(model, params, RES, FOCAL, evaluated=(base.vertices.astype(np.float64), base.albedo))
+
+
+def test_render_backward_without_the_model_stops_at_the_vertices(model):
+    rng = np.random.default_rng(7)
+    params = _params(model, rng)
+    r = fastface.render_faces(model, params, RES, FOCAL)
+    w_image, w_landmarks = _loss_weights(rng, model, params, ())
+    whole = fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=w_image, grad_landmarks=w_landmarks)
+    cut = fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=w_image, grad_landmarks=w_landmarks,
+                                         model_backward=False)
+    assert cut.params.shape is None and cut.params.expression is None and cut.params.albedo is None
+    for name in ("sh", "angles", "translation"):
+        np.testing.assert_array_equal(getattr(cut.params, name), getattr(whole.params, name))
+    np.testing.assert_array_equal(cut.vertices, whole.vertices)
+    np.testing.assert_array_equal(cut.albedo, whole.albedo)
+    grad_shape, grad_expression, grad_albedo = model.evaluate_backward(cut.vertices, cut.albedo)
+    np.testing.assert_array_equal(grad_shape, whole.params.shape)
+    np.testing.assert_array_equal(grad_albedo, whole.params.albedo)
+
+
 @pytest.mark.parametrize("name", ["shape", "angles", "translation"])
 def test_antialiased_render_backward_matches_central_differences_at_the_outline(model, name, tol):
     """With antialias the outline's pixels depend on the geometry: their gradient reaches the pose and shape."""

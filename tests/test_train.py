@@ -112,6 +112,28 @@ def test_the_whole_training_step_gradient_matches_central_differences(which, ant
     assert not np.allclose(-analytic[idx], numeric, rtol=1e-4)  # negative control
 
 
+def test_a_step_evaluates_the_morphable_model_once_forward_and_once_backward(monkeypatch):
+    """Both levels share the model's evaluation and its backward (linear: the levels' gradients are added
+    first); the step's gradient check above shows the sums are right, this that the GEMMs run once."""
+    ae = _tiny(np.float32)
+    calls = {"evaluate": 0, "evaluate_backward": 0}
+    for name in calls:
+        original = getattr(type(ae.model), name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(ae.model), name, counted)
+    rng = np.random.default_rng(0)
+    images = _images(rng, 2, np.float32)
+    objective = MultiLevelObjective(ae.model, (RES, RES))
+    out = ae.forward(images, final=True)
+    _, grads = objective(out, images, rng.uniform(2, RES - 2, (2, 68, 2)).astype(np.float32), final=True)
+    ae.backward(out, grads)
+    assert calls == {"evaluate": 1, "evaluate_backward": 1}
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     ae = _tiny(np.float32)
     optimizers = {"encoder": Adam(ae.encoder), "correctives": Adam(ae.correctives)}
