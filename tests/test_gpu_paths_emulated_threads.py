@@ -283,14 +283,22 @@ def _magnitude(model, coeffs, grads):
             backward_albedo)
 
 
-@pytest.mark.parametrize("B, sizes, kernels", [
-    (1, (5, 3, 4), ("morphable_fwd_gemv", "morphable_bwd_gemv")),
-    (3, (5, 0, 4), ("morphable_fwd_gemv", "morphable_bwd_gemv")),          # no expressions (K = 0 block)
-    (5, (520, 12, 4), ("morphable_fwd", "morphable_bwd_gemv")),            # coefficients beyond gemv's shared memory
-    (9, (5, 3, 4), ("morphable_fwd", "morphable_bwd")),
-    (70, (20, 7, 0), ("morphable_fwd", "morphable_bwd")),                  # two 64-row batch tiles; no albedo basis
+_CUBLAS_PATH = ("morphable_scale_coefficients", "morphable_split_gradient")
+
+
+@pytest.mark.parametrize("B, sizes, large_batch_path, kernels", [
+    (1, (5, 3, 4), "cublas", ("morphable_fwd_gemv", "morphable_bwd_gemv")),
+    (3, (5, 0, 4), "cublas", ("morphable_fwd_gemv", "morphable_bwd_gemv")),   # no expressions (K = 0 block)
+    (5, (520, 12, 4), "cublas", ("morphable_fwd", "morphable_bwd_gemv")),     # coefficients beyond gemv's shared memory
+    (9, (5, 3, 4), "tiled", ("morphable_fwd", "morphable_bwd")),
+    (70, (20, 7, 0), "tiled", ("morphable_fwd", "morphable_bwd")),           # two 64-row batch tiles; no albedo basis
+    (9, (5, 3, 4), "cublas", _CUBLAS_PATH),
+    (70, (20, 7, 0), "cublas", _CUBLAS_PATH),                                # no albedo basis: K = 0, no GEMM
+    (64, (0, 7, 4), "cublas", _CUBLAS_PATH),                                 # no shape rows: the first block empty
 ])
-def test_face_model_evaluate_gpu_path_matches_the_cpu(gpu, rng, tol, B, sizes, kernels):
+def test_face_model_evaluate_gpu_path_matches_the_cpu(gpu, rng, tol, monkeypatch, B, sizes, large_batch_path, kernels):
+    from fastface.model import morphable as morphable_module  # noqa: PLC0415
+    monkeypatch.setattr(morphable_module, "_LARGE_BATCH_PATH", large_batch_path)
     cp = gpu.cupy
     model = _small_model(rng, 60, *sizes)
     gmodel = model.to("gpu")

@@ -13,7 +13,11 @@ on an H200 at batch 1 the forward took 40 us against the tiled kernel's 91, the 
 166); the tiled <2, 4> forward remains for small batches whose coefficients do not fit the gemv
 kernel's shared memory. A tensor-core forward for larger batches (3xTF32 mma.sync, float32-level
 accuracy) measured slower than the tiled one on an H200 (302 vs 260 us at batch 64) and was
-removed. On the CPU the same two functions with the same argument order call BLAS through numpy's
+removed. Above batch 8 the GEMMs go to cuBLAS's float32 SGEMM by default (`_LARGE_BATCH_PATH`; the
+tiled kernels remain selectable and tested): with two small kernels of kernels/morphable.cu around it
+(the scaled coefficients, the backward's split and scale), on an H200 the training step's batch 64 is
+where the tiled kernels were slowest (forward 162 us at K = 144, backward 200 us, against 31.5 and
+72 us for cuBLAS on the corrective decoders' K = 64). On the CPU the same two functions with the same argument order call BLAS through numpy's
 matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of N ~ 10^5) a BLAS GEMM measured
 3-6x faster than a parallel Numba loop over column tiles (batch 1: 8 ms vs 22 ms, batch 64: 0.10 s
 vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin would only be slower. The CPU path also accepts float64 coefficients (computed in float64, for
@@ -21,7 +25,8 @@ gradient checks); the GPU path takes float32 only.
 """
 import numpy as np
 
-from fastface._backend import KernelFile, is_cupy_array
+from fastface._backend import KernelFile, grid_1d, is_cupy_array
+from fastface._gemm import gemm
 
 __all__ = ["morphable", "morphable_backward"]
 
@@ -41,8 +46,14 @@ _GEMV_ROWS_PER_BLOCK = 16  # gemv backward: basis rows per block (GEMV_ROWS)
 _GEMV_COEFF_BYTES = 16384
 
 
+# Batches above _SMALL_BATCH: "cublas" (cuBLAS SGEMM between morphable_scale_coefficients and
+# morphable_split_gradient) or "tiled" (morphable_fwd<8, 8> / morphable_bwd<8, 8>). Both are tested; the
+# default is the one measured faster on an H200 (bench/RESULTS.md).
+_LARGE_BATCH_PATH = "cublas"
+
 _GPU_NAMES = tuple(_FWD.values()) + (_BWD,) + tuple(
-    f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS)
+    f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS) + (
+    "morphable_scale_coefficients", "morphable_split_gradient")
 
 
 _kernel = KernelFile("morphable.cu", _GPU_NAMES)
@@ -83,6 +94,16 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
     batch, n = out.shape
     n_a, n_b = coeff_a.shape[1], coeff_b.shape[1]
     small = batch <= _SMALL_BATCH
+    if not small and _LARGE_BATCH_PATH == "cublas":
+        import cupy  # noqa: PLC0415
+        n_k = n_a + n_b
+        out[...] = mean  # the GEMM adds into it (beta = 1)
+        if n_k:
+            scaled = cupy.empty((batch, n_k), dtype=cupy.float32)
+            _kernel("morphable_scale_coefficients")(*grid_1d(batch * n_k), (
+                coeff_a, coeff_b if n_b else coeff_a, std_dev, scaled, np.int32(batch), np.int32(n_a), np.int32(n_b)))
+            gemm(scaled, basis, out, beta=1.0)
+        return
     args = (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
             np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n))
     if small and 4 * (n_a + n_b) * _gemv_rows(batch) <= _GEMV_COEFF_BYTES:
@@ -98,6 +119,13 @@ def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
     n_a, n_b = grad_a.shape[1], grad_b.shape[1]
     n_k = n_a + n_b
     if n_k == 0:
+        return
+    if batch > _SMALL_BATCH and _LARGE_BATCH_PATH == "cublas":
+        import cupy  # noqa: PLC0415
+        full = cupy.empty((batch, n_k), dtype=cupy.float32)
+        gemm(grad_out, basis, full, trans_b=True)
+        _kernel("morphable_split_gradient")(*grid_1d(batch * n_k), (
+            full, std_dev, grad_a, grad_b if n_b else grad_a, np.int32(batch), np.int32(n_a), np.int32(n_b)))
         return
     if batch <= _SMALL_BATCH:  # the gemv backward stages grad_out, not the coefficients: any K fits
         kernel = _kernel(f"morphable_bwd_gemv<{_gemv_rows(batch)}>")

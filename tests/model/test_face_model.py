@@ -1,4 +1,6 @@
 """FaceModel.evaluate and evaluate_backward: reference, gradients, CPU/GPU parity, bad input, topology."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -254,10 +256,13 @@ def test_gpu_small_batch_with_many_rows_uses_the_tiled_forward(cupy, rng, tol, b
                            batch, rng)
 
 
+@pytest.mark.parametrize("path", ["cublas", "tiled"])
 @pytest.mark.parametrize("batch", [9, 64, 70])
-def test_gpu_large_batch_kernels_match_cpu(cupy, rng, tol, batch):
-    # The tiled <8, 8> kernels: 75 geometry rows (4 full 16-row steps and a partial one), 603
-    # columns (a partial 128-column block), batch tiles of 64.
+def test_gpu_large_batch_kernels_match_cpu(cupy, rng, tol, monkeypatch, batch, path):
+    # Each large-batch path: cuBLAS between the two small kernels, and the tiled <8, 8> kernels: 75
+    # geometry rows (4 full 16-row steps and a partial one), 603 columns (a partial 128-column block),
+    # batch tiles of 64.
+    monkeypatch.setattr(sys.modules["fastface.model.morphable"], "_LARGE_BATCH_PATH", path)
     assert_gpu_matches_cpu(cupy, tol, random_model(rng, n_vertices=201, n_shape=41, n_expression=34, n_albedo=9),
                            batch, rng)
 
