@@ -19,7 +19,7 @@ from fastface._backend import is_cupy_array
 
 __all__ = [
     "check_array", "check_finite", "check_float", "float_dtypes", "check_indices", "check_resolution", "check_same_batch",
-    "value_checks", "value_checks_enabled", "queue_on_device", "describe",
+    "value_checks", "value_checks_enabled", "queue_on_device", "describe", "check_accumulator",
 ]
 
 _state = threading.local()
@@ -171,3 +171,15 @@ def check_float(xp, name, a, *patterns):
         return check_array(name, a, float_dtypes(xp), *patterns)
     except TypeError as e:
         raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
+
+
+def check_accumulator(name, acc, like, xp):
+    """An array a backward adds its gradient into (an op's `add_to=`), checked against `like`, the array the
+    gradient is of: the same device, dtype and shape, C-contiguous (the kernels add in place); returns acc."""
+    device = "numpy" if xp is np else "cupy"
+    if not hasattr(acc, "flags") or is_cupy_array(acc) != (xp is not np):
+        raise TypeError(f"{name} must be a {device} array like the inputs; got {type(acc).__name__}")
+    check_array(name, acc, like.dtype, tuple(like.shape))
+    if not acc.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (the kernels add into it in place)")
+    return acc

@@ -256,10 +256,10 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
                                                                     grad_image)
             if grad_clip_blend is not None:
                 grad_clip += grad_clip_blend
-            grad_camera = perspective_projection_backward(r.camera_vertices, focal, resolution, grad_clip)
-            grad_shaded, grad_albedo, grad_sh = shade_vertices_backward(
+            grad_camera, grad_albedo, grad_sh = shade_vertices_backward(
                 r.camera_vertices, model.triangles, r.albedo, params.sh, grad_colors, adjacency=_adjacency(model))
-            grad_camera += grad_shaded
+            # The projection's gradient added into the shading's in its own kernel (no third array).
+            perspective_projection_backward(r.camera_vertices, focal, resolution, grad_clip, add_to=grad_camera)
         else:
             grad_camera = xp.zeros((B, V, 3), dtype=dtype)
             grad_albedo = xp.zeros((B, V, 3), dtype=dtype)

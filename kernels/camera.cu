@@ -170,19 +170,29 @@ extern "C" __global__ void perspective_projection_fwd(const float* __restrict__ 
     out[4 * i + 3] = -z;
 }
 
-// One thread per (batch, vertex): the transpose of the (linear) forward.
+// One thread per (batch, vertex): the transpose of the (linear) forward. accumulate != 0 adds the gradient
+// to what grad_points holds (the render chain's backward adds it to the shading's, saving a pass).
 extern "C" __global__ void perspective_projection_bwd(const float* __restrict__ points, const float* __restrict__ focal,
                                                       float focal_scalar, const float* __restrict__ grad_out,
                                                       float* __restrict__ grad_points, int B, int V, int height,
-                                                      int width, float near, float far) {
+                                                      int width, float near, float far, int accumulate) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)B * V) return;
     (void)points;
     const float f = focal_of(focal, focal_scalar, i / V);
     const float za = (far + near) / (near - far);
-    grad_points[3 * i] = (2.f * f / width) * grad_out[4 * i];
-    grad_points[3 * i + 1] = (2.f * f / height) * grad_out[4 * i + 1];
-    grad_points[3 * i + 2] = za * grad_out[4 * i + 2] - grad_out[4 * i + 3];
+    const float gx = (2.f * f / width) * grad_out[4 * i];
+    const float gy = (2.f * f / height) * grad_out[4 * i + 1];
+    const float gz = za * grad_out[4 * i + 2] - grad_out[4 * i + 3];
+    if (accumulate) {
+        grad_points[3 * i] += gx;
+        grad_points[3 * i + 1] += gy;
+        grad_points[3 * i + 2] += gz;
+    } else {
+        grad_points[3 * i] = gx;
+        grad_points[3 * i + 1] = gy;
+        grad_points[3 * i + 2] = gz;
+    }
 }
 
 // One thread per (batch, vertex): x_pix = f x / -z + W/2 - 0.5, y_pix = -f y / -z + H/2 - 0.5;

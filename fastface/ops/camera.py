@@ -18,8 +18,8 @@ import numba
 import numpy as np
 
 from fastface._backend import NULL_POINTER, KernelFile, array_module, grid_1d, images_on_grid_y
-from fastface._checks import (check_array, check_finite, check_float, check_resolution, check_same_batch,
-                              float_dtypes, queue_on_device, value_checks_enabled)
+from fastface._checks import (check_accumulator, check_array, check_finite, check_float, check_resolution,
+                              check_same_batch, float_dtypes, queue_on_device, value_checks_enabled)
 
 __all__ = [
     "euler_rotation", "euler_rotation_backward",
@@ -224,15 +224,24 @@ def perspective_projection_fwd(points, focal, focal_scalar, out, height, width, 
 
 
 @numba.njit(cache=True, parallel=True)
-def perspective_projection_bwd(points, focal, focal_scalar, grad_out, grad_points, height, width, near, far):
+def perspective_projection_bwd(points, focal, focal_scalar, grad_out, grad_points, height, width, near, far,
+                               accumulate):
     B, V = points.shape[0], points.shape[1]
     za = (far + near) / (near - far)
     for i in numba.prange(B * V):
         b, v = i // V, i % V
         f = focal[b] if focal.shape[0] != 0 else focal_scalar
-        grad_points[b, v, 0] = (2.0 * f / width) * grad_out[b, v, 0]
-        grad_points[b, v, 1] = (2.0 * f / height) * grad_out[b, v, 1]
-        grad_points[b, v, 2] = za * grad_out[b, v, 2] - grad_out[b, v, 3]
+        gx = (2.0 * f / width) * grad_out[b, v, 0]
+        gy = (2.0 * f / height) * grad_out[b, v, 1]
+        gz = za * grad_out[b, v, 2] - grad_out[b, v, 3]
+        if accumulate:
+            grad_points[b, v, 0] += gx
+            grad_points[b, v, 1] += gy
+            grad_points[b, v, 2] += gz
+        else:
+            grad_points[b, v, 0] = gx
+            grad_points[b, v, 1] = gy
+            grad_points[b, v, 2] = gz
 
 
 @numba.njit(cache=True, parallel=True)
@@ -453,27 +462,38 @@ def perspective_projection(points, focal, resolution, near=10.0, far=10000.0):
     return out if batched else out[0]
 
 
-def perspective_projection_backward(points, focal, resolution, grad_out, near=10.0, far=10000.0):
+def perspective_projection_backward(points, focal, resolution, grad_out, near=10.0, far=10000.0, *, add_to=None):
     """Gradient of `perspective_projection` with respect to the points (focal is not differentiated).
 
     Args:
         points, focal, resolution, near, far: as for `perspective_projection`.
         grad_out: (B, V, 4) (or (V, 4)) gradient of the clip positions.
+        add_to: keyword only, optional C-contiguous array shaped and typed like points, on their device: the
+            gradient is added into it in place and it is returned (the render chain adds the projection's
+            gradient to the shading's this way, without a pass over a third array).
 
     Returns:
-        grad_points shaped like points.
+        grad_points shaped like points (`add_to` when given).
     """
     near, far = _check_near_far(near, far)
     xp, batched, p3, focal_args, height, width, g, near, far = _prepare_camera(
         points, focal, resolution, grad_out, 4, near=near, far=far)
     B, V = p3.shape[0], p3.shape[1]
-    grad_points = xp.empty_like(p3)
+    if add_to is None:
+        grad_points = xp.empty_like(p3)
+    else:
+        grad_points = check_accumulator("add_to", add_to, points, xp).reshape(p3.shape)
+        if add_to is grad_out or add_to is points:
+            raise ValueError("add_to must be an array of its own, not points or grad_out")
+    accumulate = np.int32(add_to is not None)
     if xp is np:
-        perspective_projection_bwd(p3, *focal_args, g, grad_points, height, width, near, far)
+        perspective_projection_bwd(p3, *focal_args, g, grad_points, height, width, near, far, bool(accumulate))
     else:
         _kernel("perspective_projection_bwd")(
             *grid_1d(B * V), (p3, *focal_args, g, grad_points, np.int32(B), np.int32(V), np.int32(height),
-                              np.int32(width), np.float32(near), np.float32(far)))
+                              np.int32(width), np.float32(near), np.float32(far), accumulate))
+    if add_to is not None:
+        return add_to
     return grad_points if batched else grad_points[0]
 
 

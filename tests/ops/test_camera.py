@@ -216,6 +216,27 @@ def test_projection_backwards_match_finite_differences(rng, tol):
                             project_to_pixels_backward(points, focal, RES, grad_pix), tol)
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_projection_backward_adds_into_add_to(rng, batched):
+    points = camera_points(rng) if batched else camera_points(rng)[0]
+    grad_clip = rng.normal(size=points.shape[:-1] + (4,))
+    start = rng.normal(size=points.shape)
+    acc = start.copy()
+    returned = perspective_projection_backward(points, 60.0, RES, grad_clip, add_to=acc)
+    assert returned is acc
+    np.testing.assert_allclose(acc, start + perspective_projection_backward(points, 60.0, RES, grad_clip),
+                               rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="add_to"):
+        perspective_projection_backward(points, 60.0, RES, grad_clip, add_to=np.zeros((3, 3)))
+    with pytest.raises(TypeError, match="add_to"):
+        perspective_projection_backward(points, 60.0, RES, grad_clip, add_to=start.astype(np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        perspective_projection_backward(points, 60.0, RES, grad_clip,
+                                        add_to=np.zeros(points.shape[::-1]).T)
+    with pytest.raises(ValueError, match="of its own"):
+        perspective_projection_backward(points, 60.0, RES, grad_clip, add_to=points)
+
+
 def test_unbatched_projection_shapes(rng):
     points = camera_points(rng)[0]
     assert perspective_projection(points, 60.0, RES).shape == (11, 4)
@@ -425,7 +446,7 @@ void emu_projections(const float* points, const float* focal, float focal_scalar
                      const float* grad_pix, float* clip, float* pix, float* grad_points_clip, float* grad_points_pix,
                      int B, int V, int H, int W, float near, float far) {
     launch((long long)B * V, [&] { perspective_projection_fwd(points, focal, focal_scalar, clip, B, V, H, W, near, far); });
-    launch((long long)B * V, [&] { perspective_projection_bwd(points, focal, focal_scalar, grad_clip, grad_points_clip, B, V, H, W, near, far); });
+    launch((long long)B * V, [&] { perspective_projection_bwd(points, focal, focal_scalar, grad_clip, grad_points_clip, B, V, H, W, near, far, 0); });
     launch((long long)B * V, [&] { project_to_pixels_fwd(points, focal, focal_scalar, pix, B, V, H, W); });
     launch((long long)B * V, [&] { project_to_pixels_bwd(points, focal, focal_scalar, grad_pix, grad_points_pix, B, V, H, W); });
 }
