@@ -156,27 +156,30 @@ class MultiLevelObjective:
             final_albedo = out.final.albedo
             guide = out.base.albedo if out.base is not None else final_albedo - ref
             mesh = self.mesh
-            # (term, the offsets it regularizes, forward, backward given the per-image weights)
+            # (term, the offsets it regularizes, forward, backward given the per-image weights and the
+            # gradient so far, which it adds into: one buffer per field, no full-size adds in between)
             regularizers = (
                 ("geometry_smoothness", "geometry", lambda: smoothness_loss(geo, mesh),
-                 lambda g: smoothness_loss_backward(geo, mesh, g)),
+                 lambda g, acc: smoothness_loss_backward(geo, mesh, g, add_to=acc)),
                 ("geometry_magnitude", "geometry", lambda: magnitude_loss(geo),
-                 lambda g: magnitude_loss_backward(geo, g)),
+                 lambda g, acc: magnitude_loss_backward(geo, g, add_to=acc)),
                 ("geometry_symmetry", "geometry", lambda: symmetry_loss(geo, mesh, True),
-                 lambda g: symmetry_loss_backward(geo, mesh, g, True)),
+                 lambda g, acc: symmetry_loss_backward(geo, mesh, g, True, add_to=acc)),
                 ("reflectance_constancy", "reflectance", lambda: reflectance_constancy_loss(final_albedo, guide, mesh),
-                 lambda g: reflectance_constancy_loss_backward(final_albedo, guide, mesh, g)),
+                 lambda g, acc: reflectance_constancy_loss_backward(final_albedo, guide, mesh, g, add_to=acc)),
                 ("reflectance_magnitude", "reflectance", lambda: magnitude_loss(ref),
-                 lambda g: magnitude_loss_backward(ref, g)),
+                 lambda g, acc: magnitude_loss_backward(ref, g, add_to=acc)),
                 ("reflectance_symmetry", "reflectance", lambda: symmetry_loss(ref, mesh, False),
-                 lambda g: symmetry_loss_backward(ref, mesh, g, False)),
+                 lambda g, acc: symmetry_loss_backward(ref, mesh, g, False, add_to=acc)),
             )
-            offset_grads = {"geometry": xp.zeros_like(geo), "reflectance": xp.zeros_like(ref)}
+            offset_grads = {"geometry": None, "reflectance": None}
             for name, target, forward, backward in regularizers:
                 weight = getattr(w, name)
                 if weight:
                     terms[name] = weight * forward()
-                    offset_grads[target] += backward(weight_vector(weight))
-            grads["geometry_offsets"] = offset_grads["geometry"]
-            grads["reflectance_offsets"] = offset_grads["reflectance"]
+                    offset_grads[target] = backward(weight_vector(weight), offset_grads[target])
+            grads["geometry_offsets"] = (xp.zeros_like(geo) if offset_grads["geometry"] is None
+                                         else offset_grads["geometry"])
+            grads["reflectance_offsets"] = (xp.zeros_like(ref) if offset_grads["reflectance"] is None
+                                            else offset_grads["reflectance"])
         return terms, grads

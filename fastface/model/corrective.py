@@ -40,13 +40,18 @@ backward beside it (`op(...)`, `op_backward(..., grad_out)` -> the gradient of t
 - reflectance_constancy_loss(albedo, guide_albedo, mesh, sharpness): a chromaticity-weighted l2,1 norm of
   the albedo differences over mesh edges, divided by E (definitions and defaults in its docstring);
 - symmetry_loss(offsets, mesh, mirror_x): the mean over v of ||o_v - M o_sym(v)||^2.
+Every backward takes a keyword-only `add_to`: a (B, V, 3) buffer the gradient is ADDED into (a training step
+sums all the regularizers' gradients of one field into one buffer, with no full-size adds in between).
 `corrective_mesh(model)` gathers what they read (edges, CSR neighbour lists, the symmetry map and its
 inverse) on the model's device, once per model.
 
 Backends: Numba twins here and kernels/corrective.cu on the GPU, same names and argument order. Forward
-passes sum each image in one block (fixed order, in double), backward passes gather each vertex's
-gradient from its neighbours: no atomics, so every result is deterministic, and nothing is allocated
-but the outputs (and a contiguous copy of a non-contiguous input). No GPU call synchronises with the
+passes are two-pass reductions: fixed chunks of FWD_CHUNK vertices (or edges) of each image summed in
+double into a (B, chunks) float64 scratch, then each image's chunks added in order (sum_partials);
+backward passes gather each vertex's gradient from its neighbours (smoothness through a (B, V, 3) scratch
+of L o), and with `add_to=` add it into the caller's buffer. No atomics, so every result is deterministic;
+nothing is allocated but the outputs, those scratch buffers (from cupy's pool: fine inside a CUDA graph
+capture) and a contiguous copy of a non-contiguous input. No GPU call synchronises with the
 host, except the first corrective_mesh of a GPU model (it copies the triangles to the host once): make
 the mesh before capturing a CUDA graph, and keep one GPU model (model.to("gpu") makes a new model, whose
 mesh is made again).
@@ -458,10 +463,48 @@ def corrective_mesh(model):
 # The regularizers: Numba twins of kernels/corrective.cu (same names and argument order)
 # =============================================================================================
 
-FWD_THREADS = 1024         # FWD_THREADS in kernels/corrective.cu: one block of these per image
+FWD_THREADS = 256          # FWD_THREADS in kernels/corrective.cu: the threads of a forward pass-1 block
+FWD_CHUNK = 2048           # FWD_CHUNK there: the vertices (or edges) one pass-1 block sums (a constant: the
+                           # order of every sum, so the result's bits, must not depend on the GPU)
 REFLECTANCE_EPS = 1e-3     # smoothing of the l2,1 norm at 0, albedo units (see reflectance_constancy_loss)
 CHROMA_EPS = 1e-3          # the smallest brightness a chromaticity divides by
 DEFAULT_SHARPNESS = 50.0   # of the chromaticity weights (see reflectance_constancy_loss)
+
+
+def _chunks(n):
+    """The pass-1 chunks of n vertices or edges: the forwards' partial sums are (B, _chunks(n)) float64."""
+    return -(-n // FWD_CHUNK)
+
+
+@numba.njit(cache=True, inline="always")
+def _chunk(k, n_chunks, n):
+    """Image b and the range [begin, end) of the k-th chunk (k = b * n_chunks + c) of n items."""
+    b, c = k // n_chunks, k % n_chunks
+    begin = c * FWD_CHUNK
+    return b, begin, min(begin + FWD_CHUNK, n)
+
+
+@numba.njit(cache=True, parallel=True)
+def sum_partials(partial, out, n):
+    """Pass 2 of every forward: out[b] = (sum of partial[b, :] in chunk order) / n."""
+    for b in numba.prange(partial.shape[0]):
+        total = 0.0
+        for c in range(partial.shape[1]):
+            total += partial[b, c]
+        out[b] = total / n
+
+
+@numba.njit(cache=True, inline="always")
+def _put(grad, b, v, x, y, z, accumulate):
+    """Writes (accumulate false) or adds (true) one vertex's gradient, as the kernels' put3."""
+    if accumulate:
+        grad[b, v, 0] += x
+        grad[b, v, 1] += y
+        grad[b, v, 2] += z
+    else:
+        grad[b, v, 0] = x
+        grad[b, v, 1] = y
+        grad[b, v, 2] = z
 
 
 @numba.njit(cache=True, inline="always")
@@ -479,26 +522,31 @@ def _laplacian_at(ob, nbr_offsets, nbrs, v):
 
 
 @numba.njit(cache=True, parallel=True)
-def smoothness_fwd(offsets, nbr_offsets, nbrs, out):
+def smoothness_fwd(offsets, nbr_offsets, nbrs, partial):
     B, V = offsets.shape[0], offsets.shape[1]
-    for b in numba.prange(B):
+    n_chunks = partial.shape[1]
+    for k in numba.prange(B * n_chunks):
+        b, begin, end = _chunk(k, n_chunks, V)
         acc = 0.0
-        for v in range(V):
+        for v in range(begin, end):
             lx, ly, lz = _laplacian_at(offsets[b], nbr_offsets, nbrs, v)
             acc += np.float64(lx) * lx + np.float64(ly) * ly + np.float64(lz) * lz
-        out[b] = acc / V
+        partial[b, k - b * n_chunks] = acc
 
 
 @numba.njit(cache=True, parallel=True)
-def smoothness_bwd(offsets, nbr_offsets, nbrs, grad_out, grad_offsets):
-    """Unlike the CUDA kernel, which recomputes each neighbour's Laplacian (deg^2 gathers a vertex, no
-    scratch), the CPU computes every (L o)_v once into a scratch array first: the same floats (each is
-    the same deterministic sum), half the time (1.8-1.9 -> 0.7-1.0 ms, small model, batch 8)."""
+def smoothness_laplacian(offsets, nbr_offsets, nbrs, lap):
+    """lap[b, v] = (L o)_v. The CPU's lap is float64 (what _laplacian_at returns: its sums promote to
+    float64), the GPU's float32 (the float32 sums its kernel makes)."""
     B, V = offsets.shape[0], offsets.shape[1]
-    lap = np.empty(offsets.shape, np.float64)  # what _laplacian_at returns (its sums promote to float64)
     for i in numba.prange(B * V):
         b, v = i // V, i % V
         lap[b, v, 0], lap[b, v, 1], lap[b, v, 2] = _laplacian_at(offsets[b], nbr_offsets, nbrs, v)
+
+
+@numba.njit(cache=True, parallel=True)
+def smoothness_bwd(lap, nbr_offsets, nbrs, grad_out, grad_offsets, accumulate):
+    B, V = lap.shape[0], lap.shape[1]
     for i in numba.prange(B * V):
         b, v = i // V, i % V
         lb = lap[b]
@@ -512,30 +560,30 @@ def smoothness_bwd(offsets, nbr_offsets, nbrs, grad_out, grad_offsets):
             sy += ly - lb[j, 1]
             sz += lz - lb[j, 2]
         scale = 2.0 * grad_out[b] / V
-        grad_offsets[b, v, 0] = scale * sx
-        grad_offsets[b, v, 1] = scale * sy
-        grad_offsets[b, v, 2] = scale * sz
+        _put(grad_offsets, b, v, scale * sx, scale * sy, scale * sz, accumulate)
 
 
 @numba.njit(cache=True, parallel=True)
-def magnitude_fwd(offsets, out):
+def magnitude_fwd(offsets, partial):
     B, V = offsets.shape[0], offsets.shape[1]
-    for b in numba.prange(B):
+    n_chunks = partial.shape[1]
+    for k in numba.prange(B * n_chunks):
+        b, begin, end = _chunk(k, n_chunks, V)
         acc = 0.0
-        for v in range(V):
+        for v in range(begin, end):
             for c in range(3):
                 acc += np.float64(offsets[b, v, c]) * offsets[b, v, c]
-        out[b] = acc / V
+        partial[b, k - b * n_chunks] = acc
 
 
 @numba.njit(cache=True, parallel=True)
-def magnitude_bwd(offsets, grad_out, grad_offsets):
+def magnitude_bwd(offsets, grad_out, grad_offsets, accumulate):
     B, V = offsets.shape[0], offsets.shape[1]
     for i in numba.prange(B * V):
         b, v = i // V, i % V
         scale = 2.0 * grad_out[b] / V
-        for c in range(3):
-            grad_offsets[b, v, c] = scale * offsets[b, v, c]
+        _put(grad_offsets, b, v, scale * offsets[b, v, 0], scale * offsets[b, v, 1], scale * offsets[b, v, 2],
+             accumulate)
 
 
 @numba.njit(cache=True, inline="always")
@@ -566,26 +614,29 @@ def _edge_weight(cb, i, j, sharpness):
 
 
 @numba.njit(cache=True, parallel=True)
-def reflectance_constancy_fwd(albedo, guide, edges, out, sharpness, eps, chroma_eps):
+def reflectance_constancy_fwd(albedo, guide, edges, partial, sharpness, eps, chroma_eps):
     """guide: (B, V, 3), or (1, V, 3) shared by every image."""
     B, V, E = albedo.shape[0], albedo.shape[1], edges.shape[0]
+    n_chunks = partial.shape[1]
     guide_step = 1 if guide.shape[0] > 1 else 0
     chroma = _chroma_table(guide, chroma_eps)
-    for b in numba.prange(B):
+    for k in numba.prange(B * n_chunks):
+        b, begin, end = _chunk(k, n_chunks, E)
         ab, cb = albedo[b], chroma[b * guide_step]
         acc = 0.0
-        for e in range(E):
+        for e in range(begin, end):
             i, j = edges[e, 0], edges[e, 1]
             if i < 0 or i >= V or j < 0 or j >= V:
                 continue
             dx, dy, dz = ab[i, 0] - ab[j, 0], ab[i, 1] - ab[j, 1], ab[i, 2] - ab[j, 2]
             r = np.sqrt(dx * dx + dy * dy + dz * dz + eps * eps)
             acc += _edge_weight(cb, i, j, sharpness) * r
-        out[b] = acc / E
+        partial[b, k - b * n_chunks] = acc
 
 
 @numba.njit(cache=True, parallel=True)
-def reflectance_constancy_bwd(albedo, guide, nbr_offsets, nbrs, grad_out, grad_albedo, sharpness, eps, chroma_eps):
+def reflectance_constancy_bwd(albedo, guide, nbr_offsets, nbrs, grad_out, grad_albedo, accumulate, sharpness, eps,
+                              chroma_eps):
     B, V = albedo.shape[0], albedo.shape[1]
     E = nbrs.shape[0] // 2
     guide_step = 1 if guide.shape[0] > 1 else 0
@@ -606,9 +657,7 @@ def reflectance_constancy_bwd(albedo, guide, nbr_offsets, nbrs, grad_out, grad_a
             sy += f * dy
             sz += f * dz
         scale = grad_out[b] / E
-        grad_albedo[b, v, 0] = scale * sx
-        grad_albedo[b, v, 1] = scale * sy
-        grad_albedo[b, v, 2] = scale * sz
+        _put(grad_albedo, b, v, scale * sx, scale * sy, scale * sz, accumulate)
 
 
 @numba.njit(cache=True, inline="always")
@@ -624,19 +673,21 @@ def _symmetry_residual(ob, symmetry, v, mx):
 
 
 @numba.njit(cache=True, parallel=True)
-def symmetry_fwd(offsets, symmetry, out, mirror_x):
+def symmetry_fwd(offsets, symmetry, partial, mirror_x):
     B, V = offsets.shape[0], offsets.shape[1]
+    n_chunks = partial.shape[1]
     mx = -1.0 if mirror_x else 1.0
-    for b in numba.prange(B):
+    for k in numba.prange(B * n_chunks):
+        b, begin, end = _chunk(k, n_chunks, V)
         acc = 0.0
-        for v in range(V):
+        for v in range(begin, end):
             dx, dy, dz = _symmetry_residual(offsets[b], symmetry, v, mx)
             acc += np.float64(dx) * dx + np.float64(dy) * dy + np.float64(dz) * dz
-        out[b] = acc / V
+        partial[b, k - b * n_chunks] = acc
 
 
 @numba.njit(cache=True, parallel=True)
-def symmetry_bwd(offsets, symmetry, mirror_offsets, mirrored_from, grad_out, grad_offsets, mirror_x):
+def symmetry_bwd(offsets, symmetry, mirror_offsets, mirrored_from, grad_out, grad_offsets, accumulate, mirror_x):
     B, V = offsets.shape[0], offsets.shape[1]
     mx = -1.0 if mirror_x else 1.0
     for i in numba.prange(B * V):
@@ -652,14 +703,12 @@ def symmetry_bwd(offsets, symmetry, mirror_offsets, mirrored_from, grad_out, gra
             gy -= dy
             gz -= dz
         scale = 2.0 * grad_out[b] / V
-        grad_offsets[b, v, 0] = scale * gx
-        grad_offsets[b, v, 1] = scale * gy
-        grad_offsets[b, v, 2] = scale * gz
+        _put(grad_offsets, b, v, scale * gx, scale * gy, scale * gz, accumulate)
 
 
 _KERNELS = KernelFile("corrective.cu", (
-    "smoothness_fwd", "smoothness_bwd", "magnitude_fwd", "magnitude_bwd", "reflectance_constancy_fwd",
-    "reflectance_constancy_bwd", "symmetry_fwd", "symmetry_bwd"))
+    "sum_partials", "smoothness_fwd", "smoothness_laplacian", "smoothness_bwd", "magnitude_fwd", "magnitude_bwd",
+    "reflectance_constancy_fwd", "reflectance_constancy_bwd", "symmetry_fwd", "symmetry_bwd"))
 
 
 # =============================================================================================
@@ -695,8 +744,56 @@ def _contiguous(xp, a):
     return xp.ascontiguousarray(a)
 
 
-def _launch_fwd(name, batch, args):
-    _KERNELS(name)((int(batch),), (FWD_THREADS,), args)
+def _byte_span(a):
+    """[lo, hi): the bytes an array's elements lie in (numpy or cupy), for the overlap check of `add_to`."""
+    lo = hi = a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+    for n, stride in zip(a.shape, a.strides):
+        if stride > 0:
+            hi += stride * (n - 1)
+        else:
+            lo += stride * (n - 1)
+    return lo, hi + a.itemsize
+
+
+def _gradient_output(xp, add_to, field, inputs):
+    """(the array the backward writes, accumulate): a new (B, V, 3) array, or the caller's `add_to` checked
+    (device, dtype, shape, C-contiguous, no memory shared with an input), which the kernels add into.
+
+    field: the (checked) field the gradient is of; inputs: (name, array) pairs the kernels read, the field's
+    first (the arrays as the caller passed them, before any contiguous copy)."""
+    if add_to is None:
+        return xp.empty(field.shape, dtype=field.dtype), False
+    name = inputs[0][0]
+    if not hasattr(add_to, "flags") or is_cupy_array(add_to) != (xp is not np):
+        device = "numpy" if xp is np else "cupy"
+        raise TypeError(f"add_to must be a {device} array like {name}; got {type(add_to).__name__}")
+    check_array("add_to", add_to, field.dtype, tuple(field.shape))
+    if xp is not np and add_to.device.id != field.device.id:
+        raise ValueError(f"add_to must be on {name}'s GPU (device {field.device.id}); got one on device "
+                         f"{add_to.device.id}")
+    if not add_to.flags.c_contiguous:
+        raise ValueError("add_to must be C-contiguous (the gradient is added into it in place)")
+    lo, hi = _byte_span(add_to)
+    for other_name, other in inputs:
+        other_lo, other_hi = _byte_span(other)
+        if other.size and lo < other_hi and other_lo < hi:
+            raise ValueError(f"add_to must not share memory with {other_name}: the gradient is added into add_to "
+                             f"while {other_name} is read")
+    return add_to, True
+
+
+def _per_image_mean(xp, name, twin, args, tail, B, n, dtype):
+    """The two-pass forward: `name`'s chunk sums into a (B, chunks) float64 scratch, then sum_partials.
+    args: the kernel's arguments before the partial sums, tail those after them (the backend's own)."""
+    partial = xp.empty((B, _chunks(n)), dtype=np.float64)
+    out = xp.empty(B, dtype=dtype)
+    if xp is np:
+        twin(*args, partial, *tail)
+        sum_partials(partial, out, n)
+    else:
+        _KERNELS(name)((B * partial.shape[1],), (FWD_THREADS,), (*args, partial, *tail))
+        _KERNELS("sum_partials")(*grid_1d(B), (partial, out, np.int32(B), np.int32(partial.shape[1]), np.int32(n)))
+    return out
 
 
 def _launch_bwd(name, n_threads, args):
@@ -718,30 +815,31 @@ def smoothness_loss(offsets, mesh):
     xp = _check_field("offsets", offsets, mesh)
     offsets = _contiguous(xp, offsets)
     B, V = offsets.shape[0], offsets.shape[1]
-    out = xp.empty(B, dtype=offsets.dtype)
-    if xp is np:
-        smoothness_fwd(offsets, mesh.neighbour_offsets, mesh.neighbours, out)
-    else:
-        _launch_fwd("smoothness_fwd", B, (offsets, mesh.neighbour_offsets, mesh.neighbours, out, np.int32(B),
-                                          np.int32(V)))
-    return out
+    return _per_image_mean(xp, "smoothness_fwd", smoothness_fwd, (offsets, mesh.neighbour_offsets, mesh.neighbours),
+                           () if xp is np else (np.int32(B), np.int32(V)), B, V, offsets.dtype)
 
 
-def smoothness_loss_backward(offsets, mesh, grad_out):
+def smoothness_loss_backward(offsets, mesh, grad_out, *, add_to=None):
     """Gradient of sum_b grad_out[b] smoothness_loss(offsets)[b]: (2 grad_out[b] / V) L^T L offsets.
 
-    Args: as smoothness_loss; grad_out (B,) of offsets' dtype. Returns (B, V, 3).
+    Args: as smoothness_loss; grad_out (B,) of offsets' dtype; add_to: keyword only, optional C-contiguous
+    (B, V, 3) array of offsets' dtype and device that the gradient is ADDED into (not overwritten).
+    Returns (B, V, 3): a new array, or `add_to`. Uses a (B, V, 3) scratch of (L offsets) (float32 on the GPU).
     """
     xp = _check_field("offsets", offsets, mesh)
-    grad_out = _check_grad_out(grad_out, offsets, xp)
+    checked_grad_out = _check_grad_out(grad_out, offsets, xp)
+    grad, accumulate = _gradient_output(xp, add_to, offsets, (("offsets", offsets), ("grad_out", grad_out)))
     offsets = _contiguous(xp, offsets)
     B, V = offsets.shape[0], offsets.shape[1]
-    grad = xp.empty(offsets.shape, dtype=offsets.dtype)
+    lap = xp.empty(offsets.shape, dtype=np.float64 if xp is np else np.float32)
     if xp is np:
-        smoothness_bwd(offsets, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad)
+        smoothness_laplacian(offsets, mesh.neighbour_offsets, mesh.neighbours, lap)
+        smoothness_bwd(lap, mesh.neighbour_offsets, mesh.neighbours, checked_grad_out, grad, accumulate)
     else:
-        _launch_bwd("smoothness_bwd", B * V, (offsets, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad,
-                                              np.int32(B), np.int32(V)))
+        _launch_bwd("smoothness_laplacian", B * V, (offsets, mesh.neighbour_offsets, mesh.neighbours, lap,
+                                                    np.int32(B), np.int32(V)))
+        _launch_bwd("smoothness_bwd", B * V, (lap, mesh.neighbour_offsets, mesh.neighbours, checked_grad_out, grad,
+                                              np.int32(accumulate), np.int32(B), np.int32(V)))
     return grad
 
 
@@ -757,25 +855,23 @@ def magnitude_loss(offsets):
     xp = _check_field("offsets", offsets, needs_mesh=False)
     offsets = _contiguous(xp, offsets)
     B, V = offsets.shape[0], offsets.shape[1]
-    out = xp.empty(B, dtype=offsets.dtype)
-    if xp is np:
-        magnitude_fwd(offsets, out)
-    else:
-        _launch_fwd("magnitude_fwd", B, (offsets, out, np.int32(B), np.int32(V)))
-    return out
+    return _per_image_mean(xp, "magnitude_fwd", magnitude_fwd, (offsets,),
+                           () if xp is np else (np.int32(B), np.int32(V)), B, V, offsets.dtype)
 
 
-def magnitude_loss_backward(offsets, grad_out):
-    """Gradient of sum_b grad_out[b] magnitude_loss(offsets)[b]: (2 grad_out[b] / V) offsets. (B, V, 3)."""
+def magnitude_loss_backward(offsets, grad_out, *, add_to=None):
+    """Gradient of sum_b grad_out[b] magnitude_loss(offsets)[b]: (2 grad_out[b] / V) offsets. (B, V, 3): a new
+    array, or `add_to` (keyword only, as in smoothness_loss_backward) with the gradient added into it."""
     xp = _check_field("offsets", offsets, needs_mesh=False)
-    grad_out = _check_grad_out(grad_out, offsets, xp)
+    checked_grad_out = _check_grad_out(grad_out, offsets, xp)
+    grad, accumulate = _gradient_output(xp, add_to, offsets, (("offsets", offsets), ("grad_out", grad_out)))
     offsets = _contiguous(xp, offsets)
     B, V = offsets.shape[0], offsets.shape[1]
-    grad = xp.empty(offsets.shape, dtype=offsets.dtype)
     if xp is np:
-        magnitude_bwd(offsets, grad_out, grad)
+        magnitude_bwd(offsets, checked_grad_out, grad, accumulate)
     else:
-        _launch_bwd("magnitude_bwd", B * V * 3, (offsets, grad_out, grad, np.int32(B), np.int32(V)))
+        _launch_bwd("magnitude_bwd", B * V * 3, (offsets, checked_grad_out, grad, np.int32(accumulate), np.int32(B),
+                                                 np.int32(V)))
     return grad
 
 
@@ -841,32 +937,34 @@ def reflectance_constancy_loss(albedo, guide_albedo, mesh, sharpness=DEFAULT_SHA
     """
     xp, albedo, guide, sharpness = _reflectance_args(albedo, guide_albedo, mesh, sharpness)
     B, V, E = albedo.shape[0], albedo.shape[1], mesh.n_edges
-    out = xp.empty(B, dtype=albedo.dtype)
     if xp is np:
-        reflectance_constancy_fwd(albedo, guide, mesh.edges, out, sharpness, REFLECTANCE_EPS, CHROMA_EPS)
+        tail = (sharpness, REFLECTANCE_EPS, CHROMA_EPS)
     else:
-        _launch_fwd("reflectance_constancy_fwd", B, (
-            albedo, guide, mesh.edges, out, np.float32(sharpness), np.float32(REFLECTANCE_EPS), np.float32(CHROMA_EPS),
-            np.int64(0 if guide.shape[0] == 1 else 3 * V), np.int32(B), np.int32(V), np.int32(E)))
-    return out
+        tail = (np.float32(sharpness), np.float32(REFLECTANCE_EPS), np.float32(CHROMA_EPS),
+                np.int64(0 if guide.shape[0] == 1 else 3 * V), np.int32(B), np.int32(V), np.int32(E))
+    return _per_image_mean(xp, "reflectance_constancy_fwd", reflectance_constancy_fwd, (albedo, guide, mesh.edges),
+                           tail, B, E, albedo.dtype)
 
 
-def reflectance_constancy_loss_backward(albedo, guide_albedo, mesh, grad_out, sharpness=DEFAULT_SHARPNESS):
+def reflectance_constancy_loss_backward(albedo, guide_albedo, mesh, grad_out, sharpness=DEFAULT_SHARPNESS, *,
+                                        add_to=None):
     """Gradient of sum_b grad_out[b] reflectance_constancy_loss(...)[b] with respect to albedo (B, V, 3):
     (grad_out[b] / E) sum over v's neighbours j of w_vj (a_v - a_j) / sqrt(||a_v - a_j||^2 + eps^2).
-    The guide is a constant: no gradient is returned for it."""
+    The guide is a constant: no gradient is returned for it. A new array, or `add_to` (keyword only, as in
+    smoothness_loss_backward) with the gradient added into it."""
+    original = (("albedo", albedo), ("guide_albedo", guide_albedo), ("grad_out", grad_out))
     xp, albedo, guide, sharpness = _reflectance_args(albedo, guide_albedo, mesh, sharpness)
     grad_out = _check_grad_out(grad_out, albedo, xp)
+    grad, accumulate = _gradient_output(xp, add_to, albedo, original)
     B, V, E = albedo.shape[0], albedo.shape[1], mesh.n_edges
-    grad = xp.empty(albedo.shape, dtype=albedo.dtype)
     if xp is np:
-        reflectance_constancy_bwd(albedo, guide, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad, sharpness,
-                                  REFLECTANCE_EPS, CHROMA_EPS)
+        reflectance_constancy_bwd(albedo, guide, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad, accumulate,
+                                  sharpness, REFLECTANCE_EPS, CHROMA_EPS)
     else:
         _launch_bwd("reflectance_constancy_bwd", B * V, (
-            albedo, guide, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad, np.float32(sharpness),
-            np.float32(REFLECTANCE_EPS), np.float32(CHROMA_EPS), np.int64(0 if guide.shape[0] == 1 else 3 * V),
-            np.int32(B), np.int32(V), np.int32(E)))
+            albedo, guide, mesh.neighbour_offsets, mesh.neighbours, grad_out, grad, np.int32(accumulate),
+            np.float32(sharpness), np.float32(REFLECTANCE_EPS), np.float32(CHROMA_EPS),
+            np.int64(0 if guide.shape[0] == 1 else 3 * V), np.int32(B), np.int32(V), np.int32(E)))
     return grad
 
 
@@ -894,26 +992,26 @@ def symmetry_loss(offsets, mesh, mirror_x):
     mirror_x = _check_symmetry(mesh, mirror_x)
     offsets = _contiguous(xp, offsets)
     B, V = offsets.shape[0], offsets.shape[1]
-    out = xp.empty(B, dtype=offsets.dtype)
-    if xp is np:
-        symmetry_fwd(offsets, mesh.symmetry, out, mirror_x)
-    else:
-        _launch_fwd("symmetry_fwd", B, (offsets, mesh.symmetry, out, np.int32(mirror_x), np.int32(B), np.int32(V)))
-    return out
+    return _per_image_mean(xp, "symmetry_fwd", symmetry_fwd, (offsets, mesh.symmetry),
+                           (mirror_x,) if xp is np else (np.int32(mirror_x), np.int32(B), np.int32(V)), B, V,
+                           offsets.dtype)
 
 
-def symmetry_loss_backward(offsets, mesh, grad_out, mirror_x):
+def symmetry_loss_backward(offsets, mesh, grad_out, mirror_x, *, add_to=None):
     """Gradient of sum_b grad_out[b] symmetry_loss(offsets, mesh, mirror_x)[b] (B, V, 3):
-    (2 grad_out[b] / V) (d_v - sum over the u with sym(u) = v of M d_u), d_u = o_u - M o_sym(u)."""
+    (2 grad_out[b] / V) (d_v - sum over the u with sym(u) = v of M d_u), d_u = o_u - M o_sym(u). A new
+    array, or `add_to` (keyword only, as in smoothness_loss_backward) with the gradient added into it."""
     xp = _check_field("offsets", offsets, mesh)
     mirror_x = _check_symmetry(mesh, mirror_x)
-    grad_out = _check_grad_out(grad_out, offsets, xp)
+    checked_grad_out = _check_grad_out(grad_out, offsets, xp)
+    grad, accumulate = _gradient_output(xp, add_to, offsets, (("offsets", offsets), ("grad_out", grad_out)))
     offsets = _contiguous(xp, offsets)
     B, V = offsets.shape[0], offsets.shape[1]
-    grad = xp.empty(offsets.shape, dtype=offsets.dtype)
     if xp is np:
-        symmetry_bwd(offsets, mesh.symmetry, mesh.mirror_offsets, mesh.mirrored_from, grad_out, grad, mirror_x)
+        symmetry_bwd(offsets, mesh.symmetry, mesh.mirror_offsets, mesh.mirrored_from, checked_grad_out, grad,
+                     accumulate, mirror_x)
     else:
-        _launch_bwd("symmetry_bwd", B * V, (offsets, mesh.symmetry, mesh.mirror_offsets, mesh.mirrored_from, grad_out,
-                                            grad, np.int32(mirror_x), np.int32(B), np.int32(V)))
+        _launch_bwd("symmetry_bwd", B * V, (offsets, mesh.symmetry, mesh.mirror_offsets, mesh.mirrored_from,
+                                            checked_grad_out, grad, np.int32(accumulate), np.int32(mirror_x),
+                                            np.int32(B), np.int32(V)))
     return grad

@@ -519,6 +519,114 @@ def test_float32_backwards_match_float64(rng, tol):
                                    atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(ref).max())
 
 
+# -- adding into a caller's gradient (add_to=) -------------------------------------------------------
+
+def _backward_calls(model, guide):
+    """name -> backward(field, grad_out, **kwargs) of every corrective regularizer on the model's mesh."""
+    mesh = corrective_mesh(model)
+    return {
+        "smoothness": lambda x, g, **kw: smoothness_loss_backward(x, mesh, g, **kw),
+        "magnitude": lambda x, g, **kw: magnitude_loss_backward(x, g, **kw),
+        "reflectance_constancy": lambda x, g, **kw: reflectance_constancy_loss_backward(
+            x, guide.astype(x.dtype), mesh, g, sharpness=5.0, **kw),
+        "symmetry_geometry": lambda x, g, **kw: symmetry_loss_backward(x, mesh, g, True, **kw),
+        "symmetry_reflectance": lambda x, g, **kw: symmetry_loss_backward(x, mesh, g, False, **kw),
+    }
+
+
+@pytest.mark.parametrize("name", ["smoothness", "magnitude", "reflectance_constancy", "symmetry_geometry",
+                                  "symmetry_reflectance"])
+def test_backward_adds_into_add_to(rng, tol, name):
+    model, _ = _grid_model(6, symmetry="random")
+    backward = _backward_calls(model, rng.uniform(0, 1, size=(2, 36, 3)))[name]
+    x = rng.uniform(0, 1, size=(2, 36, 3))
+    g = np.array([1.5, -0.5])
+    gradient = backward(x, g)
+    before = rng.normal(size=x.shape)
+    out = before.copy()
+    assert backward(x, g, add_to=out) is out
+    np.testing.assert_array_equal(out, before + gradient)  # float64: the same additions, bit for bit
+    assert backward(x, g, add_to=out) is out  # twice: adds again
+    np.testing.assert_allclose(out, before + 2 * gradient, rtol=1e-13, atol=1e-15)
+    x32, g32 = x.astype(np.float32), g.astype(np.float32)
+    out32 = before.astype(np.float32)
+    backward(x32, g32, add_to=out32)
+    np.testing.assert_allclose(out32, before.astype(np.float32) + backward(x32, g32), rtol=tol["gpu_cpu_rtol"],
+                               atol=tol["gpu_cpu_atol"])
+
+
+@pytest.mark.parametrize("name", ["smoothness", "magnitude", "reflectance_constancy", "symmetry_geometry"])
+def test_backward_refuses_a_bad_add_to_naming_it(rng, name):
+    model, _ = _grid_model(4, symmetry="random")
+    guide = rng.uniform(0, 1, size=(16, 3))
+    backward = _backward_calls(model, guide)[name]
+    x = rng.uniform(0, 1, size=(2, 16, 3)).astype(np.float32)
+    g = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match=r"add_to must have shape \(2, 16, 3\)"):
+        backward(x, g, add_to=np.zeros((2, 15, 3), np.float32))
+    with pytest.raises(TypeError, match="add_to must be float32"):
+        backward(x, g, add_to=np.zeros((2, 16, 3)))
+    with pytest.raises(ValueError, match="add_to must be C-contiguous"):
+        backward(x, g, add_to=np.zeros((2, 3, 16), np.float32).transpose(0, 2, 1))
+    with pytest.raises(TypeError, match="add_to must be a numpy array like"):
+        backward(x, g, add_to=[[0.0] * 3] * 16)
+    field = "albedo" if name == "reflectance_constancy" else "offsets"
+    with pytest.raises(ValueError, match=f"add_to must not share memory with {field}"):
+        backward(x, g, add_to=x)
+    wide = np.zeros((2, 16, 6), np.float32)
+    wide[..., ::2] = x
+    with pytest.raises(ValueError, match=f"add_to must not share memory with {field}"):  # within a strided view's bytes
+        backward(wide[..., ::2], g, add_to=wide.reshape(-1)[48:144].reshape(2, 16, 3))
+    flat = np.zeros(2 * 16 * 3, np.float32)
+    with pytest.raises(ValueError, match="add_to must not share memory with grad_out"):
+        backward(x, flat[-2:], add_to=flat.reshape(2, 16, 3))
+    with pytest.raises(TypeError, match="grad_out must be float32"):  # the arguments are checked before add_to
+        backward(x, np.ones(2), add_to=np.zeros((2, 16, 3), np.float32))
+
+
+# -- forwards over several chunks ---------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forwards_spanning_several_chunks_match_float64_sums(rng, tol, batch):
+    """The forwards sum fixed chunks of FWD_CHUNK vertices (or edges) and then the chunks (both backends):
+    a model whose V and E span several chunks, with a partial last one, against a sum of every term at once."""
+    model, _ = _grid_model(70, symmetry="random")  # V = 4,900 (3 chunks), E = 14,421 (8 chunks)
+    mesh = corrective_mesh(model)
+    V, E = model.n_vertices, mesh.n_edges
+    assert corrective._chunks(V) == 3 and corrective._chunks(E) == 8 and V % corrective.FWD_CHUNK and E % \
+        corrective.FWD_CHUNK
+    x = rng.normal(size=(batch, V, 3))
+    guide = rng.uniform(0, 1, size=(batch, V, 3))
+    L = model.laplacian().astype(np.float64)
+    sym = model.symmetry
+    M = np.array([-1.0, 1.0, 1.0])
+    i, j = mesh.edges[:, 0], mesh.edges[:, 1]
+    chroma = np.maximum(guide, 0.0) / np.maximum(np.maximum(guide, 0.0).sum(-1, keepdims=True), CHROMA_EPS)
+    refs = {
+        "smoothness": (smoothness_loss(x, mesh), [np.sum((L @ x[b]) ** 2) / V for b in range(batch)]),
+        "magnitude": (magnitude_loss(x), np.sum(x ** 2, axis=(1, 2)) / V),
+        "symmetry": (symmetry_loss(x, mesh, True), np.sum((x - M * x[:, sym]) ** 2, axis=(1, 2)) / V),
+        "reflectance": (reflectance_constancy_loss(x, guide, mesh, sharpness=3.0),
+                        np.sum(np.exp(-3.0 * np.linalg.norm(chroma[:, i] - chroma[:, j], axis=-1))
+                               * np.sqrt(np.sum((x[:, i] - x[:, j]) ** 2, -1) + REFLECTANCE_EPS ** 2), 1) / E),
+    }
+    for name, (got, want) in refs.items():
+        assert got.shape == (batch,), name
+        np.testing.assert_allclose(got, want, rtol=tol["float64_reference_rtol"], err_msg=name)
+    x32 = x.astype(np.float32)
+    np.testing.assert_allclose(smoothness_loss(x32, mesh), refs["smoothness"][1], rtol=tol["gpu_cpu_rtol"])
+
+
+@pytest.mark.parametrize("chunks_and_extra", [(1, 0), (2, 0), (2, 1), (3, -1)])
+def test_magnitude_at_chunk_boundaries_counts_every_vertex_once(rng, tol, chunks_and_extra):
+    chunks, extra = chunks_and_extra
+    V = chunks * corrective.FWD_CHUNK + extra
+    x = rng.normal(size=(2, V, 3))
+    np.testing.assert_allclose(magnitude_loss(x), np.sum(x ** 2, axis=(1, 2)) / V, rtol=tol["float64_reference_rtol"])
+    ones = np.ones((1, V, 3))
+    assert magnitude_loss(ones)[0] == 3.0  # each vertex once: neither dropped nor counted twice
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 def test_regularizers_name_bad_arguments(rng):
@@ -584,8 +692,21 @@ def test_regularizers_gpu_match_cpu(cupy, rng, tol):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(got.get(), want, rtol=tol["gpu_cpu_scatter_rtol"],
                                    atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(want).max())
-    # Deterministic: a second call gives the same bits.
+    # Deterministic: a second call gives the same bits (fixed chunks, fixed-order sums, no atomics).
     np.testing.assert_array_equal(smoothness_loss(g(offsets), gpu_mesh).get(), pairs[0][0].get())
+    np.testing.assert_array_equal(magnitude_loss(g(offsets)).get(), pairs[2][0].get())
+    np.testing.assert_array_equal(reflectance_constancy_loss(g(albedo), g(guide), gpu_mesh).get(), pairs[4][0].get())
+    np.testing.assert_array_equal(symmetry_loss(g(offsets), gpu_mesh, True).get(), pairs[6][0].get())
+    # add_to=: every backward adds into one buffer.
+    before = rng.normal(size=(B, V, 3)).astype(np.float32)
+    out = g(before)
+    smoothness_loss_backward(g(offsets), gpu_mesh, g(grad_out), add_to=out)
+    magnitude_loss_backward(g(offsets), g(grad_out), add_to=out)
+    reflectance_constancy_loss_backward(g(albedo), g(albedo), gpu_mesh, g(grad_out), add_to=out)
+    assert symmetry_loss_backward(g(offsets), gpu_mesh, g(grad_out), False, add_to=out) is out
+    want = before + sum(pairs[i][1] for i in (1, 3, 5, 7))
+    np.testing.assert_allclose(out.get(), want, rtol=tol["gpu_cpu_scatter_rtol"],
+                               atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(want).max())
 
 
 def test_evaluate_and_backward_write_into_given_outputs(rng):
