@@ -326,21 +326,29 @@ _CPU_MODEL = {}
 
 
 def scenario_photometric_loss(cp, rng, monkeypatch):
-    """Bool and float masks (two template instances), contiguous and strided inputs, one and several bands."""
-    for shape in ((2, 9, 11), (2, 70, 90)):
-        rendered = rng.uniform(size=shape + (3,)).astype(np.float32)
-        target = rng.uniform(size=shape + (3,)).astype(np.float32)
+    """Bool and float masks; one pixel a thread (H * W = 99, or C = 1) and quads of 4 pixels (C = 3, H * W =
+    6300: float4 colours, the mask as unsigned int or float4); one chunk and several; contiguous, strided
+    and misaligned inputs (copied before float4 loads) and a misaligned `out` (written through a copy)."""
+    for shape, C in (((2, 9, 11), 3), ((2, 70, 90), 3), ((1, 4, 6), 1)):
+        rendered = rng.uniform(size=shape + (C,)).astype(np.float32)
+        target = rng.uniform(size=shape + (C,)).astype(np.float32)
         for mask in (rng.uniform(size=shape) < 0.5, rng.uniform(size=shape).astype(np.float32)):
             r, t, m = strided(cp, rendered), cp.asarray(target), cp.asarray(mask)
+            grad_out = cp.asarray(np.ones(shape[0], np.float32))
             loss = fastface.photometric_loss(r, t, m)
-            grad = fastface.photometric_loss_backward(r, t, m, cp.asarray(np.ones(2, np.float32)))
+            grad = fastface.photometric_loss_backward(r, t, m, grad_out)
             _on_gpu(loss, grad)
-            assert loss.shape == (2,) and grad.shape == rendered.shape
-            out, grad_out = cp.empty(2, np.float32), cp.empty(rendered.shape, np.float32)  # caller's buffers
+            assert loss.shape == (shape[0],) and grad.shape == rendered.shape
+            out, grad_buffer = cp.empty(shape[0], np.float32), cp.empty(rendered.shape, np.float32)  # caller's
             assert fastface.photometric_loss(r, t, m, out=out) is out
-            assert fastface.photometric_loss_backward(r, t, m, loss, out=grad_out) is grad_out
-    return _kernels("losses.cu", *(f"photometric_loss_{d}<{t}>" for d in ("fwd", "bwd")
-                                   for t in ("unsigned char", "float")))
+            assert fastface.photometric_loss_backward(r, t, m, loss, out=grad_buffer) is grad_buffer
+            r, t = misaligned(cp, rendered), misaligned(cp, target)
+            _on_gpu(fastface.photometric_loss(r, t, m),
+                    fastface.photometric_loss_backward(r, t, m, grad_out, out=misaligned(cp, rendered)))
+    loads = ("unsigned char, float", "float, float", "unsigned int, float4", "float4, float4")
+    return _kernels("losses.cu", "photometric_loss_fwd_sum", *(f"photometric_loss_{d}<{t}>" for d in ("fwd", "bwd")
+                                                              for t in loads),
+                    *(f"photometric_loss_bwd_count<{t.split(',')[0]}>" for t in loads))
 
 
 def scenario_landmark_loss(cp, rng, monkeypatch):
@@ -371,7 +379,10 @@ def _small_model():
 def scenario_face_model(cp, rng, monkeypatch):
     model = _small_model().to("gpu")
     _on_gpu(model.mean_shape, model.triangles)
-    for B in (1, 2, 3, 8, 64):  # the gemv kernels' batch rows 1, 2, 4, 8, then the 64-row tile
+    # The gemv kernels' batch rows 1, 2, 4, 8, then batch 64 through each large-batch path: the 64-row
+    # tile, and cuBLAS between the two small kernels.
+    for B, path in ((1, "cublas"), (2, "cublas"), (3, "cublas"), (8, "cublas"), (64, "tiled"), (64, "cublas")):
+        monkeypatch.setattr(morphable_module, "_LARGE_BATCH_PATH", path)
         shape = strided(cp, rng.normal(size=(B, model.n_shape)).astype(np.float32))
         expression = cp.asarray(rng.normal(size=(B, model.n_expression)).astype(np.float32))
         albedo = cp.asarray(rng.normal(size=(B, model.n_albedo)).astype(np.float32))
@@ -381,7 +392,8 @@ def scenario_face_model(cp, rng, monkeypatch):
         grad = cp.asarray(rng.normal(size=(B, model.n_vertices, 3)).astype(np.float32))
         for grads in ((grad, grad), (grad, None), (None, grad)):
             _on_gpu(*model.evaluate_backward(*grads))
-    return _kernels("morphable.cu", "morphable_fwd<8, 8>", "morphable_bwd<8, 8>",
+    return _kernels("morphable.cu", "morphable_fwd<8, 8>", "morphable_bwd<8, 8>", "morphable_scale_coefficients",
+                    "morphable_split_gradient",
                     *(f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in (1, 2, 4, 8)))
 
 
@@ -577,7 +589,8 @@ def scenario_corrective_space(cp, rng, monkeypatch):
 
 def scenario_corrective_regularizers(cp, rng, monkeypatch):
     """The corrective regularizers and their backwards on a GPU model's mesh, with a per-image and a shared
-    guide albedo, both mirror modes, and a non-contiguous input (copied before the kernels)."""
+    guide albedo, both mirror modes, a non-contiguous input (copied before the kernels), every backward
+    once more adding into a caller's `out`, and a batch of one (the forwards' two passes at their smallest)."""
     from fastface.model import corrective as c  # noqa: PLC0415
 
     model = _small_model().to("gpu")
@@ -587,15 +600,24 @@ def scenario_corrective_regularizers(cp, rng, monkeypatch):
     offsets = strided(cp, rng.normal(size=(B, V, 3)).astype(np.float32))
     albedo = cp.asarray(rng.uniform(size=(B, V, 3)).astype(np.float32))
     grad_out = cp.asarray(np.array([1.0, -0.5], np.float32))
+    out = cp.zeros((B, V, 3), np.float32)
     _on_gpu(c.smoothness_loss(offsets, mesh), c.smoothness_loss_backward(offsets, mesh, grad_out),
             c.magnitude_loss(offsets), c.magnitude_loss_backward(offsets, grad_out))
+    assert c.smoothness_loss_backward(offsets, mesh, grad_out, add_to=out) is out
+    assert c.magnitude_loss_backward(offsets, grad_out, add_to=out) is out
     for guide in (albedo, model.mean_albedo):
         _on_gpu(c.reflectance_constancy_loss(albedo, guide, mesh, sharpness=20.0),
                 c.reflectance_constancy_loss_backward(albedo, guide, mesh, grad_out, sharpness=20.0))
+        assert c.reflectance_constancy_loss_backward(albedo, guide, mesh, grad_out, sharpness=20.0, add_to=out) is out
     for mirror_x in (True, False):
         _on_gpu(c.symmetry_loss(offsets, mesh, mirror_x), c.symmetry_loss_backward(offsets, mesh, grad_out, mirror_x))
-    return _kernels("corrective.cu", "smoothness_fwd", "smoothness_bwd", "magnitude_fwd", "magnitude_bwd",
-                    "reflectance_constancy_fwd", "reflectance_constancy_bwd", "symmetry_fwd", "symmetry_bwd")
+        assert c.symmetry_loss_backward(offsets, mesh, grad_out, mirror_x, add_to=out) is out
+    one = albedo[:1]
+    _on_gpu(c.smoothness_loss(one, mesh), c.magnitude_loss(one), c.symmetry_loss(one, mesh, True),
+            c.reflectance_constancy_loss(one, model.mean_albedo, mesh))
+    return _kernels("corrective.cu", "sum_partials", "smoothness_fwd", "smoothness_laplacian", "smoothness_bwd",
+                    "magnitude_fwd", "magnitude_bwd", "reflectance_constancy_fwd", "reflectance_constancy_bwd",
+                    "symmetry_fwd", "symmetry_bwd")
 
 
 SCENARIOS = {name[len("scenario_"):]: f for name, f in dict(globals()).items() if name.startswith("scenario_")}

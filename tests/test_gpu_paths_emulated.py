@@ -56,9 +56,13 @@ THREADS_TOGETHER = {
     ("shading.cu", "shade_vertices_bwd_sum"): "__shfl_down_sync",
     ("nn_adam.cu", "adam_prepare"): "__syncthreads",           # block reductions of the gradient norm
     ("nn_adam.cu", "adam_update"): "__syncthreads",
-    ("losses.cu", "photometric_loss_fwd"): "__syncthreads",  # per-image block reduction in shared memory
-    ("losses.cu", "photometric_loss_bwd"): "__syncthreads",  # the image's mask sum, the same way
-    # Per-image sums of the corrective regularizers: a fixed-order shared-memory tree per block.
+    ("losses.cu", "photometric_loss_fwd"): "__syncthreads",        # a chunk's sums: warps, then shared memory
+    ("losses.cu", "photometric_loss_fwd_sum"): "__shfl_down_sync",   # one warp adds an image's chunk sums
+    ("losses.cu", "photometric_loss_bwd_count"): "__syncthreads",    # the mask sums, as photometric_loss_fwd
+    ("losses.cu", "photometric_loss_bwd"): "__shfl_xor_sync",        # each warp adds its image's mask sums
+    ("losses.cu", "landmark_loss_fwd"): "__shfl_down_sync",          # one warp per image
+    ("losses.cu", "prior_loss_fwd"): "__shfl_down_sync",
+    # Chunk sums of the corrective regularizers: a fixed-order warp-shuffle tree, then the warps' totals.
     ("corrective.cu", "smoothness_fwd"): "__syncthreads",
     ("corrective.cu", "magnitude_fwd"): "__syncthreads",
     ("corrective.cu", "reflectance_constancy_fwd"): "__syncthreads",
@@ -444,6 +448,12 @@ def test_projections_gpu_paths_match_the_cpu(gpu, rng, tol, op):
             grad_out = rng.standard_normal(points.shape[:-1] + (width,)).astype(np.float32)
             assert_close(backward(g_points, g_focal, (24, 32), cp.asarray(grad_out)),
                           backward(points, focal, (24, 32), grad_out), tol)
+            if op == "perspective_projection":  # add_to: the gradient added into the caller's array
+                start = rng.standard_normal(points.shape).astype(np.float32)
+                g_start = cp.asarray(start)
+                returned = backward(g_points, g_focal, (24, 32), cp.asarray(grad_out), add_to=g_start)
+                assert returned is g_start
+                assert_close(g_start, backward(points, focal, (24, 32), grad_out, add_to=start), tol)
             assert_all_computed(gpu)
 
 
@@ -487,6 +497,112 @@ def test_landmark_and_prior_loss_gpu_paths_match_the_cpu(gpu, rng, tol, per_imag
         assert_close(fastface.prior_loss_backward(cp.asarray(coeffs), gw, g[3]),
                      fastface.prior_loss_backward(coeffs, w, grad_out), tol)
     assert_all_computed(gpu, "landmark_loss_fwd", "landmark_loss_bwd", "prior_loss_fwd", "prior_loss_bwd")
+
+
+@pytest.mark.parametrize("B, K", [(11, 68), (8, 5), (1, 100)])
+def test_landmark_and_prior_loss_one_warp_per_image_cover_every_image_and_point(gpu, rng, tol, B, K):
+    # 11 images: two blocks of 8 warps, the second with 5 warps past the batch; K = 5 leaves 27 lanes idle,
+    # K = 100 gives lanes 4 points.
+    cp = gpu.cupy
+    points = rng.uniform(0, 64, size=(B, K, 2)).astype(np.float32)
+    target = (points + rng.normal(scale=3.0, size=points.shape)).astype(np.float32)
+    weights = rng.uniform(0, 2, size=(B, K)).astype(np.float32)
+    assert_close(fastface.landmark_loss(*(cp.asarray(a) for a in (points, target, weights))),
+                 fastface.landmark_loss(points, target, weights), tol)
+    coeffs = rng.normal(size=(B, K)).astype(np.float32)
+    assert_close(fastface.prior_loss(cp.asarray(coeffs)), fastface.prior_loss(coeffs), tol)
+    assert_all_computed(gpu, "landmark_loss_fwd", "prior_loss_fwd")
+
+
+def _photometric_inputs(rng, shape, mask_kind):
+    """(rendered, target, mask, grad_out) of shape (B, H, W, C), one image's mask empty when B > 1."""
+    rendered = rng.uniform(size=shape).astype(np.float32)
+    target = rng.uniform(size=shape).astype(np.float32)
+    mask = rng.uniform(size=shape[:3]) < 0.6 if mask_kind == "bool" else rng.uniform(size=shape[:3]).astype(np.float32)
+    mask[0, :, : shape[2] // 3] = 0  # whole quads outside the mask (no colour reads), and partly covered ones
+    if shape[0] > 1:
+        mask[1] = 0
+    return rendered, target, mask, rng.normal(size=shape[0]).astype(np.float32)
+
+
+# (B, H, W, C) -> the load path. 40 x 60 = 2400 pixels: three chunks of 1024 (the last partial), quads; 37 x 41 =
+# 1517 (odd): two chunks, one pixel a thread; C = 2: one pixel a thread; 3 x 5: a single partial chunk;
+# 96 x 100 = 9600: ten chunks and two mask-count blocks of 8192.
+_PHOTOMETRIC_SHAPES = [((1, 40, 60, 3), "quads"), ((3, 37, 41, 3), "pixels"), ((3, 8, 10, 2), "pixels"),
+                       ((1, 3, 5, 3), "pixels"), ((3, 96, 100, 3), "quads")]
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("shape, path", _PHOTOMETRIC_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(
+    v, tuple) else v)
+def test_photometric_loss_gpu_path_matches_the_cpu_over_chunks_and_load_paths(gpu, rng, tol, shape, path, mask_kind):
+    cp = gpu.cupy
+    rendered, target, mask, grad_out = _photometric_inputs(rng, shape, mask_kind)
+    g = [cp.asarray(a) for a in (rendered, target, mask, grad_out)]
+    loss = fastface.photometric_loss(*g[:3])
+    grad = fastface.photometric_loss_backward(*g)
+    assert_close(loss, fastface.photometric_loss(rendered, target, mask), tol)
+    assert_close(grad, fastface.photometric_loss_backward(rendered, target, mask, grad_out), tol)
+    if shape[0] > 1:
+        assert loss.get()[1] == 0 and not grad.get()[1].any()  # the empty mask: 0, and a zero gradient
+    assert not grad.get()[0][~mask[0].astype(bool)].any()  # zero outside the mask, also inside partly covered quads
+    quads = "float4" if path == "quads" else "float>"
+    launched = [name for f, name, *_ in gpu.launches if f == "losses.cu" and name.startswith("photometric_loss_fwd<")]
+    assert launched and all(quads in name for name in launched), launched
+    assert_all_computed(gpu, "photometric_loss_fwd", "photometric_loss_fwd_sum", "photometric_loss_bwd_count",
+                        "photometric_loss_bwd")
+    # Misaligned inputs and out are copied to aligned memory: the same kernels, the same bits.
+    r, t = misaligned(cp, rendered), misaligned(cp, target)
+    assert_equal(fastface.photometric_loss(r, t, g[2]), loss.get())
+    out = misaligned(cp, np.zeros(shape, np.float32))
+    assert fastface.photometric_loss_backward(r, t, g[2], g[3], out=out) is out
+    assert_equal(out, grad.get())
+    assert_all_computed(gpu)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 10, 3), (2, 5, 7, 3)], ids=["quads", "pixels"])
+def test_photometric_loss_never_reads_colours_outside_the_mask_into_its_values(gpu, rng, tol, shape):
+    # NaN colours where the mask is 0 (value checks off), inside quads the mask partly covers: as on the CPU,
+    # a finite loss and a zero gradient there.
+    cp = gpu.cupy
+    rendered, target, mask, grad_out = _photometric_inputs(rng, shape, "bool")
+    mask[0, :, -1] = False
+    rendered[0, :, -1] = np.nan
+    with fastface.value_checks(False):
+        want = fastface.photometric_loss(rendered, target, mask), fastface.photometric_loss_backward(
+            rendered, target, mask, grad_out)
+        g = [cp.asarray(a) for a in (rendered, target, mask, grad_out)]
+        got = fastface.photometric_loss(*g[:3]), fastface.photometric_loss_backward(*g)
+    assert np.isfinite(want[0]).all() and np.isfinite(want[1]).all()
+    assert_close(got[0], want[0], tol)
+    assert_close(got[1], want[1], tol)
+    assert_all_computed(gpu)
+
+
+def test_photometric_loss_over_32_mask_count_blocks_caps_them_and_sums_every_pixel(gpu, rng, tol):
+    # 1 x 520 x 512 = 266,240 pixels: 33 mask-count chunks of 8192, capped at 32 blocks striding over the image.
+    cp = gpu.cupy
+    losses_module = sys.modules["fastface.ops.losses"]
+    shape = (1, 520, 512, 3)
+    assert -(-520 * 512 // losses_module._GPU_COUNT_CHUNK) > losses_module._GPU_MAX_COUNT_BLOCKS
+    rendered, target, mask, grad_out = _photometric_inputs(rng, shape, "bool")
+    g = [cp.asarray(a) for a in (rendered, target, mask, grad_out)]
+    assert_close(fastface.photometric_loss(*g[:3]), fastface.photometric_loss(rendered, target, mask), tol)
+    assert_close(fastface.photometric_loss_backward(*g),
+                 fastface.photometric_loss_backward(rendered, target, mask, grad_out), tol)
+    assert ("losses.cu", "photometric_loss_bwd_count<unsigned int>", (32,), (256,)) in gpu.launches
+    assert_all_computed(gpu)
+
+
+def test_photometric_loss_with_too_few_chunks_for_the_kernel_is_caught(gpu, rng, tol, monkeypatch):
+    """The negative control: a Python chunk twice the kernel's launches half the blocks, and the pixels of the
+    missing chunks go unsummed."""
+    cp = gpu.cupy
+    monkeypatch.setattr(sys.modules["fastface.ops.losses"], "_GPU_CHUNK", 2048)
+    rendered, target, mask, _ = _photometric_inputs(rng, (1, 40, 60, 3), "bool")
+    got = fastface.photometric_loss(*(cp.asarray(a) for a in (rendered, target, mask)))
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        assert_close(got, fastface.photometric_loss(rendered, target, mask), tol)
 
 
 def test_a_launch_the_signature_check_accepts_but_that_swaps_two_ints_is_caught(gpu, rng, tol, monkeypatch):

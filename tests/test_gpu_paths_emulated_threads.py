@@ -388,7 +388,7 @@ def test_adam_on_a_dict_gpu_path_matches_the_cpu(gpu, rng, tol):
 
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 def test_photometric_loss_gpu_path_matches_the_cpu(gpu, rng, tol, mask_kind):
-    # 3 images of 50 x 90 = 4500 pixels (two backward bands of 2250), one with an empty mask.
+    # 3 images of 50 x 90 = 4500 pixels (5 chunks of 1024, the last partial), one with an empty mask.
     cp = gpu.cupy
     shape = (3, 50, 90)
     rendered = rng.uniform(size=shape + (3,)).astype(np.float32)

@@ -5,7 +5,8 @@ Every loss returns one value per image, (B,), in the inputs' float dtype and on 
 host synchronisation on the GPU), and every backward takes `grad_out` (B,), the weight of each
 image's value in the scalar being differentiated, last (before the keyword-only `out`: every loss
 and backward can write into a buffer the caller owns, so that a step recorded in a CUDA graph
-allocates nothing). A training step sums
+allocates no outputs; the GPU photometric loss still takes a small scratch buffer, see Determinism).
+A training step sums
 `weight * loss(...).sum()` (or a mean) on its side and passes `grad_out = weight * ones(B)`.
 
 Photometric (robust l2,1, as in MoFA / Tewari et al. 2018): for image b,
@@ -26,11 +27,20 @@ Gradient with respect to the points only: 2 w_k (p_k - t_k) / K.
 
 Prior: L_b = sum_k w_k c_k^2 (weights (K,), or None for ones). Gradient: 2 w_k c_k.
 
-Determinism: every value is summed in a fixed order on both devices. On the CPU the photometric
-sums run in parallel over fixed bands of _BAND pixels (not over threads), each band summed in
-float64, then the bands in order; on the GPU one block sums an image (fixed per-thread strides, a
-fixed shared-memory tree; kernels/losses.cu). No atomics anywhere, and nothing allocated on the GPU
-but the outputs.
+Determinism: every value is summed in a fixed order on both devices, an order fixed by the sizes
+alone (never by the number of threads or the GPU). On the CPU the photometric sums run in parallel
+over fixed bands of _BAND pixels (not over threads), each band summed in float64, then the bands in
+order. On the GPU (kernels/losses.cu, whose top comment gives the design in bytes and blocks) the
+photometric forward is two passes: blocks of _GPU_CHUNK pixels write float64 partial sums of the loss
+and the mask into a scratch buffer, then one warp per image adds its partials in a fixed order. The
+backward first sums each image's mask in a pass of its own that reads only the mask (the forward's
+sum cannot reach it through this API; at most 32 float64 partial sums an image), then writes the
+gradient. The landmark and prior forwards sum with one warp per image (lanes over k, then a fixed
+shuffle tree), in another order than the twins' k order: GPU and CPU agree within float32 rounding,
+and each is bit-reproducible. No atomics anywhere. The GPU photometric loss allocates a scratch buffer
+besides its outputs, from cupy's memory pool (which serves it inside a CUDA-graph capture too):
+B * ceil(H W / _GPU_CHUNK) * 16 bytes forward, B * min(32, ceil(H W / _GPU_COUNT_CHUNK)) * 8 backward
+(50 KB and 3.6 KB at B = 64, 224 x 224).
 """
 import numba
 import numpy as np
@@ -48,11 +58,13 @@ __all__ = ["PHOTOMETRIC_EPS", "photometric_loss", "photometric_loss_backward", "
 # most 1 / eps, which float32 holds easily; eps^2 = 1e-6 is far above float32's underflow.
 PHOTOMETRIC_EPS = 1e-3
 
-_BAND = 4096             # pixels per parallel work item of the CPU photometric kernels
-_GPU_FWD_THREADS = 1024  # PHOTOMETRIC_FWD_THREADS in kernels/losses.cu
-_GPU_BWD_THREADS = 256   # PHOTOMETRIC_BWD_THREADS
-_GPU_BAND = 4096         # pixels per block of the GPU backward, at most _GPU_MAX_BANDS blocks an image
-_GPU_MAX_BANDS = 16      # each block re-reads its image's mask: cap the repeats
+_BAND = 4096              # pixels per parallel work item of the CPU photometric kernels
+# The constants of kernels/losses.cu (tests/ops/test_losses.py checks that they agree).
+_GPU_THREADS = 256        # PHOTOMETRIC_THREADS: threads per block of the photometric kernels
+_GPU_CHUNK = 1024         # PHOTOMETRIC_CHUNK: pixels per block of the forward's partial sums and the gradient
+_GPU_COUNT_CHUNK = 8192   # PHOTOMETRIC_COUNT_CHUNK: pixels per block of the backward's mask sums ...
+_GPU_MAX_COUNT_BLOCKS = 32  # PHOTOMETRIC_MAX_COUNT_BLOCKS: ... in at most this many blocks an image
+_GPU_WARPS = 8            # WARPS_PER_BLOCK: images (a warp each) per block of the per-image sums
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +133,8 @@ def photometric_loss_bwd(rendered, target, mask, grad_out, grad_rendered, eps):
 
 
 # The small losses: B x K work (64 x 68 landmarks, 64 x 80 coefficients), sequential (a parallel
-# region costs more than the work), summed in the input's dtype in k order, as the GPU does.
+# region costs more than the work), summed in the input's dtype in k order (the GPU sums lanes k mod 32,
+# then a shuffle tree: the same terms in another fixed order).
 
 @numba.njit(cache=True)
 def landmark_loss_fwd(points, target, weights, out):
@@ -172,9 +185,13 @@ def prior_loss_bwd(coeffs, weights, grad_out, grad_coeffs):
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 
+# The photometric kernels' template instances: <mask load, colour load>, one pixel a thread (any C, any
+# H * W) or a quad of 4 pixels (C = 3, H * W a multiple of 4: 16-byte loads; see _photometric_gpu_inputs).
+_PHOTOMETRIC_LOADS = ("unsigned char, float", "float, float", "unsigned int, float4", "float4, float4")
 _KERNELS = KernelFile("losses.cu", (
-    "photometric_loss_fwd<unsigned char>", "photometric_loss_fwd<float>",
-    "photometric_loss_bwd<unsigned char>", "photometric_loss_bwd<float>",
+    *(f"photometric_loss_fwd<{t}>" for t in _PHOTOMETRIC_LOADS), "photometric_loss_fwd_sum",
+    *(f"photometric_loss_bwd_count<{t.split(',')[0]}>" for t in _PHOTOMETRIC_LOADS),
+    *(f"photometric_loss_bwd<{t}>" for t in _PHOTOMETRIC_LOADS),
     "landmark_loss_fwd", "landmark_loss_bwd", "prior_loss_fwd", "prior_loss_bwd"))
 
 
@@ -194,7 +211,7 @@ def _check_range(name, a, lo, hi, what):
 
 def _output(xp, out, dtype, shape):
     """A new output array, or the caller's `out` once checked (same device, dtype, shape, C-contiguous):
-    a training step that records a CUDA graph passes buffers it owns, so that the step allocates nothing."""
+    a training step that records a CUDA graph passes buffers it owns, so that the step allocates no outputs."""
     if out is None:
         return xp.empty(shape, dtype=dtype)
     device = "numpy" if xp is np else "cupy"
@@ -232,12 +249,32 @@ def _prepare_photometric(rendered, target, mask, grad_out=None, backward=False):
     return xp, r, t, m, (None if grad_out is None else c(grad_out))
 
 
-def _photometric_kernel(direction, m):
-    return _KERNELS(f"photometric_loss_{direction}<{'unsigned char' if m.dtype == np.bool_ else 'float'}>")
+def _warp_per_image_grid(B):
+    """(grid, block) of the kernels that give each of B images one warp, _GPU_WARPS images a block."""
+    return ((B + _GPU_WARPS - 1) // _GPU_WARPS,), (32 * _GPU_WARPS,)
 
 
-def _gpu_mask(m):
-    return m.view(np.uint8) if m.dtype == np.bool_ else m
+def _aligned(a, alignment):
+    """a itself when its address is a multiple of `alignment` bytes, else a copy (cupy's pool aligns to 256)."""
+    return a if a.data.ptr % alignment == 0 else a.copy()
+
+
+def _photometric_gpu_inputs(r, t, m):
+    """(template arguments, rendered, target, mask) for the photometric kernels on the GPU.
+
+    With C = 3 and H * W a multiple of 4 (every image then starts on a 16-byte boundary) the kernels read
+    quads of 4 pixels: float4 colours (16-byte aligned: a misaligned input is copied, so that the summation
+    order, hence the result's bits, depends on the shapes alone) and the mask 4 values a load (a bool mask
+    as unsigned int, 4-byte aligned; float weights as float4). Otherwise one pixel a thread.
+    """
+    B, HW, C = r.shape
+    is_bool = m.dtype == np.bool_
+    if C == 3 and HW % 4 == 0:
+        r, t = _aligned(r, 16), _aligned(t, 16)
+        if is_bool:
+            return "unsigned int, float4", r, t, _aligned(m, 4).reshape(-1).view(np.uint32)
+        return "float4, float4", r, t, _aligned(m, 16)
+    return ("unsigned char, float", r, t, m.view(np.uint8)) if is_bool else ("float, float", r, t, m)
 
 
 def photometric_loss(rendered, target, mask, *, out=None):
@@ -260,8 +297,13 @@ def photometric_loss(rendered, target, mask, *, out=None):
     if xp is np:
         photometric_loss_fwd(r, t, m, out, r.dtype.type(PHOTOMETRIC_EPS))
     else:
-        _photometric_kernel("fwd", m)((B,), (_GPU_FWD_THREADS,), (
-            r, t, _gpu_mask(m), out, np.int32(B), np.int32(HW), np.int32(C), np.float32(PHOTOMETRIC_EPS)))
+        loads, r, t, m = _photometric_gpu_inputs(r, t, m)
+        n_chunks = (HW + _GPU_CHUNK - 1) // _GPU_CHUNK
+        partial = xp.empty((B * n_chunks, 2), dtype=np.float64)  # (loss, mask) sums of each block
+        _KERNELS(f"photometric_loss_fwd<{loads}>")((B * n_chunks,), (_GPU_THREADS,), (
+            r, t, m, partial, np.int32(HW), np.int32(C), np.float32(PHOTOMETRIC_EPS), np.int32(n_chunks)))
+        _KERNELS("photometric_loss_fwd_sum")(*_warp_per_image_grid(B), (
+            partial, out, np.int32(B), np.int32(n_chunks)))
     return out
 
 
@@ -284,11 +326,19 @@ def photometric_loss_backward(rendered, target, mask, grad_out, *, out=None):
     if xp is np:
         photometric_loss_bwd(r, t, m, g, grad, r.dtype.type(PHOTOMETRIC_EPS))
     else:
-        n_bands = min(_GPU_MAX_BANDS, (HW + _GPU_BAND - 1) // _GPU_BAND)
-        band = (HW + n_bands - 1) // n_bands
-        _photometric_kernel("bwd", m)((B, n_bands), (_GPU_BWD_THREADS,), (
-            r, t, _gpu_mask(m), g, grad, np.int32(B), np.int32(HW), np.int32(C), np.float32(PHOTOMETRIC_EPS),
-            np.int32(band)))
+        loads, r, t, m = _photometric_gpu_inputs(r, t, m)
+        # The kernels' float4 stores need a 16-byte aligned gradient: a misaligned `out` gets a copy.
+        aligned_grad = grad if "float4" not in loads or grad.data.ptr % 16 == 0 else xp.empty_like(grad)
+        n_count = min(_GPU_MAX_COUNT_BLOCKS, (HW + _GPU_COUNT_CHUNK - 1) // _GPU_COUNT_CHUNK)
+        count = xp.empty(B * n_count, dtype=np.float64)  # mask sums of each counting block
+        _KERNELS(f"photometric_loss_bwd_count<{loads.split(',')[0]}>")((B * n_count,), (_GPU_THREADS,), (
+            m, count, np.int32(HW), np.int32(n_count)))
+        n_chunks = (HW + _GPU_CHUNK - 1) // _GPU_CHUNK
+        _KERNELS(f"photometric_loss_bwd<{loads}>")((B * n_chunks,), (_GPU_THREADS,), (
+            r, t, m, count, g, aligned_grad, np.int32(HW), np.int32(C), np.float32(PHOTOMETRIC_EPS),
+            np.int32(n_chunks), np.int32(n_count)))
+        if aligned_grad is not grad:
+            grad[...] = aligned_grad
     return result
 
 
@@ -326,7 +376,7 @@ def landmark_loss(points, target, weights, *, out=None):
     if xp is np:
         landmark_loss_fwd(p, t, w, out)
     else:
-        _KERNELS("landmark_loss_fwd")(*grid_1d(B, 64), (
+        _KERNELS("landmark_loss_fwd")(*_warp_per_image_grid(B), (
             p, t, w, out, np.int32(B), np.int32(K), np.int32(K if w.shape[0] > 1 else 0)))
     return out
 
@@ -389,7 +439,7 @@ def prior_loss(coeffs, weights=None, *, out=None):
     if xp is np:
         prior_loss_fwd(c, w, out)
     else:
-        _KERNELS("prior_loss_fwd")(*grid_1d(B, 64), (
+        _KERNELS("prior_loss_fwd")(*_warp_per_image_grid(B), (
             c, NULL_POINTER if w is None else w, out, np.int32(B), np.int32(K)))
     return out
 

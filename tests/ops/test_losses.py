@@ -1,9 +1,12 @@
 """photometric_loss, landmark_loss, prior_loss: references, gradients, masks, CPU/GPU parity, bad input."""
+import re
+
 import numba
 import numpy as np
 import pytest
 
 import fastface
+from fastface._backend import read_kernel_source
 from fastface.ops import losses as losses_module
 from fastface.ops.losses import (PHOTOMETRIC_EPS, landmark_loss, landmark_loss_backward, photometric_loss,
                                  photometric_loss_backward, prior_loss, prior_loss_backward)
@@ -91,6 +94,40 @@ def test_photometric_images_larger_than_one_band_sum_every_band(rng):
     np.testing.assert_allclose(photometric_loss(r, t, m), reference_photometric(r, t, m), rtol=1e-5)
     g = photometric_loss_backward(r, t, m, np.ones(2, np.float32))
     assert np.all(g[:, -1][m[:, -1]] != 0)  # the last band's pixels get their gradient too
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 65, 67, 3), (3, 33, 31, 3), (3, 9, 10, 2)])
+def test_photometric_batches_of_one_and_three_and_odd_sizes_match_the_reference(rng, shape):
+    # 65 x 67 = 4355 pixels: two CPU bands, the last partial; one image of three with an empty mask.
+    B, H, W, C = shape
+    r, t, m = photometric_inputs(rng, batch=B, h=H, w=W, c=C, dtype=np.float32)
+    m[-1] = m[-1] if B == 1 else False
+    grad_out = rng.normal(size=B).astype(np.float32)
+    loss = photometric_loss(r, t, m)
+    np.testing.assert_allclose(loss, reference_photometric(r, t, m), rtol=1e-5, atol=1e-7)
+    grad = photometric_loss_backward(r, t, m, grad_out)
+    if B > 1:
+        assert loss[-1] == 0 and not grad[-1].any()
+    d = r.astype(np.float64) - t
+    norm = np.sqrt((d * d).sum(-1, keepdims=True) + PHOTOMETRIC_EPS ** 2)
+    want = (grad_out[:, None, None, None] * m[..., None] * d / norm
+            / np.maximum(1.0, m.sum(axis=(1, 2)))[:, None, None, None])
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-9)
+
+
+def test_gpu_constants_agree_with_the_kernel_source():
+    """fastface/ops/losses.py launches with the grid and chunk sizes of kernels/losses.cu's #defines: a Python
+    chunk larger than the kernel's would leave pixels unsummed, a different block size break the reductions."""
+    source = read_kernel_source("losses.cu")
+    defines = {name: int(value) for name, value in re.findall(r"^#define (\w+) (\d+)$", source, re.M)}
+    assert defines["PHOTOMETRIC_THREADS"] == losses_module._GPU_THREADS
+    assert defines["PHOTOMETRIC_CHUNK"] == losses_module._GPU_CHUNK
+    assert defines["PHOTOMETRIC_COUNT_CHUNK"] == losses_module._GPU_COUNT_CHUNK
+    assert defines["PHOTOMETRIC_MAX_COUNT_BLOCKS"] == losses_module._GPU_MAX_COUNT_BLOCKS == 32  # a lane each
+    assert defines["WARPS_PER_BLOCK"] == losses_module._GPU_WARPS
+    # Whole quads of pixels in every chunk, whole warps in every block.
+    assert defines["PHOTOMETRIC_CHUNK"] % 4 == 0 and defines["PHOTOMETRIC_COUNT_CHUNK"] % 4 == 0
+    assert defines["PHOTOMETRIC_THREADS"] % 32 == 0
 
 
 def test_photometric_is_the_colour_distance_not_its_square(rng):
@@ -379,34 +416,51 @@ def test_value_checks_off_skip_the_data_checks(rng):
 # ---------------------------------------------------------------------------------------------
 # GPU against CPU (real GPU; tests/test_gpu_paths_emulated*.py compare the host emulation)
 
+# (B, H, W, C): quads of pixels (C = 3, H * W % 4 == 0) over 12 chunks and two mask-count blocks; one pixel a
+# thread (odd H * W; C = 2); a batch of one; 1.2 MB images as in training.
+_GPU_SHAPES = [(5, 100, 120, 3), (3, 37, 41, 3), (3, 9, 10, 2), (1, 224, 224, 3)]
+
+
 @pytest.mark.parametrize("mask", ["bool", "float"])
-def test_photometric_gpu_matches_cpu(rng, tol, cupy, mask):
-    # 100 x 120: several backward bands; batch 5 with one empty mask.
-    r, t, m = photometric_inputs(rng, batch=5, h=100, w=120, dtype=np.float32, mask=mask)
-    m[3] = 0
-    grad_out = rng.normal(size=5).astype(np.float32)
+@pytest.mark.parametrize("shape", _GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_photometric_gpu_matches_cpu(rng, tol, cupy, mask, shape):
+    B, H, W, C = shape
+    r, t, m = photometric_inputs(rng, batch=B, h=H, w=W, c=C, dtype=np.float32, mask=mask)
+    if B > 1:
+        m[1] = 0
+    grad_out = rng.normal(size=B).astype(np.float32)
     gpu = [cupy.asarray(a) for a in (r, t, m, grad_out)]
     loss = photometric_loss(*gpu[:3])
-    assert loss.dtype == cupy.float32 and loss.shape == (5,)
+    assert loss.dtype == cupy.float32 and loss.shape == (B,)
     np.testing.assert_allclose(loss.get(), photometric_loss(r, t, m), rtol=tol["gpu_cpu_rtol"],
                                atol=tol["gpu_cpu_atol"])
     grad = photometric_loss_backward(*gpu)
     np.testing.assert_allclose(grad.get(), photometric_loss_backward(r, t, m, grad_out), rtol=tol["gpu_cpu_rtol"],
                                atol=tol["gpu_cpu_atol"])
-    assert loss.get()[3] == 0 and np.all(grad.get()[3] == 0)
-    # Deterministic: no atomics, so a second run gives the same bits.
+    if B > 1:
+        assert loss.get()[1] == 0 and np.all(grad.get()[1] == 0)
+    # Deterministic: no atomics and a fixed chunking, so a second run gives the same bits; so do inputs and an
+    # `out` at addresses 4 bytes past a 16-byte boundary (copied before the float4 loads).
     np.testing.assert_array_equal(photometric_loss(*gpu[:3]).get(), loss.get())
+    np.testing.assert_array_equal(photometric_loss_backward(*gpu).get(), grad.get())
+    shifted = [cupy.empty(a.size + 1, a.dtype)[1:].reshape(a.shape) for a in (gpu[0], gpu[1], gpu[0])]
+    shifted[0][...], shifted[1][...] = gpu[0], gpu[1]
+    np.testing.assert_array_equal(photometric_loss(shifted[0], shifted[1], gpu[2]).get(), loss.get())
+    photometric_loss_backward(shifted[0], shifted[1], gpu[2], gpu[3], out=shifted[2])
+    np.testing.assert_array_equal(shifted[2].get(), grad.get())
 
 
 @pytest.mark.parametrize("per_image", [False, True])
-def test_landmarks_and_prior_gpu_match_cpu(rng, tol, cupy, per_image):
-    p, t, w = landmark_inputs(rng, dtype=np.float32, per_image=per_image)
-    grad_out = rng.normal(size=3).astype(np.float32)
+@pytest.mark.parametrize("batch", [3, 70])
+def test_landmarks_and_prior_gpu_match_cpu(rng, tol, cupy, per_image, batch):
+    # 70 images: 9 blocks of 8 warps, the last with 2 images.
+    p, t, w = landmark_inputs(rng, batch=batch, dtype=np.float32, per_image=per_image)
+    grad_out = rng.normal(size=batch).astype(np.float32)
     g = [cupy.asarray(a) for a in (p, t, w, grad_out)]
     close = dict(rtol=tol["gpu_cpu_rtol"], atol=tol["gpu_cpu_atol"])
     np.testing.assert_allclose(landmark_loss(*g[:3]).get(), landmark_loss(p, t, w), **close)
     np.testing.assert_allclose(landmark_loss_backward(*g).get(), landmark_loss_backward(p, t, w, grad_out), **close)
-    c = rng.normal(size=(3, 80)).astype(np.float32)
+    c = rng.normal(size=(batch, 80)).astype(np.float32)
     pw = rng.uniform(0, 2, size=80).astype(np.float32)
     for weights in (None, pw):
         gw = None if weights is None else cupy.asarray(weights)
@@ -416,8 +470,9 @@ def test_landmarks_and_prior_gpu_match_cpu(rng, tol, cupy, per_image):
 
 
 def test_gpu_losses_record_in_a_cuda_graph_with_out_buffers(rng, tol, cupy):
-    """With value checks off and buffers passed as `out`, the losses neither wait for the GPU nor
-    allocate: recorded once in a CUDA graph, replays follow new inputs written into the same arrays."""
+    """With value checks off and buffers passed as `out`, the losses neither wait for the GPU nor allocate
+    outputs (the photometric passes take their scratch from cupy's pool, which the warm-up call filled):
+    recorded once in a CUDA graph, replays follow new inputs written into the same arrays."""
     r, t, m = photometric_inputs(rng, batch=4, h=64, w=64, dtype=np.float32)
     p, lt, w = landmark_inputs(rng, batch=4, dtype=np.float32)
     c = rng.normal(size=(4, 80)).astype(np.float32)
