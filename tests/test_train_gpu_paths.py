@@ -83,3 +83,42 @@ def test_the_training_loop_replays_each_stage_from_a_cuda_graph(monkeypatch, tmp
     assert load_checkpoint(path).step == 6
     assert gpu.device_work.count("graph launch") == 4  # steps 2, 3 (base) and 5, 6 (both levels)
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 7
+
+
+@pytest.mark.parametrize("precision, expected", [(None, "tf32"), ("tf32", "tf32"), ("float16", "tf32"),
+                                                 ("float32", "float32")])
+def test_the_face_model_and_correctives_gemms_follow_the_runs_precision(monkeypatch, precision, expected):
+    """A GPU run's face model and corrective space do their cuBLAS GEMMs in TF32 unless it asks for float32."""
+    import sys  # noqa: PLC0415
+    gpu = install(monkeypatch)
+    cp = gpu.cupy
+    computes = []
+    for name in ("fastface.model.morphable", "fastface.model.corrective"):
+        module = sys.modules[name]
+
+        def spy(*args, _real=module.gemm, _name=name, **kwargs):
+            computes.append((_name, kwargs.get("compute", "float32")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "gemm", spy)
+    autoencoder, _, _ = build(TrainSettings(**{**SETTINGS, "precision": precision}))
+    model, correctives = autoencoder.model, autoencoder.correctives
+    assert model.precision == expected and correctives.precision == expected
+    B, rng = 9, np.random.default_rng(0)  # above batch 8: the face model's GEMMs go to cuBLAS
+
+    def normal(*shape):
+        return cp.asarray(rng.normal(size=shape).astype(np.float32))
+
+    with fastface.value_checks(False):
+        model.evaluate(normal(B, model.n_shape), normal(B, model.n_expression), normal(B, model.n_albedo))
+        model.evaluate_backward(normal(B, model.n_vertices, 3), normal(B, model.n_vertices, 3))
+        z_geo, z_ref = normal(B, correctives.n_geometry), normal(B, correctives.n_reflectance)
+        correctives.evaluate(z_geo, z_ref)
+        correctives.backward(z_geo, z_ref, normal(B, model.n_vertices, 3), normal(B, model.n_vertices, 3))
+    assert {name for name, _ in computes} == {"fastface.model.morphable", "fastface.model.corrective"}
+    assert {compute for _, compute in computes} == {expected}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        model.to("gpu", precision="float16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        correctives.to("gpu", precision="fp8")
+    assert model.to("cpu").precision == expected  # kept by a copy unless given

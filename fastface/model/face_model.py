@@ -24,6 +24,8 @@ from fastface.model.morphable import morphable, morphable_backward
 
 __all__ = ["FaceModel"]
 
+MODEL_PRECISIONS = ("float32", "tf32")  # FaceModel.to(device, precision): its GPU GEMMs (fastface/_gemm.py)
+
 
 def _host(a):
     return a.get() if is_cupy_array(a) else a
@@ -95,7 +97,7 @@ class FaceModel:
                   shape_basis.shape[0], albedo_basis, albedo_std, landmarks, symmetry, expression_names, str(name))
 
     def _set(self, mean_shape, mean_albedo, triangles, geometry_basis, geometry_std, n_shape, albedo_basis,
-             albedo_std, landmarks, symmetry, expression_names, name):
+             albedo_std, landmarks, symmetry, expression_names, name, precision="float32"):
         self.mean_shape = mean_shape
         self.mean_albedo = mean_albedo
         self.triangles = triangles
@@ -108,6 +110,7 @@ class FaceModel:
         self.symmetry = symmetry
         self.expression_names = list(expression_names) if expression_names is not None else None
         self.name = name
+        self.precision = precision  # of the GPU's GEMMs above batch 8 (see `to`)
         # Flat views the kernels read (no copies: the arrays are C-contiguous).
         self._mean_shape_flat = mean_shape.reshape(-1)
         self._mean_albedo_flat = mean_albedo.reshape(-1)
@@ -123,7 +126,8 @@ class FaceModel:
         return dict(mean_shape=self.mean_shape, mean_albedo=self.mean_albedo, triangles=self.triangles,
                     geometry_basis=self._geometry_basis, geometry_std=self._geometry_std, n_shape=self._n_shape,
                     albedo_basis=self.albedo_basis, albedo_std=self.albedo_std, landmarks=self.landmarks,
-                    symmetry=self.symmetry, expression_names=self.expression_names, name=self.name)
+                    symmetry=self.symmetry, expression_names=self.expression_names, name=self.name,
+                    precision=self.precision)
 
     # ------------------------------------------------------------------------------------------
     # Constructors
@@ -236,12 +240,21 @@ class FaceModel:
     # Copies
     # ------------------------------------------------------------------------------------------
 
-    def to(self, device):
+    def to(self, device, precision=None):
         """A copy of the model on "gpu" (cupy arrays) or "cpu" (numpy arrays).
 
         The copy shares nothing writable with this model; moving to where the model already is
         returns a new FaceModel that shares the (read-only on the CPU) arrays.
+
+        precision: of `evaluate` and `evaluate_backward`'s GEMMs on the GPU above batch 8 (cuBLAS):
+        "float32" (the default: float32 products, the CPU's results up to summation order) or "tf32"
+        (tensor cores: operands rounded to 10 mantissa bits, float32 sums; vertices off by about 1e-3 of
+        their distance from the mean shape, for a training step that wants the speed). None keeps the
+        model's; the CPU computes in float32 (or float64) either way.
         """
+        precision = self.precision if precision is None else precision
+        if precision not in MODEL_PRECISIONS:
+            raise ValueError(f"precision must be one of {MODEL_PRECISIONS}; got {precision!r}")
         if device in ("gpu", "cuda"):
             cupy = cupy_or_none()
             if cupy is None:
@@ -255,6 +268,7 @@ class FaceModel:
         for key, value in arrays.items():
             if hasattr(value, "dtype") and hasattr(value, "shape"):
                 arrays[key] = move(value)
+        arrays["precision"] = precision
         return FaceModel._from_arrays(**arrays)
 
     def truncated(self, n_shape=None, n_expression=None, n_albedo=None):
@@ -375,9 +389,9 @@ class FaceModel:
         first = next(a for a in (shape, expression, albedo) if a is not None)
         batch, empty = first.shape[0], first[:, :0]  # (B, 0): the coefficients of no basis row
         vertices = _evaluate_rows(shape, expression, self._geometry_std, self._geometry_basis, self._n_shape,
-                                  self._mean_shape_flat, empty)
+                                  self._mean_shape_flat, empty, self.precision)
         colours = _evaluate_rows(albedo, None, self.albedo_std, self.albedo_basis, self.n_albedo,
-                                 self._mean_albedo_flat, empty)
+                                 self._mean_albedo_flat, empty, self.precision)
         return vertices.reshape(batch, self.n_vertices, 3), colours.reshape(batch, self.n_vertices, 3)
 
     def evaluate_backward(self, grad_vertices, grad_albedo):
@@ -419,12 +433,13 @@ class FaceModel:
         else:
             flat = xp.ascontiguousarray(grad_vertices).reshape(batch, -1)
             grad_shape, grad_expression = morphable_backward(self._geometry_std, self._geometry_basis, self.n_shape,
-                                                             flat)
+                                                             flat, compute=self.precision)
         if grad_albedo is None:
             grad_albedo_coeffs = xp.zeros((batch, self.n_albedo), dtype=dtype)
         else:
             flat = xp.ascontiguousarray(grad_albedo).reshape(batch, -1)
-            grad_albedo_coeffs, _ = morphable_backward(self.albedo_std, self.albedo_basis, self.n_albedo, flat)
+            grad_albedo_coeffs, _ = morphable_backward(self.albedo_std, self.albedo_basis, self.n_albedo, flat,
+                                                       compute=self.precision)
         return grad_shape, grad_expression, grad_albedo_coeffs
 
 
@@ -432,21 +447,21 @@ class FaceModel:
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
-def _evaluate_rows(coeff_a, coeff_b, std, basis, n_a, mean, empty):
+def _evaluate_rows(coeff_a, coeff_b, std, basis, n_a, mean, empty, compute):
     """morphable() over the basis rows whose coefficients are given (coeff_a scales rows [0, n_a),
     coeff_b the rest; None: zeros). A block of zeros adds nothing, so its rows are sliced away (a
     contiguous view) rather than multiplied by a (B, K) array zero-filled on every call. With no
     block given the basis has 0 rows and the result is the mean, on both backends (the kernels loop
     over K = 0 rows; the CPU copies the mean)."""
     if coeff_a is not None and coeff_b is not None:
-        return morphable(coeff_a, coeff_b, std, basis, mean)
+        return morphable(coeff_a, coeff_b, std, basis, mean, compute=compute)
     if coeff_a is not None:
         rows, given = slice(0, n_a), coeff_a
     elif coeff_b is not None:
         rows, given = slice(n_a, basis.shape[0]), coeff_b
     else:
         rows, given = slice(0, 0), empty
-    return morphable(given, given[:, :0], std[rows], basis[rows], mean)
+    return morphable(given, given[:, :0], std[rows], basis[rows], mean, compute=compute)
 
 
 def _as_float32(name, a, shape):

@@ -90,7 +90,7 @@ def _morphable_bwd_cpu(std_dev, basis, grad_out, grad_a, grad_b):
 # GPU: kernels/morphable.cu
 # ----------------------------------------------------------------------------------------------
 
-def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
+def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out, compute="float32"):
     batch, n = out.shape
     n_a, n_b = coeff_a.shape[1], coeff_b.shape[1]
     small = batch <= _SMALL_BATCH
@@ -102,7 +102,7 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
             scaled = cupy.empty((batch, n_k), dtype=cupy.float32)
             _kernel("morphable_scale_coefficients")(*grid_1d(batch * n_k), (
                 coeff_a, coeff_b if n_b else coeff_a, std_dev, scaled, np.int32(batch), np.int32(n_a), np.int32(n_b)))
-            gemm(scaled, basis, out, beta=1.0)
+            gemm(scaled, basis, out, beta=1.0, compute=compute)
         return
     args = (coeff_a, coeff_b if n_b else coeff_a, std_dev, basis, mean, out,
             np.int32(batch), np.int32(n_a), np.int32(n_b), np.int64(n))
@@ -114,7 +114,7 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out):
     _kernel(_FWD[small])(((n + _TILE_N - 1) // _TILE_N, 1, 1), (32, 2 if small else 8, 1), args)
 
 
-def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
+def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b, compute="float32"):
     batch, n = grad_out.shape
     n_a, n_b = grad_a.shape[1], grad_b.shape[1]
     n_k = n_a + n_b
@@ -123,7 +123,7 @@ def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
     if batch > _SMALL_BATCH and _LARGE_BATCH_PATH == "cublas":
         import cupy  # noqa: PLC0415
         full = cupy.empty((batch, n_k), dtype=cupy.float32)
-        gemm(grad_out, basis, full, trans_b=True)
+        gemm(grad_out, basis, full, trans_b=True, compute=compute)
         _kernel("morphable_split_gradient")(*grid_1d(batch * n_k), (
             full, std_dev, grad_a, grad_b if n_b else grad_a, np.int32(batch), np.int32(n_a), np.int32(n_b)))
         return
@@ -144,7 +144,7 @@ def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b):
 # The op
 # ----------------------------------------------------------------------------------------------
 
-def morphable(coeff_a, coeff_b, std_dev, basis, mean):
+def morphable(coeff_a, coeff_b, std_dev, basis, mean, *, compute="float32"):
     """mean + concat(coeff_a, coeff_b) * std_dev @ basis.
 
     Args:
@@ -153,6 +153,8 @@ def morphable(coeff_a, coeff_b, std_dev, basis, mean):
         std_dev: (n_a + n_b,) float32.
         basis: (n_a + n_b, N) float32, C-contiguous.
         mean: (N,) float32.
+        compute: keyword only, "float32" or "tf32": the GPU's cuBLAS GEMM above batch 8 (FaceModel.to's
+            precision); the kernels and the CPU compute in the coefficients' dtype.
 
     Returns:
         (B, N) array of the coefficients' dtype.
@@ -163,19 +165,20 @@ def morphable(coeff_a, coeff_b, std_dev, basis, mean):
     if xp_gpu:
         import cupy  # noqa: PLC0415
         out = cupy.empty((coeff_a.shape[0], basis.shape[1]), dtype=cupy.float32)
-        _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out)
+        _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out, compute)
     else:
         out = np.empty((coeff_a.shape[0], basis.shape[1]), dtype=coeff_a.dtype)
         _morphable_fwd_cpu(coeff_a, coeff_b, std_dev, basis, mean, out)
     return out
 
 
-def morphable_backward(std_dev, basis, n_a, grad_out):
+def morphable_backward(std_dev, basis, n_a, grad_out, *, compute="float32"):
     """Gradients of <morphable(...), grad_out> with respect to coeff_a and coeff_b.
 
     Args:
         std_dev: (K,) float32; basis: (K, N) float32; n_a: the size of the first block.
         grad_out: (B, N) float32 (or float64 on the CPU), C-contiguous.
+        compute: keyword only, as for `morphable`.
 
     Returns:
         (grad_a (B, n_a), grad_b (B, K - n_a)) of grad_out's dtype.
@@ -185,7 +188,7 @@ def morphable_backward(std_dev, basis, n_a, grad_out):
         import cupy  # noqa: PLC0415
         grad_a = cupy.zeros((batch, n_a), dtype=cupy.float32)  # atomicAdd targets
         grad_b = cupy.zeros((batch, n_k - n_a), dtype=cupy.float32)
-        _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b)
+        _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b, compute)
     else:
         grad_a = np.zeros((batch, n_a), dtype=grad_out.dtype)
         grad_b = np.zeros((batch, n_k - n_a), dtype=grad_out.dtype)
