@@ -4,10 +4,11 @@
 #   OUT=$OUT bash bench/device_session.sh tests   # every GPU test (one process per file), then
 #                                                 # compute-sanitizer memcheck on the newest kernels' tests
 #   OUT=$OUT bash bench/device_session.sh bench   # the GPU benchmarks of training, antialias and the
-#                                                 # rasterizer, then the rasterizer, antialias and training-step profiles
+#                                                 # rasterizer, then the face model, rasterizer, antialias and
+#                                                 # training-step profiles, then Nsight Compute's kernel times
 # With no argument it runs both (on a machine without the 600 s limit). Logs under $OUT, at most 8
-# files in all (the device tool brings back no more): env.txt, tests.log, sanitizer.log, bench.json,
-# bench.log, bench_summary.txt, profiles.log.
+# files a call (the device tool brings back no more): tests: env.txt, tests.log, sanitizer.log; bench:
+# env.txt, bench.json, bench.log, bench_summary.txt, profiles.log, ncu.csv, ncu_summary.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastface_device}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NUMBA_CACHE_DIR=/tmp/fastface_numba_cache
@@ -31,9 +32,13 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
   # Last (a timeout keeps the logs above): per-kernel rasterizer times (issue 10), where antialias's and
   # the training step's time goes.
   : > "$OUT/profiles.log"
-  for p in profile_rasterize profile_antialias profile_train_step; do
+  for p in profile_morphable profile_rasterize profile_antialias profile_train_step; do
     timeout "${PROFILE_TIMEOUT:-100}" python3 "bench/$p.py" >> "$OUT/profiles.log" 2>&1
     echo "$p rc=$?" | tee -a "$OUT/profiles.log"
   done
   tail -16 "$OUT/profiles.log"
+  # Every kernel of one training step timed alone (Nsight Compute; works on the Firecracker machines).
+  timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
+      --csv --page raw --log-file "$OUT/ncu.csv" python3 bench/ncu_kernels.py > /dev/null 2>&1
+  python3 bench/ncu_kernels.py --summarize "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1 && head -40 "$OUT/ncu_summary.txt"
 fi
