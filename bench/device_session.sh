@@ -17,7 +17,7 @@ part=${1:-all}
 if [ "$part" = tests ] || [ "$part" = all ]; then
   TEST_TIMEOUT=${TEST_TIMEOUT:-90} bash bench/run_device.sh tests
   : > "$OUT/sanitizer.log"
-  for f in ${SANITIZE_FILES:-tests/ops/test_losses.py tests/model/test_corrective.py tests/ops/test_antialias.py tests/ops/test_rasterize.py tests/test_train.py tests/test_training_step.py}; do
+  for f in ${SANITIZE_FILES:-tests/ops/test_losses.py tests/model/test_corrective.py tests/model/test_face_model.py tests/ops/test_camera.py tests/test_training_step.py tests/test_train.py}; do
     echo "== $f" >> "$OUT/sanitizer.log"
     timeout "${SANITIZE_TIMEOUT:-75}" compute-sanitizer --tool memcheck --error-exitcode 99 \
         python3 -m pytest "$f" -m gpu -q -x -p no:cacheprovider >> "$OUT/sanitizer.log" 2>&1
