@@ -18,10 +18,10 @@ from tests.fake_cupy import LaunchError, install
 SETTINGS = dict(device="gpu", level="small", resolution=16, batch=2, n_geometry=3, n_reflectance=2, widths=(4, 8))
 
 
-def _batches(xp, n, seed=0):
+def _batches(xp, n, seed=0, batch=2):
     rng = np.random.default_rng(seed)
-    return [(xp.asarray(rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)),
-             xp.asarray(rng.uniform(2, 14, (2, 68, 2)).astype(np.float32))) for _ in range(n)]
+    return [(xp.asarray(rng.uniform(0, 1, (batch, 16, 16, 3)).astype(np.float32)),
+             xp.asarray(rng.uniform(2, 14, (batch, 68, 2)).astype(np.float32))) for _ in range(n)]
 
 
 def _run(steps, final, graph, batches, lrs, settings=SETTINGS):
@@ -78,13 +78,14 @@ def test_a_non_finite_loss_or_gradient_is_skipped_inside_the_graph(monkeypatch):
     assert not step(*batches[2]).skipped  # the next finite batch steps again
 
 
-def test_the_captured_step_reads_nothing_back_and_is_recorded_once(monkeypatch):
+@pytest.mark.parametrize("batch", [2, 9])  # 9: above 8, the face model's GEMMs go through cuBLAS
+def test_the_captured_step_reads_nothing_back_and_is_recorded_once(monkeypatch, batch):
     """Check-only mode: the capture of both stages succeeds (no host read, no host-to-device copy, no
     synchronisation inside), and later steps are one graph launch plus the batch copies and one read."""
     gpu = install(monkeypatch)
     cp = gpu.cupy
-    batches = _batches(cp, 3)
-    autoencoder, objective, optimizers = build(TrainSettings(**SETTINGS))
+    batches = _batches(cp, 3, batch=batch)
+    autoencoder, objective, optimizers = build(TrainSettings(**{**SETTINGS, "batch": batch}))
     for final in (False, True):
         step = TrainingStep(autoencoder, objective, optimizers, final=final)
         step(*batches[0])
