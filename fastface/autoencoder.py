@@ -251,26 +251,26 @@ class FaceAutoencoder:
         grad_geometry = grads.get("geometry_offsets")
         grad_reflectance = grads.get("reflectance_offsets")
         # The morphable model is linear and both levels evaluate it on the same coefficients: the
-        # levels' vertex and albedo gradients are added first and go through its GEMMs once.
+        # levels' vertex and albedo gradients are summed first and go through its GEMMs once. The final
+        # level goes first: its gradient is also the offsets'; the base level's is then added into it by
+        # the render chain's own kernels (add_to), with no separate pass over the arrays.
         grad_model_vertices = grad_model_albedo = None
-        for level, rendering in (("base", out.base), ("final", out.final)):
+        for level, rendering in (("final", out.final), ("base", out.base)):
             gi, gl = grads.get(f"{level}_image"), grads.get(f"{level}_landmarks")
             if gi is None and gl is None:
                 continue
             if rendering is None:
                 raise ValueError(f"gradients of the {level} level are given but it was not rendered")
+            add_to = None if grad_model_vertices is None else (grad_model_vertices, grad_model_albedo)
             g = render_faces_backward(self.model, out.params, rendering, self.resolution, self.focal,
-                                      grad_image=gi, grad_landmarks=gl, model_backward=False)
+                                      grad_image=gi, grad_landmarks=gl, model_backward=False, add_to=add_to)
             for name in ("sh", "angles", "translation"):
                 add(name, getattr(g.params, name))
             if level == "final":  # the offsets enter by addition: their gradient is the vertices'
-                grad_geometry = g.vertices if grad_geometry is None else grad_geometry + g.vertices
-                grad_reflectance = g.albedo if grad_reflectance is None else grad_reflectance + g.albedo
-            if grad_model_vertices is None:
-                grad_model_vertices, grad_model_albedo = g.vertices, g.albedo
-            else:  # the first level's arrays are this function's own: add in place
-                grad_model_vertices += g.vertices
-                grad_model_albedo += g.albedo
+                # (copies where nothing is added: the base level adds into g's arrays next)
+                grad_geometry = g.vertices.copy() if grad_geometry is None else grad_geometry + g.vertices
+                grad_reflectance = g.albedo.copy() if grad_reflectance is None else grad_reflectance + g.albedo
+            grad_model_vertices, grad_model_albedo = g.vertices, g.albedo
         if grad_model_vertices is not None:
             with value_checks(False):  # the render chain's own outputs from checked gradients
                 model_grads = self.model.evaluate_backward(grad_model_vertices, grad_model_albedo)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fastface._backend import array_module
 import numpy as np
 
-from fastface._checks import check_array, check_finite, value_checks
+from fastface._checks import check_accumulator, check_array, check_finite, value_checks
 from fastface.ops.antialias import antialias as antialias_op
 from fastface.ops.antialias import antialias_backward, antialias_topology, silhouette_edges
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
@@ -208,7 +208,7 @@ def _add_offsets(name, base, offsets):
 
 
 def render_faces_backward(model, params, rendering, resolution, focal, grad_image=None, grad_landmarks=None,
-                          model_backward=True):
+                          model_backward=True, add_to=None):
     """Gradients of a loss through `render_faces`, from its image and its landmarks back to the inputs.
 
     The chain of `render_faces` walked in reverse: interpolation and rasterization (coverage held
@@ -224,6 +224,9 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
             `.albedo` are None, and the caller passes `vertices` and `albedo` to
             `model.evaluate_backward` itself (the training step adds both levels' gradients first and
             runs the model's GEMMs once: they are linear).
+        add_to: with model_backward=False, an optional (vertices, albedo) pair of C-contiguous (B, V, 3)
+            arrays that the model-space vertex and albedo gradients are added into, in the kernels that
+            make them (returned as `vertices` and `albedo`): the training step sums its two levels so.
 
     Returns:
         `FaceGradients`. The gradient of the offsets given to `render_faces` equals
@@ -244,6 +247,15 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
         check_array("grad_landmarks", grad_landmarks, r.landmarks.dtype, tuple(r.landmarks.shape))
         check_finite("grad_landmarks", grad_landmarks)
     dtype = r.camera_vertices.dtype
+    add_vertices = add_albedo = None
+    if add_to is not None:
+        if model_backward:
+            raise ValueError("add_to needs model_backward=False (the model's backward would see the sum)")
+        if not isinstance(add_to, (tuple, list)) or len(add_to) != 2:
+            raise TypeError(f"add_to must be a (vertices, albedo) pair of arrays; got {type(add_to).__name__}")
+        add_vertices, add_albedo = add_to
+        check_accumulator("add_to[0] (vertices)", add_vertices, r.vertices, xp)
+        check_accumulator("add_to[1] (albedo)", add_albedo, r.albedo, xp)
     with value_checks(False):
         if grad_image is not None:
             grad_clip_blend = None
@@ -257,19 +269,23 @@ def render_faces_backward(model, params, rendering, resolution, focal, grad_imag
             if grad_clip_blend is not None:
                 grad_clip += grad_clip_blend
             grad_camera, grad_albedo, grad_sh = shade_vertices_backward(
-                r.camera_vertices, model.triangles, r.albedo, params.sh, grad_colors, adjacency=_adjacency(model))
+                r.camera_vertices, model.triangles, r.albedo, params.sh, grad_colors, adjacency=_adjacency(model),
+                add_to_albedo=add_albedo)
             # The projection's gradient added into the shading's in its own kernel (no third array).
             perspective_projection_backward(r.camera_vertices, focal, resolution, grad_clip, add_to=grad_camera)
         else:
             grad_camera = xp.zeros((B, V, 3), dtype=dtype)
-            grad_albedo = xp.zeros((B, V, 3), dtype=dtype)
+            if add_albedo is None:
+                grad_albedo = xp.zeros((B, V, 3), dtype=dtype)
+            else:  # nothing to add: the albedo does not reach the landmarks
+                grad_albedo = add_albedo
             grad_sh = xp.zeros((B, 9, 3), dtype=dtype)
         if grad_landmarks is not None:
             index = model.landmarks
             grad_points = project_to_pixels_backward(r.camera_vertices[:, index], focal, resolution, grad_landmarks)
             _scatter_add_rows(xp, grad_camera, index, grad_points, model)
         grad_vertices, grad_rotation, grad_translation = rigid_transform_backward(
-            r.vertices, r.rotation, params.translation, grad_camera)
+            r.vertices, r.rotation, params.translation, grad_camera, add_to=add_vertices)
         grad_angles = euler_rotation_backward(params.angles, grad_rotation)
         grad_shape = grad_expression = grad_albedo_coeffs = None
         if model_backward:

@@ -90,7 +90,8 @@ __global__ void rigid_transform_fwd(const float* __restrict__ points, const floa
     for (int row = 0; row < 3; ++row) out[3 * i + row] = r[3 * row] * x + r[3 * row + 1] * y + r[3 * row + 2] * z + t[row];
 }
 
-// grad_points = R^T g per vertex (atomicAdd over the batch when SHARED_POINTS, into zeros);
+// grad_points = R^T g per vertex (atomicAdd over the batch when SHARED_POINTS, into zeros); with
+// accumulate != 0 it is added to what grad_points holds (atomics into it, not into zeros, when shared);
 // grad_rotation[r][j] = sum_v g_r p_j and grad_translation[r] = sum_v g_r are reductions over V:
 // each thread sums its vertices (a grid-stride loop over v for batch element b = blockIdx.y, about
 // 8 vertices per thread so fewer blocks reduce), the block reduces the 12 sums (warp shuffles,
@@ -99,7 +100,7 @@ template <bool SHARED_POINTS>
 __global__ void rigid_transform_bwd(const float* __restrict__ points, const float* __restrict__ rotation,
                                     const float* __restrict__ translation, const float* __restrict__ grad_out,
                                     float* __restrict__ grad_points, float* __restrict__ grad_rotation,
-                                    float* __restrict__ grad_translation, int B, int V) {
+                                    float* __restrict__ grad_translation, int B, int V, int accumulate) {
     __shared__ float warp_sums[32][12];
     const int b = blockIdx.y;
     float acc[12];
@@ -117,6 +118,8 @@ __global__ void rigid_transform_bwd(const float* __restrict__ points, const floa
                 const float gp = r[j] * g[0] + r[3 + j] * g[1] + r[6 + j] * g[2];
                 if (SHARED_POINTS) {
                     atomicAdd(grad_points + 3 * ip + j, gp);
+                } else if (accumulate) {
+                    grad_points[3 * ip + j] += gp;
                 } else {
                     grad_points[3 * ip + j] = gp;
                 }

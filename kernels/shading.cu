@@ -64,11 +64,12 @@ __device__ __forceinline__ void shade_vertex(const float* coef, float x, float y
 }
 
 // Backward at one vertex: adds ga_c P_k to acc[3k + c], writes (or, for a shared albedo, adds
-// atomically) g_c E_c to grad_albedo, and writes grad_n.
+// atomically; with accumulate, adds) g_c E_c to grad_albedo, and writes grad_n.
 template <bool SHARED_ALBEDO>
 __device__ __forceinline__ void shade_vertex_bwd(const float* coef, float x, float y, float z,
                                                  const float* __restrict__ albedo, const float* __restrict__ grad,
-                                                 float acc[27], float* __restrict__ grad_albedo, float gn[3]) {
+                                                 float acc[27], float* __restrict__ grad_albedo, float gn[3],
+                                                 int accumulate) {
     float p[9], w[9];
     sh_basis(x, y, z, p);
 #pragma unroll
@@ -86,6 +87,8 @@ __device__ __forceinline__ void shade_vertex_bwd(const float* coef, float x, flo
         }
         if (SHARED_ALBEDO) {
             atomicAdd(grad_albedo + c, g * e);
+        } else if (accumulate) {
+            grad_albedo[c] += g * e;
         } else {
             grad_albedo[c] = g * e;
         }
@@ -172,7 +175,7 @@ __global__ void sh_shade_bwd(const float* __restrict__ normals, const float* __r
         const long long ia = SHARED_ALBEDO ? (long long)v : i;
         float gn[3];
         shade_vertex_bwd<SHARED_ALBEDO>(coef, normals[3 * i], normals[3 * i + 1], normals[3 * i + 2], albedo + 3 * ia,
-                                        grad_out + 3 * i, acc, grad_albedo + 3 * ia, gn);
+                                        grad_out + 3 * i, acc, grad_albedo + 3 * ia, gn, 0);
         grad_normals[3 * i] = gn[0];
         grad_normals[3 * i + 1] = gn[1];
         grad_normals[3 * i + 2] = gn[2];
@@ -201,13 +204,14 @@ __global__ void shade_vertices_fwd(const float* __restrict__ vertices, const int
 
 // sh_shade_bwd at the recomputed normal, writing instead of grad_normals the gradient of the
 // summed normal s, (grad_n - n (n . grad_n)) / |s|, for vertex_normals_bwd (kernels/normals.cu)
-// to gather. Launch as sh_shade_bwd.
+// to gather. Launch as sh_shade_bwd. accumulate != 0 adds grad_albedo to what it holds (a shared
+// albedo's atomics then go into it instead of into zeros).
 template <bool SHARED_ALBEDO>
 __global__ void shade_vertices_bwd_sum(const float* __restrict__ vertices, const int* __restrict__ offsets,
                                        const int* __restrict__ corners, const float* __restrict__ albedo,
                                        const float* __restrict__ sh, const float* __restrict__ grad_out,
                                        float* __restrict__ grad_sum, float* __restrict__ grad_albedo,
-                                       float* __restrict__ grad_sh, int B, int V) {
+                                       float* __restrict__ grad_sh, int B, int V, int accumulate) {
     __shared__ float coef[27];
     const int b = blockIdx.y;
     load_coefficients(sh, b, coef);
@@ -223,7 +227,7 @@ __global__ void shade_vertices_bwd_sum(const float* __restrict__ vertices, const
         const float inv = inverse_length(s);
         const float nx = s[0] * inv, ny = s[1] * inv, nz = s[2] * inv;
         shade_vertex_bwd<SHARED_ALBEDO>(coef, nx, ny, nz, albedo + 3 * ia, grad_out + 3 * i, acc, grad_albedo + 3 * ia,
-                                        gn);
+                                        gn, accumulate);
         const float ndotg = nx * gn[0] + ny * gn[1] + nz * gn[2];
         grad_sum[3 * i] = (gn[0] - nx * ndotg) * inv;
         grad_sum[3 * i + 1] = (gn[1] - ny * ndotg) * inv;

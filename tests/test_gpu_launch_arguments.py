@@ -250,6 +250,9 @@ def scenario_shade_vertices(cp, rng, monkeypatch):
             grads = fastface.shade_vertices_backward(v, g_tri, albedo, sh, cp.asarray(np.ones((B, 16, 3), np.float32)),
                                                      adjacency=adj)
             _on_gpu(colours, *grads)
+            added = fastface.shade_vertices_backward(v, g_tri, albedo, sh, cp.asarray(np.ones((B, 16, 3), np.float32)),
+                                                     adjacency=adj, add_to_albedo=cp.zeros(albedo.shape, np.float32))
+            _on_gpu(*added)
     v = cp.asarray(_camera_points(rng, 1)[0])
     albedo, sh = _lighting(cp, rng, 1, 16, True)
     _on_gpu(fastface.shade_vertices(v, g_tri, albedo, sh[0], adjacency=adjacency))
@@ -278,6 +281,10 @@ def scenario_rigid_transform(cp, rng, monkeypatch):
                                                   cp.asarray(rng.normal(size=(B, V, 3)).astype(np.float32)))
         _on_gpu(out, *grads)
         assert grads[0].shape == points.shape
+        added = fastface.rigid_transform_backward(p, rotation, translation,
+                                                  cp.asarray(rng.normal(size=(B, V, 3)).astype(np.float32)),
+                                                  add_to=cp.zeros(points.shape, np.float32))
+        _on_gpu(*added)
     return _kernels("camera.cu", *(f"rigid_transform_{d}<{s}>" for d in ("fwd", "bwd") for s in ("false", "true")))
 
 

@@ -219,6 +219,12 @@ def test_shade_vertices_gpu_path_matches_the_cpu(gpu, rng, tol, shared_albedo):
     assert_scatter_close(got[0], want[0], tol)
     (assert_scatter_close if shared_albedo else assert_close)(got[1], want[1], tol)
     assert_scatter_close(got[2], want[2], tol)
+    # add_to_albedo: grad_albedo added into the caller's array (accumulate = 1 in the kernel).
+    start = rng.normal(size=albedo.shape).astype(np.float32)
+    g_start = cp.asarray(start)
+    assert fastface.shade_vertices_backward(*g, add_to_albedo=g_start)[1] is g_start
+    want_added = fastface.shade_vertices_backward(vertices, tri, albedo, sh, grad_out, add_to_albedo=start.copy())[1]
+    (assert_scatter_close if shared_albedo else assert_close)(g_start, want_added, tol)
     assert_all_computed(gpu, "shade_vertices_fwd", "shade_vertices_bwd_sum", "vertex_normals_bwd")
 
 
@@ -239,6 +245,15 @@ def test_rigid_transform_backward_gpu_path_matches_the_cpu(gpu, rng, tol, shared
     (assert_scatter_close if shared_points else assert_close)(got[0], want[0], tol)
     assert_scatter_close(got[1], want[1], tol)
     assert_scatter_close(got[2], want[2], tol)
+    # add_to: grad_points added into the caller's array (accumulate = 1; atomics into it when shared).
+    start = rng.normal(size=points.shape).astype(np.float32)
+    g_start = cp.asarray(start)
+    added = fastface.rigid_transform_backward(cp.asarray(points), cp.asarray(rotation), cp.asarray(translation),
+                                              cp.asarray(grad_out), add_to=g_start)
+    assert added[0] is g_start
+    want_added = fastface.rigid_transform_backward(points, rotation, translation, grad_out, add_to=start.copy())
+    (assert_scatter_close if shared_points else assert_close)(g_start, want_added[0], tol)
+    assert_scatter_close(added[1], want[1], tol)
     assert_all_computed(gpu, "rigid_transform_bwd")
 
 

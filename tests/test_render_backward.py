@@ -153,6 +153,30 @@ def test_render_backward_without_the_model_stops_at_the_vertices(model):
     np.testing.assert_array_equal(grad_albedo, whole.params.albedo)
 
 
+def test_render_backward_adds_the_vertex_and_albedo_gradients_into_add_to(model):
+    rng = np.random.default_rng(8)
+    params = _params(model, rng)
+    r = fastface.render_faces(model, params, RES, FOCAL)
+    w_image, w_landmarks = _loss_weights(rng, model, params, ())
+    for gi, gl in ((w_image, w_landmarks), (None, w_landmarks)):  # the landmark-only path adds no albedo term
+        alone = fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=gi, grad_landmarks=gl,
+                                               model_backward=False)
+        start = (rng.normal(size=r.vertices.shape), rng.normal(size=r.albedo.shape))
+        acc = (start[0].copy(), start[1].copy())
+        added = fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=gi, grad_landmarks=gl,
+                                               model_backward=False, add_to=acc)
+        assert added.vertices is acc[0] and added.albedo is acc[1]
+        np.testing.assert_allclose(acc[0], start[0] + alone.vertices, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(acc[1], start[1] + alone.albedo, rtol=1e-12, atol=1e-12)
+        for name in ("sh", "angles", "translation"):
+            np.testing.assert_allclose(getattr(added.params, name), getattr(alone.params, name), rtol=1e-12)
+    with pytest.raises(ValueError, match="add_to needs model_backward=False"):
+        fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=w_image, add_to=acc)
+    with pytest.raises(ValueError, match=r"add_to\[1\] \(albedo\) must have shape"):
+        fastface.render_faces_backward(model, params, r, RES, FOCAL, grad_image=w_image, model_backward=False,
+                                       add_to=(acc[0], acc[1][:1]))
+
+
 @pytest.mark.parametrize("name", ["shape", "angles", "translation"])
 def test_antialiased_render_backward_matches_central_differences_at_the_outline(model, name, tol):
     """With antialias the outline's pixels depend on the geometry: their gradient reaches the pose and shape."""

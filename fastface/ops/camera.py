@@ -168,14 +168,16 @@ def rigid_transform_fwd(points, rotation, translation, out):
 
 
 @numba.njit(cache=True, parallel=True)
-def rigid_transform_bwd(points, rotation, translation, grad_out, grad_points, grad_rotation, grad_translation):
+def rigid_transform_bwd(points, rotation, translation, grad_out, grad_points, grad_rotation, grad_translation,
+                        accumulate):
     """Chunks of vertices in parallel, batch sequential inside: a chunk owns its vertices' grad_points
-    (also when the points are shared by the batch) and its own grad_rotation/grad_translation partial."""
+    (also when the points are shared by the batch) and its own grad_rotation/grad_translation partial.
+    accumulate: add grad_points to what the array holds."""
     B, V = grad_out.shape[0], grad_out.shape[1]
     shared = points.shape[0] != B
     n_chunks = (V + _CHUNK - 1) // _CHUNK
     partial = np.zeros((n_chunks, B, 3, 4))  # [..., :3] rotation, [..., 3] translation
-    if shared:
+    if shared and not accumulate:
         grad_points[:] = 0.0
     for chunk in numba.prange(n_chunks):
         for b in range(B):
@@ -186,6 +188,8 @@ def rigid_transform_bwd(points, rotation, translation, grad_out, grad_points, gr
                     gp = rotation[b, 0, j] * g0 + rotation[b, 1, j] * g1 + rotation[b, 2, j] * g2
                     if shared:
                         grad_points[0, v, j] += gp
+                    elif accumulate:
+                        grad_points[b, v, j] += gp
                     else:
                         grad_points[b, v, j] = gp
                 for r in range(3):
@@ -296,12 +300,15 @@ def rigid_transform(points, rotation, translation):
     return out
 
 
-def rigid_transform_backward(points, rotation, translation, grad_out):
+def rigid_transform_backward(points, rotation, translation, grad_out, *, add_to=None):
     """Gradients of `rigid_transform`.
 
     Args:
         points, rotation, translation: as for `rigid_transform`.
         grad_out: (B, V, 3) gradient of the transformed points.
+        add_to: keyword only, optional C-contiguous array shaped and typed like points, on their device:
+            grad_points is added into it in place (and it is returned as grad_points). The training step
+            adds one level's vertex gradient to the other's this way, without a pass over a third array.
 
     Returns:
         (grad_points, grad_rotation, grad_translation) shaped like the inputs (grad_points summed
@@ -312,16 +319,27 @@ def rigid_transform_backward(points, rotation, translation, grad_out):
     xp, p3, r, t, g = _prepare_rigid(points, rotation, translation, grad_out, backward=True)
     B, V = r.shape[0], p3.shape[1]
     shared = p3.shape[0] != B
+    accumulate = add_to is not None
+    if accumulate:
+        grad_points = check_accumulator("add_to", add_to, points, xp).reshape(p3.shape)
+        if add_to is points or add_to is grad_out:
+            raise ValueError("add_to must be an array of its own, not points or grad_out")
     if xp is np:
-        grad_points, grad_rotation, grad_translation = np.empty_like(p3), np.empty_like(r), np.empty_like(t)
-        rigid_transform_bwd(p3, r, t, g, grad_points, grad_rotation, grad_translation)
+        if not accumulate:
+            grad_points = np.empty_like(p3)
+        grad_rotation, grad_translation = np.empty_like(r), np.empty_like(t)
+        rigid_transform_bwd(p3, r, t, g, grad_points, grad_rotation, grad_translation, accumulate)
     else:
-        grad_points = xp.zeros_like(p3) if shared else xp.empty_like(p3)
+        if not accumulate:
+            grad_points = xp.zeros_like(p3) if shared else xp.empty_like(p3)
         grad_rotation, grad_translation = xp.zeros_like(r), xp.zeros_like(t)
         blocks = max(1, (V + _BLOCK * _VERTICES_PER_THREAD - 1) // (_BLOCK * _VERTICES_PER_THREAD))
         _kernel(f"rigid_transform_bwd<{'true' if shared else 'false'}>")(
             (blocks, images_on_grid_y(B, "rigid_transform_backward")), (_BLOCK,),
-            (p3, r, t, g, grad_points, grad_rotation, grad_translation, np.int32(B), np.int32(V)))
+            (p3, r, t, g, grad_points, grad_rotation, grad_translation, np.int32(B), np.int32(V),
+             np.int32(accumulate)))
+    if accumulate:
+        return add_to, grad_rotation, grad_translation
     return (grad_points[0] if points.ndim == 2 else grad_points), grad_rotation, grad_translation
 
 

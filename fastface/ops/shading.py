@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from fastface._backend import KernelFile, array_module, images_on_grid_y
-from fastface._checks import check_array, check_finite, check_same_batch
+from fastface._checks import check_accumulator, check_array, check_finite, check_same_batch
 # The fused kernels call normals' Numba helpers and launch its gather kernel. Numba's cache does not
 # notice edits to another module: after changing normals.py's helpers, clear the cache (or touch
 # this file) before trusting the fused CPU kernels.
@@ -182,15 +182,17 @@ def shade_vertices_fwd(vertices, offsets, corners, albedo, sh, factors, out):
 
 
 @numba.njit(cache=True, parallel=True)
-def shade_vertices_bwd_sum(vertices, offsets, corners, albedo, sh, factors, grad_out, grad_sum, grad_albedo, grad_sh):
+def shade_vertices_bwd_sum(vertices, offsets, corners, albedo, sh, factors, grad_out, grad_sum, grad_albedo, grad_sh,
+                           accumulate):
     """sh_shade_bwd at the recomputed normals, then, instead of grad_normals, the gradient of the
-    summed normal s, (grad_n - n (n . grad_n)) / |s| (vertex_normals_bwd_sum's formula)."""
+    summed normal s, (grad_n - n (n . grad_n)) / |s| (vertex_normals_bwd_sum's formula).
+    accumulate: add grad_albedo to what the array holds."""
     B, V = vertices.shape[0], vertices.shape[1]
     shared = albedo.shape[0] != B
     coef = _coefficients(sh, factors)
     n_chunks = (V + _CHUNK - 1) // _CHUNK
     partial = np.zeros((n_chunks, B, 9, 3))
-    if shared:
+    if shared and not accumulate:
         grad_albedo[:] = 0.0
     for chunk in numba.prange(n_chunks):
         w = np.empty(9)
@@ -202,7 +204,7 @@ def shade_vertices_bwd_sum(vertices, offsets, corners, albedo, sh, factors, grad
                 inv = _normals._inverse_length(sx, sy, sz, vb.dtype.type(1))
                 nx, ny, nz = sx * inv, sy * inv, sz * inv
                 gx, gy, gz = _shade_vertex_bwd(coef[b], nx, ny, nz, albedo[ab, v], grad_out[b, v], partial[chunk, b],
-                                               w, grad_albedo[ab, v], shared)
+                                               w, grad_albedo[ab, v], shared or accumulate)
                 ndotg = nx * gx + ny * gy + nz * gz
                 grad_sum[b, v, 0] = (gx - nx * ndotg) * inv
                 grad_sum[b, v, 1] = (gy - ny * ndotg) * inv
@@ -363,12 +365,15 @@ def shade_vertices(vertices, tri, albedo, sh, adjacency=None):
     return out if batched else out[0]
 
 
-def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None):
+def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None, *, add_to_albedo=None):
     """Gradients of `shade_vertices`.
 
     Args:
         vertices, tri, albedo, sh, adjacency: as for `shade_vertices`.
         grad_out: gradient of the colours, shaped and typed like the colours.
+        add_to_albedo: keyword only, optional C-contiguous array shaped and typed like albedo, on its
+            device: grad_albedo is added into it in place (and it is returned as grad_albedo). The
+            training step adds one level's albedo gradient to the other's this way.
 
     Returns:
         (grad_vertices, grad_albedo, grad_sh), as `vertex_normals_backward` and
@@ -379,16 +384,30 @@ def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None)
     B, V = v3.shape[0], v3.shape[1]
     grad_sum = xp.empty_like(v3)  # scratch: the gradient of the summed (un-normalised) normals
     grad_vertices = xp.empty_like(v3)
-    grad_albedo, grad_sh, shared = _backward_outputs(xp, a3, s3, B)
+    accumulate = add_to_albedo is not None
+    if accumulate:
+        check_accumulator("add_to_albedo", add_to_albedo, albedo, xp)
+        if add_to_albedo is albedo or add_to_albedo is grad_out:
+            raise ValueError("add_to_albedo must be an array of its own, not albedo or grad_out")
+        shared = a3.shape[0] != B
+        grad_albedo, grad_sh = add_to_albedo.reshape(a3.shape), (np.empty_like(s3) if xp is np else xp.zeros_like(s3))
+    else:
+        grad_albedo, grad_sh, shared = _backward_outputs(xp, a3, s3, B)
     offsets, corners = adjacency.offsets, adjacency.corners
     if xp is np:
-        shade_vertices_bwd_sum(v3, offsets, corners, a3, s3, SH_BAND_FACTORS, g3, grad_sum, grad_albedo, grad_sh)
+        shade_vertices_bwd_sum(v3, offsets, corners, a3, s3, SH_BAND_FACTORS, g3, grad_sum, grad_albedo, grad_sh,
+                               accumulate)
         _normals.vertex_normals_bwd(v3, offsets, corners, grad_sum, grad_vertices)
     else:
         _template("shade_vertices_bwd_sum", shared)(
             *_launch_shape(V, B, True),
-            (v3, offsets, corners, a3, s3, g3, grad_sum, grad_albedo, grad_sh, np.int32(B), np.int32(V)))
+            (v3, offsets, corners, a3, s3, g3, grad_sum, grad_albedo, grad_sh, np.int32(B), np.int32(V),
+             np.int32(accumulate)))
         _normals._launch("bwd", B, V, (v3, offsets, corners, grad_sum, grad_vertices))
+    if accumulate:
+        grad_albedo = add_to_albedo
+    elif not batched or albedo.ndim == 2:
+        grad_albedo = grad_albedo[0]
     if not batched:
-        return grad_vertices[0], grad_albedo[0], grad_sh[0]
-    return grad_vertices, (grad_albedo[0] if albedo.ndim == 2 else grad_albedo), grad_sh
+        return grad_vertices[0], grad_albedo, grad_sh[0]
+    return grad_vertices, grad_albedo, grad_sh

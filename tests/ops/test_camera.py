@@ -216,6 +216,27 @@ def test_projection_backwards_match_finite_differences(rng, tol):
                             project_to_pixels_backward(points, focal, RES, grad_pix), tol)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_rigid_transform_backward_adds_into_add_to(rng, shared):
+    B, V = 3, 40
+    points = rng.normal(size=(V, 3) if shared else (B, V, 3))
+    rotation = euler_rotation(rng.uniform(-1, 1, (B, 3)))
+    translation = rng.normal(size=(B, 3))
+    grad_out = rng.normal(size=(B, V, 3))
+    want = rigid_transform_backward(points, rotation, translation, grad_out)
+    start = rng.normal(size=points.shape)
+    acc = start.copy()
+    got = rigid_transform_backward(points, rotation, translation, grad_out, add_to=acc)
+    assert got[0] is acc
+    np.testing.assert_allclose(acc, start + want[0], rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    with pytest.raises(ValueError, match="add_to must have shape"):
+        rigid_transform_backward(points, rotation, translation, grad_out, add_to=np.zeros((V + 1, 3)))
+    with pytest.raises(ValueError, match="of its own"):
+        rigid_transform_backward(points, rotation, translation, grad_out, add_to=points)
+
+
 @pytest.mark.parametrize("batched", [True, False])
 def test_projection_backward_adds_into_add_to(rng, batched):
     points = camera_points(rng) if batched else camera_points(rng)[0]

@@ -183,6 +183,26 @@ def test_fused_backward_matches_finite_differences(rng, tol, wrt):
     assert_gradient_matches(f, inputs[wrt], grad_out, analytic, tol)
 
 
+@pytest.mark.parametrize("shared_albedo", [False, True])
+def test_fused_backward_adds_the_albedo_gradient_into_add_to(rng, shared_albedo):
+    vertices, tri, albedo, sh = make_mesh_inputs(rng, shared_albedo=shared_albedo)
+    grad_out = rng.normal(size=vertices.shape)
+    want = shade_vertices_backward(vertices, tri, albedo, sh, grad_out)
+    start = rng.normal(size=albedo.shape)
+    acc = start.copy()
+    got = shade_vertices_backward(vertices, tri, albedo, sh, grad_out, add_to_albedo=acc)
+    assert got[1] is acc
+    np.testing.assert_allclose(acc, start + want[1], rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="add_to_albedo must have shape"):
+        shade_vertices_backward(vertices, tri, albedo, sh, grad_out, add_to_albedo=np.zeros((1, 3)))
+    with pytest.raises(TypeError, match="add_to_albedo must be float64"):
+        shade_vertices_backward(vertices, tri, albedo, sh, grad_out, add_to_albedo=start.astype(np.float32))
+    with pytest.raises(ValueError, match="of its own"):
+        shade_vertices_backward(vertices, tri, albedo, sh, grad_out, add_to_albedo=albedo)
+
+
 def test_fused_unbatched_and_prebuilt_adjacency(rng):
     vertices, tri, albedo, sh = make_mesh_inputs(rng)
     adjacency = vertex_adjacency(tri, vertices.shape[1])
