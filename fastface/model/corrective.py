@@ -62,6 +62,7 @@ import weakref
 import numba
 import numpy as np
 
+from fastface._accumulate import store3
 from fastface._backend import KernelFile, array_module, cupy_or_none, grid_1d, is_cupy_array
 from fastface._checks import check_array, check_finite, check_same_batch, describe
 from fastface._gemm import COMPUTE_MODES, gemm
@@ -504,19 +505,6 @@ def sum_partials(partial, out, n):
 
 
 @numba.njit(cache=True, inline="always")
-def _put(grad, b, v, x, y, z, accumulate):
-    """Writes (accumulate false) or adds (true) one vertex's gradient, as the kernels' put3."""
-    if accumulate:
-        grad[b, v, 0] += x
-        grad[b, v, 1] += y
-        grad[b, v, 2] += z
-    else:
-        grad[b, v, 0] = x
-        grad[b, v, 1] = y
-        grad[b, v, 2] = z
-
-
-@numba.njit(cache=True, inline="always")
 def _laplacian_at(ob, nbr_offsets, nbrs, v):
     V = ob.shape[0]
     sx = sy = sz = ob[v, 0] * 0
@@ -569,7 +557,7 @@ def smoothness_bwd(lap, nbr_offsets, nbrs, grad_out, grad_offsets, accumulate):
             sy += ly - lb[j, 1]
             sz += lz - lb[j, 2]
         scale = 2.0 * grad_out[b] / V
-        _put(grad_offsets, b, v, scale * sx, scale * sy, scale * sz, accumulate)
+        store3(grad_offsets, b, v, scale * sx, scale * sy, scale * sz, accumulate)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -591,7 +579,7 @@ def magnitude_bwd(offsets, grad_out, grad_offsets, accumulate):
     for i in numba.prange(B * V):
         b, v = i // V, i % V
         scale = 2.0 * grad_out[b] / V
-        _put(grad_offsets, b, v, scale * offsets[b, v, 0], scale * offsets[b, v, 1], scale * offsets[b, v, 2],
+        store3(grad_offsets, b, v, scale * offsets[b, v, 0], scale * offsets[b, v, 1], scale * offsets[b, v, 2],
              accumulate)
 
 
@@ -666,7 +654,7 @@ def reflectance_constancy_bwd(albedo, guide, nbr_offsets, nbrs, grad_out, grad_a
             sy += f * dy
             sz += f * dz
         scale = grad_out[b] / E
-        _put(grad_albedo, b, v, scale * sx, scale * sy, scale * sz, accumulate)
+        store3(grad_albedo, b, v, scale * sx, scale * sy, scale * sz, accumulate)
 
 
 @numba.njit(cache=True, inline="always")
@@ -712,7 +700,7 @@ def symmetry_bwd(offsets, symmetry, mirror_offsets, mirrored_from, grad_out, gra
             gy -= dy
             gz -= dz
         scale = 2.0 * grad_out[b] / V
-        _put(grad_offsets, b, v, scale * gx, scale * gy, scale * gz, accumulate)
+        store3(grad_offsets, b, v, scale * gx, scale * gy, scale * gz, accumulate)
 
 
 _KERNELS = KernelFile("corrective.cu", (

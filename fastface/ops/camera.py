@@ -17,6 +17,7 @@ for `euler_rotation`, per vertex for the others).
 import numba
 import numpy as np
 
+from fastface._accumulate import store3
 from fastface._backend import NULL_POINTER, KernelFile, array_module, grid_1d, images_on_grid_y
 from fastface._checks import (check_accumulator, check_array, check_finite, check_float, check_resolution,
                               check_same_batch, float_dtypes, queue_on_device, value_checks_enabled)
@@ -238,14 +239,7 @@ def perspective_projection_bwd(points, focal, focal_scalar, grad_out, grad_point
         gx = (2.0 * f / width) * grad_out[b, v, 0]
         gy = (2.0 * f / height) * grad_out[b, v, 1]
         gz = za * grad_out[b, v, 2] - grad_out[b, v, 3]
-        if accumulate:
-            grad_points[b, v, 0] += gx
-            grad_points[b, v, 1] += gy
-            grad_points[b, v, 2] += gz
-        else:
-            grad_points[b, v, 0] = gx
-            grad_points[b, v, 1] = gy
-            grad_points[b, v, 2] = gz
+        store3(grad_points, b, v, gx, gy, gz, accumulate)
 
 
 @numba.njit(cache=True, parallel=True)
