@@ -5,7 +5,7 @@
 - `Crop`, `crop_from_landmarks`, `crop_from_box`: the face cut out and scaled, with the
   similarity transform that maps results back onto the photo.
 - `save_obj`, `save_ply`, `load_obj`: meshes with vertex colours.
-- `detect_faces`: OpenCV's frontal-face Haar cascades (shipped with fastface), largest first.
+- `detect_faces`: OpenCV's frontal-face Haar cascades (shipped with fastface), the best supported first.
 """
 from fastface.io.crop import (BOX_CENTRE_DY, BOX_SIZE, DEFAULT_SCALE, Crop, crop_from_box,
                               crop_from_landmarks, landmark_frame)

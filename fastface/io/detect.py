@@ -194,7 +194,8 @@ def _raw_detections(grey, cascade, scale_factor, min_size, max_size):
 
 def _group_rectangles(rects, group_threshold, eps=0.2):
     """OpenCV's groupRectangles: cluster similar boxes, average them, keep clusters of more than
-    `group_threshold`, and drop a box lying inside a larger box with more support."""
+    `group_threshold`, and drop a box lying inside a larger box with more support. Returns
+    (box, support) pairs, support the number of raw detections in the box's cluster."""
     n = len(rects)
     parent = list(range(n))
 
@@ -247,7 +248,7 @@ def _group_rectangles(rects, group_threshold, eps=0.2):
                 inside = True
                 break
         if not inside:
-            kept.append(r1)
+            kept.append((r1, n1))
     return kept
 
 
@@ -273,7 +274,7 @@ def _grey_uint8(image):
 
 def detect_faces(image, cascade="default", fallback="alt2", min_size=40, scale_factor=1.1,
                  min_neighbors=3):
-    """Finds frontal faces with a Haar cascade; largest first.
+    """Finds frontal faces with a Haar cascade; the best supported first.
 
     Args:
         image: (H, W, 3) RGB float in [0, 1] (read_image) or uint8; or (H, W) grey.
@@ -285,9 +286,14 @@ def detect_faces(image, cascade="default", fallback="alt2", min_size=40, scale_f
         scale_factor, min_neighbors: as in OpenCV's detectMultiScale.
 
     Returns:
-        A list of boxes (x0, y0, x1, y1), ints, largest area first (ties: top-left first). A box
-        covers the pixel columns x0 .. x1 - 1 and rows y0 .. y1 - 1; its centre in pixel-centre
-        coordinates is ((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2). An empty list when no face is found.
+        A list of boxes (x0, y0, x1, y1), ints, the best supported first: the support of a box is
+        the number of raw detections (over positions and scales) grouped into it; ties: the larger
+        first, then top-left first. A face gathers many detections (and a larger face more), a
+        face-like pattern few: on the annotated test photos the faces had 13 to 103, the three
+        false boxes 6 to 8, and ordering by area put a wall medallion (7) before a face (13) in
+        einstein.jpg. A box covers the pixel columns x0 .. x1 - 1 and rows y0 .. y1 - 1; its centre
+        in pixel-centre coordinates is ((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2). An empty list when
+        no face is found.
 
     Raises:
         FileNotFoundError: the cascade file is missing (naming it).
@@ -304,6 +310,5 @@ def detect_faces(image, cascade="default", fallback="alt2", min_size=40, scale_f
         boxes = _group_rectangles(raw, int(min_neighbors))
         if boxes:
             break
-    boxes = [(x, y, x + w, y + h) for x, y, w, h in boxes]
-    boxes.sort(key=lambda b: (-(b[2] - b[0]) * (b[3] - b[1]), b[1], b[0]))
-    return boxes
+    ranked = sorted(((-support, -w * h, y, x), (x, y, x + w, y + h)) for (x, y, w, h), support in boxes)
+    return [box for _, box in ranked]
