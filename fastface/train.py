@@ -155,7 +155,10 @@ class _Data:
                 raise ValueError(f"{settings.data} holds no photo with a .pts file")
         else:
             self.train_seeds = TRAIN_SEEDS
-            self.faces = SyntheticFaces(model, resolution=resolution)
+            # The data is rendered with the model in float32 whatever the run's GEMM precision (a GPU
+            # run's model may evaluate in TF32: fine for training, not for the faces' ground truth). The
+            # copy shares the model's arrays.
+            self.faces = SyntheticFaces(model.to(model.device, precision="float32"), resolution=resolution)
 
     def __call__(self, step):
         rng = np.random.default_rng([self.seed, step])

@@ -122,3 +122,7 @@ def test_the_face_model_and_correctives_gemms_follow_the_runs_precision(monkeypa
     with pytest.raises(ValueError, match="precision must be one of"):
         correctives.to("gpu", precision="fp8")
     assert model.to("cpu").precision == expected  # kept by a copy unless given
+    # The synthetic data is rendered in float32 whatever the run's precision, from the same arrays.
+    from fastface.train import _Data  # noqa: PLC0415
+    data = _Data(TrainSettings(**{**SETTINGS, "precision": precision}), model, 30.0, (0.0, 0.0, -600.0))
+    assert data.faces.model.precision == "float32" and data.faces.model.mean_shape is model.mean_shape
