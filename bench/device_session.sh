@@ -4,8 +4,9 @@
 #   OUT=$OUT bash bench/device_session.sh tests   # every GPU test (one process per file), then
 #                                                 # compute-sanitizer memcheck on the newest kernels' tests
 #   OUT=$OUT bash bench/device_session.sh bench   # the GPU benchmarks of training, antialias and the
-#                                                 # rasterizer, then the face model, rasterizer, antialias and
-#                                                 # training-step profiles, then Nsight Compute's kernel times
+#                                                 # rasterizer, then the profiles (face model, training loop
+#                                                 # with its data, rasterizer, antialias, training step), then
+#                                                 # Nsight Compute's kernel times
 # With no argument it runs both (on a machine without the 600 s limit). Logs under $OUT, at most 8
 # files a call (the device tool brings back no more): tests: env.txt, tests.log, sanitizer.log; bench:
 # env.txt, bench.json, bench.log, bench_summary.txt, profiles.log, ncu.csv, ncu_summary.txt.
@@ -32,7 +33,7 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
   # Last (a timeout keeps the logs above): per-kernel rasterizer times (issue 10), where antialias's and
   # the training step's time goes.
   : > "$OUT/profiles.log"
-  for p in profile_morphable profile_rasterize profile_antialias profile_train_step; do
+  for p in profile_morphable profile_train_loop profile_rasterize profile_antialias profile_train_step; do
     timeout "${PROFILE_TIMEOUT:-100}" python3 "bench/$p.py" >> "$OUT/profiles.log" 2>&1
     echo "$p rc=$?" | tee -a "$OUT/profiles.log"
   done
