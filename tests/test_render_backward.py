@@ -89,11 +89,16 @@ def test_landmarks_are_the_projected_landmark_vertices(model):
     assert r.landmarks.shape == (2, 68, 2)
 
 
-def test_offsets_are_added_before_the_pose(model):
-    rng = np.random.default_rng(4)
+def _base_and_offsets(model, seed):
+    """float32 parameters, geometry offsets, and the base level rendered from the parameters."""
+    rng = np.random.default_rng(seed)
     params = _params(model, rng, np.float32)
     offsets = rng.normal(0, 1, (2, model.n_vertices, 3)).astype(np.float32)
-    base = fastface.render_faces(model, params, RES, FOCAL)
+    return params, offsets, fastface.render_faces(model, params, RES, FOCAL)
+
+
+def test_offsets_are_added_before_the_pose(model):
+    params, offsets, base = _base_and_offsets(model, 4)
     moved = fastface.render_faces(model, params, RES, FOCAL, geometry_offsets=offsets)
     np.testing.assert_allclose(moved.vertices, base.vertices + offsets, rtol=1e-6, atol=1e-5)
 
@@ -115,10 +120,7 @@ def test_bad_offsets_and_gradients_are_refused_by_name(model):
 
 
 def test_a_level_rendered_from_a_given_evaluation_equals_one_that_evaluates_the_model(model):
-    rng = np.random.default_rng(6)
-    params = _params(model, rng, np.float32)
-    offsets = rng.normal(0, 1, (2, model.n_vertices, 3)).astype(np.float32)
-    base = fastface.render_faces(model, params, RES, FOCAL)
+    params, offsets, base = _base_and_offsets(model, 6)
     own = fastface.render_faces(model, params, RES, FOCAL, geometry_offsets=offsets)
     given = fastface.render_faces(model, params, RES, FOCAL, geometry_offsets=offsets,
                                   evaluated=(base.vertices, base.albedo))
