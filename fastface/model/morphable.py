@@ -13,11 +13,10 @@ on an H200 at batch 1 the forward took 40 us against the tiled kernel's 91, the 
 166); the tiled <2, 4> forward remains for small batches whose coefficients do not fit the gemv
 kernel's shared memory. A tensor-core forward for larger batches (3xTF32 mma.sync, float32-level
 accuracy) measured slower than the tiled one on an H200 (302 vs 260 us at batch 64) and was
-removed. Above batch 8 the GEMMs go to cuBLAS's float32 SGEMM by default (`_LARGE_BATCH_PATH`; the
-tiled kernels remain selectable and tested): with two small kernels of kernels/morphable.cu around it
-(the scaled coefficients, the backward's split and scale), on an H200 the training step's batch 64 is
-where the tiled kernels were slowest (forward 162 us at K = 144, backward 200 us, against 31.5 and
-72 us for cuBLAS on the corrective decoders' K = 64). On the CPU the same two functions with the same argument order call BLAS through numpy's
+removed. Above batch 8 a GEMM may go to cuBLAS instead (with two small kernels of kernels/morphable.cu
+around it: the scaled coefficients, the backward's split and scale): in TF32 (a training run's
+`FaceModel.to(..., precision="tf32")`) both ways, in float32 the backward only, as measured on an H200
+at batch 64 (`_LARGE_BATCH_PATH`; both paths are tested, `bench/profile_morphable.py` times them). On the CPU the same two functions with the same argument order call BLAS through numpy's
 matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of N ~ 10^5) a BLAS GEMM measured
 3-6x faster than a parallel Numba loop over column tiles (batch 1: 8 ms vs 22 ms, batch 64: 0.10 s
 vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin would only be slower. The CPU path also accepts float64 coefficients (computed in float64, for
@@ -46,10 +45,19 @@ _GEMV_ROWS_PER_BLOCK = 16  # gemv backward: basis rows per block (GEMV_ROWS)
 _GEMV_COEFF_BYTES = 16384
 
 
-# Batches above _SMALL_BATCH: "cublas" (cuBLAS SGEMM between morphable_scale_coefficients and
-# morphable_split_gradient) or "tiled" (morphable_fwd<8, 8> / morphable_bwd<8, 8>). Both are tested; the
-# default is the one measured faster on an H200 (bench/RESULTS.md).
-_LARGE_BATCH_PATH = "cublas"
+# Batches above _SMALL_BATCH: "cublas" (cuBLAS GEMM between morphable_scale_coefficients and
+# morphable_split_gradient) or "tiled" (morphable_fwd<8, 8> / morphable_bwd<8, 8>); both are tested. None
+# (the default) takes what was measured faster on an H200 at batch 64 (bench/RESULTS.md, GPU run 7): in
+# float32 the tiled forward (266.9 us against cuBLAS SGEMM's 378.4) and the cuBLAS backward (297.8 against
+# 315.8); in TF32 (a training run's precision) cuBLAS both ways, with which the whole step measured 3.49 ms.
+_LARGE_BATCH_PATH = None
+
+
+def _use_cublas(compute, backward):
+    """Whether a batch above _SMALL_BATCH goes through cuBLAS (see _LARGE_BATCH_PATH)."""
+    if _LARGE_BATCH_PATH is not None:
+        return _LARGE_BATCH_PATH == "cublas"
+    return compute == "tf32" or backward
 
 _GPU_NAMES = tuple(_FWD.values()) + (_BWD,) + tuple(
     f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS) + (
@@ -94,7 +102,7 @@ def _morphable_fwd_gpu(coeff_a, coeff_b, std_dev, basis, mean, out, compute="flo
     batch, n = out.shape
     n_a, n_b = coeff_a.shape[1], coeff_b.shape[1]
     small = batch <= _SMALL_BATCH
-    if not small and _LARGE_BATCH_PATH == "cublas":
+    if not small and _use_cublas(compute, backward=False):
         import cupy  # noqa: PLC0415
         n_k = n_a + n_b
         out[...] = mean  # the GEMM adds into it (beta = 1)
@@ -120,7 +128,7 @@ def _morphable_bwd_gpu(std_dev, basis, grad_out, grad_a, grad_b, compute="float3
     n_k = n_a + n_b
     if n_k == 0:
         return
-    if batch > _SMALL_BATCH and _LARGE_BATCH_PATH == "cublas":
+    if batch > _SMALL_BATCH and _use_cublas(compute, backward=True):
         import cupy  # noqa: PLC0415
         full = cupy.empty((batch, n_k), dtype=cupy.float32)
         gemm(grad_out, basis, full, trans_b=True, compute=compute)

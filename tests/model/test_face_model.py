@@ -458,3 +458,16 @@ def test_gpu_topology_is_copied_to_the_host_once(cupy, rng, monkeypatch):
     for _ in range(3):
         assert_topology_equals_uncached(model, model.triangles.get())
     assert len(calls) == 1
+
+
+def test_the_large_batch_path_is_the_one_measured_faster(monkeypatch):
+    """Above batch 8 on the GPU (bench/RESULTS.md, GPU run 7): float32 forward tiled, float32 backward and
+    every TF32 GEMM through cuBLAS; _LARGE_BATCH_PATH forces one path both ways (the tests of each path)."""
+    module = sys.modules["fastface.model.morphable"]
+    assert module._LARGE_BATCH_PATH is None
+    choice = {(c, b): module._use_cublas(c, backward=b) for c in ("float32", "tf32") for b in (False, True)}
+    assert choice == {("float32", False): False, ("float32", True): True, ("tf32", False): True, ("tf32", True): True}
+    for path in ("tiled", "cublas"):
+        monkeypatch.setattr(module, "_LARGE_BATCH_PATH", path)
+        assert {module._use_cublas(c, backward=b) for c in ("float32", "tf32") for b in (False, True)} == {
+            path == "cublas"}
