@@ -5,7 +5,8 @@ batch of synthetic faces every step (fastface/data/synthetic.py, on the same str
 and writes its log; this script times, at the GPU defaults (default model, 224x224, batch 64):
 - the synthetic batch alone (device time of back-to-back batches),
 - the step alone (its CUDA graph replayed on one batch),
-- data + step as the loop does them (wall per iteration, the report read back each time),
+- data + step as the loop does them (wall per iteration: the batch, the step launched, the next batch's
+  draws on the host while the GPU works, the report read back),
 - `fastface.train.train` itself for a short run: the median images/s of its log.csv over the steps
   after the graphs are recorded (progress bar off).
 
@@ -53,7 +54,9 @@ def main(device="gpu", iterations=40, run_steps=160):
         walls = []
         for i in range(iterations):
             t0 = time.perf_counter()
-            step(*data(10 ** 6 + i))  # reads the report back: the loop's synchronisation
+            values = step.launch(*data(10 ** 6 + i))
+            data.prefetch(10 ** 6 + i + 1)  # as train() does: the next draws while the GPU runs the step
+            step.read(values)  # the report back: the loop's synchronisation
             walls.append(time.perf_counter() - t0)
     loop_s = float(np.median(walls))
     print(f"synthetic batch: {data_s * 1e3:.3f} ms; step: {step_s * 1e3:.3f} ms (device time on the GPU); "

@@ -125,7 +125,11 @@ class TrainingStep:
 
     def __call__(self, images, landmarks, check_values=False):
         """One step; returns a StepReport (one device-to-host transfer on the GPU)."""
-        values = self.launch(images, landmarks, check_values)
+        return self.read(self.launch(images, landmarks, check_values))
+
+    def read(self, values):
+        """The StepReport of the report `launch` returned: on the GPU one device-to-host transfer, which
+        waits for the step (the loop does host work for the next step between the two)."""
         host = np.asarray(values.get() if hasattr(values, "get") else values, dtype=np.float64)
         n = len(self.names)
         means = dict(zip(self.names, (float(v) for v in host[:n])))

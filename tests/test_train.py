@@ -134,6 +134,22 @@ def test_a_step_evaluates_the_morphable_model_once_forward_and_once_backward(mon
     assert calls == {"evaluate": 1, "evaluate_backward": 1}
 
 
+def test_the_loops_prefetched_draws_give_the_same_batches():
+    """train() draws the next batch's faces on the host while the GPU runs a step (_Data.prefetch): the
+    batches must be the ones of an uninterrupted, unprefetched run, bit for bit."""
+    from fastface.train import _Data  # noqa: PLC0415
+    settings = _settings()
+    ae = _tiny(np.float32)
+    plain, ahead = (_Data(settings, ae.model, 30.0, (0.0, 0.0, -600.0)) for _ in range(2))
+    ahead.prefetch(5)  # a draw for another step is not used for step 3
+    for step in (3, 4, 5):
+        if step > 3:
+            ahead.prefetch(step)
+        for want, got in zip(plain(step), ahead(step)):
+            np.testing.assert_array_equal(got, want)
+    assert ahead._drawn is None  # used once, then dropped
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     ae = _tiny(np.float32)
     optimizers = {"encoder": Adam(ae.encoder), "correctives": Adam(ae.correctives)}

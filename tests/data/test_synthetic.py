@@ -53,6 +53,17 @@ def test_the_same_seeds_give_identical_batches_in_a_new_generator(model, batch):
         np.testing.assert_array_equal(getattr(again, name), getattr(batch, name), err_msg=name)
 
 
+def test_draws_made_ahead_give_the_same_batch_and_must_match_the_seeds(faces, batch):
+    ahead = faces.draw(TRAIN_SEEDS[:6])
+    again = faces.batch(TRAIN_SEEDS[:6], draws=ahead)
+    for name in ("images", "mask", "landmarks", "vertices", "albedo", "detail_vertices", "detail_albedo"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(batch, name), err_msg=name)
+    with pytest.raises(ValueError, match="draws must be this SyntheticFaces' draw"):
+        faces.batch(TRAIN_SEEDS[1:7], draws=ahead)
+    with pytest.raises(ValueError, match="draws must be"):
+        faces.batch(TRAIN_SEEDS[:6], draws={"shape": None})
+
+
 def test_different_seeds_give_different_faces(batch):
     assert np.abs(batch.vertices[0] - batch.vertices[1]).max() > 1.0
     assert np.abs(batch.images[0] - batch.images[1]).mean() > 0.02
