@@ -173,13 +173,34 @@ def check_float(xp, name, a, *patterns):
         raise TypeError(f"{e}{'' if xp is np else ' (the GPU path is float32 only)'}") from None
 
 
-def check_accumulator(name, acc, like, xp):
+def _byte_span(a):
+    """[lo, hi): the bytes an array's elements lie in (numpy or cupy)."""
+    lo = hi = a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+    for n, stride in zip(a.shape, a.strides):
+        if stride > 0:
+            hi += stride * (n - 1)
+        else:
+            lo += stride * (n - 1)
+    return lo, hi + a.itemsize
+
+
+def check_accumulator(name, acc, like, xp, reads=()):
     """An array a backward adds its gradient into (an op's `add_to=`), checked against `like`, the array the
-    gradient is of: the same device, dtype and shape, C-contiguous (the kernels add in place); returns acc."""
+    gradient is of: the same device, dtype and shape, C-contiguous (the kernels add in place), and no byte
+    shared with any of `reads`, the (name, array) pairs the kernels read while they add; returns acc."""
     device = "numpy" if xp is np else "cupy"
     if not hasattr(acc, "flags") or is_cupy_array(acc) != (xp is not np):
         raise TypeError(f"{name} must be a {device} array like the inputs; got {type(acc).__name__}")
     check_array(name, acc, like.dtype, tuple(like.shape))
+    if xp is not np and acc.device.id != like.device.id:
+        raise ValueError(f"{name} must be on the inputs' GPU (device {like.device.id}); got one on device "
+                         f"{acc.device.id}")
     if not acc.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (the kernels add into it in place)")
+    lo, hi = _byte_span(acc)
+    for other_name, other in reads:
+        other_lo, other_hi = _byte_span(other)
+        if other.size and lo < other_hi and other_lo < hi:
+            raise ValueError(f"{name} must not share memory with {other_name}: the gradient is added into {name} "
+                             f"while {other_name} is read")
     return acc

@@ -64,7 +64,7 @@ import numpy as np
 
 from fastface._accumulate import store3
 from fastface._backend import KernelFile, array_module, cupy_or_none, grid_1d, is_cupy_array
-from fastface._checks import check_array, check_finite, check_same_batch, describe
+from fastface._checks import check_accumulator, check_array, check_finite, check_same_batch, describe
 from fastface._gemm import COMPUTE_MODES, gemm
 
 __all__ = ["CorrectiveSpace", "DEFAULT_GEOMETRY", "DEFAULT_REFLECTANCE", "DEFAULT_INIT_STD", "FORMAT_VERSION",
@@ -741,42 +741,14 @@ def _contiguous(xp, a):
     return xp.ascontiguousarray(a)
 
 
-def _byte_span(a):
-    """[lo, hi): the bytes an array's elements lie in (numpy or cupy), for the overlap check of `add_to`."""
-    lo = hi = a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
-    for n, stride in zip(a.shape, a.strides):
-        if stride > 0:
-            hi += stride * (n - 1)
-        else:
-            lo += stride * (n - 1)
-    return lo, hi + a.itemsize
-
-
 def _gradient_output(xp, add_to, field, inputs):
     """(the array the backward writes, accumulate): a new (B, V, 3) array, or the caller's `add_to` checked
-    (device, dtype, shape, C-contiguous, no memory shared with an input), which the kernels add into.
-
-    field: the (checked) field the gradient is of; inputs: (name, array) pairs the kernels read, the field's
-    first (the arrays as the caller passed them, before any contiguous copy)."""
+    (check_accumulator: device, dtype, shape, C-contiguous, no memory shared with an input), which the
+    kernels add into. field: the (checked) field the gradient is of; inputs: (name, array) pairs the kernels
+    read, the field's first (the arrays as the caller passed them, before any contiguous copy)."""
     if add_to is None:
         return xp.empty(field.shape, dtype=field.dtype), False
-    name = inputs[0][0]
-    if not hasattr(add_to, "flags") or is_cupy_array(add_to) != (xp is not np):
-        device = "numpy" if xp is np else "cupy"
-        raise TypeError(f"add_to must be a {device} array like {name}; got {type(add_to).__name__}")
-    check_array("add_to", add_to, field.dtype, tuple(field.shape))
-    if xp is not np and add_to.device.id != field.device.id:
-        raise ValueError(f"add_to must be on {name}'s GPU (device {field.device.id}); got one on device "
-                         f"{add_to.device.id}")
-    if not add_to.flags.c_contiguous:
-        raise ValueError("add_to must be C-contiguous (the gradient is added into it in place)")
-    lo, hi = _byte_span(add_to)
-    for other_name, other in inputs:
-        other_lo, other_hi = _byte_span(other)
-        if other.size and lo < other_hi and other_lo < hi:
-            raise ValueError(f"add_to must not share memory with {other_name}: the gradient is added into add_to "
-                             f"while {other_name} is read")
-    return add_to, True
+    return check_accumulator("add_to", add_to, field, xp, reads=inputs), True
 
 
 def _per_image_mean(xp, name, twin, args, tail, B, n, dtype):

@@ -315,9 +315,8 @@ def rigid_transform_backward(points, rotation, translation, grad_out, *, add_to=
     shared = p3.shape[0] != B
     accumulate = add_to is not None
     if accumulate:
-        grad_points = check_accumulator("add_to", add_to, points, xp).reshape(p3.shape)
-        if add_to is points or add_to is grad_out:
-            raise ValueError("add_to must be an array of its own, not points or grad_out")
+        reads = (("points", points), ("grad_out", grad_out))
+        grad_points = check_accumulator("add_to", add_to, points, xp, reads).reshape(p3.shape)
     if xp is np:
         if not accumulate:
             grad_points = np.empty_like(p3)
@@ -494,9 +493,8 @@ def perspective_projection_backward(points, focal, resolution, grad_out, near=10
     if add_to is None:
         grad_points = xp.empty_like(p3)
     else:
-        grad_points = check_accumulator("add_to", add_to, points, xp).reshape(p3.shape)
-        if add_to is grad_out or add_to is points:
-            raise ValueError("add_to must be an array of its own, not points or grad_out")
+        reads = (("points", points), ("grad_out", grad_out))
+        grad_points = check_accumulator("add_to", add_to, points, xp, reads).reshape(p3.shape)
     accumulate = np.int32(add_to is not None)
     if xp is np:
         perspective_projection_bwd(p3, *focal_args, g, grad_points, height, width, near, far, bool(accumulate))

@@ -269,12 +269,16 @@ def _launch_shape(V, B, backward):
     return (max(1, (V + per_block - 1) // per_block), images_on_grid_y(B, "SH shading")), (_BLOCK,)
 
 
-def _backward_outputs(xp, a3, s3, B):
-    """grad_albedo and grad_sh, zeroed where the GPU kernel adds into them atomically."""
+def _backward_outputs(xp, a3, s3, B, add_to_albedo=None):
+    """grad_albedo and grad_sh, zeroed where the GPU kernel adds into them atomically; grad_albedo is the
+    caller's add_to_albedo (checked) when given."""
     shared = a3.shape[0] != B
+    grad_sh = xp.empty_like(s3) if xp is np else xp.zeros_like(s3)
+    if add_to_albedo is not None:
+        return add_to_albedo.reshape(a3.shape), grad_sh, shared
     if xp is np:
-        return xp.empty_like(a3), xp.empty_like(s3), shared
-    return (xp.zeros_like(a3) if shared else xp.empty_like(a3)), xp.zeros_like(s3), shared
+        return xp.empty_like(a3), grad_sh, shared
+    return (xp.zeros_like(a3) if shared else xp.empty_like(a3)), grad_sh, shared
 
 
 def _template(name, shared):
@@ -386,13 +390,9 @@ def shade_vertices_backward(vertices, tri, albedo, sh, grad_out, adjacency=None,
     grad_vertices = xp.empty_like(v3)
     accumulate = add_to_albedo is not None
     if accumulate:
-        check_accumulator("add_to_albedo", add_to_albedo, albedo, xp)
-        if add_to_albedo is albedo or add_to_albedo is grad_out:
-            raise ValueError("add_to_albedo must be an array of its own, not albedo or grad_out")
-        shared = a3.shape[0] != B
-        grad_albedo, grad_sh = add_to_albedo.reshape(a3.shape), (np.empty_like(s3) if xp is np else xp.zeros_like(s3))
-    else:
-        grad_albedo, grad_sh, shared = _backward_outputs(xp, a3, s3, B)
+        check_accumulator("add_to_albedo", add_to_albedo, albedo, xp,
+                          (("vertices", vertices), ("albedo", albedo), ("grad_out", grad_out)))
+    grad_albedo, grad_sh, shared = _backward_outputs(xp, a3, s3, B, add_to_albedo)
     offsets, corners = adjacency.offsets, adjacency.corners
     if xp is np:
         shade_vertices_bwd_sum(v3, offsets, corners, a3, s3, SH_BAND_FACTORS, g3, grad_sum, grad_albedo, grad_sh,
