@@ -90,6 +90,7 @@ class MultiLevelObjective:
         self._point_weights = {}  # dtype -> (68,) weights on the model's device
         self._inverse_height2 = 1.0 / float(self.resolution[0]) ** 2
         self._weight_vectors = {}  # (weight / B, B, dtype) -> (B,) per-image weights on the model's device
+        self._whole_image_masks = {}  # (B, H, W) -> all-true mask: the antialiased photometric term's
 
     def __call__(self, out, images, target_landmarks, final=True):
         """Loss terms and gradients of one batch.
@@ -130,7 +131,9 @@ class MultiLevelObjective:
                     # Antialiased into the input: the blend at the outline lies outside the face's pixels, so
                     # the term covers the whole image (zero where the input shows through), scaled by the
                     # image's pixels per face pixel at the training framing to keep its weight.
-                    mask = xp.ones(r.mask.shape, dtype=bool)
+                    mask = self._whole_image_masks.get(r.mask.shape)
+                    if mask is None:  # made once per shape and kept, like the weight vectors
+                        mask = self._whole_image_masks[r.mask.shape] = xp.ones(r.mask.shape, dtype=bool)
                     weight = weight * OUTLINE_PHOTOMETRIC_SCALE
                 terms[f"photometric_{level}"] = weight * photometric_loss(r.image, images, mask)
                 grads[f"{level}_image"] = photometric_loss_backward(r.image, images, mask, weight_vector(weight))

@@ -16,7 +16,8 @@ accuracy) measured slower than the tiled one on an H200 (302 vs 260 us at batch 
 removed. Above batch 8 a GEMM may go to cuBLAS instead (with two small kernels of kernels/morphable.cu
 around it: the scaled coefficients, the backward's split and scale): in TF32 (a training run's
 `FaceModel.to(..., precision="tf32")`) both ways, in float32 the backward only, as measured on an H200
-at batch 64 (`_LARGE_BATCH_PATH`; both paths are tested, `bench/profile_morphable.py` times them). On the CPU the same two functions with the same argument order call BLAS through numpy's
+at batch 64 (`_LARGE_BATCH_PATH`; both paths are tested, `bench/profile_morphable.py` times them).
+On the CPU the same two functions with the same argument order call BLAS through numpy's
 matmul instead of a Numba loop: for these shapes (K ~ 10^2 rows of N ~ 10^5) a BLAS GEMM measured
 3-6x faster than a parallel Numba loop over column tiles (batch 1: 8 ms vs 22 ms, batch 64: 0.10 s
 vs 0.63 s, 144 x 104,211 float32 on 2 cores), so a Numba twin would only be slower. The CPU path also accepts float64 coefficients (computed in float64, for
@@ -58,6 +59,7 @@ def _use_cublas(compute, backward):
     if _LARGE_BATCH_PATH is not None:
         return _LARGE_BATCH_PATH == "cublas"
     return compute == "tf32" or backward
+
 
 _GPU_NAMES = tuple(_FWD.values()) + (_BWD,) + tuple(
     f"morphable_{d}_gemv<{r}>" for d in ("fwd", "bwd") for r in _GEMV_ROWS) + (
