@@ -82,8 +82,7 @@ def test_a_well_supported_face_comes_before_a_larger_false_box(photos):
     # einstein.jpg: the default cascade finds a wall medallion (57 px, 7 grouped detections) and the
     # seated man's face (55 px, 13); by area alone the medallion came first and was fitted.
     path = next((p for p, _ in photos if _stem(p) == "einstein"), None)
-    if path is None:
-        pytest.skip("einstein.jpg is not among the photos here")
+    assert path is not None, "einstein.jpg is missing from the annotated photos (OPENCV_410 lists it)"
     boxes = detect_faces(read_image(path))
     assert boxes[0] == (133, 624, 188, 679) and (11, 353, 68, 410) in boxes[1:]
 
