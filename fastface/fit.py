@@ -63,10 +63,10 @@ FOCAL_PER_PIXEL = 2.9
 # shared/data/faces: jaw 0.3 -> 0.5 and landmark 400 -> 1000 took the mean 68-point error from
 # 3.2 % to 2.4 % of the eye-corner distance with identity coefficients up to 3.8 std; stronger
 # landmark terms fit the points closer still but push identity past 5 std (implausible faces).
-# With antialias the photometric term covers the whole crop; this factor (crop pixels per face
-# pixel at the default framing) keeps its weight comparable. On the 8 annotated photos with
-# detection only: mean 68-point error 12.0 % without antialias, 9.1 % with it (bench/RESULTS.md).
-_ANTIALIAS_PHOTOMETRIC_SCALE = OUTLINE_PHOTOMETRIC_SCALE  # 2.5, shared with training's antialiased term
+# With antialias the photometric term covers the whole crop; OUTLINE_PHOTOMETRIC_SCALE (crop pixels per
+# face pixel at the default framing, shared with training's antialiased term) keeps its weight
+# comparable. On the 8 annotated photos with detection only: mean 68-point error 12.0 % without
+# antialias, 9.1 % with it (bench/RESULTS.md).
 
 _LANDMARK_WEIGHTS = np.ones(68, np.float32)
 _LANDMARK_WEIGHTS[0:17] = 0.5
@@ -469,7 +469,7 @@ def fit(images, landmarks=None, model=None, init=None, device="cpu", iterations=
                 # The loss is averaged over the whole crop, about 2.5 pixels per face pixel at the
                 # default framing: a constant factor keeps the face-only term's scale. (The exact
                 # ratio per image, which changes as the face moves, made one photo diverge.)
-                photo_weight = ones * np.float32(_ANTIALIAS_PHOTOMETRIC_SCALE)
+                photo_weight = ones * np.float32(OUTLINE_PHOTOMETRIC_SCALE)
             else:
                 rendering = render_faces(model, params, resolution, focal, **offsets)
                 mask = rendering.mask if masks is None else rendering.mask * masks
