@@ -3,7 +3,7 @@
 Workload: `bench.workloads.spherical_cap(n=189)` (35,721 vertices, 70,688 triangles of about one pixel
 each, 224 x 224, about 76% of the pixels covered, 3 colour channels), rasterized and interpolated once
 outside the timing; the topology (`antialias_topology`) is built once, as a caller with a fixed mesh does,
-and forward + backward share one `silhouette_edges`, as `render_faces` and its backward do.
+and forward + backward share one `silhouette_pixels`, as `render_faces` and its backward do.
 
 Issue 10's target: `antialias` forward + backward at batch 64 on the GPU costs at most a third of the
 rasterizer's forward + backward (the fused `rasterize_interpolate` + its backward), timed here side by
@@ -17,7 +17,7 @@ import pytest
 import fastface
 from bench._gpu_timing import bench_cpu, bench_gpu, needs_gpu, record_throughput
 from bench.workloads import spherical_cap
-from fastface.ops.antialias import antialias, antialias_backward, antialias_topology, silhouette_edges
+from fastface.ops.antialias import antialias, antialias_backward, antialias_topology, silhouette_pixels
 from fastface.ops.rasterize import rasterize_interpolate, rasterize_interpolate_backward
 
 RES = (224, 224)
@@ -37,8 +37,8 @@ def prepare(xp, batch):
 
 def steps(pos, tri, colors, raster, image, topology, grad_out):
     """The timed work of each benchmark: name -> function of no arguments."""
-    def antialias_fwd_bwd():  # as the render chain runs them: the silhouette edges found once for both
-        silhouettes = silhouette_edges(pos, tri, topology)
+    def antialias_fwd_bwd():  # as the render chain runs them: the silhouette masks found once for both
+        silhouettes = silhouette_pixels(raster, pos, tri, topology)
         antialias(image, raster, pos, tri, silhouettes=silhouettes)
         return antialias_backward(image, raster, pos, tri, grad_out, silhouettes=silhouettes)
 

@@ -30,7 +30,7 @@ def run():
     import fastface
     from bench.bench_antialias import GPU_BATCH, RES, prepare
     from bench.profile_train_step import _batch
-    from fastface.ops.antialias import antialias, antialias_backward, silhouette_edges
+    from fastface.ops.antialias import antialias, antialias_backward, silhouette_pixels
     from fastface.ops.rasterize import rasterize_interpolate, rasterize_interpolate_backward
     from fastface.train import build, default_settings
 
@@ -39,7 +39,7 @@ def run():
     data = _batch(autoencoder, settings.batch)
     images, landmarks = data.images, data.landmarks
     pos, tri, colors, raster, image, topology, grad_out = prepare(cupy, GPU_BATCH)
-    names = ("forward", "objective", "backward", "adam", "antialias_silhouettes", "antialias_forward",
+    names = ("forward", "objective", "backward", "adam", "antialias_silhouette_pixels", "antialias_forward",
              "antialias_backward", "rasterizer_forward", "rasterizer_backward", "end")
     markers = {name: _marker(name) for name in names}
 
@@ -54,8 +54,8 @@ def run():
             markers["adam"]()
             for opt in optimizers.values():
                 opt.step()
-            markers["antialias_silhouettes"]()
-            sil = silhouette_edges(pos, tri, topology)
+            markers["antialias_silhouette_pixels"]()
+            sil = silhouette_pixels(raster, pos, tri, topology)
             markers["antialias_forward"]()
             antialias(image, raster, pos, tri, silhouettes=sil)
             markers["antialias_backward"]()

@@ -1,4 +1,4 @@
-"""Where antialias's GPU time goes: the silhouette pass, the forward and the backward pixel passes.
+"""Where antialias's GPU time goes: the per-pixel silhouette pass, the forward and the backward pixel passes.
 
 Issue 10 asks for antialias forward + backward at batch 64 (70,688-triangle spherical cap, 224x224)
 to cost at most a third of the rasterizer's forward + backward. Each stage is timed on its own as
@@ -12,16 +12,16 @@ import cupy
 import fastface
 from bench._gpu_timing import device_seconds
 from bench.bench_antialias import GPU_BATCH, RES, prepare
-from fastface.ops.antialias import antialias, antialias_backward, silhouette_edges
+from fastface.ops.antialias import antialias, antialias_backward, silhouette_pixels
 from fastface.ops.rasterize import rasterize_interpolate, rasterize_interpolate_backward
 
 
 def main():
     pos, tri, colors, raster, image, topology, grad_out = prepare(cupy, GPU_BATCH)
     with fastface.value_checks(False):
-        sil = silhouette_edges(pos, tri, topology)
+        sil = silhouette_pixels(raster, pos, tri, topology)
         rows = {
-            "silhouette_edges (facing + silhouettes kernels)": lambda: silhouette_edges(pos, tri, topology),
+            "silhouette_pixels (per-pixel silhouette masks)": lambda: silhouette_pixels(raster, pos, tri, topology),
             "antialias forward pixel pass (silhouettes given)": lambda: antialias(image, raster, pos, tri,
                                                                                   silhouettes=sil),
             "antialias backward pixel pass (silhouettes given)": lambda: antialias_backward(

@@ -12,7 +12,7 @@ import numpy as np
 
 from fastface._checks import check_accumulator, check_array, check_finite, value_checks
 from fastface.ops.antialias import antialias as antialias_op
-from fastface.ops.antialias import antialias_backward, antialias_topology, silhouette_edges
+from fastface.ops.antialias import antialias_backward, antialias_topology, silhouette_pixels
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
                                  perspective_projection_backward, project_to_pixels, project_to_pixels_backward,
                                  rigid_transform, rigid_transform_backward)
@@ -58,7 +58,7 @@ class Rendering:
     rotation: object = None   # (B, 3, 3) the pose's rotation matrices
     landmarks: object = None  # (B, 68, 2) pixel coordinates of the model's landmarks, or None
     composited: object = None  # with antialias: the face over the background before the blend
-    silhouettes: object = None  # with antialias: the silhouette edges (found once for forward and backward)
+    silhouettes: object = None  # with antialias: silhouette_pixels (found once for forward and backward)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class FaceGradients:
 _adjacency_of_model = weakref.WeakKeyDictionary()
 
 
-# Each model's edge -> neighbouring triangle table for antialias, built once per triangle array.
+# Each model's edge -> far vertex table for antialias, built once per triangle array.
 _antialias_topology_of_model = weakref.WeakKeyDictionary()
 
 
@@ -163,8 +163,8 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
     with value_checks(False):
         raster, image = rasterize_interpolate(clip, model.triangles, resolution, colors)
         composited = silhouettes = None
+        mask = raster.tri_id >= 0
         if antialias:
-            mask = raster.tri_id >= 0
             if background is not None:
                 array_module(("background", background), ("the model's arrays", model.mean_shape))
                 check_array("background", background, image.dtype, tuple(image.shape))
@@ -172,14 +172,14 @@ def render_faces(model, params, resolution, focal, geometry_offsets=None, reflec
                 composited = image + (~mask)[..., None] * background
             else:
                 composited = image
-            silhouettes = silhouette_edges(clip, model.triangles, topology=_antialias_topology(model))
+            silhouettes = silhouette_pixels(raster, clip, model.triangles, topology=_antialias_topology(model))
             image = antialias_op(composited, raster, clip, model.triangles, silhouettes=silhouettes)
         elif background is not None:
             raise ValueError("background is used with antialias=True only")
         landmarks = None
         if model.landmarks is not None:
             landmarks = project_to_pixels(camera_vertices[:, model.landmarks], focal, resolution)
-    return Rendering(image=image, mask=raster.tri_id >= 0, raster=raster, vertices=vertices,
+    return Rendering(image=image, mask=mask, raster=raster, vertices=vertices,
                      camera_vertices=camera_vertices, clip=clip, normals=normals, albedo=albedo,
                      colors=colors, rotation=rotation, landmarks=landmarks, composited=composited,
                      silhouettes=silhouettes)

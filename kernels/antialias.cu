@@ -1,16 +1,15 @@
-// Antialiasing kernels: antialias_facing, antialias_silhouettes, antialias_fwd and antialias_bwd. The Numba
-// twins and the algorithm's description live in fastface/ops/antialias.py. Compiled with --fmad=false so that every
-// float expression rounds like the Numba code (they are written in the same order). Triangle and vertex
-// indices are tested before any load (the Python checks can be turned off).
+// Antialiasing kernels: antialias_silhouettes (per triangle, for silhouette_edges),
+// antialias_silhouette_pixels (per pixel, for silhouette_pixels), antialias_fwd and antialias_bwd. The
+// Numba twins and the algorithm's description live in fastface/ops/antialias.py. Compiled with
+// --fmad=false so that every float expression rounds like the Numba code (they are written in the same
+// order). Triangle and vertex indices are tested before any load (the Python checks can be turned off).
 
 // The edge's line L = a' x b', a' = (x, y, w) of vertex a: L . (X, Y, 1) = 0 on the edge's screen line.
 struct EdgeLine {
     float x, y, w;
 };
 
-__device__ __forceinline__ EdgeLine edge_line(const float4* __restrict__ p, int va, int vb) {
-    const float4 a = p[va];
-    const float4 b = p[vb];
+__device__ __forceinline__ EdgeLine edge_line(float4 a, float4 b) {
     EdgeLine l;
     l.x = a.y * b.w - a.w * b.y;
     l.y = a.w * b.x - a.x * b.w;
@@ -22,51 +21,86 @@ __device__ __forceinline__ float line_at_vertex(EdgeLine l, float4 v) {
     return (l.x * v.x + l.y * v.y) + l.w * v.w;
 }
 
-// One thread per (triangle, image): x over the T triangles, y over the images (a strided loop past 65535).
-// facing[b, t] = 1 or 2 by the sign of e (the line of edge v1-v2 at v0), 0 when the triangle is degenerate or
-// has a vertex at w <= 0 (never drawn).
-extern "C" __global__ void antialias_facing(const float4* __restrict__ pos, const int* __restrict__ tri, int NB, int V,
-                                            int T, unsigned char* __restrict__ facing) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    const int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
-    const bool in_range = i0 >= 0 && i0 < V && i1 >= 0 && i1 < V && i2 >= 0 && i2 < V;
-    for (int b = blockIdx.y; b < NB; b += gridDim.y) {
-        const float4* p = pos + (long long)b * V;
-        unsigned int f = 0;
-        if (in_range && p[i0].w > 0.0f && p[i1].w > 0.0f && p[i2].w > 0.0f) {
-            const float e = line_at_vertex(edge_line(p, i1, i2), p[i0]);
-            f = e > 0.0f ? 1u : (e < 0.0f ? 2u : 0u);
-        }
-        facing[(long long)b * T + t] = (unsigned char)f;
+// Loads the corners of triangle t into v (indices) and c (clip positions); false when an index is out of
+// range (nothing is loaded then).
+__device__ __forceinline__ bool load_triangle(const float4* __restrict__ p, const int* __restrict__ tri, int V,
+                                              int t, int v[3], float4 c[3]) {
+    for (int k = 0; k < 3; ++k) {
+        v[k] = tri[3LL * t + k];
+        if (v[k] < 0 || v[k] >= V) return false;
     }
+    for (int k = 0; k < 3; ++k) c[k] = p[v[k]];
+    return true;
 }
 
-// Launched like antialias_facing. sil[b, t] gets bit k when edge k of t (opposite corner k) is a silhouette
-// edge: t is drawn and the triangle n across the edge is missing, not drawn, or on t's side of it (the other
-// facing when n runs along the edge the other way, neighbor[t, k] = n; the same facing when it runs the same
-// way, neighbor[t, k] = -2 - n).
-extern "C" __global__ void antialias_silhouettes(const int* __restrict__ neighbor,
-                                                 const unsigned char* __restrict__ facing, int NB, int T,
+// The silhouette bits of triangle t (the corners' indices in range, clip positions c): bit k when edge k
+// (opposite corner k, from corner k+1 to k+2) is a silhouette edge. t must be drawable (every w > 0) and
+// the edge's line must not pass through corner k; then the edge is a silhouette unless a neighbour's far
+// vertex d (opposite[t, k]) has w > 0 and lies strictly on the other side of the line (the surface goes
+// on across the edge without folding).
+__device__ __forceinline__ unsigned int silhouette_bits(const float4* __restrict__ p,
+                                                        const int* __restrict__ opposite, int V, int t,
+                                                        const float4 c[3]) {
+    if (!(c[0].w > 0.0f && c[1].w > 0.0f && c[2].w > 0.0f)) return 0u;
+    int d[3];
+    for (int k = 0; k < 3; ++k) d[k] = opposite[3LL * t + k];
+    unsigned int mask = 0;
+    for (int k = 0; k < 3; ++k) {
+        const EdgeLine l = edge_line(c[(k + 1) % 3], c[(k + 2) % 3]);
+        const float ec = line_at_vertex(l, c[k]);
+        if (ec == 0.0f) continue;
+        bool folds = true;
+        if (d[k] >= 0 && d[k] < V) {
+            const float4 q = p[d[k]];
+            if (q.w > 0.0f) {
+                const float eo = line_at_vertex(l, q);
+                folds = ec > 0.0f ? !(eo < 0.0f) : !(eo > 0.0f);
+            }
+        }
+        if (folds) mask |= 1u << k;
+    }
+    return mask;
+}
+
+// One thread per (triangle, image): x over the T triangles, y over the images (a strided loop past 65535).
+// sil[b, t] = the silhouette bits of t in image b (0 for an index out of range).
+extern "C" __global__ void antialias_silhouettes(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                                 const int* __restrict__ opposite, int NB, int V, int T,
                                                  unsigned char* __restrict__ sil) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
-    int nb[3];
-    for (int k = 0; k < 3; ++k) nb[k] = neighbor[3LL * t + k];
     for (int b = blockIdx.y; b < NB; b += gridDim.y) {
-        const unsigned char* fb = facing + (long long)b * T;
-        const unsigned int f = fb[t];
-        unsigned int mask = 0;
-        if (f != 0) {
-            for (int k = 0; k < 3; ++k) {
-                int n = nb[k];
-                const bool same_way = n < -1;
-                if (same_way) n = -2 - n;
-                const unsigned int fn = (n >= 0 && n < T) ? fb[n] : 0u;
-                if (fn == 0 || (fn == f) == same_way) mask |= 1u << k;
-            }
-        }
+        const float4* p = pos + (long long)b * V;
+        int v[3];
+        float4 c[3];
+        const unsigned int mask = load_triangle(p, tri, V, t, v, c) ? silhouette_bits(p, opposite, V, t, c) : 0u;
         sil[(long long)b * T + t] = (unsigned char)mask;
+    }
+}
+
+// Per-pixel kernels run on a 2-D grid: x over the H*W pixels of an image (blocks of 256, so a warp reads
+// 32 consecutive tri_id, depth and mask entries), y over images (a strided loop past 65535 images).
+
+// psil[b, i, j] = the silhouette bits of the triangle at the pixel (0 where it is empty): the masks the
+// pixel passes read, coalesced, instead of a random lookup of each pair's two triangles.
+extern "C" __global__ void antialias_silhouette_pixels(const float4* __restrict__ pos, const int* __restrict__ tri,
+                                                       const int* __restrict__ opposite,
+                                                       const int* __restrict__ tri_id, int B, int V, int T, int H,
+                                                       int W, int pos_batched, unsigned char* __restrict__ psil) {
+    const int q = blockIdx.x * blockDim.x + threadIdx.x;
+    const int hw = H * W;
+    if (q >= hw) return;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        const long long k = (long long)b * hw + q;
+        const int t = tri_id[k];
+        unsigned int mask = 0;
+        if (t >= 0 && t < T) {
+            const float4* p = pos + (pos_batched ? (long long)b * V : 0LL);
+            int v[3];
+            float4 c[3];
+            if (load_triangle(p, tri, V, t, v, c)) mask = silhouette_bits(p, opposite, V, t, c);
+        }
+        psil[k] = (unsigned char)mask;
     }
 }
 
@@ -79,19 +113,19 @@ struct PairBlend {
 };
 
 __device__ __forceinline__ PairBlend pair_blend(const float4* __restrict__ p, const int* __restrict__ tri,
-                                                const unsigned char* __restrict__ sil_b,
+                                                const unsigned char* __restrict__ psil_b,
                                                 const int* __restrict__ tri_id_b, const float* __restrict__ depth_b,
-                                                int V, int T, int H, int W, int i0, int j0, int i1, int j1) {
+                                                int V, int H, int W, int i0, int j0, int i1, int j1) {
     PairBlend r;
     r.dst = -1;
+    // The front triangle is one of the two: when neither pixel's triangle has a silhouette edge (most
+    // pairs of a dense mesh), nothing more is read.
+    const unsigned int m0 = psil_b[i0 * W + j0];
+    const unsigned int m1 = psil_b[i1 * W + j1];
+    if (m0 == 0 && m1 == 0) return r;
     const int t0 = tri_id_b[i0 * W + j0];
     const int t1 = tri_id_b[i1 * W + j1];
     if (t0 == t1) return r;
-    // The front triangle is one of the two: when neither has a silhouette edge (most pairs of a dense mesh),
-    // nothing more is read.
-    const unsigned int m0 = (t0 >= 0 && t0 < T) ? sil_b[t0] : 0u;
-    const unsigned int m1 = (t1 >= 0 && t1 < T) ? sil_b[t1] : 0u;
-    if (m0 == 0 && m1 == 0) return r;
     bool front1;
     if (t1 < 0) {
         front1 = false;
@@ -112,15 +146,13 @@ __device__ __forceinline__ PairBlend pair_blend(const float4* __restrict__ p, co
     r.Xo = (float)(2 * oj + 1 - W) / (float)W;
     r.Yo = (float)(H - 2 * oi - 1) / (float)H;
     int v[3];
-    for (int k = 0; k < 3; ++k) {
-        v[k] = tri[3LL * t + k];
-        if (v[k] < 0 || v[k] >= V) return r;
-    }
+    float4 c[3];
+    if (!load_triangle(p, tri, V, t, v, c)) return r;
     int best = -1;
     float best_f = 0.0f, best_ef = 0.0f, best_eo = 0.0f;
     for (int k = 0; k < 3; ++k) {
-        const EdgeLine l = edge_line(p, v[(k + 1) % 3], v[(k + 2) % 3]);
-        const float ec = line_at_vertex(l, p[v[k]]);
+        const EdgeLine l = edge_line(c[(k + 1) % 3], c[(k + 2) % 3]);
+        const float ec = line_at_vertex(l, c[k]);
         const float ef = (l.x * r.Xf + l.y * r.Yf) + l.w;
         const float eo = (l.x * r.Xo + l.y * r.Yo) + l.w;
         // Inside is where e has the sign of e at the third vertex (all w > 0 for a drawn triangle).
@@ -167,14 +199,12 @@ __device__ __forceinline__ bool pair_of(int d, int i, int j, int H, int W, int& 
     return j0 >= 0 && j1 < W && i0 >= 0 && i1 < H;
 }
 
-// Per-pixel kernels run on a 2-D grid: x over the H*W pixels of an image (blocks of 256, so a warp reads
-// 32 consecutive tri_id and depth entries), y over images (a strided loop past 65535 images). Each pixel
-// gathers its own blends from its four pairs: it writes only itself, with no atomics.
+// Launched like antialias_silhouette_pixels. Each pixel gathers its own blends from its four pairs: it
+// writes only itself, with no atomics.
 extern "C" __global__ void antialias_fwd(const float* __restrict__ color, const int* __restrict__ tri_id,
                                          const float* __restrict__ depth, const float4* __restrict__ pos,
-                                         const int* __restrict__ tri, const unsigned char* __restrict__ sil, int B,
-                                         int V, int T, int H, int W, int C, int pos_batched,
-                                         float* __restrict__ out) {
+                                         const int* __restrict__ tri, const unsigned char* __restrict__ psil, int B,
+                                         int V, int H, int W, int C, int pos_batched, float* __restrict__ out) {
     const int q = blockIdx.x * blockDim.x + threadIdx.x;
     const int hw = H * W;
     if (q >= hw) return;
@@ -183,7 +213,6 @@ extern "C" __global__ void antialias_fwd(const float* __restrict__ color, const 
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
         const long long base = (long long)b * hw;
         const float4* p = pos + (pos_batched ? (long long)b * V : 0LL);
-        const unsigned char* sil_b = sil + (pos_batched ? (long long)b * T : 0LL);
         const float* cb = color + base * C;
         float* o = out + (base + q) * C;
         for (int c = 0; c < C; ++c) o[c] = cb[(long long)q * C + c];
@@ -191,7 +220,7 @@ extern "C" __global__ void antialias_fwd(const float* __restrict__ color, const 
             int i0, j0, i1, j1;
             bool first;
             if (!pair_of(d, i, j, H, W, i0, j0, i1, j1, first)) continue;
-            const PairBlend r = pair_blend(p, tri, sil_b, tri_id + base, depth + base, V, T, H, W, i0, j0, i1, j1);
+            const PairBlend r = pair_blend(p, tri, psil + base, tri_id + base, depth + base, V, H, W, i0, j0, i1, j1);
             if (r.dst < 0 || (r.dst == 0) != first) continue;
             const long long s = first ? (long long)i1 * W + j1 : (long long)i0 * W + j0;
             for (int c = 0; c < C; ++c) o[c] += r.a * (cb[s * C + c] - cb[(long long)q * C + c]);
@@ -226,9 +255,9 @@ __device__ __forceinline__ void scatter_edge_grad(const float4* __restrict__ p, 
 // atomics into grad_pos (a cupy.zeros buffer shaped like pos).
 extern "C" __global__ void antialias_bwd(const float* __restrict__ color, const int* __restrict__ tri_id,
                                          const float* __restrict__ depth, const float4* __restrict__ pos,
-                                         const int* __restrict__ tri, const unsigned char* __restrict__ sil,
-                                         const float* __restrict__ grad_out, int B, int V, int T, int H, int W,
-                                         int C, int pos_batched, float* __restrict__ grad_color,
+                                         const int* __restrict__ tri, const unsigned char* __restrict__ psil,
+                                         const float* __restrict__ grad_out, int B, int V, int H, int W, int C,
+                                         int pos_batched, float* __restrict__ grad_color,
                                          float4* __restrict__ grad_pos) {
     const int q = blockIdx.x * blockDim.x + threadIdx.x;
     const int hw = H * W;
@@ -239,7 +268,6 @@ extern "C" __global__ void antialias_bwd(const float* __restrict__ color, const 
         const long long base = (long long)b * hw;
         const long long pb = pos_batched ? (long long)b * V : 0LL;
         const float4* p = pos + pb;
-        const unsigned char* sil_b = sil + (pos_batched ? (long long)b * T : 0LL);
         const float* cb = color + base * C;
         const float* gob = grad_out + base * C;
         float* gc = grad_color + (base + q) * C;
@@ -248,7 +276,7 @@ extern "C" __global__ void antialias_bwd(const float* __restrict__ color, const 
             int i0, j0, i1, j1;
             bool first;
             if (!pair_of(d, i, j, H, W, i0, j0, i1, j1, first)) continue;
-            const PairBlend r = pair_blend(p, tri, sil_b, tri_id + base, depth + base, V, T, H, W, i0, j0, i1, j1);
+            const PairBlend r = pair_blend(p, tri, psil + base, tri_id + base, depth + base, V, H, W, i0, j0, i1, j1);
             if (r.dst < 0) continue;
             const long long dp = r.dst == 0 ? (long long)i0 * W + j0 : (long long)i1 * W + j1;
             const long long sp = r.dst == 0 ? (long long)i1 * W + j1 : (long long)i0 * W + j0;

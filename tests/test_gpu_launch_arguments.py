@@ -158,7 +158,7 @@ def scenario_antialias(cp, rng, monkeypatch):
     g_pos, g_tri = cp.asarray(pos), cp.asarray(tri)
     raster = fastface.rasterize(g_pos, g_tri, (9, 11))
     topology = fastface.antialias_topology(g_tri)
-    _on_gpu(topology.neighbor)
+    _on_gpu(topology.opposite)
     # Batched and unbatched positions, positions the kernels cannot take as they are (float4 loads),
     # a topology given and built in the call, and 3 or 5 channels.
     for p, t, C in ((g_pos, topology, 3), (misaligned(cp, pos), None, 5), (strided(cp, pos[:1]), topology, 3),
@@ -171,7 +171,11 @@ def scenario_antialias(cp, rng, monkeypatch):
             rng.normal(size=out.shape).astype(np.float32)), topology=t)
         _on_gpu(out, grad_color, grad_pos)
         assert grad_pos.shape == p.shape
-    return _kernels("antialias.cu", "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
+        sil = fastface.ops.silhouette_edges(p, g_tri, topology=t)
+        _on_gpu(sil)
+        assert sil.shape == (B if p.ndim == 3 else 1, tri.shape[0])
+    return _kernels("antialias.cu", "antialias_silhouettes", "antialias_silhouette_pixels", "antialias_fwd",
+                    "antialias_bwd")
 
 
 def scenario_many_images(cp, rng, monkeypatch):
@@ -197,7 +201,7 @@ def scenario_many_images(cp, rng, monkeypatch):
     return (_kernels("rasterize.cu", "rasterize_fwd", "rasterize_resolve<0>", "rasterize_bwd", "rasterize_resolve<3>",
                      "rasterize_interpolate_bwd<3>")
             | _kernels("interpolate.cu", "interpolate_fwd<3>", "interpolate_bwd<3>")
-            | _kernels("antialias.cu", "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd"))
+            | _kernels("antialias.cu", "antialias_silhouette_pixels", "antialias_fwd", "antialias_bwd"))
 
 
 def scenario_vertex_normals(cp, rng, monkeypatch):

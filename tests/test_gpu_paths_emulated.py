@@ -345,7 +345,7 @@ def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
         graster = fastface.Raster(*(cp.asarray(a) for a in (raster.tri_id, raster.bary, raster.depth)))
         g_tri = cp.asarray(tri)
         topology = fastface.antialias_topology(g_tri)
-        assert_equal(topology.neighbor, fastface.antialias_topology(tri).neighbor)
+        assert_equal(topology.opposite, fastface.antialias_topology(tri).opposite)
         color = rng.uniform(size=raster.tri_id.shape + (3,)).astype(np.float32)
         want = fastface.antialias(color, raster, pos, tri)
         assert (want != color).any(), "a test image should have silhouettes to blend"
@@ -359,6 +359,8 @@ def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
         assert_scatter_close(got_pos, want_pos, tol)
         assert_equal(fastface.ops.silhouette_edges(cp.asarray(pos), g_tri, topology),
                      fastface.ops.silhouette_edges(pos, tri))
+        assert_equal(fastface.ops.silhouette_pixels(graster, cp.asarray(pos), g_tri, topology),
+                     fastface.ops.silhouette_pixels(raster, pos, tri))
         # Unbatched positions (one image), 5 channels: the run-time channel count.
         one = fastface.Raster(*(a[1:] for a in (raster.tri_id, raster.bary, raster.depth)))
         g_one = fastface.Raster(*(a[1:] for a in (graster.tri_id, graster.bary, graster.depth)))
@@ -371,7 +373,8 @@ def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
                                                          cp.asarray(grad5))
         assert_equal(got_color, want_color)
         assert_scatter_close(got_pos, want_pos, tol)
-        assert_all_computed(gpu, "antialias_facing", "antialias_silhouettes", "antialias_fwd", "antialias_bwd")
+        assert_all_computed(gpu, "antialias_silhouettes", "antialias_silhouette_pixels", "antialias_fwd",
+                            "antialias_bwd")
 
 
 # ---------------------------------------------------------------------------------------------

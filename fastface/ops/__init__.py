@@ -1,6 +1,6 @@
 """The differentiable ops: each module holds one op's forward, backward and Numba twins."""
 from fastface.ops.antialias import (
-    AntialiasTopology, antialias, antialias_backward, antialias_topology, silhouette_edges,
+    AntialiasTopology, antialias, antialias_backward, antialias_topology, silhouette_edges, silhouette_pixels,
 )
 from fastface.ops.camera import (euler_rotation, euler_rotation_backward, perspective_projection,
                                  perspective_projection_backward, project_to_pixels,
@@ -25,4 +25,5 @@ __all__ = [
     "PHOTOMETRIC_EPS", "photometric_loss", "photometric_loss_backward", "landmark_loss", "landmark_loss_backward",
     "prior_loss", "prior_loss_backward",
     "AntialiasTopology", "antialias_topology", "antialias", "antialias_backward", "silhouette_edges",
+    "silhouette_pixels",
 ]

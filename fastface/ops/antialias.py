@@ -8,20 +8,22 @@ positions of the silhouette edges' vertices, with gradients.
 
 The algorithm, the same on both backends (CUDA twin: kernels/antialias.cu):
 
-1. Silhouette edges, per image and triangle, in two passes (`silhouette_edges`; the ops find them
-   themselves unless given them, and a forward and backward on the same positions can share one
-   result). `antialias_facing`: which way each
-   triangle runs on the screen (0 when degenerate or with a vertex at w <= 0: never drawn).
-   `antialias_silhouettes`: edge k of triangle t (the edge opposite corner k: v1-v2, v2-v0, v0-v1) is a
-   silhouette edge when no other triangle shares it, when the neighbour across it is not drawn, or
-   when the neighbour lies on t's side of the edge (the surface folds over the edge: one of the two
-   faces away; for a neighbour that runs along the edge the other way, as in a consistently oriented
-   mesh, that is the other facing). An edge between two triangles that both face the camera (or both
-   away) is not a silhouette: it is inside the surface, and blending there would blur the image.
-   With more than two triangles on an edge, the lowest-numbered other triangle decides. The neighbours
-   come from `antialias_topology(tri)` (once per mesh). (The same test written per edge, as the side
-   of the neighbour's far vertex, cost 9 ms against 5 ms for the two passes on the CPU, batch 8, one
-   thread.)
+1. Silhouette edges. Edge k of triangle t (the edge opposite corner k: v1-v2, v2-v0, v0-v1) is a
+   silhouette edge when t is drawable (every w > 0), its corner k is off the edge's line, and the
+   surface does not go on across the edge: no other triangle shares it, the neighbour's far vertex
+   has w <= 0 (the neighbour is not drawn), or that vertex lies on t's side of the line or on it (the
+   surface folds over the edge, so one of the two faces away). The side is the sign of e(P) below at
+   the far vertex against its sign at corner k, the same line for both triangles of the edge (negated
+   exactly), so the test does not depend on how either runs along it. An edge between two triangles
+   that both face the camera (or both away) is not a silhouette: it is inside the surface, and
+   blending there would blur the image. With more than two triangles on an edge, the lowest-numbered
+   other triangle decides. The far vertices come from `antialias_topology(tri)` (once per mesh).
+   `silhouette_pixels(raster, pos, tri)` gives each pixel the silhouette bits of its triangle (one
+   thread per pixel on the GPU): the pixel passes read those coalesced instead of looking up both
+   triangles of every pair in a per-triangle table (up to eight random reads a pixel per pass, the
+   triangles of a face mesh being smaller than a pixel). The ops find them themselves unless given
+   them, and a forward and backward on the same raster share one result. `silhouette_edges(pos, tri)`
+   gives the per-triangle bits.
 2. Pixel pairs: every horizontally or vertically adjacent pair of pixels (p0 the left or upper one)
    whose triangle ids differ. The front triangle is the one of the pixel with the smaller depth (an
    empty pixel never is; equal depths: the lower id). Its edge through which the segment from the
@@ -65,26 +67,27 @@ from fastface import _checks
 from fastface._backend import KernelFile, array_module
 from fastface.ops.rasterize import Raster
 
-__all__ = ["AntialiasTopology", "antialias_topology", "antialias", "antialias_backward", "silhouette_edges"]
+__all__ = ["AntialiasTopology", "antialias_topology", "antialias", "antialias_backward", "silhouette_edges",
+           "silhouette_pixels"]
 
 
 @dataclass(frozen=True)
 class AntialiasTopology:
-    """Edge -> triangle topology of a mesh, for `antialias`; build it with `antialias_topology`.
+    """Edge -> far vertex topology of a mesh, for `antialias`; build it with `antialias_topology`.
 
     Attributes:
-        neighbor: (T, 3) int32 on the device of the mesh's triangles, for edge k of triangle t (the edge
-            opposite corner k): the triangle n across it when n runs along the edge the other way (a
-            consistently oriented mesh), -2 - n when n runs along it the same way, -1 when no other
-            triangle has that edge.
+        opposite: (T, 3) int32 on the device of the mesh's triangles: for edge k of triangle t (the edge
+            opposite corner k), the vertex of the triangle across it that is not on the edge (the
+            lowest-numbered such triangle when several share the edge), or -1 when no other triangle
+            has that edge.
         n_triangles: T of the triangle array it was built from.
     """
-    neighbor: object
+    opposite: object
     n_triangles: int
 
 
 def antialias_topology(tri):
-    """Finds, for every triangle edge, the triangle on the other side (once per mesh).
+    """Finds, for every triangle edge, the far vertex of the triangle on the other side (once per mesh).
 
     Built on the host with a sort of the 3T edges (tens of milliseconds for the default face model's
     70k triangles). For a cupy `tri` the triangles are copied to the host and the result back: a
@@ -115,11 +118,10 @@ def antialias_topology(tri):
     other = np.where(rank == start, start + 1, start)  # the first entry of the edge that is not this one
     found = other < end
     entry, across = order[found], order[other[found]]
-    neighbor = np.full(3 * n, -1, np.int64)
-    opposite_way = a[across] == b[entry]
-    neighbor[entry] = np.where(opposite_way, across // 3, -2 - across // 3)
-    neighbor = neighbor.astype(np.int32).reshape(n, 3)
-    return AntialiasTopology(neighbor=xp.asarray(neighbor) if xp is not np else neighbor, n_triangles=n)
+    opposite = np.full(3 * n, -1, np.int64)
+    opposite[entry] = host.reshape(-1)[across]  # entry 3s + k of the other triangle s: its corner k, off the edge
+    opposite = opposite.astype(np.int32).reshape(n, 3)
+    return AntialiasTopology(opposite=xp.asarray(opposite) if xp is not np else opposite, n_triangles=n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,60 +146,60 @@ def _line_at_vertex(lx, ly, lw, pos_b, v):
     return (lx * pos_b[v, 0] + ly * pos_b[v, 1]) + lw * pos_b[v, 3]
 
 
-@numba.njit(cache=True, error_model="numpy")
-def antialias_facing(pos_b, tri, facing_b):
-    """Twin of the CUDA kernel antialias_facing for one image: facing_b[t] (uint8) is 1 or 2 when triangle
-    t runs one way or the other on the screen (the sign of e, below, of its edge v1-v2 at v0), 0 when it
-    is degenerate or has a vertex at w <= 0 (never drawn). pos_b (V, 4), tri (T, 3)."""
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _silhouette_bits(pos_b, tri, opposite, t):
+    """Twin of the CUDA silhouette_bits (with load_triangle's range test): bit k when edge k of triangle t
+    is a silhouette edge in this image (module docstring, step 1); 0 for indices out of range."""
     V = pos_b.shape[0]
     zero = pos_b.dtype.type(0)
-    for t in range(tri.shape[0]):
-        i0, i1, i2 = tri[t, 0], tri[t, 1], tri[t, 2]
-        f = 0
-        if (i0 >= 0 and i0 < V and i1 >= 0 and i1 < V and i2 >= 0 and i2 < V and pos_b[i0, 3] > zero
-                and pos_b[i1, 3] > zero and pos_b[i2, 3] > zero):
-            lx, ly, lw = _edge_line(pos_b, i1, i2)
-            e = _line_at_vertex(lx, ly, lw, pos_b, i0)
-            f = 1 if e > zero else (2 if e < zero else 0)
-        facing_b[t] = f
-
-
-@numba.njit(cache=True, error_model="numpy")
-def antialias_silhouettes(neighbor, facing_b, sil_b):
-    """Twin of the CUDA kernel antialias_silhouettes for one image: sil_b[t] (uint8) has bit k when edge k
-    of triangle t is a silhouette edge: t is drawn (facing != 0) and the triangle n across the edge is
-    missing, not drawn, or folded onto t's side of the edge (the other facing when n runs along the edge
-    the other way, as in a consistently oriented mesh; the same facing when it runs the same way).
-    neighbor (T, 3) from antialias_topology, facing_b (T,) from antialias_facing."""
-    T = facing_b.shape[0]
-    for t in range(T):
-        f = facing_b[t]
-        mask = 0
-        if f != 0:
-            for k in range(3):
-                n = neighbor[t, k]
-                same_way = n < -1
-                if same_way:
-                    n = -2 - n
-                fn = facing_b[n] if n >= 0 and n < T else 0
-                if fn == 0 or (fn == f) == same_way:
-                    mask |= 1 << k
-        sil_b[t] = mask
+    for k in range(3):
+        if tri[t, k] < 0 or tri[t, k] >= V:
+            return 0
+    if not (pos_b[tri[t, 0], 3] > zero and pos_b[tri[t, 1], 3] > zero and pos_b[tri[t, 2], 3] > zero):
+        return 0
+    mask = 0
+    for k in range(3):
+        lx, ly, lw = _edge_line(pos_b, tri[t, _NEXT[k]], tri[t, _PREV[k]])
+        ec = _line_at_vertex(lx, ly, lw, pos_b, tri[t, k])
+        if ec == zero:
+            continue
+        folds = True
+        d = opposite[t, k]
+        if d >= 0 and d < V and pos_b[d, 3] > zero:
+            eo = _line_at_vertex(lx, ly, lw, pos_b, d)
+            folds = not (eo < zero) if ec > zero else not (eo > zero)
+        if folds:
+            mask |= 1 << k
+    return mask
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def silhouette_masks(pos, tri, neighbor, facing, sil):
-    """CPU twin of antialias_facing then antialias_silhouettes over every image, in parallel over the
-    images: pos (NB, V, 4), tri and neighbor (T, 3) -> facing and sil (NB, T) uint8. (Split over ranges
-    of triangles as well, for a batch of one, the loops' indices from a range's start were ones Numba
-    cannot prove non-negative: 45% slower per image.)"""
-    for b in prange(facing.shape[0]):
-        antialias_facing(pos[b], tri, facing[b])
-        antialias_silhouettes(neighbor, facing[b], sil[b])
+def silhouette_masks(pos, tri, opposite, sil):
+    """CPU twin of antialias_silhouettes, in parallel over the images: pos (NB, V, 4), tri and opposite
+    (T, 3) -> sil (NB, T) uint8."""
+    for b in prange(sil.shape[0]):
+        for t in range(tri.shape[0]):
+            sil[b, t] = _silhouette_bits(pos[b], tri, opposite, t)
+
+
+@numba.njit(cache=True, parallel=True, error_model="numpy")
+def silhouette_pixel_masks(pos, tri, opposite, tri_id, n_bands, psil):
+    """CPU twin of antialias_silhouette_pixels, per (image, band of rows): pos (1 or B, V, 4), tri and
+    opposite (T, 3), tri_id (B, H, W) -> psil (B, H, W) uint8, 0 where the pixel is empty."""
+    B, H, W = tri_id.shape
+    T = tri.shape[0]
+    for unit in prange(B * n_bands):
+        b = unit // n_bands
+        band = unit % n_bands
+        pos_b = pos[b if pos.shape[0] > 1 else 0]
+        for i in range(band * H // n_bands, (band + 1) * H // n_bands):
+            for j in range(W):
+                t = tri_id[b, i, j]
+                psil[b, i, j] = _silhouette_bits(pos_b, tri, opposite, t) if t >= 0 and t < T else 0
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
+def _pair(pos_b, tri, psil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
     """The blend of the pixel pair p0 = (i0, j0), p1 = (i1, j1) (p0 left of or above p1).
 
     Returns (dst, a, sign, va, vb, ef, eo, Xf, Yf, Xo, Yo): dst -1 (no blend), 0 (p0 is blended) or 1
@@ -208,17 +210,16 @@ def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
     zero = F(0)
     half = F(0.5)
     V = pos_b.shape[0]
-    T = tri.shape[0]
+    nothing = (-1, zero, zero, 0, 0, zero, zero, zero, zero, zero, zero)
+    # The front triangle is one of the two: when neither pixel's triangle has a silhouette edge (most
+    # pairs of a dense mesh), nothing more is read.
+    m0 = psil_b[i0, j0]
+    m1 = psil_b[i1, j1]
+    if m0 == 0 and m1 == 0:
+        return nothing
     t0 = tri_id_b[i0, j0]
     t1 = tri_id_b[i1, j1]
-    nothing = (-1, zero, zero, 0, 0, zero, zero, zero, zero, zero, zero)
     if t0 == t1:
-        return nothing
-    # The front triangle is one of the two: when neither has a silhouette edge (most pairs of a dense
-    # mesh), nothing more is read.
-    m0 = sil_b[t0] if t0 >= 0 and t0 < T else 0
-    m1 = sil_b[t1] if t1 >= 0 and t1 < T else 0
-    if m0 == 0 and m1 == 0:
         return nothing
     if t1 < 0:
         front1 = False
@@ -277,10 +278,10 @@ def _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1):
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i0, j0, i1, j1, r0, r1, out):
+def _blend_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, b, i0, j0, i1, j1, r0, r1, out):
     """Adds pair (p0, p1)'s blend to out[b] when its blended pixel lies in the rows [r0, r1)."""
     H, W, C = color.shape[1], color.shape[2], color.shape[3]
-    dst, a, _, _, _, _, _, _, _, _, _ = _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
+    dst, a, _, _, _, _, _, _, _, _, _ = _pair(pos_b, tri, psil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
     if dst < 0:
         return
     di, dj, si, sj = (i0, j0, i1, j1) if dst == 0 else (i1, j1, i0, j0)
@@ -291,9 +292,9 @@ def _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i0, j0, i1, j1, 
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_fwd(color, tri_id, depth, pos, tri, sil, n_bands, out):
+def antialias_fwd(color, tri_id, depth, pos, tri, psil, n_bands, out):
     """CPU twin of the CUDA kernel antialias_fwd, per (image, band of rows): color (B, H, W, C), tri_id
-    and depth (B, H, W), pos (1 or B, V, 4), tri (T, 3), sil (1 or B, T) uint8 from silhouette_masks
+    and depth (B, H, W), pos (1 or B, V, 4), tri (T, 3), psil (B, H, W) uint8 from silhouette_pixel_masks
     -> out (B, H, W, C).
 
     Unlike the GPU's gather (each pixel evaluates its four pairs), each pair is evaluated once, in an order that
@@ -309,7 +310,7 @@ def antialias_fwd(color, tri_id, depth, pos, tri, sil, n_bands, out):
         r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
-        sil_b = sil[pb]
+        psil_b = psil[b]
         tri_id_b = tri_id[b]
         depth_b = depth[b]
         for i in range(r0, r1):
@@ -317,13 +318,13 @@ def antialias_fwd(color, tri_id, depth, pos, tri, sil, n_bands, out):
                 for c in range(C):
                     out[b, i, j, c] = color[b, i, j, c]
             for j in range(W - 1):
-                _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i, j, i, j + 1, r0, r1, out)
+                _blend_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, b, i, j, i, j + 1, r0, r1, out)
             if i > 0:
                 for j in range(W):
-                    _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, i - 1, j, i, j, r0, r1, out)
+                    _blend_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, b, i - 1, j, i, j, r0, r1, out)
         if r1 < H:
             for j in range(W):
-                _blend_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, b, r1 - 1, j, r1, j, r0, r1, out)
+                _blend_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, b, r1 - 1, j, r1, j, r0, r1, out)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -349,11 +350,11 @@ def _scatter_edge_grad(pos_b, va, vb, gt, ef, eo, Xf, Yf, Xo, Yo, grad_pos_b):
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i0, j0, i1, j1, r0, r1, scatter,
+def _backward_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, grad_out, b, i0, j0, i1, j1, r0, r1, scatter,
                    grad_color, grad_pos_b):
     """Pair (p0, p1)'s part of grad_color for its pixels in the rows [r0, r1), and (scatter) of grad_pos."""
     H, W, C = color.shape[1], color.shape[2], color.shape[3]
-    dst, a, sign, va, vb, ef, eo, Xf, Yf, Xo, Yo = _pair(pos_b, tri, sil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
+    dst, a, sign, va, vb, ef, eo, Xf, Yf, Xo, Yo = _pair(pos_b, tri, psil_b, tri_id_b, depth_b, H, W, i0, j0, i1, j1)
     if dst < 0:
         return
     di, dj, si, sj = (i0, j0, i1, j1) if dst == 0 else (i1, j1, i0, j0)
@@ -372,7 +373,7 @@ def _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i0,
 
 
 @numba.njit(cache=True, parallel=True, error_model="numpy")
-def antialias_bwd(color, tri_id, depth, pos, tri, sil, grad_out, n_bands, grad_color, grad_pos_part):
+def antialias_bwd(color, tri_id, depth, pos, tri, psil, grad_out, n_bands, grad_color, grad_pos_part):
     """CPU twin of the CUDA kernel antialias_bwd, per (image, band of rows) like antialias_fwd.
 
     grad_color (B, H, W, C) gets each pixel's terms in the forward's order (as antialias_fwd walks the
@@ -388,7 +389,7 @@ def antialias_bwd(color, tri_id, depth, pos, tri, sil, grad_out, n_bands, grad_c
         r1 = (band + 1) * H // n_bands
         pb = b if pos.shape[0] > 1 else 0
         pos_b = pos[pb]
-        sil_b = sil[pb]
+        psil_b = psil[b]
         tri_id_b = tri_id[b]
         depth_b = depth[b]
         gp = grad_pos_part[unit]
@@ -397,15 +398,15 @@ def antialias_bwd(color, tri_id, depth, pos, tri, sil, grad_out, n_bands, grad_c
                 for c in range(C):
                     grad_color[b, i, j, c] = grad_out[b, i, j, c]
             for j in range(W - 1):
-                _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i, j, i, j + 1, r0, r1,
+                _backward_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, grad_out, b, i, j, i, j + 1, r0, r1,
                                True, grad_color, gp)
             if i > 0:
                 for j in range(W):
-                    _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, i - 1, j, i, j, r0,
+                    _backward_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, grad_out, b, i - 1, j, i, j, r0,
                                    r1, i > r0, grad_color, gp)
         if r1 < H:
             for j in range(W):
-                _backward_pair(color, pos_b, tri, sil_b, tri_id_b, depth_b, grad_out, b, r1 - 1, j, r1, j, r0, r1,
+                _backward_pair(color, pos_b, tri, psil_b, tri_id_b, depth_b, grad_out, b, r1 - 1, j, r1, j, r0, r1,
                                True, grad_color, gp)
 
 
@@ -420,7 +421,7 @@ def _n_bands(B, H):
 # --------------------------------------------------------------------------------------------------
 
 # --fmad=false: no fused multiply-adds, so the GPU's float32 arithmetic is the Numba twin's.
-_gpu_kernel = KernelFile("antialias.cu", ("antialias_facing", "antialias_silhouettes", "antialias_fwd",
+_gpu_kernel = KernelFile("antialias.cu", ("antialias_silhouettes", "antialias_silhouette_pixels", "antialias_fwd",
                                           "antialias_bwd"),
                          ("--fmad=false",))
 _BLOCK = 256
@@ -442,40 +443,39 @@ def _gpu_input(a, cupy):
 # Public ops.
 # --------------------------------------------------------------------------------------------------
 
-def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False, silhouettes=None):
-    """Checks the inputs; returns (xp, B, H, W, C, pos batched, topology)."""
-    if not isinstance(raster, Raster):
-        raise TypeError(f"raster must be a Raster (the result of rasterize); got {type(raster).__name__}")
-    if topology is not None and not isinstance(topology, AntialiasTopology):
+def _check_topology(topology, tri):
+    """topology checked against tri (T, 3), or built from tri when None."""
+    T = tri.shape[0]
+    if topology is None:
+        return antialias_topology(tri)
+    if not isinstance(topology, AntialiasTopology):
         raise TypeError(f"topology must be an AntialiasTopology from antialias_topology(); got "
                         f"{type(topology).__name__}")
-    xp = array_module(("color", color), ("pos", pos), ("tri", tri), ("raster.tri_id", raster.tri_id),
-                      ("raster.depth", raster.depth), ("grad_out", grad_out),
-                      ("topology.neighbor", None if topology is None else topology.neighbor),
-                      ("silhouettes", silhouettes))
-    on_gpu = xp is not np
+    if topology.n_triangles != T:
+        raise ValueError(f"topology was built for {topology.n_triangles} triangles; tri has {T}")
+    _checks.check_array("topology.opposite", topology.opposite, np.int32, (T, 3))
+    return topology
+
+
+def _check_positions(pos, on_gpu):
+    """Checks pos ((B, V, 4) or (V, 4), float32, or float64 on the CPU); returns whether it is batched."""
     dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
-    suffix = " (the GPU path takes float32 only)" if on_gpu else ""
     try:
-        _checks.check_array("color", color, dtypes, ("B", "H", "W", "C"))
         batched = _checks.check_array("pos", pos, dtypes, ("B", "V", 4), ("V", 4)) == 0
     except TypeError as err:
-        raise TypeError(f"{err}{suffix}") from None
-    if pos.dtype != color.dtype:
-        raise TypeError(f"pos must have the dtype of color ({color.dtype}); got {_checks.describe(pos)}")
-    B, H, W, C = color.shape
-    _checks.check_array("raster.tri_id", raster.tri_id, np.int32, (B, H, W))
-    _checks.check_array("raster.depth", raster.depth, color.dtype, (B, H, W))
-    if batched and pos.shape[0] != B:
-        raise ValueError(f"batch sizes differ: pos has {pos.shape[0]} images, color has {B}")
-    _checks.check_array("tri", tri, np.int32, ("T", 3))
-    T, V = tri.shape[0], pos.shape[-2]
-    if backward:  # a None grad_out fails here with a TypeError naming it
-        _checks.check_array("grad_out", grad_out, color.dtype, tuple(color.shape))
-        _checks.check_finite("grad_out", grad_out)
-    _checks.check_finite("color", color)
+        raise TypeError(f"{err} (the GPU path takes float32 only)" if on_gpu else str(err)) from None
     _checks.check_finite("pos", pos)
-    _checks.check_indices("tri", tri, V)
+    return batched
+
+
+def _check_raster_and_mesh(raster, pos, tri, B, H, W, batched):
+    """Checks raster.tri_id against (B, H, W) and tri's T triangles, tri against pos's V vertices."""
+    _checks.check_array("raster.tri_id", raster.tri_id, np.int32, (B, H, W))
+    if batched and pos.shape[0] != B:
+        raise ValueError(f"batch sizes differ: pos has {pos.shape[0]} images, the raster has {B}")
+    _checks.check_array("tri", tri, np.int32, ("T", 3))
+    T = tri.shape[0]
+    _checks.check_indices("tri", tri, pos.shape[-2])
     if _checks.value_checks_enabled() and not _checks.queue_on_device(
             raster.tri_id, -1, T - 1, "raster.tri_id {} holds triangle ids outside [-1, {}] for the {} triangles "
             "of tri", raster.tri_id.shape, T - 1, T):
@@ -483,42 +483,62 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False, s
         if lo < -1 or hi >= T:
             raise ValueError(f"raster.tri_id holds triangle ids in [{lo}, {hi}], outside [-1, {T - 1}] for the "
                              f"{T} triangles of tri")
+
+
+def _check_raster_type(raster):
+    if not isinstance(raster, Raster):
+        raise TypeError(f"raster must be a Raster (the result of rasterize); got {type(raster).__name__}")
+
+
+def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False, silhouettes=None):
+    """Checks the inputs; returns (xp, B, H, W, C, pos batched, per-pixel silhouette masks)."""
+    _check_raster_type(raster)
+    xp = array_module(("color", color), ("pos", pos), ("tri", tri), ("raster.tri_id", raster.tri_id),
+                      ("raster.depth", raster.depth), ("grad_out", grad_out),
+                      ("topology.opposite", getattr(topology, "opposite", None)), ("silhouettes", silhouettes))
+    on_gpu = xp is not np
+    dtypes = (np.float32,) if on_gpu else (np.float32, np.float64)
+    try:
+        _checks.check_array("color", color, dtypes, ("B", "H", "W", "C"))
+    except TypeError as err:
+        raise TypeError(f"{err} (the GPU path takes float32 only)" if on_gpu else str(err)) from None
+    batched = _check_positions(pos, on_gpu)
+    if pos.dtype != color.dtype:
+        raise TypeError(f"pos must have the dtype of color ({color.dtype}); got {_checks.describe(pos)}")
+    B, H, W, C = color.shape
+    _check_raster_and_mesh(raster, pos, tri, B, H, W, batched)
+    _checks.check_array("raster.depth", raster.depth, color.dtype, (B, H, W))
+    if backward:  # a None grad_out fails here with a TypeError naming it
+        _checks.check_array("grad_out", grad_out, color.dtype, tuple(color.shape))
+        _checks.check_finite("grad_out", grad_out)
+    _checks.check_finite("color", color)
     if silhouettes is not None:
-        _checks.check_array("silhouettes", silhouettes, np.uint8, (B if batched else 1, T))
-        return xp, B, H, W, C, batched, topology  # the topology is needed only to find them
-    if topology is None:
-        topology = antialias_topology(tri)
-    elif topology.n_triangles != T:
-        raise ValueError(f"topology was built for {topology.n_triangles} triangles; tri has {T}")
-    else:
-        _checks.check_array("topology.neighbor", topology.neighbor, np.int32, (T, 3))
-    return xp, B, H, W, C, batched, topology
+        _checks.check_array("silhouettes", silhouettes, np.uint8, (B, H, W))
+        return xp, B, H, W, C, batched, silhouettes  # the topology is needed only to find them
+    topology = _check_topology(topology, tri)
+    return xp, B, H, W, C, batched, _silhouette_pixels(xp, raster, pos, tri, topology, batched)
 
 
-def _silhouettes(xp, pos, tri, topology, batched):
-    """(NB, T) uint8 silhouette masks of checked inputs (NB = B for batched positions, else 1)."""
+def _silhouette_pixels(xp, raster, pos, tri, topology, batched):
+    """(B, H, W) uint8 silhouette bits of each pixel's triangle, of checked inputs."""
+    B, H, W = raster.tri_id.shape
     T, V = tri.shape[0], pos.shape[-2]
     if xp is not np:
-        pos3, tri_g = _gpu_input(pos, xp), _gpu_input(tri, xp)
-        NB = pos.shape[0] if batched else 1
-        facing = xp.empty((NB, T), dtype=xp.uint8)
-        _gpu_kernel("antialias_facing")(*_grid(T, NB), (pos3, tri_g, np.int32(NB), np.int32(V), np.int32(T), facing))
-        sil = xp.empty((NB, T), dtype=xp.uint8)
-        _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (_gpu_input(topology.neighbor, xp), facing, np.int32(NB),
-                                                             np.int32(T), sil))
-        return sil
-    pos3 = np.ascontiguousarray(pos if batched else pos[None])
-    facing = np.empty((pos3.shape[0], T), np.uint8)
-    sil = np.empty((pos3.shape[0], T), np.uint8)
-    silhouette_masks(pos3, np.ascontiguousarray(tri), np.ascontiguousarray(topology.neighbor), facing, sil)
-    return sil
+        psil = xp.empty((B, H, W), dtype=xp.uint8)
+        _gpu_kernel("antialias_silhouette_pixels")(*_grid(H * W, B), (
+            _gpu_input(pos, xp), _gpu_input(tri, xp), _gpu_input(topology.opposite, xp),
+            xp.ascontiguousarray(raster.tri_id), np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W),
+            np.int32(batched), psil))
+        return psil
+    psil = np.empty((B, H, W), np.uint8)
+    silhouette_pixel_masks(np.ascontiguousarray(pos if batched else pos[None]), np.ascontiguousarray(tri),
+                           np.ascontiguousarray(topology.opposite), np.ascontiguousarray(raster.tri_id),
+                           _n_bands(B, H), psil)
+    return psil
 
 
 def silhouette_edges(pos, tri, topology=None):
     """Which edges of each triangle are silhouette edges, as `antialias` finds them (module docstring, step 1).
-
-    `antialias` and `antialias_backward` find them themselves; a caller that runs both on the same
-    positions (a render chain, a fitting step) finds them once here and passes them to both.
 
     Args:
         pos: (B, V, 4) or (V, 4) clip-space positions. tri: (T, 3) int32. topology: as for `antialias`.
@@ -527,18 +547,48 @@ def silhouette_edges(pos, tri, topology=None):
         (B or 1, T) uint8 on pos's device: bit k of [b, t] is set when edge k of triangle t (the edge
         opposite corner k) is a silhouette edge in image b.
     """
-    xp = array_module(("pos", pos), ("tri", tri), ("topology.neighbor", None if topology is None else topology.neighbor))
-    dtypes = (np.float32,) if xp is not np else (np.float32, np.float64)
-    batched = _checks.check_array("pos", pos, dtypes, ("B", "V", 4), ("V", 4)) == 0
+    xp = array_module(("pos", pos), ("tri", tri), ("topology.opposite", getattr(topology, "opposite", None)))
+    batched = _check_positions(pos, xp is not np)
     _checks.check_array("tri", tri, np.int32, ("T", 3))
-    _checks.check_finite("pos", pos)
     _checks.check_indices("tri", tri, pos.shape[-2])
-    T = tri.shape[0]
-    if topology is None:
-        topology = antialias_topology(tri)
-    elif topology.n_triangles != T:
-        raise ValueError(f"topology was built for {topology.n_triangles} triangles; tri has {T}")
-    return _silhouettes(xp, pos, tri, topology, batched)
+    topology = _check_topology(topology, tri)
+    T, V = tri.shape[0], pos.shape[-2]
+    NB = pos.shape[0] if batched else 1
+    if xp is not np:
+        sil = xp.empty((NB, T), dtype=xp.uint8)
+        _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (
+            _gpu_input(pos, xp), _gpu_input(tri, xp), _gpu_input(topology.opposite, xp), np.int32(NB), np.int32(V),
+            np.int32(T), sil))
+        return sil
+    sil = np.empty((NB, T), np.uint8)
+    silhouette_masks(np.ascontiguousarray(pos if batched else pos[None]), np.ascontiguousarray(tri),
+                     np.ascontiguousarray(topology.opposite), sil)
+    return sil
+
+
+def silhouette_pixels(raster, pos, tri, topology=None):
+    """The silhouette edges of each pixel's triangle: what `antialias` and `antialias_backward` read.
+
+    They find them themselves; a caller that runs both on the same raster and positions (a render
+    chain, a fitting step) finds them once here and passes them to both as `silhouettes=`.
+
+    Args:
+        raster: the `Raster` that `rasterize(pos, tri, ...)` returned (tri_id is read).
+        pos: (B, V, 4) or (V, 4) clip-space positions given to `rasterize`. tri: (T, 3) int32.
+        topology: as for `antialias`.
+
+    Returns:
+        (B, H, W) uint8 on pos's device: bit k of [b, i, j] is set when edge k of the triangle at pixel
+        (i, j) is a silhouette edge in image b (`silhouette_edges`); 0 where the pixel is empty.
+    """
+    _check_raster_type(raster)
+    xp = array_module(("pos", pos), ("tri", tri), ("raster.tri_id", raster.tri_id),
+                      ("topology.opposite", getattr(topology, "opposite", None)))
+    batched = _check_positions(pos, xp is not np)
+    _checks.check_array("raster.tri_id", raster.tri_id, np.int32, ("B", "H", "W"))
+    B, H, W = raster.tri_id.shape
+    _check_raster_and_mesh(raster, pos, tri, B, H, W, batched)
+    return _silhouette_pixels(xp, raster, pos, tri, _check_topology(topology, tri), batched)
 
 
 def antialias(color, raster, pos, tri, topology=None, silhouettes=None):
@@ -552,34 +602,27 @@ def antialias(color, raster, pos, tri, topology=None, silhouettes=None):
         tri: (T, 3) int32 triangles given to `rasterize`.
         topology: optional `antialias_topology(tri)`. Pass it when the mesh is fixed (the fast path):
             built here otherwise, on every call, on the host (for cupy, with copies both ways).
-        silhouettes: optional `silhouette_edges(pos, tri, topology)` of these positions (found here
-            otherwise); pass the same to `antialias_backward` to find them once.
+        silhouettes: optional `silhouette_pixels(raster, pos, tri, topology)` (found here otherwise);
+            pass the same to `antialias_backward` to find them once.
 
     Returns:
         (B, H, W, C), the dtype of color: color where no silhouette edge passes between a pixel and a
         neighbour, blended toward the neighbour's colour by how far the edge passes into or stops short
         of the pixel otherwise (see the module docstring).
     """
-    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology, silhouettes=silhouettes)
-    T, V = tri.shape[0], pos.shape[-2]
-    sil = _silhouettes(xp, pos, tri, topology, batched) if silhouettes is None else silhouettes
+    xp, B, H, W, C, batched, psil = _prepare(color, raster, pos, tri, topology, silhouettes=silhouettes)
+    V = pos.shape[-2]
     if xp is not np:
-        import cupy  # noqa: PLC0415
-
-        pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
-        sil = cupy.ascontiguousarray(sil)
-        out = cupy.empty((B, H, W, C), dtype=cupy.float32)
+        out = xp.empty((B, H, W, C), dtype=xp.float32)
         _gpu_kernel("antialias_fwd")(*_grid(H * W, B), (
-            _gpu_input(color, cupy), cupy.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, cupy), pos3,
-            tri_g, sil, np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W), np.int32(C),
-            np.int32(batched), out))
+            _gpu_input(color, xp), xp.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, xp),
+            _gpu_input(pos, xp), _gpu_input(tri, xp), xp.ascontiguousarray(psil), np.int32(B), np.int32(V),
+            np.int32(H), np.int32(W), np.int32(C), np.int32(batched), out))
         return out
-    pos3 = np.ascontiguousarray(pos if batched else pos[None])
-    n_bands = _n_bands(B, H)
     out = np.empty(color.shape, color.dtype)
     antialias_fwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
-                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri), np.ascontiguousarray(sil),
-                  n_bands, out)
+                  np.ascontiguousarray(raster.depth), np.ascontiguousarray(pos if batched else pos[None]),
+                  np.ascontiguousarray(tri), np.ascontiguousarray(psil), _n_bands(B, H), out)
     return out
 
 
@@ -595,29 +638,25 @@ def antialias_backward(color, raster, pos, tri, grad_out, topology=None, silhoue
         images for (V, 4) positions), nonzero only in the x, y and w columns of silhouette edges'
         vertices. The triangle ids and depths are held fixed (coverage is a step function).
     """
-    xp, B, H, W, C, batched, topology = _prepare(color, raster, pos, tri, topology, grad_out, backward=True,
-                                                 silhouettes=silhouettes)
-    T, V = tri.shape[0], pos.shape[-2]
-    sil = _silhouettes(xp, pos, tri, topology, batched) if silhouettes is None else silhouettes
+    xp, B, H, W, C, batched, psil = _prepare(color, raster, pos, tri, topology, grad_out, backward=True,
+                                             silhouettes=silhouettes)
+    V = pos.shape[-2]
     if xp is not np:
-        import cupy  # noqa: PLC0415
-
-        pos3, tri_g = _gpu_input(pos, cupy), _gpu_input(tri, cupy)
-        sil = cupy.ascontiguousarray(sil)
-        grad_color = cupy.empty((B, H, W, C), dtype=cupy.float32)
-        grad_pos = cupy.zeros(pos.shape, dtype=cupy.float32)
+        grad_color = xp.empty((B, H, W, C), dtype=xp.float32)
+        grad_pos = xp.zeros(pos.shape, dtype=xp.float32)
         _gpu_kernel("antialias_bwd")(*_grid(H * W, B), (
-            _gpu_input(color, cupy), cupy.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, cupy), pos3,
-            tri_g, sil, _gpu_input(grad_out, cupy), np.int32(B), np.int32(V), np.int32(T), np.int32(H),
-            np.int32(W), np.int32(C), np.int32(batched), grad_color, grad_pos))
+            _gpu_input(color, xp), xp.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, xp),
+            _gpu_input(pos, xp), _gpu_input(tri, xp), xp.ascontiguousarray(psil), _gpu_input(grad_out, xp),
+            np.int32(B), np.int32(V), np.int32(H), np.int32(W), np.int32(C), np.int32(batched), grad_color,
+            grad_pos))
         return grad_color, grad_pos
-    pos3 = np.ascontiguousarray(pos if batched else pos[None])
     n_bands = _n_bands(B, H)
     grad_color = np.empty(color.shape, color.dtype)
     grad_pos_part = np.zeros((B * n_bands, V, 4), color.dtype)
     antialias_bwd(np.ascontiguousarray(color), np.ascontiguousarray(raster.tri_id),
-                  np.ascontiguousarray(raster.depth), pos3, np.ascontiguousarray(tri), np.ascontiguousarray(sil),
-                  np.ascontiguousarray(grad_out), n_bands, grad_color, grad_pos_part)
+                  np.ascontiguousarray(raster.depth), np.ascontiguousarray(pos if batched else pos[None]),
+                  np.ascontiguousarray(tri), np.ascontiguousarray(psil), np.ascontiguousarray(grad_out), n_bands,
+                  grad_color, grad_pos_part)
     grad_pos = grad_pos_part.reshape(B, n_bands, V, 4).sum(1) if n_bands > 1 else grad_pos_part
     if not batched:
         grad_pos = grad_pos.sum(0)

@@ -5,7 +5,7 @@ import pytest
 import fastface
 from bench.workloads import grid_mesh, spherical_cap
 from fastface.ops.antialias import (
-    AntialiasTopology, antialias, antialias_backward, antialias_topology, silhouette_edges,
+    AntialiasTopology, antialias, antialias_backward, antialias_topology, silhouette_edges, silhouette_pixels,
 )
 from fastface.ops.rasterize import Raster, rasterize
 from tests.gradcheck import assert_gradient_matches
@@ -19,21 +19,26 @@ def _cross2(ax, ay, bx, by):
 
 
 def reference_topology(tri):
-    """opposite[t, k]: the far vertex of the lowest-numbered other triangle that has edge k of t, or -1;
-    neighbor[t, k]: that triangle, n if it runs along the edge the other way, -2 - n the same way, or -1."""
+    """opposite[t, k]: the far vertex of the lowest-numbered other triangle that has edge k of t, or -1."""
     T = len(tri)
     opposite = -np.ones((T, 3), int)
-    neighbor = -np.ones((T, 3), int)
     for t in range(T):
         for k in range(3):
             a, b = tri[t][(k + 1) % 3], tri[t][(k + 2) % 3]
             for s in range(T):
                 if s != t and {a, b} <= set(tri[s]):
                     opposite[t, k] = [v for v in tri[s] if v not in (a, b)][0]
-                    runs = [(tri[s][m], tri[s][(m + 1) % 3]) for m in range(3)]
-                    neighbor[t, k] = s if (b, a) in runs else -2 - s
                     break
-    return opposite, neighbor
+    return opposite
+
+
+def reference_is_silhouette(p, tri, opposite, t, k):
+    """Edge k of drawn triangle t in NDC: no neighbour, a neighbour not drawn, or its far vertex on t's
+    side of the edge or on it (the surface folds)."""
+    ndc = p[:, :2] / p[:, 3:]
+    a, c, third = ndc[tri[t][(k + 1) % 3]], ndc[tri[t][(k + 2) % 3]], ndc[tri[t][k]]
+    d = opposite[t, k]
+    return d < 0 or p[d, 3] <= 0 or _cross2(*(c - a), *(ndc[d] - a)) * _cross2(*(c - a), *(third - a)) >= 0
 
 
 def reference_antialias(color, tri_id, depth, pos, tri):
@@ -42,7 +47,7 @@ def reference_antialias(color, tri_id, depth, pos, tri):
     color = np.asarray(color, np.float64)
     pos = np.asarray(pos, np.float64)
     B, H, W, _ = color.shape
-    opposite, _ = reference_topology(tri)
+    opposite = reference_topology(tri)
     out = color.copy()
     for b in range(B):
         p = pos[b] if pos.ndim == 3 else pos
@@ -73,11 +78,7 @@ def reference_antialias(color, tri_id, depth, pos, tri):
             if not crossings:
                 continue
             f, k = min(crossings)
-            a, c, third = ndc[tri[t][(k + 1) % 3]], ndc[tri[t][(k + 2) % 3]], ndc[tri[t][k]]
-            d = opposite[t, k]
-            silhouette = d < 0 or p[d, 3] <= 0 or (
-                _cross2(*(c - a), *(ndc[d] - a)) * _cross2(*(c - a), *(third - a)) >= 0)
-            if not silhouette:
+            if not reference_is_silhouette(p, tri, opposite, t, k):
                 continue
             dst, src, weight = (other, front, f - 0.5) if f >= 0.5 else (front, other, 0.5 - f)
             out[b][dst] += weight * (color[b][src] - color[b][dst])
@@ -151,8 +152,8 @@ def test_unbatched_positions_and_a_given_topology_give_the_same_image(rng):
     raster = rasterize(pos[0], tri, res)
     color = _colors(rng, raster)
     topology = antialias_topology(tri)
-    assert isinstance(topology, AntialiasTopology) and topology.neighbor.dtype == np.int32
-    np.testing.assert_array_equal(topology.neighbor, reference_topology(tri)[1])
+    assert isinstance(topology, AntialiasTopology) and topology.opposite.dtype == np.int32
+    np.testing.assert_array_equal(topology.opposite, reference_topology(tri))
     np.testing.assert_array_equal(antialias(color, raster, pos[0], tri, topology=topology),
                                   antialias(color, raster, pos, tri))
 
@@ -203,7 +204,8 @@ def test_an_edge_between_two_front_facing_triangles_is_not_blended(rng):
     # the first): still two faces on either side of the edge, still not a silhouette.
     flipped = tri[:, ::-1].copy()
     flipped[0] = tri[0]
-    assert antialias_topology(flipped).neighbor[0].min() < -1
+    runs = [{(t[m], t[(m + 1) % 3]) for m in range(3)} for t in flipped]
+    assert runs[0] & runs[1]  # one directed edge in both
     np.testing.assert_array_equal(antialias(color, raster, pos, flipped), out)
     # The same quad without the shared edge (each triangle has its own vertices): the diagonal is now a
     # silhouette of both triangles and its pixels are blended.
@@ -223,9 +225,9 @@ def test_a_fold_where_the_neighbour_faces_away_is_a_silhouette(rng):
     raster = rasterize(pos, tri, res)
     color = _colors(rng, raster)
     topology = antialias_topology(tri)
-    assert (topology.neighbor >= 0).sum() > 0.8 * topology.neighbor.size  # the fold's edges have neighbours
+    assert (topology.opposite >= 0).sum() > 0.8 * topology.opposite.size  # the fold's edges have neighbours
     out = antialias(color, raster, pos, tri, topology=topology)
-    no_neighbours = AntialiasTopology(np.full_like(topology.neighbor, -1), tri.shape[0])
+    no_neighbours = AntialiasTopology(np.full_like(topology.opposite, -1), tri.shape[0])
     # Every edge treated as a boundary blends at least as many pixels; the fold alone blends the fold's.
     changed = np.abs(out - color).max(-1) > 0
     changed_all = np.abs(antialias(color, raster, pos, tri, topology=no_neighbours) - color).max(-1) > 0
@@ -300,60 +302,90 @@ def test_row_bands_give_the_same_image_and_gradients(rng, monkeypatch):
 
 def reference_silhouettes(pos, tri):
     """(B, T) masks the obvious way: a triangle is drawn when its w are positive and its NDC area is not 0;
-    edge k is a silhouette when no other triangle has it, when that one is not drawn, or when it lies on
-    t's side of the edge (same screen orientation for a neighbour running the edge the same way)."""
-    _, neighbor = reference_topology(tri)
+    edge k of a drawn triangle is a silhouette as reference_is_silhouette says."""
+    opposite = reference_topology(tri)
     out = np.zeros((len(pos), len(tri)), np.uint8)
     for b, p in enumerate(np.asarray(pos, np.float64)):
         ndc = p[:, :2] / p[:, 3:]
-        def facing(t):
-            a, b_, c = (ndc[v] for v in tri[t])
-            area = _cross2(*(b_ - a), *(c - a))
-            return 0 if (p[tri[t], 3] <= 0).any() or area == 0 else (1 if area > 0 else 2)
         for t in range(len(tri)):
-            f = facing(t)
-            if f == 0:
+            a, b_, c = (ndc[v] for v in tri[t])
+            if (p[tri[t], 3] <= 0).any() or _cross2(*(b_ - a), *(c - a)) == 0:
                 continue
             for k in range(3):
-                n = neighbor[t, k]
-                same_way = n < -1
-                n = -2 - n if same_way else n
-                fn = facing(n) if n >= 0 else 0
-                if fn == 0 or (fn == f) == same_way:
+                if reference_is_silhouette(p, tri, opposite, t, k):
                     out[b, t] |= 1 << k
     return out
 
 
-def test_silhouette_edges_match_the_reference_and_are_what_antialias_uses(rng):
+def test_silhouette_edges_and_pixels_match_the_reference_and_are_what_antialias_uses(rng):
     for pos, tri, res in _scenes(rng):
         sil = silhouette_edges(pos, tri)
         np.testing.assert_array_equal(sil, reference_silhouettes(pos, tri))
         assert sil.any() and not sil.all()
         raster = rasterize(pos, tri, res)
+        psil = silhouette_pixels(raster, pos, tri)
+        gathered = np.where(raster.tri_id >= 0, np.take_along_axis(sil, raster.tri_id.reshape(len(sil), -1), 1)
+                            .reshape(raster.tri_id.shape), 0)
+        np.testing.assert_array_equal(psil, gathered)
+        assert psil.dtype == np.uint8 and psil.any()
         color = _colors(rng, raster)
         grad_out = rng.standard_normal(color.shape)
-        np.testing.assert_array_equal(antialias(color, raster, pos, tri, silhouettes=sil),
+        np.testing.assert_array_equal(antialias(color, raster, pos, tri, silhouettes=psil),
                                       antialias(color, raster, pos, tri))
-        for got, want in zip(antialias_backward(color, raster, pos, tri, grad_out, silhouettes=sil),
+        for got, want in zip(antialias_backward(color, raster, pos, tri, grad_out, silhouettes=psil),
                              antialias_backward(color, raster, pos, tri, grad_out)):
             np.testing.assert_array_equal(got, want)
         # The given masks are used: with none set, nothing is blended and no position gets a gradient.
-        none = np.zeros_like(sil)
+        none = np.zeros_like(psil)
         np.testing.assert_array_equal(antialias(color, raster, pos, tri, silhouettes=none), color)
         assert not antialias_backward(color, raster, pos, tri, grad_out, silhouettes=none)[1].any()
-    pos, tri, _ = _cap(batch=1)
+    pos, tri, res = _cap(batch=1)
     np.testing.assert_array_equal(silhouette_edges(pos[0], tri), silhouette_edges(pos, tri))  # unbatched: (1, T)
+    raster = rasterize(pos, tri, res)
+    np.testing.assert_array_equal(silhouette_pixels(raster, pos[0], tri), silhouette_pixels(raster, pos, tri))
+
+
+def test_silhouette_pixel_bands_give_the_same_masks(rng, monkeypatch):
+    import sys
+    module = sys.modules["fastface.ops.antialias"]
+    pos, tri, res = _fold_and_occluder(rng, batch=2)
+    raster = rasterize(pos, tri, res)
+    monkeypatch.setattr(module, "_n_bands", lambda B, H: 1)
+    one = silhouette_pixels(raster, pos, tri)
+    monkeypatch.setattr(module, "_n_bands", lambda B, H: 4)
+    np.testing.assert_array_equal(silhouette_pixels(raster, pos, tri), one)
 
 
 def test_silhouettes_of_another_shape_or_type_are_refused(rng):
     pos, tri, res = _cap()
     raster = rasterize(pos, tri, res)
     color = _colors(rng, raster)
-    sil = silhouette_edges(pos, tri)
+    psil = silhouette_pixels(raster, pos, tri)
     with pytest.raises(ValueError, match="silhouettes must have shape"):
-        antialias(color, raster, pos, tri, silhouettes=sil[:1])
+        antialias(color, raster, pos, tri, silhouettes=psil[:1])
+    with pytest.raises(ValueError, match="silhouettes must have shape"):  # per triangle, not per pixel
+        antialias(color, raster, pos, tri, silhouettes=silhouette_edges(pos, tri))
     with pytest.raises(TypeError, match="silhouettes must be uint8"):
-        antialias_backward(color, raster, pos, tri, color, silhouettes=sil.astype(np.int32))
+        antialias_backward(color, raster, pos, tri, color, silhouettes=psil.astype(np.int32))
+
+
+def test_silhouette_pixels_refuse_bad_inputs(rng):
+    pos, tri, res = _cap()
+    raster = rasterize(pos, tri, res)
+    with pytest.raises(TypeError, match="raster must be a Raster"):
+        silhouette_pixels(raster.tri_id, pos, tri)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        silhouette_pixels(raster, np.concatenate([pos, pos]), tri)
+    with pytest.raises(ValueError, match=r"raster.tri_id holds triangle ids in \[-1, \d+\], outside"):
+        silhouette_pixels(raster, pos, tri[:3])
+    with pytest.raises(ValueError, match="topology was built for"):
+        silhouette_pixels(raster, pos, tri, topology=antialias_topology(tri[:3]))
+    with pytest.raises(TypeError, match="topology must be an AntialiasTopology"):
+        silhouette_pixels(raster, pos, tri, topology=tri)
+    bad = pos.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="pos"):
+        silhouette_pixels(raster, bad, tri)
 
 
 # 3. GPU against CPU.
@@ -375,6 +407,8 @@ def test_gpu_antialias_and_backward_match_cpu(cupy, rng, tol):
                                atol=tol["gpu_cpu_scatter_atol_of_max"] * np.abs(grad_pos).max())
     np.testing.assert_array_equal(silhouette_edges(cupy.asarray(pos), cupy.asarray(tri), topology).get(),
                                   silhouette_edges(pos, tri))
+    np.testing.assert_array_equal(silhouette_pixels(graster, cupy.asarray(pos), cupy.asarray(tri), topology).get(),
+                                  silhouette_pixels(raster, pos, tri))
 
 
 # 4. Bad input.
