@@ -253,10 +253,11 @@ __device__ __forceinline__ float finite_depth(double z) {
 // every cut point the cross product of a triangle edge's line and a plane (accurate whatever the
 // size of the coordinates, and the same for both triangles of a shared edge), then the fan of the
 // clipped polygon on the fixed-point grid.
+// Every argument is a value (the sink too): a pointer or reference to the caller's vertices or sink
+// would make the caller keep them in local memory, storing them on the hot path of every triangle.
 template <class Sink>
-__device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, int i0, int i1, int i2,
-                                               const ScreenVertex* corners, int t, int H, int W, int cull,
-                                               const Sink& sink) {
+__device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, int i0, int i1, int i2, int t, int H,
+                                               int W, int cull, Sink sink) {
     float4 p[3] = {pb[i0], pb[i1], pb[i2]};
     Line lines[7];
     ClipPoint poly[2][8];
@@ -294,9 +295,15 @@ __device__ __noinline__ void rasterize_clipped(const float4* __restrict__ pb, in
     ScreenVertex sv[8];
     for (int k = 0; k < n; ++k) {
         const ClipPoint& P = poly[src][k];
-        if (P.corner >= 0 && corners[P.corner].fast) {
-            sv[k] = corners[P.corner];
-            continue;
+        if (P.corner >= 0) {
+            // A corner keeps its fast-path snapped position (the setup's numbers: rasterize_setup stores
+            // screen_vertex's, from which the fast path snaps again), so that edges it shares with
+            // unclipped triangles stay the same integers.
+            ScreenVertex c = screen_vertex(p[P.corner], (float)W * 0.5f, (float)H * 0.5f);
+            if (c.fast) {
+                sv[k] = c;
+                continue;
+            }
         }
         double sx = (P.x / P.w + 1.0) * ((double)W * 0.5) - 0.5;
         double sy = (1.0 - P.y / P.w) * ((double)H * 0.5) - 0.5;
@@ -336,7 +343,7 @@ __device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, i
     if (v[0].fast & v[1].fast & v[2].fast) {
         rasterize_fixed(v[0], v[1], v[2], t, H, W, cull, sink);
     } else {
-        rasterize_clipped(setup.pb, i0, i1, i2, v, t, H, W, cull, sink);
+        rasterize_clipped(setup.pb, i0, i1, i2, t, H, W, cull, sink);
     }
 }
 
