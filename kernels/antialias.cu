@@ -167,8 +167,9 @@ __device__ __forceinline__ PairBlend pair_blend(const float4* __restrict__ p, co
         }
     }
     if (best < 0 || ((mask >> best) & 1u) == 0) return r;
-    r.va = v[(best + 1) % 3];
-    r.vb = v[(best + 2) % 3];
+    // Selects, not v[(best + 1) % 3]: a run-time index would put v in local memory.
+    r.va = best == 0 ? v[1] : (best == 1 ? v[2] : v[0]);
+    r.vb = best == 0 ? v[2] : (best == 1 ? v[0] : v[1]);
     r.ef = best_ef;
     r.eo = best_eo;
     if (best_f >= 0.5f) {
