@@ -373,8 +373,12 @@ def test_antialias_gpu_path_matches_the_cpu(gpu, rng, tol):
                                                          cp.asarray(grad5))
         assert_equal(got_color, want_color)
         assert_scatter_close(got_pos, want_pos, tol)
-        assert_all_computed(gpu, "antialias_silhouettes", "antialias_silhouette_pixels", "antialias_fwd",
-                            "antialias_bwd")
+    # Neighbours that are degenerate (far vertex exactly on the edge's line) or behind the camera.
+    from tests.ops.test_antialias import degenerate_and_hidden_neighbours  # noqa: PLC0415
+    pos, tri = degenerate_and_hidden_neighbours()
+    assert_equal(fastface.ops.silhouette_edges(cp.asarray(pos), cp.asarray(tri)),
+                 fastface.ops.silhouette_edges(pos, tri))
+    assert_all_computed(gpu, "antialias_silhouettes", "antialias_silhouette_pixels", "antialias_fwd", "antialias_bwd")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -345,6 +345,26 @@ def test_silhouette_edges_and_pixels_match_the_reference_and_are_what_antialias_
     np.testing.assert_array_equal(silhouette_pixels(raster, pos[0], tri), silhouette_pixels(raster, pos, tri))
 
 
+def degenerate_and_hidden_neighbours():
+    """Triangle 0 with a neighbour across each edge: across edge 0 (v1-v2) a degenerate one, its far vertex
+    exactly on the edge's line; across edge 1 (v2-v0) one whose far vertex is behind the camera (w < 0);
+    across edge 2 (v0-v1) a front-facing continuation of the surface. Clip positions (1, 5, 4) float32."""
+    ndc = np.array([[-0.5, -0.25], [0.0, 0.0], [0.25, 0.25], [0.5, 0.5], [-0.75, 0.5], [0.25, -0.75]], np.float32)
+    w = np.array([1.0, 1.0, 1.0, 1.0, -1.0, 1.0], np.float32)
+    pos = np.concatenate([ndc * np.abs(w)[:, None], np.zeros((6, 1), np.float32), w[:, None]], 1)
+    tri = np.array([[0, 1, 2], [2, 1, 3], [0, 2, 4], [1, 0, 5]], np.int32)
+    return pos[None], tri
+
+
+def test_a_degenerate_or_hidden_neighbour_makes_a_silhouette_and_a_continuing_one_does_not():
+    pos, tri = degenerate_and_hidden_neighbours()
+    sil = silhouette_edges(pos, tri)
+    assert sil[0, 0] == 0b011, bin(sil[0, 0])
+    np.testing.assert_array_equal(sil, reference_silhouettes(pos, tri))
+    assert sil[0, 2] == 0  # a vertex behind the camera: never drawn, no silhouette edges
+    assert sil[0, 1] == 0  # degenerate: none either
+
+
 def test_silhouette_pixel_bands_give_the_same_masks(rng, monkeypatch):
     import sys
     module = sys.modules["fastface.ops.antialias"]
