@@ -23,6 +23,7 @@ def test_readme_tour_runs_as_written_and_renders_a_face():
     assert image.shape == (2, 224, 224, 3)
     assert (image.max(axis=-1) > 0).mean() > 0.2, "the tour's face should cover a good part of the image"
     assert np.isfinite(grad_clip).all() and np.abs(grad_clip).max() > 0
+    assert np.abs(namespace["grad_clip_outline"]).max() > 0, "antialias should give the outline a gradient"
     assert namespace["code"].shape == (8, 257)
 
 
