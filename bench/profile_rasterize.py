@@ -106,6 +106,7 @@ def profile_batch(cupy, mods, timer, B):
     out = cupy.empty((B, H, W, 3), cupy.float32)
     scr = cupy.empty((B, V, 4), cupy.float32)
     dims = _i32(B, V, T, H, W)
+    inverses = (np.float64(1.0 / W), np.float64(1.0 / H))  # the resolve's 1 / W and 1 / H
     sec = f"B={B}"
     print(f"\n== B = {B}: {T} triangles, {V} vertices, {H}x{W}; us per launch (median, min of {REPS}) ==")
     print(f"{'section':<9} {'kernel / variant':<64} {'median':>9} {'min':>9}  note")
@@ -173,7 +174,7 @@ def profile_batch(cupy, mods, timer, B):
         attr = colors if C else zbuf
         kname = name or f"rasterize_resolve<{C}>"
         fn = mod.get_function(kname)
-        return lambda: fn(grid, (block,), (pos, tri, zbuf) + dims + (
+        return lambda: fn(grid, (block,), (pos, tri, zbuf) + dims + inverses + (
             attr, np.int32(C), np.int32(0), tri_id, bary, depth, out if C else depth))
 
     zbuf[...] = zref
@@ -199,7 +200,7 @@ def profile_batch(cupy, mods, timer, B):
     resolve(main, 0)()
     ref = (tri_id.copy(), bary.copy(), depth.copy())
     rc = main.get_function("rasterize_resolve_clear0")
-    rc_launch = lambda: rc(((HW + 255) // 256, min(B, 65535)), (256,), (pos, tri, zbuf) + dims + (  # noqa: E731
+    rc_launch = lambda: rc(((HW + 255) // 256, min(B, 65535)), (256,), (pos, tri, zbuf) + dims + inverses + (  # noqa: E731
         tri_id, bary, depth))
     t = timer(rc_launch, setup=lambda: zbuf.__setitem__(Ellipsis, zref))
     zbuf[...] = zref

@@ -86,11 +86,12 @@ extern "C" __global__ void rasterize_fwd_setup_only(const float4* __restrict__ p
 // call (which could then skip its memset if the buffer were kept between calls).
 extern "C" __global__ void rasterize_resolve_clear0(const float4* __restrict__ pos, const int* __restrict__ tri,
                                                     unsigned long long* zbuf, int B, int V, int T, int H, int W,
-                                                    int* __restrict__ tri_id, float2* __restrict__ bary,
-                                                    float* __restrict__ depth) {
+                                                    double inv_w, double inv_h, int* __restrict__ tri_id,
+                                                    float2* __restrict__ bary, float* __restrict__ depth) {
     PIXEL_LOOP {
         long long p = (long long)b * hw + q;
-        resolve_pixel<0>(pos, tri, zbuf, V, T, H, W, nullptr, 0, 0, tri_id, bary, depth, nullptr, b, i, j, p);
+        resolve_pixel<0>(pos, tri, zbuf, V, T, H, W, inv_w, inv_h, nullptr, 0, 0, tri_id, bary, depth, nullptr, b, i,
+                         j, p);
         zbuf[p] = EMPTY_KEY;
     }
 }

@@ -500,7 +500,8 @@ __device__ __forceinline__ ExactBary pixel_bary_exact(float4 p0, float4 p1, floa
 template <int C>
 __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, const int* __restrict__ tri,
                                               const unsigned long long* zbuf, int V, int T, int H,
-                                              int W, const float* __restrict__ attr, int nc, int attr_batched,
+                                              int W, double inv_w, double inv_h, const float* __restrict__ attr,
+                                              int nc, int attr_batched,
                                               int* __restrict__ tri_id, float2* bary,
                                               float* __restrict__ depth, float* __restrict__ out, int b, int i,
                                               int j, long long p) {
@@ -535,8 +536,8 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
             r2[c] = a2[c];
         }
     }
-    double X = (double)(2 * j + 1 - W) * (1.0 / (double)W);
-    double Y = (double)(H - 2 * i - 1) * (1.0 / (double)H);
+    double X = (double)(2 * j + 1 - W) * inv_w;
+    double Y = (double)(H - 2 * i - 1) * inv_h;
     ExactBary r = pixel_bary_exact(q0, q1, q2, X, Y);
     // u = c0 / s, v = c1 / s, and the NDC depth zc / wc of the clip point sum b_k p_k (the key's
     // depth is that of the snapped triangle): two independent divisions.
@@ -560,16 +561,18 @@ __device__ __forceinline__ void resolve_pixel(const float4* __restrict__ pos, co
 }
 
 // One thread per pixel (see PIXEL_LOOP for the launch shape): keys -> Raster arrays (+ attributes).
+// inv_w, inv_h: 1 / W and 1 / H in double, made by the caller (the Numba twin's 1.0 / W): computed
+// here they were two float64 reciprocals per thread, a long instruction sequence with a slow path.
 template <int C>
 __global__ void rasterize_resolve(const float4* __restrict__ pos, const int* __restrict__ tri,
-                                  const unsigned long long* zbuf, int B, int V, int T, int H, int W,
-                                  const float* __restrict__ attr, int n_ch, int attr_batched,
+                                  const unsigned long long* zbuf, int B, int V, int T, int H, int W, double inv_w,
+                                  double inv_h, const float* __restrict__ attr, int n_ch, int attr_batched,
                                   int* __restrict__ tri_id, float2* bary, float* __restrict__ depth,
                                   float* __restrict__ out) {
     int nc = channels<C>(n_ch);
     PIXEL_LOOP {
-        resolve_pixel<C>(pos, tri, zbuf, V, T, H, W, attr, nc, attr_batched, tri_id, bary, depth, out, b, i, j,
-                         (long long)b * hw + q);
+        resolve_pixel<C>(pos, tri, zbuf, V, T, H, W, inv_w, inv_h, attr, nc, attr_batched, tri_id, bary, depth, out,
+                         b, i, j, (long long)b * hw + q);
     }
 }
 

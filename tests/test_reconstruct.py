@@ -286,7 +286,9 @@ def test_reconstruct_loses_no_photo_when_a_worker_dies(photos, single_run, tmp_p
         cluster.close()
     assert killed
     assert sorted(r["stem"] for r in results) == sorted(p.stem for p in photos_)
-    assert all(r["status"] == "done" for r in results), results
+    # "skipped" is right too: when the worker dies after writing a photo's outputs but before its result
+    # reaches the client, the scheduler reruns the task, which finds the outputs complete.
+    assert all(r["status"] in ("done", "skipped") for r in results), results
     written = _outputs(result_dir)
     reference = _outputs(out)
     for p in photos_:

@@ -821,8 +821,9 @@ def _rasterize_gpu(pos, tri, B, V, H, W, cull, attr):
         name = f"rasterize_resolve<{_template_channels(C)}>"
     grid, block = _grid_2d(H * W, B)
     # With C == 0 the kernel touches neither attr nor out: any pointer will do.
-    _gpu_kernel(name)(grid, block, (pos, tri, zbuf, b, v, t, h, w, zbuf if attr is None else attr, np.int32(C),
-                                    np.int32(attr_batched), tri_id, bary, depth, depth if out is None else out))
+    _gpu_kernel(name)(grid, block, (pos, tri, zbuf, b, v, t, h, w, np.float64(1.0 / W), np.float64(1.0 / H),
+                                    zbuf if attr is None else attr, np.int32(C), np.int32(attr_batched), tri_id, bary,
+                                    depth, depth if out is None else out))
     return Raster(tri_id, bary, depth), out
 
 

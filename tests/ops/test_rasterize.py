@@ -869,9 +869,9 @@ void emu_rasterize(const float4* pos, const int* tri, int B, int V, int T, int H
         launch(T, gy, [&] { rasterize_fwd(pos, tri, B, V, T, H, W, cull, zbuf); });
     }
     launch(H * W, gy, [&] {
-        if (C == 0) rasterize_resolve<0>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
-        else if (C == 3) rasterize_resolve<3>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
-        else rasterize_resolve<-1>(pos, tri, zbuf, B, V, T, H, W, attr, C, ab, tri_id, bary, depth, out);
+        if (C == 0) rasterize_resolve<0>(pos, tri, zbuf, B, V, T, H, W, 1.0 / W, 1.0 / H, attr, C, ab, tri_id, bary, depth, out);
+        else if (C == 3) rasterize_resolve<3>(pos, tri, zbuf, B, V, T, H, W, 1.0 / W, 1.0 / H, attr, C, ab, tri_id, bary, depth, out);
+        else rasterize_resolve<-1>(pos, tri, zbuf, B, V, T, H, W, 1.0 / W, 1.0 / H, attr, C, ab, tri_id, bary, depth, out);
     });
 }
 void emu_backward(const float4* pos, const int* tri, const float* attr, const int* tri_id, const float2* bary,
