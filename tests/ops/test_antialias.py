@@ -365,6 +365,45 @@ def test_a_degenerate_or_hidden_neighbour_makes_a_silhouette_and_a_continuing_on
     assert sil[0, 1] == 0  # degenerate: none either
 
 
+def test_on_a_closed_surface_an_inner_edge_is_a_silhouette_exactly_where_the_facing_flips(rng):
+    """The per-edge test against the definition it replaces: on a consistently oriented closed mesh (a
+    UV sphere under random rotations and perspective, so that about half of it faces away), an edge
+    with two drawn neighbours is a silhouette when its triangles run opposite ways on the screen."""
+    n_lat, n_lon = 14, 20
+    lat = np.linspace(0, np.pi, n_lat + 1)[1:-1]
+    lon = np.linspace(0, 2 * np.pi, n_lon, endpoint=False)
+    ring = np.stack([np.sin(lat)[:, None] * np.cos(lon), np.sin(lat)[:, None] * np.sin(lon),
+                     np.repeat(np.cos(lat)[:, None], n_lon, 1)], -1).reshape(-1, 3)
+    verts = np.concatenate([[[0, 0, 1]], ring, [[0, 0, -1]]])
+    south = len(verts) - 1
+    idx = lambda r, c: 1 + r * n_lon + c % n_lon  # noqa: E731
+    tri = [[0, idx(0, c), idx(0, c + 1)] for c in range(n_lon)]
+    tri += [[idx(r, c), idx(r + 1, c), idx(r + 1, c + 1)] for r in range(n_lat - 2) for c in range(n_lon)]
+    tri += [[idx(r, c), idx(r + 1, c + 1), idx(r, c + 1)] for r in range(n_lat - 2) for c in range(n_lon)]
+    tri += [[south, idx(n_lat - 2, c + 1), idx(n_lat - 2, c)] for c in range(n_lon)]
+    tri = np.array(tri, np.int32)
+    opposite = reference_topology(tri)
+    assert (opposite >= 0).all(), "a closed mesh: every edge has a neighbour"
+    checked = 0
+    for _ in range(4):
+        q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+        cam = verts @ q.T + [0.0, 0.0, -3.0]
+        pos = np.concatenate([cam[:, :2], np.zeros((len(cam), 1)), -cam[:, 2:]], 1)[None]  # w = depth
+        sil = silhouette_edges(pos, tri)[0]
+        ndc = pos[0, :, :2] / pos[0, :, 3:]
+        area = np.array([_cross2(*(ndc[b] - ndc[a]), *(ndc[c] - ndc[a])) for a, b, c in tri])
+        assert (area > 0).any() and (area < 0).any()
+        for t, (a, b, c) in enumerate(tri):
+            for k in range(3):
+                u, v = (a, b, c)[(k + 1) % 3], (a, b, c)[(k + 2) % 3]
+                n = next(s for s in range(len(tri)) if s != t and {u, v} <= set(tri[s]))
+                if min(abs(area[t]), abs(area[n])) < 1e-9:
+                    continue  # seen edge-on: the float32 sign may go either way
+                assert bool(sil[t] >> k & 1) == (np.sign(area[t]) != np.sign(area[n])), (t, k, n)
+                checked += 1
+    assert checked > 2000
+
+
 def test_silhouette_pixel_bands_give_the_same_masks(rng, monkeypatch):
     import sys
     module = sys.modules["fastface.ops.antialias"]
