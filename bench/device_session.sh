@@ -2,7 +2,8 @@
 # A lent-GPU session in two calls of the device tool (each call may run 600 s; run 4 took 7 min for
 # what is now the first part alone plus the benchmarks):
 #   OUT=$OUT bash bench/device_session.sh tests   # every GPU test (one process per file), then
-#                                                 # compute-sanitizer memcheck on the newest kernels' tests
+#                                                 # compute-sanitizer memcheck on the tests of the kernels
+#                                                 # changed last (antialias, the rasterizer, losses, correctives)
 #   OUT=$OUT bash bench/device_session.sh bench   # the GPU benchmarks of training, antialias and the
 #                                                 # rasterizer, then the profiles (face model, training loop
 #                                                 # with its data, rasterizer, antialias, training step), then
@@ -18,7 +19,7 @@ part=${1:-all}
 if [ "$part" = tests ] || [ "$part" = all ]; then
   TEST_TIMEOUT=${TEST_TIMEOUT:-90} bash bench/run_device.sh tests
   : > "$OUT/sanitizer.log"
-  for f in ${SANITIZE_FILES:-tests/ops/test_losses.py tests/model/test_corrective.py tests/model/test_face_model.py tests/ops/test_camera.py tests/test_training_step.py tests/test_train.py}; do
+  for f in ${SANITIZE_FILES:-tests/ops/test_antialias.py tests/ops/test_rasterize.py tests/test_render.py tests/ops/test_losses.py tests/model/test_corrective.py tests/test_training_step.py}; do
     echo "== $f" >> "$OUT/sanitizer.log"
     timeout "${SANITIZE_TIMEOUT:-75}" compute-sanitizer --tool memcheck --error-exitcode 99 \
         python3 -m pytest "$f" -m gpu -q -x -p no:cacheprovider >> "$OUT/sanitizer.log" 2>&1
