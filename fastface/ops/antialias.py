@@ -516,6 +516,9 @@ def _prepare(color, raster, pos, tri, topology, grad_out=None, backward=False, s
         _checks.check_finite("grad_out", grad_out)
     _checks.check_finite("color", color)
     if silhouettes is not None:
+        if getattr(silhouettes, "ndim", None) == 2:
+            raise ValueError(f"silhouettes must be per pixel, (B, H, W) = {(B, H, W)} from silhouette_pixels(raster, "
+                             f"pos, tri); got {_checks.describe(silhouettes)}, per-triangle masks (silhouette_edges?)")
         _checks.check_array("silhouettes", silhouettes, np.uint8, (B, H, W))
         return xp, B, H, W, C, batched, silhouettes  # the topology is needed only to find them
     topology = _check_topology(topology, tri)

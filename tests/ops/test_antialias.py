@@ -422,7 +422,7 @@ def test_silhouettes_of_another_shape_or_type_are_refused(rng):
     psil = silhouette_pixels(raster, pos, tri)
     with pytest.raises(ValueError, match="silhouettes must have shape"):
         antialias(color, raster, pos, tri, silhouettes=psil[:1])
-    with pytest.raises(ValueError, match="silhouettes must have shape"):  # per triangle, not per pixel
+    with pytest.raises(ValueError, match=r"silhouettes must be per pixel.*silhouette_pixels.*per-triangle"):
         antialias(color, raster, pos, tri, silhouettes=silhouette_edges(pos, tri))
     with pytest.raises(TypeError, match="silhouettes must be uint8"):
         antialias_backward(color, raster, pos, tri, color, silhouettes=psil.astype(np.int32))
