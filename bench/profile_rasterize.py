@@ -177,8 +177,8 @@ def profile_batch(cupy, mods, timer, B):
             "DIFFERENT keys")
 
     # --- forward: the resolve pass ---
-    def resolve(mod, C=0, block=256, name=None):
-        grid = ((HW + block - 1) // block, min(B, 65535))
+    def resolve(mod, C=0, block=256, name=None, ipt=1):
+        grid = ((HW + block - 1) // block, min(-(-B // ipt), 65535))
         attr = colors if C else zbuf
         kname = name or f"rasterize_resolve<{C}>"
         fn = mod.get_function(kname)
@@ -193,6 +193,9 @@ def profile_batch(cupy, mods, timer, B):
                                                                                           else ""))
     t = timer(resolve(main, 3))
     row(sec, "rasterize_resolve<3> (fused interpolation)", t, gbps(B * HW * (px_bytes + 12), t))
+    for ipt in (2, 4):  # a thread's index arithmetic shared by ipt images (the outputs do not depend on it)
+        t = timer(resolve(main, 3, ipt=ipt))
+        row(sec, f"rasterize_resolve<3>, {ipt} images/thread", t, gbps(B * HW * (px_bytes + 12), t))
     # Two pixels per thread, vector loads and stores (bench/rasterize_variants.cu): same outputs?
     resolve(main, 3)()
     ref3 = (tri_id.copy(), bary.copy(), depth.copy(), out.copy())
