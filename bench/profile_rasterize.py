@@ -144,8 +144,7 @@ def profile_batch(cupy, mods, timer, B):
     fwd_launch(main, "rasterize_fwd_serial_loads")()
     row(sec, "rasterize_fwd_serial_loads (before hoisting the vertex loads)", t,
         "same keys" if bool((zbuf == zref).all()) else "DIFFERENT keys")
-    for name, what in (("rasterize_fwd_lazy_valid", "validity tested only where the fast test fails"),
-                       ("rasterize_fwd_fast_first", "the band test after all three fast tests"),
+    for name, what in (("rasterize_fwd_fast_first", "the band and validity tests after the three fast tests"),
                        ("rasterize_fwd_bound_256x3", "launch bound 256 x 3: up to 85 registers")):
         lib_shape = dict(block=R._FWD_BLOCK, ipt=R._FWD_IMAGES_PER_THREAD)
         t = timer(fwd_launch(main, name, **lib_shape), setup=clear)

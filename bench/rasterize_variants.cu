@@ -45,16 +45,7 @@ struct ClipSetupSerial {
 extern "C" __global__ void rasterize_fwd_serial_loads(const float4* __restrict__ pos, const int* __restrict__ tri,
                                                       int B, int V, int T, int H, int W, int cull,
                                                       unsigned long long* __restrict__ zbuf) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
-    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
-    for (int b = blockIdx.y; b < B; b += gridDim.y) {
-        ClipSetupSerial setup{pos + (long long)b * V, half_w, half_h};
-        AtomicMinSink sink{zbuf + (long long)b * H * W, W};
-        rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
-    }
+    triangle_pass<ClipSetupSerial>(pos, tri, B, V, T, H, W, cull, zbuf);
 }
 
 // Index loads + vertex loads + setup + bounding box only (no edges, no atomics).
@@ -261,75 +252,19 @@ extern "C" __global__ void rasterize_resolve_pairs3(const float4* __restrict__ p
     }
 }
 
-// screen_vertex with the validity test only where the fast test fails: fast implies valid (a finite,
-// positive w and finite screen x, y, z need finite clip x, y, z), so the four isfinite tests of the
-// clip position leave the hot path. The same ScreenVertex, so the same keys.
-__device__ __forceinline__ ScreenVertex screen_vertex_lazy_valid(float4 p, float half_w, float half_h) {
-    ScreenVertex s;
-    float rw = 1.0f / p.w;
-    s.x = (p.x * rw + 1.0f) * half_w - 0.5f;
-    s.y = (1.0f - p.y * rw) * half_h - 0.5f;
-    s.z = p.z * rw;
-    int W = (int)(2.0f * half_w), H = (int)(2.0f * half_h);
-    float inf = __int_as_float(0x7F800000);
-    s.fast = (p.w > 0.0f) & (p.w < inf) & (fabsf(s.x - half_w) < (float)(W / 2 + GUARD_BAND - 64)) &
-             (fabsf(s.y - half_h) < (float)(H / 2 + GUARD_BAND - 64)) & (fabsf(s.z) < inf);
-    s.valid = s.fast;
-    if (!s.fast) {
-        s.valid = (p.w > 0.0f) & isfinite(p.x) & isfinite(p.y) & isfinite(p.z) & isfinite(p.w);
-        if (s.valid) s.fast = isfinite(s.x) & isfinite(s.y) & isfinite(s.z) && inside_band(p, H, W);
-    }
-    s.X = s.fast ? snap(s.x) : 0;
-    s.Y = s.fast ? snap(s.y) : 0;
-    return s;
-}
-
-struct ClipSetupLazyValid {
-    const float4* __restrict__ pb;
-    float half_w, half_h;
-    __device__ __forceinline__ void operator()(int i0, int i1, int i2, ScreenVertex& v0, ScreenVertex& v1,
-                                               ScreenVertex& v2) const {
-        float4 p0 = pb[i0], p1 = pb[i1], p2 = pb[i2];
-        v0 = screen_vertex_lazy_valid(p0, half_w, half_h);
-        v1 = screen_vertex_lazy_valid(p1, half_w, half_h);
-        v2 = screen_vertex_lazy_valid(p2, half_w, half_h);
-    }
-};
-
-// rasterize_fwd's body under a given setup and launch bound (the library: ClipSetup, 512 x 2).
-template <class Setup>
-__device__ __forceinline__ void rasterize_fwd_body(const float4* __restrict__ pos, const int* __restrict__ tri, int B,
-                                                   int V, int T, int H, int W, int cull,
-                                                   unsigned long long* __restrict__ zbuf) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
-    if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
-    float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
-    for (int b = blockIdx.y; b < B; b += gridDim.y) {
-        Setup setup{pos + (long long)b * V, half_w, half_h};
-        AtomicMinSink sink{zbuf + (long long)b * H * W, W};
-        rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd_lazy_valid(
-    const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V, int T, int H, int W, int cull,
-    unsigned long long* __restrict__ zbuf) {
-    rasterize_fwd_body<ClipSetupLazyValid>(pos, tri, B, V, T, H, W, cull, zbuf);
-}
-
 // The library's kernel with room for about 85 registers (3 blocks of 256 threads per SM instead of 4 of
 // 256 under 512 x 2): no spills of the loop-invariant thresholds, at a lower occupancy.
 extern "C" __global__ void __launch_bounds__(256, 3) rasterize_fwd_bound_256x3(
     const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V, int T, int H, int W, int cull,
     unsigned long long* __restrict__ zbuf) {
-    rasterize_fwd_body<ClipSetup>(pos, tri, B, V, T, H, W, cull, zbuf);
+    triangle_pass<ClipSetup>(pos, tri, B, V, T, H, W, cull, zbuf);
 }
 
 // The fast test of all three corners first, the out-of-line band test only after it, for the corners
 // that failed: the thresholds of the fast test are then dead across the call, so its clobbers no
-// longer make the hot path reload them from the stack (6 spill loads per triangle in rasterize_fwd).
+// longer make the hot path reload them from the stack (6 spill loads per triangle in rasterize_fwd);
+// and the validity test runs only where the fast test fails (fast implies valid: a finite, positive w
+// and finite screen x, y, z need finite clip x, y, z). The same ScreenVertex, so the same keys.
 struct ClipSetupFastFirst {
     const float4* __restrict__ pb;
     float half_w, half_h;
@@ -373,5 +308,5 @@ struct ClipSetupFastFirst {
 extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd_fast_first(
     const float4* __restrict__ pos, const int* __restrict__ tri, int B, int V, int T, int H, int W, int cull,
     unsigned long long* __restrict__ zbuf) {
-    rasterize_fwd_body<ClipSetupFastFirst>(pos, tri, B, V, T, H, W, cull, zbuf);
+    triangle_pass<ClipSetupFastFirst>(pos, tri, B, V, T, H, W, cull, zbuf);
 }

@@ -357,20 +357,29 @@ __device__ __forceinline__ void rasterize_triangle(const Setup& setup, int i0, i
 // count in the kernel's register allocation (100 registers without the bound, where the hot path
 // needs 58 and run 3's kernel had 51, allocated as 56); the bound makes the cold code spill instead,
 // keeping 8 blocks of 128 threads per SM (run 3: 9). Blocks of up to 512 threads stay launchable.
-extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd(const float4* __restrict__ pos,
-                                                                   const int* __restrict__ tri, int B, int V, int T,
-                                                                   int H, int W, int cull,
-                                                                   unsigned long long* __restrict__ zbuf) {
+// The body of the triangle pass under a vertex setup from clip positions (Setup: ClipSetup in the
+// library; bench/rasterize_variants.cu times others around the same code).
+template <class Setup>
+__device__ __forceinline__ void triangle_pass(const float4* __restrict__ pos, const int* __restrict__ tri, int B,
+                                              int V, int T, int H, int W, int cull,
+                                              unsigned long long* __restrict__ zbuf) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     int i0 = tri[3LL * t], i1 = tri[3LL * t + 1], i2 = tri[3LL * t + 2];
     if (i0 < 0 || i0 >= V || i1 < 0 || i1 >= V || i2 < 0 || i2 >= V) return;
     float half_w = (float)W * 0.5f, half_h = (float)H * 0.5f;
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
-        ClipSetup setup{pos + (long long)b * V, half_w, half_h};
+        Setup setup{pos + (long long)b * V, half_w, half_h};
         AtomicMinSink sink{zbuf + (long long)b * H * W, W};
         rasterize_triangle(setup, i0, i1, i2, t, H, W, cull, sink);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(512, 2) rasterize_fwd(const float4* __restrict__ pos,
+                                                                   const int* __restrict__ tri, int B, int V, int T,
+                                                                   int H, int W, int cull,
+                                                                   unsigned long long* __restrict__ zbuf) {
+    triangle_pass<ClipSetup>(pos, tri, B, V, T, H, W, cull, zbuf);
 }
 
 // The triangle pass with the vertex setup done beforehand, once per vertex instead of once per
