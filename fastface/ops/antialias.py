@@ -68,7 +68,8 @@ from numba import prange
 
 from fastface import _checks
 from fastface._backend import KernelFile, array_module
-from fastface.ops.rasterize import Raster
+# The rasterizer's helpers: row bands of the CPU passes, the GPU's 2-D grid and its float4-ready inputs.
+from fastface.ops.rasterize import Raster, _as_gpu_input, _grid_2d, _n_bands
 
 __all__ = ["AntialiasTopology", "antialias_topology", "antialias", "antialias_backward", "silhouette_edges",
            "silhouette_pixels"]
@@ -413,12 +414,6 @@ def antialias_bwd(color, tri_id, depth, pos, tri, psil, grad_out, n_bands, grad_
                                True, grad_color, gp)
 
 
-def _n_bands(B, H):
-    """Row bands per image so that small batches still use every CPU thread."""
-    n_threads = numba.get_num_threads()
-    return 1 if B >= n_threads else max(1, min(H, -(-n_threads // B)))
-
-
 # --------------------------------------------------------------------------------------------------
 # GPU path: kernels/antialias.cu.
 # --------------------------------------------------------------------------------------------------
@@ -427,19 +422,6 @@ def _n_bands(B, H):
 _gpu_kernel = KernelFile("antialias.cu", ("antialias_silhouettes", "antialias_silhouette_pixels", "antialias_fwd",
                                           "antialias_bwd"),
                          ("--fmad=false",))
-_BLOCK = 256
-
-
-def _grid(n, B):
-    """x over n items of one image, y over the images (at most 65535; the kernels loop past it)."""
-    return ((n + _BLOCK - 1) // _BLOCK, min(B, 65535)), (_BLOCK,)
-
-
-def _gpu_input(a, cupy):
-    """a itself when C-contiguous and 16-byte aligned (pos is read as float4), else an aligned copy."""
-    if not a.flags.c_contiguous:
-        return cupy.ascontiguousarray(a)
-    return a if a.data.ptr % 16 == 0 else a.copy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,8 +513,8 @@ def _silhouette_pixels(xp, raster, pos, tri, topology, batched):
     T, V = tri.shape[0], pos.shape[-2]
     if xp is not np:
         psil = xp.empty((B, H, W), dtype=xp.uint8)
-        _gpu_kernel("antialias_silhouette_pixels")(*_grid(H * W, B), (
-            _gpu_input(pos, xp), _gpu_input(tri, xp), _gpu_input(topology.opposite, xp),
+        _gpu_kernel("antialias_silhouette_pixels")(*_grid_2d(H * W, B), (
+            _as_gpu_input(pos, xp), _as_gpu_input(tri, xp), _as_gpu_input(topology.opposite, xp),
             xp.ascontiguousarray(raster.tri_id), np.int32(B), np.int32(V), np.int32(T), np.int32(H), np.int32(W),
             np.int32(batched), psil))
         return psil
@@ -562,8 +544,8 @@ def silhouette_edges(pos, tri, topology=None):
     NB = pos.shape[0] if batched else 1
     if xp is not np:
         sil = xp.empty((NB, T), dtype=xp.uint8)
-        _gpu_kernel("antialias_silhouettes")(*_grid(T, NB), (
-            _gpu_input(pos, xp), _gpu_input(tri, xp), _gpu_input(topology.opposite, xp), np.int32(NB), np.int32(V),
+        _gpu_kernel("antialias_silhouettes")(*_grid_2d(T, NB), (
+            _as_gpu_input(pos, xp), _as_gpu_input(tri, xp), _as_gpu_input(topology.opposite, xp), np.int32(NB), np.int32(V),
             np.int32(T), sil))
         return sil
     sil = np.empty((NB, T), np.uint8)
@@ -620,9 +602,9 @@ def antialias(color, raster, pos, tri, topology=None, silhouettes=None):
     V = pos.shape[-2]
     if xp is not np:
         out = xp.empty((B, H, W, C), dtype=xp.float32)
-        _gpu_kernel("antialias_fwd")(*_grid(H * W, B), (
-            _gpu_input(color, xp), xp.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, xp),
-            _gpu_input(pos, xp), _gpu_input(tri, xp), xp.ascontiguousarray(psil), np.int32(B), np.int32(V),
+        _gpu_kernel("antialias_fwd")(*_grid_2d(H * W, B), (
+            _as_gpu_input(color, xp), xp.ascontiguousarray(raster.tri_id), _as_gpu_input(raster.depth, xp),
+            _as_gpu_input(pos, xp), _as_gpu_input(tri, xp), xp.ascontiguousarray(psil), np.int32(B), np.int32(V),
             np.int32(H), np.int32(W), np.int32(C), np.int32(batched), out))
         return out
     out = np.empty(color.shape, color.dtype)
@@ -650,9 +632,9 @@ def antialias_backward(color, raster, pos, tri, grad_out, topology=None, silhoue
     if xp is not np:
         grad_color = xp.empty((B, H, W, C), dtype=xp.float32)
         grad_pos = xp.zeros(pos.shape, dtype=xp.float32)
-        _gpu_kernel("antialias_bwd")(*_grid(H * W, B), (
-            _gpu_input(color, xp), xp.ascontiguousarray(raster.tri_id), _gpu_input(raster.depth, xp),
-            _gpu_input(pos, xp), _gpu_input(tri, xp), xp.ascontiguousarray(psil), _gpu_input(grad_out, xp),
+        _gpu_kernel("antialias_bwd")(*_grid_2d(H * W, B), (
+            _as_gpu_input(color, xp), xp.ascontiguousarray(raster.tri_id), _as_gpu_input(raster.depth, xp),
+            _as_gpu_input(pos, xp), _as_gpu_input(tri, xp), xp.ascontiguousarray(psil), _as_gpu_input(grad_out, xp),
             np.int32(B), np.int32(V), np.int32(H), np.int32(W), np.int32(C), np.int32(batched), grad_color,
             grad_pos))
         return grad_color, grad_pos

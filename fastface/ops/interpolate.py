@@ -13,6 +13,7 @@ from fastface import _checks
 from fastface._backend import KernelFile, array_module
 from fastface.ops.rasterize import (
     _as_gpu_input, _check_array, _check_attr, _check_raster, _check_tri_id_range, _float4_to_float3, _grid_2d,
+    _n_bands,
 )
 
 __all__ = ["interpolate", "interpolate_backward"]
@@ -96,11 +97,6 @@ def interpolate_bwd(attr, tri_id, bary, tri, grad_out, n_bands, n_chunks, grad_a
                         ga[v2, c] += w2 * g
                     grad_bary[b, i, j, 0] = gu
                     grad_bary[b, i, j, 1] = gv
-
-
-def _n_bands(B, H):
-    n_threads = numba.get_num_threads()
-    return 1 if B >= n_threads else max(1, min(H, -(-n_threads // B)))
 
 
 # --------------------------------------------------------------------------------------------------
