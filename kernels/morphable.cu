@@ -321,10 +321,9 @@ __global__ void __launch_bounds__(256) morphable_bwd_gemv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Large batches through cuBLAS (fastface/model/morphable.py, _LARGE_BATCH_PATH = "cublas"): the
-// GEMMs are cuBLAS's float32 SGEMM (fastface/_gemm.py), these two kernels its small operand and epilogue.
-// On an H200 at batch 64 the tiled kernels above took 162 us (forward, K = 144) and 200 us (backward)
-// for the default geometry, where cuBLAS took 31.5 us and 72 us for the corrective decoders' K = 64.
+// Large batches through cuBLAS (fastface/model/morphable.py, _use_cublas: in TF32 both ways, in float32
+// the backward only, as GPU run 7 measured on an H200): the GEMM is cuBLAS's (fastface/_gemm.py), these
+// two kernels its small operand and its epilogue.
 
 // scaled[b, k] = coefficient (b, k) * std[k], (B, K) row-major: the GEMM's left operand. One thread an entry.
 extern "C" __global__ void morphable_scale_coefficients(
